@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Both create .venv once (idempotent: the stamp file makes a second run reuse it).
+# torch is installed FIRST and pinned: on this CPU-only machine `torch==2.13.0` is a local CPU wheel,
+# while letting pip choose a torch (directly or through a dependency) pulls GBs of CUDA wheels.
+# On a GPU machine:  make install TORCH="torch==2.6.0 --index-url https://download.pytorch.org/whl/cu126"
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.sakd-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint format clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sakd demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sakd tests
+	$(VENV)/bin/ruff format --check sakd tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format sakd tests
+	$(VENV)/bin/ruff check --fix sakd tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

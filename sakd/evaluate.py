@@ -1,0 +1,89 @@
+"""Held-out evaluation: mean loss, perplexity (computed safely), top-1 agreement with a teacher."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from sakd.models.forward import hidden_and_head
+
+# exp(700) is finite in float64; a diverged model reports a huge but finite perplexity, never inf.
+MAX_LOG_PPL = 700.0
+
+
+def safe_perplexity(mean_loss: float) -> float:
+    if not math.isfinite(mean_loss):
+        return float(math.exp(MAX_LOG_PPL))
+    return float(math.exp(min(mean_loss, MAX_LOG_PPL)))
+
+
+def _chunk_stats(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None, vocab: int, chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of CE and count of top-1 agreements over ``[N, H]`` rows, ``chunk`` rows of logits at a time."""
+    ce = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    agree = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for lo in range(0, hidden.shape[0], chunk):
+        logits = nn.functional.linear(hidden[lo : lo + chunk].float(), weight[:vocab].float(),
+                                      None if bias is None else bias[:vocab].float())
+        ce += nn.functional.cross_entropy(logits, targets[lo : lo + chunk], reduction="sum").double()
+        if teacher is not None:
+            th, tw, tb = teacher
+            t_logits = nn.functional.linear(th[lo : lo + chunk].float(), tw[:vocab].float(),
+                                            None if tb is None else tb[:vocab].float())
+            agree += (logits.argmax(-1) == t_logits.argmax(-1)).sum().double()
+    return ce, agree
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    blocks: Any,
+    *,
+    batch_size: int,
+    accelerator: Accelerator | None = None,
+    unwrapped: nn.Module | None = None,
+    teacher: nn.Module | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Next-token loss of ``model`` on packed ``blocks`` (a torch-format dataset or ``[N, L]`` tensor).
+
+    Returns ``loss`` (mean over predicted tokens), ``ppl`` and, with a ``teacher``, ``agreement`` (share
+    of positions where student and teacher argmax agree).  With an ``accelerator`` each rank evaluates
+    its own share of blocks and the sums are reduced across ranks.
+    """
+    unwrapped = unwrapped if unwrapped is not None else model
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else next(unwrapped.parameters()).device
+    vocab = vocab_size or unwrapped.get_output_embeddings().weight.shape[0]
+    was_training = model.training
+    model.eval()
+    n_blocks = len(blocks)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # ce_sum, agree, tokens
+    for lo in range(rank * batch_size, n_blocks, batch_size * world):
+        ids = blocks[lo : min(lo + batch_size, n_blocks)]
+        ids = torch.as_tensor(ids["input_ids"] if isinstance(ids, dict) else ids).to(device)
+        s = hidden_and_head(model, unwrapped, ids)
+        h = s.hidden[:, :-1].reshape(-1, s.hidden.shape[-1])
+        targets = ids[:, 1:].reshape(-1)
+        t = None
+        if teacher is not None:
+            th = hidden_and_head(teacher, teacher, ids)
+            t = (th.hidden[:, :-1].reshape(-1, th.hidden.shape[-1]), th.head_weight, th.head_bias)
+        ce, agree = _chunk_stats(h, s.head_weight, s.head_bias, targets, t, vocab, chunk_size)
+        totals += torch.stack([ce, agree, torch.tensor(float(targets.numel()), dtype=torch.float64, device=device)])
+    if accelerator is not None and world > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    model.train(was_training)
+    ce_sum, agree, n = totals.tolist()
+    mean = ce_sum / max(n, 1.0)
+    out = {"loss": mean, "ppl": safe_perplexity(mean), "tokens": int(n)}
+    if teacher is not None:
+        out["agreement"] = agree / max(n, 1.0)
+    return out

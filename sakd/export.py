@@ -1,0 +1,74 @@
+"""Export: a student as a plain Hugging Face directory (config.json, model.safetensors, tokenizer
+files, generation_config.json) that `AutoModelForCausalLM.from_pretrained` loads."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+
+from sakd import checkpoint
+
+
+class ExportError(RuntimeError):
+    """The run cannot be exported as asked (one line)."""
+
+
+def save_model_dir(
+    model: PreTrainedModel, tokenizer, out_dir: Path, *, weights: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``out_dir`` atomically: everything goes to ``out_dir.tmp`` first, then is renamed."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if weights:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    else:
+        model.config.save_pretrained(tmp)
+    gen = model.generation_config if model.can_generate() and model.generation_config is not None else None
+    if gen is None:
+        gen = GenerationConfig.from_model_config(model.config)
+    gen.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def export_run(run_dir: str | Path, output: str | Path, *, step: int | None = None) -> Path:
+    """Export the student of ``run_dir`` (newest complete checkpoint, or ``step``) to ``output``."""
+    run_dir = Path(run_dir)
+    spec_dir = run_dir / "student_config"
+    if not (spec_dir / "config.json").is_file():
+        raise ExportError(f"{run_dir} is not a sakd run directory (no student_config/config.json)")
+    ckpts = run_dir / "checkpoints"
+    if step is not None:
+        ckpt = ckpts / checkpoint.checkpoint_name(step)
+        if not (ckpt / checkpoint.STATE_FILE).is_file():
+            raise ExportError(f"no complete checkpoint for step {step} in {ckpts}")
+    else:
+        ckpt = checkpoint.latest(ckpts)
+        if ckpt is None:
+            raise ExportError(f"{run_dir} has no complete checkpoint to export")
+    weights = ckpt / "model.safetensors"
+    if not weights.is_file():
+        raise ExportError(f"{ckpt} has no model.safetensors (DeepSpeed checkpoints: see README, Exporting)")
+    config = AutoConfig.from_pretrained(spec_dir)
+    model = AutoModelForCausalLM.from_config(config)
+    try:
+        state = load_file(str(weights))
+    except Exception as e:
+        raise ExportError(f"cannot read {weights}: {str(e).splitlines()[0]}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise ExportError(f"{weights} does not match the student config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(spec_dir)
+    return save_model_dir(model, tokenizer, Path(output))

@@ -1,0 +1,102 @@
+"""Loading teachers, students and tokenizers: presets, local directories, hub ids."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from sakd.models.presets import build_preset_config, is_preset
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says what and how to fix it."""
+
+
+def _looks_local(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a directory or hub id and make sure it can pad.
+
+    A tokenizer without a pad token gets its EOS token as pad (the usual causal-LM choice; padded
+    positions are excluded from every loss by the attention mask and ``-100`` labels).
+    """
+    if _looks_local(spec) and not Path(spec).expanduser().is_dir():
+        raise ModelLoadError(f"tokenizer directory not found: {spec}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(Path(spec).expanduser()) if _looks_local(spec) else spec,
+                                            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"cannot load tokenizer '{spec}': {_first_line(e)} (give a local directory with tokenizer files)"
+        ) from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelLoadError(
+                f"tokenizer '{spec}' has neither a pad nor an EOS token; add one (tokenizer.add_special_tokens) and save it"
+            )
+        tok.pad_token = tok.eos_token
+        log.info("tokenizer %s has no pad token: using its EOS token %r", spec, tok.eos_token)
+    return tok
+
+
+def load_model(
+    spec: str,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """A causal LM from a preset name (random init, seeded), a local directory or a hub id."""
+    kwargs = {"dtype": DTYPES[dtype]}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if is_preset(spec):
+        if tokenizer is None:
+            raise ModelLoadError(f"model preset '{spec}' needs a tokenizer (set model.tokenizer)")
+        config = build_preset_config(
+            spec,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+    if _looks_local(spec) and not Path(spec).expanduser().is_dir():
+        raise ModelLoadError(f"model directory not found: {spec} (nor is it a preset: see `sakd distill --help`)")
+    source = str(Path(spec).expanduser()) if _looks_local(spec) else spec
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load model '{spec}': {_first_line(e)}") from None
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Freeze a teacher: no gradients, eval mode (dropout off). Callers run it under no_grad."""
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def default_tokenizer_spec(model_spec: str, explicit: str | None) -> str | None:
+    """Where a model's tokenizer comes from: the explicit setting, else the model's own directory/id."""
+    if explicit:
+        return explicit
+    return None if is_preset(model_spec) else model_spec

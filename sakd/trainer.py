@@ -1,0 +1,320 @@
+"""The distillation loop, on `accelerate.Accelerator`.
+
+One optimizer step, read top to bottom in :meth:`Distiller.train_step`:
+
+1. take this rank's ``accumulation`` micro-batches of the step (a pure function of seed/epoch/step);
+2. count the valid (predicted) tokens of the whole step across micro-batches *and ranks*;
+3. for each micro-batch: teacher forward (frozen, no grad) -> student forward -> the objective as a
+   *sum* over tokens, scaled by ``accumulation * world / global_tokens`` (Accelerate/DeepSpeed divide
+   by ``accumulation`` and DDP averages over ranks: the net gradient is that of the mean loss over
+   every valid token of the step, however it is split);
+4. clip, step the optimizer, step the LR schedule (defined in optimizer steps), zero the grads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from sakd import checkpoint
+from sakd.config import RunConfig, dump_config
+from sakd.curriculum import temperature_at
+from sakd.data import BatchPlan, DataBundle, prepare_data
+from sakd.evaluate import evaluate
+from sakd.export import save_model_dir
+from sakd.models import freeze, load_model, load_tokenizer
+from sakd.models.forward import hidden_and_head
+from sakd.models.loading import default_tokenizer_spec
+from sakd.objective import Objective
+from sakd.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (one line)."""
+
+
+@dataclass
+class TrainerState:
+    """Counters that, with the accelerate state, determine the next step exactly."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    step_in_epoch: int = 0
+    micro_step: int = 0  # micro-batches done (always a multiple of accumulation at a checkpoint)
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+
+
+def check_same_vocabulary(student_tok: Any, teacher_tok: Any) -> None:
+    """Same-vocabulary KD needs identical token->id maps; different tokenizers need real alignment."""
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise RunDirError(
+            "teacher and student tokenizers differ; cross-tokenizer alignment is not available yet "
+            "(use a teacher and student that share a tokenizer, or distillation.loss.alpha=0 for CE only)"
+        )
+
+
+class Distiller:
+    """Builds everything a run needs from a :class:`RunConfig` and trains it."""
+
+    def __init__(self, cfg: RunConfig, *, resume: str = "auto", overwrite: bool = False) -> None:
+        self.cfg = cfg
+        tcfg = cfg.training
+        self.run_dir = Path(tcfg.output_dir)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
+            mixed_precision=tcfg.mixed_precision,
+            step_scheduler_with_optimizer=False,  # we step it once per optimizer step, ourselves
+            log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
+            project_dir=str(self.run_dir),
+        )
+        acc = self.accelerator
+        resume_from = self._prepare_run_dir(resume, overwrite)
+        set_seed(tcfg.seed)
+
+        mcfg = cfg.model
+        tok_spec = default_tokenizer_spec(mcfg.student, mcfg.tokenizer)
+        if tok_spec is None:
+            raise RunDirError(f"student preset '{mcfg.student}' needs model.tokenizer (a tokenizer directory)")
+        self.tokenizer = load_tokenizer(tok_spec, trust_remote_code=mcfg.trust_remote_code)
+        self.use_teacher = cfg.distillation.loss.alpha > 0
+        self.teacher = None
+        if self.use_teacher:
+            t_tok_spec = default_tokenizer_spec(mcfg.teacher, mcfg.teacher_tokenizer) or tok_spec
+            teacher_tok = (
+                self.tokenizer if t_tok_spec == tok_spec
+                else load_tokenizer(t_tok_spec, trust_remote_code=mcfg.trust_remote_code)
+            )
+            check_same_vocabulary(self.tokenizer, teacher_tok)
+
+        with acc.main_process_first():
+            self.data: DataBundle = prepare_data(cfg.data, self.tokenizer, tcfg.seed)
+
+        student = load_model(
+            mcfg.student, tokenizer=self.tokenizer, dtype=mcfg.student_dtype, trust_remote_code=mcfg.trust_remote_code,
+            seed=tcfg.seed, attn_implementation=mcfg.attn_implementation,
+        )
+        if mcfg.gradient_checkpointing:
+            student.gradient_checkpointing_enable()
+        student.config.use_cache = False
+        self.vocab_size = len(self.tokenizer)
+        if student.get_output_embeddings().weight.shape[0] < self.vocab_size:
+            raise RunDirError(
+                f"student has {student.get_output_embeddings().weight.shape[0]} output rows but the tokenizer "
+                f"has {self.vocab_size} tokens; resize the student's embeddings"
+            )
+        if self.use_teacher:
+            teacher = load_model(
+                mcfg.teacher, tokenizer=self.tokenizer, dtype=mcfg.teacher_dtype,
+                trust_remote_code=mcfg.trust_remote_code, seed=tcfg.seed + 1,
+                attn_implementation=mcfg.attn_implementation,
+            )
+            self.teacher = freeze(teacher).to(acc.device)
+
+        self.plan = BatchPlan(
+            num_blocks=len(self.data.train), micro_batch=tcfg.batch_size,
+            accumulation=tcfg.gradient_accumulation_steps, world_size=acc.num_processes, seed=tcfg.seed,
+        )
+        if self.plan.steps_per_epoch == 0:
+            raise RunDirError(
+                f"{len(self.data.train)} training blocks cannot fill one optimizer step of {self.plan.blocks_per_step} "
+                "blocks; lower training.batch_size / gradient_accumulation_steps or add data"
+            )
+        self.total_steps = tcfg.max_steps or max(1, math.floor(self.plan.steps_per_epoch * tcfg.num_epochs))
+        ocfg = cfg.optimization
+        optimizer = build_optimizer(student, ocfg)
+        warmup = ocfg.warmup_steps or int(round(ocfg.warmup_ratio * self.total_steps))
+        scheduler = get_scheduler(
+            ocfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
+        )
+        self.student, self.optimizer, self.scheduler = acc.prepare(student, optimizer, scheduler)
+        self.objective = Objective(cfg.distillation.loss, vocab_size=self.vocab_size)
+        self.state = TrainerState()
+        if resume_from is not None:
+            self.state = TrainerState(**checkpoint.load(acc, resume_from))
+            acc.print(f"resumed from {resume_from} at step {self.state.step}")
+            self._truncate_metrics(self.state.step)
+        if acc.is_main_process:
+            dump_config(cfg, self.run_dir / "config.yaml")
+            save_model_dir(acc.unwrap_model(self.student), self.tokenizer, self.run_dir / "student_config",
+                           weights=False)
+        if cfg.logging.report_to != "none":
+            acc.init_trackers(cfg.logging.project, config=json.loads(json.dumps(cfg, default=vars)))
+
+    # ------------------------------------------------------------------------------ run directory
+
+    def _prepare_run_dir(self, resume: str, overwrite: bool) -> Path | None:
+        """Decide fresh start / resume; refuse to mix runs. Returns the checkpoint to resume from."""
+        run_dir, acc = self.run_dir, self.accelerator
+        ckpts = run_dir / "checkpoints"
+        resume_from: Path | None = None
+        if resume not in ("auto", "none"):
+            resume_from = Path(resume)
+            if not (resume_from / checkpoint.STATE_FILE).is_file():
+                raise RunDirError(f"--resume {resume}: not a complete sakd checkpoint directory")
+        elif resume == "auto" and not overwrite:
+            resume_from = checkpoint.latest(ckpts)
+        if resume_from is None and run_dir.exists() and any(run_dir.iterdir()):
+            if not overwrite:
+                raise RunDirError(
+                    f"output directory {run_dir} already holds a run with no checkpoint to resume; "
+                    "pass --overwrite to replace it or choose another training.output_dir"
+                )
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                shutil.rmtree(run_dir)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # A finished run's marker goes first: a resumed or restarted run is not finished.
+            (run_dir / "summary.json").unlink(missing_ok=True)
+        acc.wait_for_everyone()
+        return resume_from
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines logged after the checkpoint we resumed from (they will be logged again)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.accelerator.is_main_process or not path.exists():
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        path.write_text("".join(k + "\n" for k in keep))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            with (self.run_dir / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if self.cfg.logging.report_to != "none":
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    # ------------------------------------------------------------------------------ the step
+
+    def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        s = self.state
+        idx = self.plan.micro_batches(s.epoch, s.step_in_epoch, self.accelerator.process_index)
+        return [{k: v.to(self.accelerator.device) for k, v in self.data.train_batch(i).items()} for i in idx]
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; returns step metrics (global means)."""
+        acc = self.accelerator
+        temperature = temperature_at(self.cfg.distillation.loss, self.state.step, self.total_steps)
+        local_tokens = sum(int(self.objective.valid_mask(mb["labels"]).sum()) for mb in micro_batches)
+        global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum").item())
+        if global_tokens == 0:
+            raise RuntimeError("an optimizer step has no valid target tokens")
+        scale = acc.gradient_accumulation_steps * acc.num_processes / global_tokens
+        sums: dict[str, torch.Tensor] = {}
+        grad_norm = None
+        for mb in micro_batches:
+            with acc.accumulate(self.student):
+                teacher_out = None
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        teacher_out = hidden_and_head(self.teacher, self.teacher, mb["input_ids"], mb["attention_mask"])
+                student_out = hidden_and_head(
+                    self.student, acc.unwrap_model(self.student), mb["input_ids"], mb["attention_mask"]
+                )
+                out = self.objective(student_out, teacher_out, mb["labels"], temperature=temperature)
+                acc.backward(out.loss_sum * scale)
+                for k, v in out.component_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().double()
+                if acc.sync_gradients:
+                    if self.cfg.optimization.max_grad_norm is not None:
+                        grad_norm = acc.clip_grad_norm_(self.student.parameters(), self.cfg.optimization.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+        keys = sorted(sums)
+        totals = acc.reduce(torch.stack([sums[k] for k in keys]), reduction="sum") if keys else torch.zeros(0)
+        metrics = {k: float(v) / global_tokens for k, v in zip(keys, totals.tolist())}
+        metrics["temperature"] = temperature
+        metrics["tokens"] = global_tokens
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(
+            self.student, self.data.eval, batch_size=self.cfg.training.eval_batch_size, accelerator=self.accelerator,
+            unwrapped=self.accelerator.unwrap_model(self.student), vocab_size=self.vocab_size,
+            teacher=self.teacher, chunk_size=self.cfg.distillation.loss.chunk_size,
+        )
+
+    def save_checkpoint(self) -> Path:
+        return checkpoint.save(
+            self.accelerator, self.run_dir / "checkpoints", self.state.step, vars(self.state),
+            self.cfg.training.keep_last_n,
+        )
+
+    def train(self) -> dict[str, Any]:
+        acc, tcfg, s = self.accelerator, self.cfg.training, self.state
+        bar = tqdm(total=self.total_steps, initial=s.step, disable=not (acc.is_main_process and self.cfg.logging.progress_bar),
+                   desc="distill" if self.teacher is not None else "train", dynamic_ncols=True)
+        t_window, tok_window = time.perf_counter(), 0
+        while s.step < self.total_steps:
+            t0 = time.perf_counter()
+            metrics = self.train_step(self._micro_batches())
+            s.step += 1
+            s.micro_step += self.plan.accumulation
+            s.step_in_epoch += 1
+            if s.step_in_epoch >= self.plan.steps_per_epoch:
+                s.epoch, s.step_in_epoch = s.epoch + 1, 0
+            s.tokens_seen += metrics["tokens"]
+            s.train_seconds += time.perf_counter() - t0
+            tok_window += metrics["tokens"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            if s.step % self.cfg.logging.log_every == 0 or s.step == self.total_steps:
+                now = time.perf_counter()
+                record = {"step": s.step, "epoch": s.epoch, **metrics, "lr": self.scheduler.get_last_lr()[0],
+                          "tokens_per_s": tok_window / max(now - t_window, 1e-9), "tokens_seen": s.tokens_seen}
+                t_window, tok_window = now, 0
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                self._log(record)
+            if tcfg.eval_every and s.step % tcfg.eval_every == 0 and s.step < self.total_steps:
+                self._log({"step": s.step, **{f"eval_{k}": v for k, v in self.evaluate().items()}})
+            if tcfg.save_every and s.step % tcfg.save_every == 0 and s.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        final_eval = self.evaluate()
+        self._log({"step": s.step, **{f"eval_{k}": v for k, v in final_eval.items()}})
+        self.save_checkpoint()
+        return self.finish(final_eval)
+
+    def finish(self, final_eval: dict[str, float]) -> dict[str, Any]:
+        """Export ``final/`` and write ``summary.json`` (last: its presence marks the run finished)."""
+        acc = self.accelerator
+        final_dir = self.run_dir / "final"
+        state_dict = acc.get_state_dict(self.student)
+        summary = {
+            "steps": self.state.step,
+            "tokens_seen": self.state.tokens_seen,
+            "train_seconds": round(self.state.train_seconds, 3),
+            "eval_loss": final_eval["loss"],
+            "eval_ppl": final_eval["ppl"],
+            "final_dir": str(final_dir),
+        }
+        if "agreement" in final_eval:
+            summary["teacher_agreement"] = final_eval["agreement"]
+        if acc.is_main_process:
+            save_model_dir(acc.unwrap_model(self.student), self.tokenizer, final_dir, state_dict=state_dict)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        acc.wait_for_everyone()
+        if self.cfg.logging.report_to != "none":
+            acc.end_training()
+        return summary

@@ -1,0 +1,40 @@
+"""Shared fixtures: a small generated corpus and a byte-level BPE tokenizer trained on it (no network)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sakd.corpus import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("data") / "corpus.txt", num_docs=400, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sakd.demo import train_tokenizer
+
+    return train_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tokenizer", 384)
+
+
+@pytest.fixture()
+def tiny_run_config(corpus: Path, tokenizer_dir: Path, tmp_path: Path) -> dict:
+    """A few-step recipe on tiny models; tests override what they exercise."""
+    return {
+        "model": {"teacher": "tiny-moe", "student": "tiny-dense", "tokenizer": str(tokenizer_dir)},
+        "data": {"train": str(corpus), "block_size": 32, "max_eval_blocks": 8},
+        "distillation": {"loss": {"alpha": 0.5, "temperature": 2.0, "chunk_size": 40}},
+        "optimization": {"learning_rate": 1e-3, "warmup_steps": 1},
+        "training": {"output_dir": str(tmp_path / "run"), "batch_size": 4, "max_steps": 4, "eval_every": 0,
+                     "seed": 0},
+        "logging": {"log_every": 1, "progress_bar": False},
+    }
