@@ -31,6 +31,7 @@ from sakd.trainer import Distiller
 
 # Budgets measured to keep the whole demo within ~5 minutes on 2 CPU cores (see README).
 DEMO = {
+    "corpus_docs": 12000,
     "vocab_size": 2048,
     "block_size": 128,
     "teacher_steps": 300,
@@ -71,14 +72,14 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _run_config(out: Path, corpus: Path, tokenizer: Path, *, teacher: str, student: str, alpha: float,
-                steps: int, lr: float) -> dict[str, Any]:
+def _run_config(out: Path, corpus: Path, tokenizer: Path, budget: dict[str, int], *, teacher: str, student: str,
+                alpha: float, steps: int, lr: float) -> dict[str, Any]:
     return {
         "model": {"teacher": teacher, "student": student, "tokenizer": str(tokenizer)},
-        "data": {"train": str(corpus), "block_size": DEMO["block_size"], "max_eval_blocks": 128},
+        "data": {"train": str(corpus), "block_size": budget["block_size"], "max_eval_blocks": 128},
         "distillation": {"loss": {"kind": "fkl", "alpha": alpha, "temperature": 2.0, "chunk_size": 1024}},
         "optimization": {"learning_rate": lr, "warmup_steps": 20, "lr_scheduler": "cosine", "weight_decay": 0.0},
-        "training": {"output_dir": str(out), "batch_size": DEMO["batch_size"], "max_steps": steps,
+        "training": {"output_dir": str(out), "batch_size": budget["batch_size"], "max_steps": steps,
                      "eval_every": 0, "save_every": 0, "seed": 0},
         "logging": {"log_every": 5},
     }
@@ -89,7 +90,7 @@ def _train(raw: dict[str, Any]) -> dict[str, Any]:
     return Distiller(cfg, resume="none", overwrite=True).train()
 
 
-def prepare_teacher(corpus: Path, tokenizer: Path, key: str) -> Path:
+def prepare_teacher(corpus: Path, tokenizer: Path, key: str, budget: dict[str, int]) -> Path:
     """Pretrain the ``tiny-moe`` teacher on the corpus once; later demos reuse the cached directory."""
     cached = cache_root() / "demo-teacher" / key
     if (cached / "model.safetensors").is_file():
@@ -97,8 +98,8 @@ def prepare_teacher(corpus: Path, tokenizer: Path, key: str) -> Path:
         return cached
     print("[demo] pretraining the tiny-moe teacher (cached for later runs)")
     work = cached.with_name(key + ".run")
-    _train(_run_config(work, corpus, tokenizer, teacher="tiny-moe", student="tiny-moe", alpha=0.0,
-                       steps=DEMO["teacher_steps"], lr=2e-3))
+    _train(_run_config(work, corpus, tokenizer, budget, teacher="tiny-moe", student="tiny-moe", alpha=0.0,
+                       steps=budget["teacher_steps"], lr=2e-3))
     shutil.rmtree(cached, ignore_errors=True)
     (work / "final").rename(cached)
     shutil.rmtree(work, ignore_errors=True)
@@ -136,34 +137,39 @@ def plot_curves(out: Path, kd_dir: Path, ce_dir: Path, teacher_loss: float) -> P
     return out
 
 
-def run_demo(output_dir: str | Path = "runs/demo", data: str | Path | None = None) -> dict[str, Any]:
+def run_demo(
+    output_dir: str | Path = "runs/demo", data: str | Path | None = None, budget: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """Run the demo; ``budget`` overrides entries of :data:`DEMO` (the tests use a tiny one)."""
+    budget = {**DEMO, **(budget or {})}
     t_start = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if data is None:
-        corpus = write_corpus(out / "corpus.txt")
+        corpus = write_corpus(out / "corpus.txt", num_docs=budget["corpus_docs"])
         print(f"[demo] generated corpus {corpus}")
     else:
         corpus = Path(data)
         if not corpus.is_file():
             raise FileNotFoundError(f"demo data file not found: {data}")
-    corpus_key = f"{_file_hash(corpus)}-v{DEMO['vocab_size']}"
+    corpus_key = f"{_file_hash(corpus)}-v{budget['vocab_size']}"
     tok_dir = cache_root() / "demo-tokenizer" / corpus_key
     if not (tok_dir / "tokenizer.json").is_file():
         print("[demo] training a byte-level BPE tokenizer on the corpus")
-        train_tokenizer(corpus, tok_dir, DEMO["vocab_size"])
-    teacher_key = f"{corpus_key}-s{DEMO['teacher_steps']}-b{DEMO['block_size']}-sakd{sakd.__version__}"
+        train_tokenizer(corpus, tok_dir, budget["vocab_size"])
+    teacher_key = (f"{corpus_key}-s{budget['teacher_steps']}-b{budget['block_size']}x{budget['batch_size']}"
+                   f"-sakd{sakd.__version__}")
     t_teacher = time.perf_counter()
-    teacher_dir = prepare_teacher(corpus, tok_dir, teacher_key)
+    teacher_dir = prepare_teacher(corpus, tok_dir, teacher_key, budget)
     teacher_seconds = time.perf_counter() - t_teacher
 
     runs = {}
     for name, alpha in (("kd", 0.5), ("ce", 0.0)):
         print(f"[demo] training the {'KD' if alpha else 'CE-only'} student")
-        raw = _run_config(out / f"{name}_student", corpus, tok_dir, teacher=str(teacher_dir), student="tiny-dense",
-                          alpha=alpha, steps=DEMO["student_steps"], lr=3e-3)
+        raw = _run_config(out / f"{name}_student", corpus, tok_dir, budget, teacher=str(teacher_dir),
+                          student="tiny-dense", alpha=alpha, steps=budget["student_steps"], lr=3e-3)
         runs[name] = (raw, _train(raw))
 
     print("[demo] evaluating teacher and students on held-out text")
@@ -192,7 +198,7 @@ def run_demo(output_dir: str | Path = "runs/demo", data: str | Path | None = Non
             else "KD did NOT beat the CE-only baseline on this corpus at this budget"
         ),
         "eval_tokens": results["teacher"]["tokens"],
-        "student_steps": DEMO["student_steps"],
+        "student_steps": budget["student_steps"],
         "train_seconds": round(runs["kd"][1]["train_seconds"] + runs["ce"][1]["train_seconds"], 2),
         "kd_train_seconds": runs["kd"][1]["train_seconds"],
         "ce_train_seconds": runs["ce"][1]["train_seconds"],

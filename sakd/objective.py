@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from sakd.config import LossConfig
 from sakd.losses import cross_entropy, divergence, fused_linear_divergence
@@ -38,6 +39,26 @@ class Objective:
         """Positions whose next token is a target: ``labels[:, 1:] != -100``."""
         return labels[:, 1:] != IGNORE_INDEX
 
+    def _chunked_ce(
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Summed CE, ``chunk_size`` rows of logits at a time; each chunk is recomputed in backward
+        (activation checkpointing), so peak extra memory is O(chunk x V), not O(N x V)."""
+
+        def chunk_ce(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+            return cross_entropy(nn.functional.linear(h, w, b), t, ignore_index=IGNORE_INDEX,
+                                 label_smoothing=self.cfg.label_smoothing, reduction="sum")
+
+        total = hidden.new_zeros((), dtype=torch.float32)
+        step = self.cfg.chunk_size
+        for lo in range(0, hidden.shape[0], step):
+            h, t = hidden[lo : lo + step], targets[lo : lo + step]
+            if torch.is_grad_enabled() and hidden.requires_grad:
+                total = total + checkpoint(chunk_ce, h, weight, bias, t, use_reentrant=False)
+            else:
+                total = total + chunk_ce(h, weight, bias, t)
+        return total
+
     def __call__(
         self, student: HiddenAndHead, teacher: HiddenAndHead | None, labels: torch.Tensor, *, temperature: float
     ) -> ObjectiveOutput:
@@ -49,9 +70,7 @@ class Objective:
         s_b = None if student.head_bias is None else student.head_bias[:V]
         n = int(mask.sum())
         if teacher is None or cfg.alpha == 0:
-            logits = nn.functional.linear(s_hidden, s_w, s_b)
-            ce = cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=cfg.label_smoothing,
-                               reduction="sum")
+            ce = self._chunked_ce(s_hidden, s_w, s_b, targets)
             d = ce.detach()
             return ObjectiveOutput(ce, {"loss": d, "ce": d}, n)
         t_hidden = teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1])

@@ -36,7 +36,7 @@ from sakd.evaluate import evaluate
 from sakd.export import save_model_dir
 from sakd.models import freeze, load_model, load_tokenizer
 from sakd.models.forward import hidden_and_head
-from sakd.models.loading import default_tokenizer_spec
+from sakd.models.loading import check_model_source, default_tokenizer_spec
 from sakd.objective import Objective
 from sakd.optim import build_optimizer
 
@@ -87,11 +87,14 @@ class Distiller:
         set_seed(tcfg.seed)
 
         mcfg = cfg.model
+        self.use_teacher = cfg.distillation.loss.alpha > 0
+        check_model_source(mcfg.student, "student")
+        if self.use_teacher:
+            check_model_source(mcfg.teacher, "teacher")
         tok_spec = default_tokenizer_spec(mcfg.student, mcfg.tokenizer)
         if tok_spec is None:
             raise RunDirError(f"student preset '{mcfg.student}' needs model.tokenizer (a tokenizer directory)")
         self.tokenizer = load_tokenizer(tok_spec, trust_remote_code=mcfg.trust_remote_code)
-        self.use_teacher = cfg.distillation.loss.alpha > 0
         self.teacher = None
         if self.use_teacher:
             t_tok_spec = default_tokenizer_spec(mcfg.teacher, mcfg.teacher_tokenizer) or tok_spec

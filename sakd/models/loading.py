@@ -88,6 +88,12 @@ def load_model(
         raise ModelLoadError(f"cannot load model '{spec}': {_first_line(e)}") from None
 
 
+def check_model_source(spec: str, role: str) -> None:
+    """Fail early, naming the role, when a model that should be a local directory is missing."""
+    if not is_preset(spec) and _looks_local(spec) and not Path(spec).expanduser().is_dir():
+        raise ModelLoadError(f"{role} model directory not found: {spec} (nor is it a preset name)")
+
+
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
     """Freeze a teacher: no gradients, eval mode (dropout off). Callers run it under no_grad."""
     model.requires_grad_(False)

@@ -1,0 +1,119 @@
+"""Bad input gets one clear line on stderr and a non-zero exit, no traceback; --help works."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sakd.cli import main
+from sakd.demo import train_tokenizer
+
+
+def _recipe(tmp_path, raw) -> str:
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(raw))
+    return str(path)
+
+
+def _fails(capsys, argv, message) -> None:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert message in err, err
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_missing_config(capsys, tmp_path):
+    _fails(capsys, ["distill", "--config", str(tmp_path / "nope.yaml")], "config file not found")
+
+
+def test_unknown_key_suggests(capsys, tmp_path, tiny_run_config):
+    _fails(capsys, ["distill", "--config", _recipe(tmp_path, tiny_run_config), "training.max_step=3"],
+           "did you mean 'training.max_steps'")
+
+
+def test_bad_value(capsys, tmp_path, tiny_run_config):
+    _fails(capsys, ["distill", "--config", _recipe(tmp_path, tiny_run_config), "distillation.loss.alpha=2"],
+           "'distillation.loss.alpha' must be <= 1")
+
+
+def test_missing_data(capsys, tmp_path, tiny_run_config):
+    raw = copy.deepcopy(tiny_run_config)
+    raw["data"]["train"] = str(tmp_path / "missing.txt")
+    _fails(capsys, ["distill", "--config", _recipe(tmp_path, raw)], "data file not found")
+
+
+def test_missing_model_dir(capsys, tmp_path, tiny_run_config):
+    raw = copy.deepcopy(tiny_run_config)
+    raw["model"]["teacher"] = str(tmp_path / "no_teacher")
+    _fails(capsys, ["distill", "--config", _recipe(tmp_path, raw)], "model directory not found")
+
+
+def test_missing_tokenizer_for_preset(capsys, tmp_path, tiny_run_config):
+    raw = copy.deepcopy(tiny_run_config)
+    raw["model"]["tokenizer"] = None
+    _fails(capsys, ["distill", "--config", _recipe(tmp_path, raw)], "needs model.tokenizer")
+
+
+def test_vocabulary_mismatch_is_refused(capsys, tmp_path, tiny_run_config, corpus):
+    other = train_tokenizer(corpus, tmp_path / "other_tok", 300)
+    raw = copy.deepcopy(tiny_run_config)
+    raw["model"]["teacher_tokenizer"] = str(other)
+    _fails(capsys, ["distill", "--config", _recipe(tmp_path, raw)], "tokenizers differ")
+
+
+def test_existing_run_dir_needs_overwrite(capsys, tmp_path, tiny_run_config):
+    raw = copy.deepcopy(tiny_run_config)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("someone else's work")
+    _fails(capsys, ["distill", "--config", _recipe(tmp_path, raw)], "pass --overwrite")
+    assert (run / "notes.txt").read_text() == "someone else's work"  # no data lost
+
+
+def test_export_of_non_run(capsys, tmp_path):
+    _fails(capsys, ["export", str(tmp_path), "--output", str(tmp_path / "out")], "not a sakd run directory")
+
+
+def test_tokenizer_without_pad_token_is_handled(tmp_path, corpus):
+    from transformers import AutoTokenizer
+
+    from sakd.models import load_tokenizer
+
+    tok_dir = train_tokenizer(corpus, tmp_path / "tok", 300)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "nopad")
+    loaded = load_tokenizer(str(tmp_path / "nopad"))
+    assert loaded.pad_token == loaded.eos_token == "<|endoftext|>"
+
+
+def test_help_for_every_command():
+    for cmd in ([], ["distill"], ["demo"], ["export"], ["eval"]):
+        out = subprocess.run([sys.executable, "-m", "sakd.cli", *cmd, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "usage: sakd" in out.stdout
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sakd.cli", "distill", "--config", str(tmp_path / "x.yaml")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"sakd: error: config file not found: {tmp_path / 'x.yaml'}"
+
+
+@pytest.mark.integration
+def test_eval_command(capsys, tmp_path, tiny_run_config, corpus):
+    raw = copy.deepcopy(tiny_run_config)
+    raw["training"]["max_steps"] = 2
+    assert main(["distill", "--config", _recipe(tmp_path, raw)]) == 0
+    capsys.readouterr()
+    final = tmp_path / "run" / "final"
+    assert main(["eval", str(final), "--data", str(corpus), "--block-size", "32", "--max-blocks", "4",
+                 "--teacher", str(final)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["agreement"] == 1.0 and result["tokens"] == 4 * 31 and result["ppl"] > 1

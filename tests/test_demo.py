@@ -1,0 +1,35 @@
+"""The demo end to end with a tiny budget: the summary contract, files, teacher cache reuse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from sakd.demo import run_demo
+
+pytestmark = pytest.mark.integration
+
+TINY = {"corpus_docs": 300, "vocab_size": 320, "block_size": 32, "teacher_steps": 6, "student_steps": 4,
+        "batch_size": 4}
+CONTRACT = {"teacher_ppl", "kd_student_ppl", "ce_student_ppl", "kd_student_agreement", "train_seconds", "student_dir"}
+
+
+def test_demo_tiny_budget(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SAKD_CACHE_DIR", str(tmp_path / "cache"))
+    summary = run_demo(tmp_path / "demo", budget=TINY)
+    assert CONTRACT <= summary.keys()
+    on_disk = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert on_disk == summary
+    assert all(1 < summary[k] < 1e6 for k in ("teacher_ppl", "kd_student_ppl", "ce_student_ppl"))
+    assert 0 <= summary["kd_student_agreement"] <= 1
+    assert summary["kd_beats_ce"] == (summary["kd_student_ppl"] < summary["ce_student_ppl"])
+    assert (tmp_path / "demo" / "loss_curves.png").stat().st_size > 1000
+    AutoModelForCausalLM.from_pretrained(summary["student_dir"])  # the exported student loads
+
+    capsys.readouterr()
+    again = run_demo(tmp_path / "demo", budget=TINY)
+    assert "reusing cached teacher" in capsys.readouterr().out
+    assert again["teacher_ppl"] == pytest.approx(summary["teacher_ppl"])
+    assert again["kd_student_ppl"] == pytest.approx(summary["kd_student_ppl"])  # deterministic
