@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.sakd-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean readme
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,3 +36,8 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Regenerate the README's config reference from the config dataclasses.
+readme: $(STAMP)
+	$(PY) -c "import re, pathlib; from sakd.config import reference_markdown as r; p = pathlib.Path('README.md'); \
+	p.write_text(re.sub(r'(<!-- config-reference:start -->\n).*(<!-- config-reference:end -->)', lambda m: m.group(1) + r() + m.group(2), p.read_text(), flags=re.S))"
