@@ -1,0 +1,210 @@
+"""The distillation objective α·[T²]·D + (1−α)·CE, on materialized logits.
+
+:class:`KDSpec` names what the KD term computes; :func:`kd_per_position` computes it for one
+block of positions (used here and, chunk by chunk, by the fused loss); :func:`distill_loss`
+blends it with cross-entropy and returns a :class:`DistillOutput`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .cross_entropy import cross_entropy_per_position
+from .divergences import check_divergence_args, divergence_from_logprobs, tempered_logprobs
+from .reduction import check_reduction, reduce_positions, zero_masked_rows
+from .sparse import SPARSE_MODES, SparseTeacher, sparse_per_position
+from .vocab_map import check_vocab_map, project_to_shared_support
+
+
+@dataclass(frozen=True)
+class KDSpec:
+    """What the KD term computes (everything except the tensors).
+
+    Attributes:
+        kind: divergence kind, ``fkl | rkl | jsd | skl | srkl | tvd``.
+        temperature: T > 0 dividing both sides' logits.
+        beta: JSD weight β (0 → forward KL, 1 → reverse KL).
+        skew: DistiLLM skew α for ``skl`` / ``srkl``.
+        sparse: None for the dense divergence, else ``subset | topk_tail | sampled``.
+        top_k: k for ``subset`` / ``topk_tail`` built from dense teacher logits.
+        num_samples: n for ``sampled`` built from dense teacher logits.
+    """
+
+    kind: str = "fkl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    skew: float = 0.1
+    sparse: str | None = None
+    top_k: int = 64
+    num_samples: int = 64
+
+    def __post_init__(self) -> None:
+        check_divergence_args(self.kind, temperature=self.temperature, beta=self.beta, skew=self.skew)
+        if self.sparse is not None and self.sparse not in SPARSE_MODES:
+            raise ValueError(f"unknown sparse mode {self.sparse!r}; expected None or one of {SPARSE_MODES}")
+        if self.sparse == "sampled" and self.kind != "fkl":
+            raise ValueError(f"sampled KD estimates forward KL only; got kind={self.kind!r}")
+        if self.top_k < 1 or self.num_samples < 1:
+            raise ValueError(f"top_k and num_samples must be >= 1, got {self.top_k}, {self.num_samples}")
+
+
+def kd_per_position(
+    student_logits: Tensor,
+    teacher: Tensor | SparseTeacher,
+    spec: KDSpec,
+    *,
+    vocab_map: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The KD divergence at each position, without reduction or T² scaling.
+
+    Args:
+        student_logits: ``[..., Vs]``.
+        teacher: ``[..., Vt]`` dense teacher logits, or a stored :class:`SparseTeacher`
+            (requires ``spec.sparse``).
+        spec: what to compute.
+        vocab_map: ``[Vs]`` student → teacher id or -1 (dense kinds only); without it
+            ``Vs == Vt`` is required.
+        generator: random generator for on-the-fly ``sampled``.
+
+    Returns:
+        ``[...]`` per-position divergence.
+    """
+    if spec.sparse is not None:
+        if vocab_map is not None:
+            raise ValueError("vocab_map is not supported with sparse teacher signals yet")
+        return sparse_per_position(
+            student_logits,
+            teacher,
+            spec.sparse,
+            spec.kind,
+            temperature=spec.temperature,
+            beta=spec.beta,
+            skew=spec.skew,
+            top_k=spec.top_k,
+            num_samples=spec.num_samples,
+            generator=generator,
+        )
+    if isinstance(teacher, SparseTeacher):
+        raise ValueError(f"a SparseTeacher needs a sparse mode (one of {SPARSE_MODES})")
+    student_logprobs = tempered_logprobs(student_logits, spec.temperature)
+    teacher_logprobs = tempered_logprobs(teacher, spec.temperature).to(student_logprobs.dtype)
+    if vocab_map is not None:
+        student_logprobs, teacher_logprobs = project_to_shared_support(
+            student_logprobs, teacher_logprobs, vocab_map
+        )
+    elif student_logprobs.shape[-1] != teacher_logprobs.shape[-1]:
+        raise ValueError(
+            f"student vocab {student_logprobs.shape[-1]} != teacher vocab {teacher_logprobs.shape[-1]}; "
+            "pass a vocab_map to distill across tokenizers"
+        )
+    return divergence_from_logprobs(
+        student_logprobs, teacher_logprobs, spec.kind, beta=spec.beta, skew=spec.skew
+    )
+
+
+@dataclass(frozen=True)
+class DistillOutput:
+    """Result of :func:`distill_loss` and :func:`sakd.losses.fused_linear_divergence`.
+
+    Attributes:
+        loss: the differentiable objective, ``alpha·kd + (1−alpha)·ce`` (``kd`` alone without
+            labels).
+        kd: detached KD term as it enters the blend: weighted, reduced, and multiplied by T²
+            when ``scale_by_t2``.
+        ce: detached cross-entropy term (same reduction), or None without labels.
+        num_tokens: detached int64 number of valid positions (the ``"mean"`` denominator before
+            clamping to 1); with ``reduction="sum"`` divide by a global count of these.
+    """
+
+    loss: Tensor
+    kd: Tensor
+    ce: Tensor | None
+    num_tokens: Tensor
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain floats for logging (synchronizes with the device)."""
+        out = {"loss": self.loss.item(), "kd": self.kd.item(), "num_tokens": float(self.num_tokens.item())}
+        if self.ce is not None:
+            out["ce"] = self.ce.item()
+        return out
+
+
+def valid_positions(
+    shape: torch.Size, device: torch.device, mask: Tensor | None, labels: Tensor | None, ignore_index: int
+) -> Tensor:
+    """``[...]`` bool: ``mask`` (all True if None) and, with labels, ``labels != ignore_index``.
+    KD and CE are computed on the same positions so that one token count normalizes both."""
+    valid = torch.ones(shape, dtype=torch.bool, device=device) if mask is None else mask.bool()
+    return valid if labels is None else valid & (labels != ignore_index)
+
+
+def check_blend(alpha: float, labels: Tensor | None) -> None:
+    """Raise ``ValueError`` on an alpha outside [0, 1] or a CE weight without labels."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if labels is None and alpha != 1.0:
+        raise ValueError(f"alpha={alpha} gives cross-entropy a weight, but no labels were passed")
+
+
+def distill_loss(
+    student_logits: Tensor,
+    teacher: Tensor | SparseTeacher,
+    labels: Tensor | None = None,
+    *,
+    spec: KDSpec | None = None,
+    alpha: float = 1.0,
+    mask: Tensor | None = None,
+    weights: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    scale_by_t2: bool = True,
+    reduction: str = "mean",
+    vocab_map: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> DistillOutput:
+    """Blend KD and CE on materialized logits: ``alpha·[T²·]D + (1−alpha)·CE`` (Hinton et al., 2015).
+
+    Args:
+        student_logits: ``[..., Vs]``.
+        teacher: ``[..., Vt]`` teacher logits or a :class:`SparseTeacher` (with ``spec.sparse``).
+        labels: ``[...]`` int64 next-token targets aligned with the logits, or None (then
+            ``alpha`` must be 1).
+        spec: the KD term (default: forward KL at T = 1).
+        alpha: KD weight in [0, 1].
+        mask: ``[...]`` bool, True = valid; positions with ``labels == ignore_index`` are
+            excluded from both terms too.
+        weights: ``[...]`` float per-position multipliers, applied to both terms.
+        reduction: ``"mean"`` (over valid positions), ``"sum"`` or ``"none"``.
+
+    Returns:
+        A :class:`DistillOutput`.
+    """
+    spec = spec or KDSpec()
+    check_blend(alpha, labels)
+    check_reduction(reduction)
+    if vocab_map is not None and not isinstance(teacher, SparseTeacher):
+        check_vocab_map(vocab_map, student_logits.shape[-1], teacher.shape[-1])
+    valid = valid_positions(student_logits.shape[:-1], student_logits.device, mask, labels, ignore_index)
+    student_logits = zero_masked_rows(student_logits, valid)
+    if not isinstance(teacher, SparseTeacher):
+        teacher = zero_masked_rows(teacher, valid)
+    kd_scale = spec.temperature**2 if scale_by_t2 else 1.0
+    per_kd = kd_per_position(student_logits, teacher, spec, vocab_map=vocab_map, generator=generator)
+    kd = reduce_positions(per_kd, valid, weights, reduction) * kd_scale
+    loss, ce = alpha * kd, None
+    if labels is not None:
+        per_ce = cross_entropy_per_position(
+            student_logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing
+        )
+        ce = reduce_positions(per_ce, valid, weights, reduction)
+        loss = loss + (1.0 - alpha) * ce
+    return DistillOutput(
+        loss=loss,
+        kd=kd.detach(),
+        ce=None if ce is None else ce.detach(),
+        num_tokens=valid.sum(),
+    )

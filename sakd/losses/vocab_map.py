@@ -1,0 +1,75 @@
+"""The seam for teachers and students with different vocabularies.
+
+A *vocab map* is an int64 tensor ``[Vs]``: entry v is the teacher id whose token is the same
+string as student token v, or -1 when the teacher has no such token. Building a good map (by
+token string, with normalization of byte-level/sentencepiece markers) is the job of
+``sakd.align``; this module only consumes one.
+
+Given a map, both distributions are moved onto a shared support: the M mapped student ids, and
+one tail bucket when *both* vocabularies have unmapped ids — the teacher's tail holds its mass
+on teacher ids that no student token maps to, the student's its mass on unmapped student ids.
+When only one side has unmapped ids (e.g. a student vocabulary that is a subset of the
+teacher's), that side cannot be matched by the other at all, so it is renormalized over the
+mapped ids instead (a tail with mass on one side only would make forward or reverse KL
+infinite). Any divergence kind is then computed between these two proper distributions. With an
+identity map nothing changes and the result equals the plain divergence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .sparse import logsumexp_or_neginf
+
+
+def check_vocab_map(vocab_map: Tensor, student_vocab: int, teacher_vocab: int) -> None:
+    """Raise ``ValueError`` unless ``vocab_map`` is an int tensor ``[student_vocab]`` of teacher
+    ids in ``[0, teacher_vocab)`` or -1, with no teacher id used twice."""
+    if vocab_map.dtype not in (torch.int32, torch.int64) or vocab_map.shape != (student_vocab,):
+        raise ValueError(
+            f"vocab_map must be an int tensor of shape ({student_vocab},), got "
+            f"{vocab_map.dtype} {tuple(vocab_map.shape)}"
+        )
+    mapped = vocab_map[vocab_map >= 0]
+    if (vocab_map < -1).any() or (mapped >= teacher_vocab).any():
+        raise ValueError(f"vocab_map entries must be -1 or teacher ids in [0, {teacher_vocab})")
+    if mapped.unique().numel() != mapped.numel():
+        raise ValueError("vocab_map maps two student tokens to the same teacher token")
+
+
+def project_to_shared_support(
+    student_logprobs: Tensor, teacher_logprobs: Tensor, vocab_map: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Project both log-distributions onto the mapped ids (plus a shared tail bucket).
+
+    Args:
+        student_logprobs: ``[..., Vs]`` normalized log-probs.
+        teacher_logprobs: ``[..., Vt]`` normalized log-probs.
+        vocab_map: ``[Vs]`` teacher id per student id, or -1 (see :func:`check_vocab_map`).
+
+    Returns:
+        ``(student, teacher)`` log-probs over the same ``M`` or ``M + 1`` buckets.
+    """
+    student_ids = (vocab_map >= 0).nonzero().squeeze(-1)
+    teacher_ids = vocab_map[student_ids].long()
+    student = student_logprobs.index_select(-1, student_ids)
+    teacher = teacher_logprobs.index_select(-1, teacher_ids)
+    student_has_rest = student_ids.numel() < student_logprobs.shape[-1]
+    teacher_has_rest = teacher_ids.numel() < teacher_logprobs.shape[-1]
+    if not (student_has_rest and teacher_has_rest):
+        if student_has_rest:
+            student = student - torch.logsumexp(student, dim=-1, keepdim=True)
+        if teacher_has_rest:
+            teacher = teacher - torch.logsumexp(teacher, dim=-1, keepdim=True)
+        return student, teacher
+    unmapped_student = torch.ones(student_logprobs.shape[-1], dtype=torch.bool, device=vocab_map.device)
+    unmapped_student[student_ids] = False
+    unmapped_teacher = torch.ones(teacher_logprobs.shape[-1], dtype=torch.bool, device=vocab_map.device)
+    unmapped_teacher[teacher_ids] = False
+    student_tail = logsumexp_or_neginf(student_logprobs.masked_fill(~unmapped_student, float("-inf")))
+    teacher_tail = logsumexp_or_neginf(teacher_logprobs.masked_fill(~unmapped_teacher, float("-inf")))
+    return (
+        torch.cat([student, student_tail.unsqueeze(-1)], -1),
+        torch.cat([teacher, teacher_tail.unsqueeze(-1)], -1),
+    )
