@@ -70,6 +70,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from sakd import bench_losses
+
+    bench_losses.main(args.bench_args)
+    return 0
+
+
 def _cmd_config_reference(args: argparse.Namespace) -> int:
     from sakd.config import reference_markdown
 
@@ -118,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=int, default=8)
     v.add_argument("--max-blocks", type=int, default=None)
     v.set_defaults(func=_cmd_eval)
+
+    b = sub.add_parser("bench", help="benchmarks (results and commands in BENCHMARKS.md)",
+                       description="sakd bench losses [--chunk-sizes 128 256] [--cases same_vocab cross_vocab]: "
+                       "naive vs fused distillation loss, peak memory and time, each row in a fresh process.")
+    b.add_argument("suite", choices=["losses"], help="which benchmark")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help after the suite)")
+    b.set_defaults(func=_cmd_bench)
 
     r = sub.add_parser("config-reference", help="print every config key with its default and meaning (Markdown)")
     r.set_defaults(func=_cmd_config_reference)

@@ -392,3 +392,26 @@ def test_vocab_map_of_a_student_vocabulary_inside_the_teachers():
     p = torch.softmax(te["hidden"] @ te["weight"].T, -1)[:, vocab_map]
     p = p / p.sum(-1, keepdim=True)  # the teacher's unmatched mass is dropped, not a tail
     torch.testing.assert_close(out.loss, (q * (q.log() - p.log())).sum(-1).mean())
+
+
+def test_bad_arguments_raise():
+    st, te, labels, _, _ = setup(seed=17)
+    args = (st["hidden"], st["weight"], te["hidden"], te["weight"], "fkl")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fused_linear_divergence(*args, labels=labels, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="'none'"):
+        fused_linear_divergence(*args, reduction="none")
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_divergence(*args, chunk_size=0)
+    with pytest.raises(ValueError, match="positions"):
+        fused_linear_divergence(st["hidden"], st["weight"], te["hidden"][:-1], te["weight"], "fkl")
+    with pytest.raises(ValueError, match="sparse mode"):
+        fused_linear_divergence(
+            st["hidden"],
+            st["weight"],
+            None,
+            None,
+            sparse_teacher=topk_teacher(te["hidden"] @ te["weight"].T, 3),
+        )
+    with pytest.raises(ValueError, match="no labels"):
+        fused_linear_divergence(*args, alpha=0.5)

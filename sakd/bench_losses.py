@@ -1,0 +1,213 @@
+"""Benchmark: naive (materialized ``[N, V]`` logits) vs fused chunked distillation loss, fwd+bwd.
+
+Run ``python -m sakd.bench_losses`` (``--help`` for options). Every measurement runs in a fresh
+subprocess: inputs are created in place, the process's resident-set high-water mark is reset
+(``/proc/self/clear_refs``) after ``malloc_trim``, and the peak *extra* memory is the high-water
+mark of the loss's forward + backward minus the resident set before it. Both paths produce the
+same gradients (including the ``[Vs, Hs]`` head-weight gradient, which therefore counts in both).
+Time is the fastest of ``repeats`` timed fwd+bwd runs after one warm-up run (the minimum is the
+least disturbed by other processes on a shared machine).
+
+Cases (the shapes of the seed recipe: SmolLM-135M student, Huihui-MoE-1.2B teacher):
+
+- ``same_vocab``: teacher hidden 1024 with the student's 49,152-token vocabulary.
+- ``cross_vocab``: teacher hidden 1024 and the real 151,936-token vocabulary; the student is
+  mapped onto it with a dummy identity-prefix vocab map (student id v → teacher id v; the
+  teacher is renormalized over those 49,152 ids), so the naive path materializes both logits
+  and projects them (:func:`project_to_shared_support`). The fused path takes its autograd
+  route here (no closed-form gradients through a vocab map yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sakd.losses import fused_linear_divergence, project_to_shared_support
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark shape."""
+
+    name: str
+    n_tokens: int = 2048
+    student_hidden: int = 576
+    student_vocab: int = 49_152
+    teacher_hidden: int = 1024
+    teacher_vocab: int = 49_152
+    temperature: float = 2.0
+
+
+CASES = {
+    "same_vocab": Case("same_vocab"),
+    "cross_vocab": Case("cross_vocab", teacher_vocab=151_936),
+}
+
+
+def _inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs created in place (no temporaries that would inflate the baseline)."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {
+        "s_hidden": torch.empty(case.n_tokens, case.student_hidden).normal_(generator=gen),
+        "s_weight": torch.empty(case.student_vocab, case.student_hidden).normal_(0, 0.05, generator=gen),
+        "t_hidden": torch.empty(case.n_tokens, case.teacher_hidden).normal_(generator=gen),
+        "t_weight": torch.empty(case.teacher_vocab, case.teacher_hidden).normal_(0, 0.05, generator=gen),
+    }
+    inputs["s_hidden"].requires_grad_()
+    inputs["s_weight"].requires_grad_()
+    if case.teacher_vocab != case.student_vocab:
+        inputs["vocab_map"] = torch.arange(case.student_vocab)
+    return inputs
+
+
+def _naive_step(case: Case, x: dict[str, torch.Tensor]) -> float:
+    """Materialize both logits, forward KL with ``F.kl_div``, backward."""
+    student_logprobs = F.log_softmax(x["s_hidden"] @ x["s_weight"].T / case.temperature, dim=-1)
+    with torch.no_grad():
+        teacher_logprobs = F.log_softmax(x["t_hidden"] @ x["t_weight"].T / case.temperature, dim=-1)
+    if "vocab_map" in x:
+        student_logprobs, teacher_logprobs = project_to_shared_support(
+            student_logprobs, teacher_logprobs, x["vocab_map"]
+        )
+    loss = F.kl_div(student_logprobs, teacher_logprobs, log_target=True, reduction="batchmean")
+    loss = loss * case.temperature**2
+    loss.backward()
+    return loss.item()
+
+
+def _fused_step(case: Case, x: dict[str, torch.Tensor], chunk_size: int) -> float:
+    out = fused_linear_divergence(
+        x["s_hidden"],
+        x["s_weight"],
+        x["t_hidden"],
+        x["t_weight"],
+        "fkl",
+        temperature=case.temperature,
+        chunk_size=chunk_size,
+        vocab_map=x.get("vocab_map"),
+    )
+    out.loss.backward()
+    return out.loss.item()
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def _measure_here(case: Case, impl: str, chunk_size: int, repeats: int) -> dict:
+    """Measure one implementation in this process (called in a fresh subprocess)."""
+    x = _inputs(case)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    baseline = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset VmHWM to the current resident set
+    times, loss = [], float("nan")
+    for i in range(repeats + 1):
+        x["s_hidden"].grad = x["s_weight"].grad = None
+        start = time.perf_counter()
+        loss = _naive_step(case, x) if impl == "naive" else _fused_step(case, x, chunk_size)
+        if i > 0:
+            times.append(time.perf_counter() - start)
+    return {
+        "case": case.name,
+        "impl": impl,
+        "chunk_size": chunk_size if impl == "fused" else None,
+        "loss": loss,
+        "time_s": min(times),
+        "peak_extra_mib": (_rss_kib("VmHWM") - baseline) / 1024,
+    }
+
+
+def _measure(case: Case, impl: str, chunk_size: int, repeats: int) -> dict:
+    """Run :func:`_measure_here` in a fresh interpreter and parse its JSON line."""
+    spec = json.dumps({"case": asdict(case), "impl": impl, "chunk_size": chunk_size, "repeats": repeats})
+    done = subprocess.run(
+        [sys.executable, "-m", "sakd.bench_losses", "--worker", spec],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(
+    cases: tuple[str, ...] = ("same_vocab", "cross_vocab"),
+    chunk_sizes: tuple[int, ...] = (256,),
+    repeats: int = 3,
+    n_tokens: int = 2048,
+) -> list[dict]:
+    """Measure naive vs fused for each case and chunk size; returns one row per measurement.
+
+    Fused rows carry ``mem_vs_naive``, ``time_vs_naive`` and ``loss_rel_diff`` against the
+    naive row of the same case.
+    """
+    rows = []
+    for name in cases:
+        case = Case(**{**asdict(CASES[name]), "n_tokens": n_tokens})
+        naive = _measure(case, "naive", 0, repeats)
+        rows.append(naive)
+        for chunk_size in chunk_sizes:
+            fused = _measure(case, "fused", chunk_size, repeats)
+            fused["mem_vs_naive"] = fused["peak_extra_mib"] / naive["peak_extra_mib"]
+            fused["time_vs_naive"] = fused["time_s"] / naive["time_s"]
+            fused["loss_rel_diff"] = abs(fused["loss"] - naive["loss"]) / abs(naive["loss"])
+            rows.append(fused)
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """The rows as a Markdown table."""
+    lines = [
+        "| case | impl | chunk | loss | time fwd+bwd (s) | peak extra (MiB) | mem / naive | time / naive | loss rel. diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratios = ("—", "—", "—")
+        if r["impl"] == "fused":
+            ratios = (f"{r['mem_vs_naive']:.3f}", f"{r['time_vs_naive']:.2f}", f"{r['loss_rel_diff']:.1e}")
+        lines.append(
+            f"| {r['case']} | {r['impl']} | {r['chunk_size'] or '—'} | {r['loss']:.6f} | {r['time_s']:.2f} "
+            f"| {r['peak_extra_mib']:.0f} | " + " | ".join(ratios) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point: ``python -m sakd.bench_losses [--chunk-sizes 128 256] [--cases ...]``."""
+    parser = argparse.ArgumentParser(prog="sakd bench losses", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--chunk-sizes", nargs="+", type=int, default=[256])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up run")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--json", action="store_true", help="print rows as JSON instead of Markdown")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(
+            json.dumps(_measure_here(Case(**spec["case"]), spec["impl"], spec["chunk_size"], spec["repeats"]))
+        )
+        return
+    rows = run(tuple(args.cases), tuple(args.chunk_sizes), args.repeats, args.tokens)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
+    print(to_markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
