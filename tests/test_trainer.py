@@ -156,3 +156,16 @@ def test_ce_only_run_needs_no_teacher(tiny_run_config):
     assert d.teacher is None
     summary = d.train()
     assert "teacher_agreement" not in summary
+
+
+@pytest.mark.parametrize("sparse", ["subset", "topk_tail", "sampled"])
+def test_sparse_teacher_modes_train(tiny_run_config, sparse):
+    """The seed's kd_top_k (subset) and the better sparse signals go through the trainer's fused path."""
+    raw = copy.deepcopy(tiny_run_config)
+    raw["distillation"]["loss"].update(sparse=sparse, kd_top_k=16, num_samples=8)
+    d = _distiller(raw, max_steps=3)
+    summary = d.train()
+    records = [json.loads(x) for x in (d.run_dir / "metrics.jsonl").read_text().splitlines()]
+    kd = [r["kd"] for r in records if "kd" in r]
+    assert len(kd) == 3 and all(k >= 0 and k == k for k in kd) and kd[0] > 0
+    assert summary["eval_ppl"] < 1e6
