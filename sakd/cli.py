@@ -33,9 +33,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     summary = run_demo(args.output_dir, args.data)
     print(json.dumps(summary, indent=1))
-    print(f"sakd demo: {summary['verdict']} (teacher ppl {summary['teacher_ppl']:.2f}, KD student "
-          f"{summary['kd_student_ppl']:.2f}, CE student {summary['ce_student_ppl']:.2f}); "
-          f"{summary['total_seconds']:.0f} s; student at {summary['student_dir']}")
+    print(
+        f"sakd demo: {summary['verdict']} (teacher ppl {summary['teacher_ppl']:.2f}, KD student "
+        f"{summary['kd_student_ppl']:.2f}, CE student {summary['ce_student_ppl']:.2f}); "
+        f"{summary['total_seconds']:.0f} s; student at {summary['student_dir']}"
+    )
     return 0
 
 
@@ -56,7 +58,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model = load_model(args.model_dir, tokenizer=tokenizer)
     blocks = pack(load_text_dataset(args.data, text_field=args.text_field), tokenizer, args.block_size)
     if len(blocks) == 0:
-        raise DataError(f"{args.data} is shorter than one block of {args.block_size} tokens; lower --block-size")
+        raise DataError(
+            f"{args.data} is shorter than one block of {args.block_size} tokens; lower --block-size"
+        )
     if args.max_blocks:
         blocks = blocks.select(range(min(args.max_blocks, len(blocks))))
     teacher = None
@@ -64,8 +68,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         teacher = load_model(args.teacher, tokenizer=tokenizer).eval()
         if load_tokenizer(args.teacher).get_vocab() != tokenizer.get_vocab():
             raise ValueError("teacher agreement needs the teacher to share the student's tokenizer")
-    result = evaluate(model.eval(), blocks.with_format("torch"), batch_size=args.batch_size, teacher=teacher,
-                      vocab_size=len(tokenizer))
+    result = evaluate(
+        model.eval(),
+        blocks.with_format("torch"),
+        batch_size=args.batch_size,
+        teacher=teacher,
+        vocab_size=len(tokenizer),
+    )
     print(json.dumps(result, indent=1))
     return 0
 
@@ -92,25 +101,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("distill", help="train a student; writes a run directory",
-                       description="Train a student from a recipe. The run directory (training.output_dir) gets "
-                       "config.yaml, metrics.jsonl, checkpoints/, final/ and summary.json.")
+    d = sub.add_parser(
+        "distill",
+        help="train a student; writes a run directory",
+        description="Train a student from a recipe. The run directory (training.output_dir) gets "
+        "config.yaml, metrics.jsonl, checkpoints/, final/ and summary.json.",
+    )
     d.add_argument("--config", required=True, help="recipe file (YAML or JSON)")
-    d.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. training.max_steps=100 distillation.loss.temperature=2")
-    d.add_argument("--resume", default="auto",
-                   help="auto (newest complete checkpoint in the run directory), none, or a checkpoint path")
+    d.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. training.max_steps=100 distillation.loss.temperature=2",
+    )
+    d.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (newest complete checkpoint in the run directory), none, or a checkpoint path",
+    )
     d.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     d.set_defaults(func=_cmd_distill)
 
-    m = sub.add_parser("demo", help="offline end-to-end demo on tiny models (about 5 minutes on 2 CPU cores)",
-                       description="Generate a corpus, train a tokenizer, pretrain a tiny MoE teacher (cached), "
-                       "distill a tiny dense student and a CE-only baseline, report perplexities.")
-    m.add_argument("--data", help="use this local text file (one document per line) instead of the generated corpus")
-    m.add_argument("--output-dir", default="runs/demo", help="where the demo writes its runs (default: runs/demo)")
+    m = sub.add_parser(
+        "demo",
+        help="offline end-to-end demo on tiny models (about 5 minutes on 2 CPU cores)",
+        description="Generate a corpus, train a tokenizer, pretrain a tiny MoE teacher (cached), "
+        "distill a tiny dense student and a CE-only baseline, report perplexities.",
+    )
+    m.add_argument(
+        "--data", help="use this local text file (one document per line) instead of the generated corpus"
+    )
+    m.add_argument(
+        "--output-dir", default="runs/demo", help="where the demo writes its runs (default: runs/demo)"
+    )
     m.set_defaults(func=_cmd_demo)
 
-    e = sub.add_parser("export", help="export a run's student as a Hugging Face directory (model.safetensors)")
+    e = sub.add_parser(
+        "export", help="export a run's student as a Hugging Face directory (model.safetensors)"
+    )
     e.add_argument("run_dir", help="a sakd run directory")
     e.add_argument("--output", required=True, help="directory to write")
     e.add_argument("--step", type=int, help="export this checkpoint step (default: newest complete)")
@@ -126,14 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-blocks", type=int, default=None)
     v.set_defaults(func=_cmd_eval)
 
-    b = sub.add_parser("bench", help="benchmarks (results and commands in BENCHMARKS.md)",
-                       description="sakd bench losses [--chunk-sizes 128 256] [--cases same_vocab cross_vocab]: "
-                       "naive vs fused distillation loss, peak memory and time, each row in a fresh process.")
+    b = sub.add_parser(
+        "bench",
+        help="benchmarks (results and commands in BENCHMARKS.md)",
+        description="sakd bench losses [--chunk-sizes 128 256] [--cases same_vocab cross_vocab]: "
+        "naive vs fused distillation loss, peak memory and time, each row in a fresh process.",
+    )
     b.add_argument("suite", choices=["losses"], help="which benchmark")
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help after the suite)")
+    b.add_argument(
+        "bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help after the suite)"
+    )
     b.set_defaults(func=_cmd_bench)
 
-    r = sub.add_parser("config-reference", help="print every config key with its default and meaning (Markdown)")
+    r = sub.add_parser(
+        "config-reference", help="print every config key with its default and meaning (Markdown)"
+    )
     r.set_defaults(func=_cmd_config_reference)
     return p
 
@@ -156,14 +191,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sakd.models import ModelLoadError
     from sakd.trainer import RunDirError
 
-    return (ConfigError, DataError, ExportError, ModelLoadError, RunDirError, FileNotFoundError, PermissionError,
-            ValueError)
+    return (
+        ConfigError,
+        DataError,
+        ExportError,
+        ModelLoadError,
+        RunDirError,
+        FileNotFoundError,
+        PermissionError,
+        ValueError,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.debug:
         # bitsandbytes warns at import about optional CPU 4-bit kernels we do not use.
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -181,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return func(args)
     except torch.OutOfMemoryError:
-        print("sakd: error: out of memory; lower training.batch_size (raise gradient_accumulation_steps to keep "
-              "the global batch), set model.gradient_checkpointing=true, or lower data.block_size", file=sys.stderr)
+        print(
+            "sakd: error: out of memory; lower training.batch_size (raise gradient_accumulation_steps to keep "
+            "the global batch), set model.gradient_checkpointing=true, or lower data.block_size",
+            file=sys.stderr,
+        )
     except KeyboardInterrupt:
         print("sakd: interrupted", file=sys.stderr)
         return 130
@@ -190,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sakd: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:  # an unexpected failure: still one line, the traceback is behind --debug
-        print(f"sakd: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"sakd: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
     return EXIT_FAILURE
 
 

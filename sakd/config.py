@@ -103,7 +103,10 @@ class LossConfig:
         choices=["fkl", "rkl", "jsd", "skl", "srkl", "tvd"],
     )
     alpha: float = _f(
-        0.5, "Blend: alpha * T^2 * KD + (1 - alpha) * CE. 0 = plain language modelling (no teacher).", min=0, max=1
+        0.5,
+        "Blend: alpha * T^2 * KD + (1 - alpha) * CE. 0 = plain language modelling (no teacher).",
+        min=0,
+        max=1,
     )
     temperature: float = _f(2.0, "Softmax temperature applied to both teacher and student logits.", gt=0)
     min_temperature: float | None = _f(
@@ -114,7 +117,9 @@ class LossConfig:
         "How the temperature moves from `temperature` to `min_temperature` over training.",
         choices=["constant", "linear", "cosine"],
     )
-    scale_by_t2: bool = _f(True, "Multiply the KD term by T^2 (Hinton et al.) so its gradient scale is T-independent.")
+    scale_by_t2: bool = _f(
+        True, "Multiply the KD term by T^2 (Hinton et al.) so its gradient scale is T-independent."
+    )
     beta: float = _f(0.5, "Generalized JSD interpolation (kind=jsd).", min=0, max=1)
     skew: float = _f(0.1, "Skew for skl/srkl (DistiLLM).", min=0, max=1)
     label_smoothing: float = _f(0.0, "Label smoothing of the CE term.", min=0, max=1)
@@ -148,16 +153,27 @@ class OptimizationConfig:
     lr_scheduler: str = _f(
         "cosine",
         "transformers.get_scheduler name; the schedule is defined in optimizer steps.",
-        choices=["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr", "inverse_sqrt"],
+        choices=[
+            "linear",
+            "cosine",
+            "constant",
+            "constant_with_warmup",
+            "cosine_with_min_lr",
+            "inverse_sqrt",
+        ],
     )
     warmup_steps: int = _f(0, "Linear warm-up length in optimizer steps.", min=0)
-    warmup_ratio: float = _f(0.0, "Warm-up as a share of total optimizer steps (used when warmup_steps=0).", min=0, max=1)
+    warmup_ratio: float = _f(
+        0.0, "Warm-up as a share of total optimizer steps (used when warmup_steps=0).", min=0, max=1
+    )
     max_grad_norm: float | None = _f(1.0, "Clip the global gradient norm to this (None: no clipping).", gt=0)
 
 
 @dataclass
 class TrainingConfig:
-    output_dir: str = _f("runs/sakd", "Run directory: config.yaml, metrics.jsonl, checkpoints/, final/, summary.json.")
+    output_dir: str = _f(
+        "runs/sakd", "Run directory: config.yaml, metrics.jsonl, checkpoints/, final/, summary.json."
+    )
     batch_size: int = _f(8, "Micro-batch size per process (blocks).", min=1)
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", min=1)
     num_epochs: float = _f(1.0, "Passes over the training blocks (ignored when max_steps is set).", gt=0)
@@ -168,7 +184,9 @@ class TrainingConfig:
     keep_last_n: int = _f(2, "Checkpoints to keep (the newest complete one is never deleted).", min=1)
     seed: int = _f(42, "Seed for initialisation, data order and sampling.")
     mixed_precision: str = _f(
-        "no", "Accelerate mixed precision: no, fp16 (P100: loss scaling), bf16.", choices=["no", "fp16", "bf16"]
+        "no",
+        "Accelerate mixed precision: no, fp16 (P100: loss scaling), bf16.",
+        choices=["no", "fp16", "bf16"],
     )
 
 
@@ -176,14 +194,20 @@ class TrainingConfig:
 class LoggingConfig:
     log_every: int = _f(10, "Write a metrics.jsonl line every this many optimizer steps.", min=1)
     progress_bar: bool = _f(True, "Show a tqdm progress bar with loss, tokens/s and ETA.")
-    report_to: str = _f("none", "Experiment tracker through Accelerate.", choices=["none", "tensorboard", "wandb"])
+    report_to: str = _f(
+        "none", "Experiment tracker through Accelerate.", choices=["none", "tensorboard", "wandb"]
+    )
     project: str = _f("sakd", "Tracker project name.")
 
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Teacher, student, tokenizers."})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Corpus, packing, held-out split."})
+    model: ModelConfig = field(
+        default_factory=ModelConfig, metadata={"help": "Teacher, student, tokenizers."}
+    )
+    data: DataConfig = field(
+        default_factory=DataConfig, metadata={"help": "Corpus, packing, held-out split."}
+    )
     distillation: DistillationConfig = field(
         default_factory=DistillationConfig, metadata={"help": "What the student learns from the teacher."}
     )
@@ -234,7 +258,10 @@ def _seed_key_value(key: str, value: Any, raw: dict[str, Any]) -> list[tuple[str
     if key == "use_temperature_curriculum":
         return [("distillation.loss.temperature_schedule", "linear" if value else "constant")]
     if key == "kd_top_k":
-        return [("distillation.loss.kd_top_k", value), ("distillation.loss.sparse", "subset" if value else "none")]
+        return [
+            ("distillation.loss.kd_top_k", value),
+            ("distillation.loss.sparse", "subset" if value else "none"),
+        ]
     if key == "use_wandb":
         return [("logging.report_to", "wandb" if value else "none")]
     return [(SEED_KEY_MAP[key], value)]
@@ -329,7 +356,10 @@ def _check_range(key: str, value: Any, meta: dict[str, Any]) -> None:
         return
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}" + _suggest(str(value), [str(c) for c in choices]))
+        raise ConfigError(
+            f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}"
+            + _suggest(str(value), [str(c) for c in choices])
+        )
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"config key '{key}' must be >= {meta['min']}, got {value!r}")
     if "max" in meta and value > meta["max"]:
@@ -386,7 +416,9 @@ def _translate_seed_keys(raw: dict[str, Any], notes: list[str]) -> dict[str, Any
             for dotted, v in _seed_key_value(key, value, raw):
                 _set_dotted(out, dotted, v)
         elif key in SEED_KEYS_NOT_YET_SUPPORTED:
-            notes.append(f"seed key '{key}' is not supported yet: {SEED_KEYS_NOT_YET_SUPPORTED[key]} (ignored)")
+            notes.append(
+                f"seed key '{key}' is not supported yet: {SEED_KEYS_NOT_YET_SUPPORTED[key]} (ignored)"
+            )
         else:
             out[key] = value  # left for _build to reject with a suggestion
     return out
@@ -422,7 +454,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         first = str(e).strip().splitlines()[0]
-        raise ConfigError(f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {first}") from None
+        raise ConfigError(
+            f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {first}"
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -442,7 +476,9 @@ def load_config(
     raw = _translate_seed_keys(raw, notes)
     for item in overrides or []:
         key, value = parse_override(item)
-        if "." not in key and (key in SEED_KEY_MAP or key in SEED_EXTRA_KEYS or key in SEED_KEYS_NOT_YET_SUPPORTED):
+        if "." not in key and (
+            key in SEED_KEY_MAP or key in SEED_EXTRA_KEYS or key in SEED_KEYS_NOT_YET_SUPPORTED
+        ):
             raw = _translate_seed_keys({**raw, key: value}, notes)
             continue
         if key.split(".")[0] not in SECTIONS:
@@ -457,7 +493,9 @@ def validate(cfg: RunConfig) -> None:
     """Cross-field checks that single-field ranges cannot express."""
     loss = cfg.distillation.loss
     if loss.sparse in ("subset", "topk_tail") and loss.kd_top_k is None:
-        raise ConfigError(f"distillation.loss.sparse={loss.sparse} needs distillation.loss.kd_top_k (e.g. 256)")
+        raise ConfigError(
+            f"distillation.loss.sparse={loss.sparse} needs distillation.loss.kd_top_k (e.g. 256)"
+        )
     if loss.temperature_schedule != "constant" and loss.min_temperature is None:
         raise ConfigError(
             "distillation.loss.temperature_schedule needs distillation.loss.min_temperature (the final temperature)"
@@ -494,8 +532,14 @@ def reference_markdown() -> str:
     lines += ["", "Keys of the old system's `configs/improved_config.json`, accepted at the top level:", ""]
     lines += ["| seed key | sakd key |", "|---|---|"]
     for k, v in SEED_KEY_MAP.items():
-        lines.append(f"| `{k}` | `{v}`" + (" (and `distillation.loss.sparse: subset`)" if k == "kd_top_k" else "") + " |")
-    lines.append("| `use_temperature_curriculum` | `distillation.loss.temperature_schedule: linear` (true) / `constant` |")
+        lines.append(
+            f"| `{k}` | `{v}`"
+            + (" (and `distillation.loss.sparse: subset`)" if k == "kd_top_k" else "")
+            + " |"
+        )
+    lines.append(
+        "| `use_temperature_curriculum` | `distillation.loss.temperature_schedule: linear` (true) / `constant` |"
+    )
     lines.append("| `use_wandb` | `logging.report_to: wandb` |")
     for k, why in SEED_KEYS_NOT_YET_SUPPORTED.items():
         lines.append(f"| `{k}` | reported, not applied: {why} |")

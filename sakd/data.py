@@ -37,7 +37,9 @@ def load_text_dataset(
             raise DataError(f"data path is a directory; give a .txt, .jsonl or .parquet file: {spec}")
         builder = LOCAL_BUILDERS.get(path.suffix)
         if builder is None:
-            raise DataError(f"unsupported data file type '{path.suffix}' ({spec}); use .txt, .jsonl or .parquet")
+            raise DataError(
+                f"unsupported data file type '{path.suffix}' ({spec}); use .txt, .jsonl or .parquet"
+            )
         try:
             with path.open("rb") as fh:
                 fh.read(1)
@@ -107,16 +109,21 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int)
     """Load, split (by document), tokenize and pack the corpus described by ``cfg``."""
     if not cfg.train:
         raise DataError("no training data: set data.train to a .txt/.jsonl/.parquet file or a dataset name")
-    docs = load_text_dataset(cfg.train, split=cfg.split, text_field=cfg.text_field, dataset_config=cfg.dataset_config)
+    docs = load_text_dataset(
+        cfg.train, split=cfg.split, text_field=cfg.text_field, dataset_config=cfg.dataset_config
+    )
     if len(docs) == 0:
         raise DataError(f"data {cfg.train} holds no non-empty documents")
     if cfg.eval:
         train_docs = docs
-        eval_docs = load_text_dataset(cfg.eval, split=cfg.eval_split, text_field=cfg.text_field,
-                                      dataset_config=cfg.dataset_config)
+        eval_docs = load_text_dataset(
+            cfg.eval, split=cfg.eval_split, text_field=cfg.text_field, dataset_config=cfg.dataset_config
+        )
     else:
         if len(docs) < 2:
-            raise DataError(f"data {cfg.train} has 1 document; a held-out split needs more (or set data.eval)")
+            raise DataError(
+                f"data {cfg.train} has 1 document; a held-out split needs more (or set data.eval)"
+            )
         split = docs.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True)
         train_docs, eval_docs = split["train"], split["test"]
     train = pack(train_docs, tokenizer, cfg.block_size)

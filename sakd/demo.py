@@ -50,12 +50,15 @@ def train_tokenizer(corpus: Path, out_dir: Path, vocab_size: int) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train([str(corpus)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|pad|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     fast.save_pretrained(tmp)
@@ -72,16 +75,37 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _run_config(out: Path, corpus: Path, tokenizer: Path, budget: dict[str, int], *, teacher: str, student: str,
-                alpha: float, steps: int, lr: float) -> dict[str, Any]:
+def _run_config(
+    out: Path,
+    corpus: Path,
+    tokenizer: Path,
+    budget: dict[str, int],
+    *,
+    teacher: str,
+    student: str,
+    alpha: float,
+    steps: int,
+    lr: float,
+) -> dict[str, Any]:
     return {
         "model": {"teacher": teacher, "student": student, "tokenizer": str(tokenizer)},
         "data": {"train": str(corpus), "block_size": budget["block_size"], "max_eval_blocks": 128},
         # T=1: on this corpus T=2 made the student worse than CE-only (measured; see README).
         "distillation": {"loss": {"kind": "fkl", "alpha": alpha, "temperature": 1.0, "chunk_size": 1024}},
-        "optimization": {"learning_rate": lr, "warmup_steps": 20, "lr_scheduler": "cosine", "weight_decay": 0.0},
-        "training": {"output_dir": str(out), "batch_size": budget["batch_size"], "max_steps": steps,
-                     "eval_every": 0, "save_every": 0, "seed": 0},
+        "optimization": {
+            "learning_rate": lr,
+            "warmup_steps": 20,
+            "lr_scheduler": "cosine",
+            "weight_decay": 0.0,
+        },
+        "training": {
+            "output_dir": str(out),
+            "batch_size": budget["batch_size"],
+            "max_steps": steps,
+            "eval_every": 0,
+            "save_every": 0,
+            "seed": 0,
+        },
         "logging": {"log_every": 5},
     }
 
@@ -99,8 +123,19 @@ def prepare_teacher(corpus: Path, tokenizer: Path, key: str, budget: dict[str, i
         return cached
     print("[demo] pretraining the tiny-moe teacher (cached for later runs)")
     work = cached.with_name(key + ".run")
-    _train(_run_config(work, corpus, tokenizer, budget, teacher="tiny-moe", student="tiny-moe", alpha=0.0,
-                       steps=budget["teacher_steps"], lr=2e-3))
+    _train(
+        _run_config(
+            work,
+            corpus,
+            tokenizer,
+            budget,
+            teacher="tiny-moe",
+            student="tiny-moe",
+            alpha=0.0,
+            steps=budget["teacher_steps"],
+            lr=2e-3,
+        )
+    )
     shutil.rmtree(cached, ignore_errors=True)
     (work / "final").rename(cached)
     shutil.rmtree(work, ignore_errors=True)
@@ -160,8 +195,10 @@ def run_demo(
     if not (tok_dir / "tokenizer.json").is_file():
         print("[demo] training a byte-level BPE tokenizer on the corpus")
         train_tokenizer(corpus, tok_dir, budget["vocab_size"])
-    teacher_key = (f"{corpus_key}-s{budget['teacher_steps']}-b{budget['block_size']}x{budget['batch_size']}"
-                   f"-sakd{sakd.__version__}")
+    teacher_key = (
+        f"{corpus_key}-s{budget['teacher_steps']}-b{budget['block_size']}x{budget['batch_size']}"
+        f"-sakd{sakd.__version__}"
+    )
     t_teacher = time.perf_counter()
     teacher_dir = prepare_teacher(corpus, tok_dir, teacher_key, budget)
     teacher_seconds = time.perf_counter() - t_teacher
@@ -169,8 +206,17 @@ def run_demo(
     runs = {}
     for name, alpha in (("kd", 0.5), ("ce", 0.0)):
         print(f"[demo] training the {'KD' if alpha else 'CE-only'} student")
-        raw = _run_config(out / f"{name}_student", corpus, tok_dir, budget, teacher=str(teacher_dir),
-                          student="tiny-dense", alpha=alpha, steps=budget["student_steps"], lr=3e-3)
+        raw = _run_config(
+            out / f"{name}_student",
+            corpus,
+            tok_dir,
+            budget,
+            teacher=str(teacher_dir),
+            student="tiny-dense",
+            alpha=alpha,
+            steps=budget["student_steps"],
+            lr=3e-3,
+        )
         runs[name] = (raw, _train(raw))
 
     print("[demo] evaluating teacher and students on held-out text")
@@ -182,7 +228,9 @@ def run_demo(
     for name in ("kd", "ce"):
         student = AutoModelForCausalLM.from_pretrained(runs[name][1]["final_dir"]).eval()
         results[name] = evaluate(student, eval_blocks, batch_size=16, teacher=teacher)
-    plot = plot_curves(out / "loss_curves.png", out / "kd_student", out / "ce_student", results["teacher"]["loss"])
+    plot = plot_curves(
+        out / "loss_curves.png", out / "kd_student", out / "ce_student", results["teacher"]["loss"]
+    )
     kd_beats_ce = results["kd"]["ppl"] < results["ce"]["ppl"]
     summary = {
         "teacher_ppl": results["teacher"]["ppl"],
@@ -195,7 +243,8 @@ def run_demo(
         "ce_student_loss": results["ce"]["loss"],
         "kd_beats_ce": kd_beats_ce,
         "verdict": (
-            "KD student beats the CE-only student at equal budget" if kd_beats_ce
+            "KD student beats the CE-only student at equal budget"
+            if kd_beats_ce
             else "KD did NOT beat the CE-only baseline on this corpus at this budget"
         ),
         "eval_tokens": results["teacher"]["tokens"],

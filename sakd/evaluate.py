@@ -22,20 +22,29 @@ def safe_perplexity(mean_loss: float) -> float:
 
 
 def _chunk_stats(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None, vocab: int, chunk: int,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
+    vocab: int,
+    chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of CE and count of top-1 agreements over ``[N, H]`` rows, ``chunk`` rows of logits at a time."""
     ce = torch.zeros((), dtype=torch.float64, device=hidden.device)
     agree = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for lo in range(0, hidden.shape[0], chunk):
-        logits = nn.functional.linear(hidden[lo : lo + chunk].float(), weight[:vocab].float(),
-                                      None if bias is None else bias[:vocab].float())
+        logits = nn.functional.linear(
+            hidden[lo : lo + chunk].float(),
+            weight[:vocab].float(),
+            None if bias is None else bias[:vocab].float(),
+        )
         ce += nn.functional.cross_entropy(logits, targets[lo : lo + chunk], reduction="sum").double()
         if teacher is not None:
             th, tw, tb = teacher
-            t_logits = nn.functional.linear(th[lo : lo + chunk].float(), tw[:vocab].float(),
-                                            None if tb is None else tb[:vocab].float())
+            t_logits = nn.functional.linear(
+                th[lo : lo + chunk].float(), tw[:vocab].float(), None if tb is None else tb[:vocab].float()
+            )
             agree += (logits.argmax(-1) == t_logits.argmax(-1)).sum().double()
     return ce, agree
 
@@ -77,7 +86,9 @@ def evaluate(
             th = hidden_and_head(teacher, teacher, ids)
             t = (th.hidden[:, :-1].reshape(-1, th.hidden.shape[-1]), th.head_weight, th.head_bias)
         ce, agree = _chunk_stats(h, s.head_weight, s.head_bias, targets, t, vocab, chunk_size)
-        totals += torch.stack([ce, agree, torch.tensor(float(targets.numel()), dtype=torch.float64, device=device)])
+        totals += torch.stack(
+            [ce, agree, torch.tensor(float(targets.numel()), dtype=torch.float64, device=device)]
+        )
     if accelerator is not None and world > 1:
         totals = accelerator.reduce(totals, reduction="sum")
     model.train(was_training)

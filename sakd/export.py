@@ -18,7 +18,11 @@ class ExportError(RuntimeError):
 
 
 def save_model_dir(
-    model: PreTrainedModel, tokenizer, out_dir: Path, *, weights: bool = True,
+    model: PreTrainedModel,
+    tokenizer,
+    out_dir: Path,
+    *,
+    weights: bool = True,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``out_dir`` atomically: everything goes to ``out_dir.tmp`` first, then is renamed."""
@@ -68,7 +72,9 @@ def export_run(run_dir: str | Path, output: str | Path, *, step: int | None = No
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if unexpected or set(missing) - tied:
-        raise ExportError(f"{weights} does not match the student config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ExportError(
+            f"{weights} does not match the student config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(spec_dir)
     return save_model_dir(model, tokenizer, Path(output))

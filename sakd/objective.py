@@ -45,9 +45,16 @@ class Objective:
         """Summed CE, ``chunk_size`` rows of logits at a time; each chunk is recomputed in backward
         (activation checkpointing), so peak extra memory is O(chunk x V), not O(N x V)."""
 
-        def chunk_ce(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
-            return cross_entropy(nn.functional.linear(h, w, b), t, ignore_index=IGNORE_INDEX,
-                                 label_smoothing=self.cfg.label_smoothing, reduction="sum")
+        def chunk_ce(
+            h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor
+        ) -> torch.Tensor:
+            return cross_entropy(
+                nn.functional.linear(h, w, b),
+                t,
+                ignore_index=IGNORE_INDEX,
+                label_smoothing=self.cfg.label_smoothing,
+                reduction="sum",
+            )
 
         total = hidden.new_zeros((), dtype=torch.float32)
         step = self.cfg.chunk_size
@@ -60,7 +67,12 @@ class Objective:
         return total
 
     def __call__(
-        self, student: HiddenAndHead, teacher: HiddenAndHead | None, labels: torch.Tensor, *, temperature: float
+        self,
+        student: HiddenAndHead,
+        teacher: HiddenAndHead | None,
+        labels: torch.Tensor,
+        *,
+        temperature: float,
     ) -> ObjectiveOutput:
         cfg, V = self.cfg, self.vocab_size
         targets = labels[:, 1:].reshape(-1)
@@ -78,20 +90,45 @@ class Objective:
         t_b = None if teacher.head_bias is None else teacher.head_bias[:V]
         if cfg.fused:
             res = fused_linear_divergence(
-                s_hidden, s_w, t_hidden, t_w, cfg.kind, temperature=temperature, chunk_size=cfg.chunk_size,
-                mask=mask, beta=cfg.beta, skew=cfg.skew, labels=targets, alpha=cfg.alpha,
-                label_smoothing=cfg.label_smoothing, ignore_index=IGNORE_INDEX, scale_by_t2=cfg.scale_by_t2,
-                reduction="sum", student_head_bias=s_b, teacher_head_bias=t_b,
-                sparse=None if cfg.sparse == "none" else cfg.sparse, top_k=cfg.kd_top_k or 1,
+                s_hidden,
+                s_w,
+                t_hidden,
+                t_w,
+                cfg.kind,
+                temperature=temperature,
+                chunk_size=cfg.chunk_size,
+                mask=mask,
+                beta=cfg.beta,
+                skew=cfg.skew,
+                labels=targets,
+                alpha=cfg.alpha,
+                label_smoothing=cfg.label_smoothing,
+                ignore_index=IGNORE_INDEX,
+                scale_by_t2=cfg.scale_by_t2,
+                reduction="sum",
+                student_head_bias=s_b,
+                teacher_head_bias=t_b,
+                sparse=None if cfg.sparse == "none" else cfg.sparse,
+                top_k=cfg.kd_top_k or 1,
                 num_samples=cfg.num_samples,
             )
             return ObjectiveOutput(res.loss, {"loss": res.loss.detach(), "kd": res.kd, "ce": res.ce}, n)
         s_logits = nn.functional.linear(s_hidden, s_w, s_b)
         with torch.no_grad():
             t_logits = nn.functional.linear(t_hidden, t_w, t_b)
-        kd = divergence(s_logits, t_logits, cfg.kind, temperature=temperature, beta=cfg.beta, skew=cfg.skew,
-                        mask=mask, reduction="sum", scale_by_t2=cfg.scale_by_t2)
-        ce = cross_entropy(s_logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=cfg.label_smoothing,
-                           reduction="sum")
+        kd = divergence(
+            s_logits,
+            t_logits,
+            cfg.kind,
+            temperature=temperature,
+            beta=cfg.beta,
+            skew=cfg.skew,
+            mask=mask,
+            reduction="sum",
+            scale_by_t2=cfg.scale_by_t2,
+        )
+        ce = cross_entropy(
+            s_logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=cfg.label_smoothing, reduction="sum"
+        )
         loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
         return ObjectiveOutput(loss, {"loss": loss.detach(), "kd": kd.detach(), "ce": ce.detach()}, n)

@@ -93,13 +93,16 @@ class Distiller:
             check_model_source(mcfg.teacher, "teacher")
         tok_spec = default_tokenizer_spec(mcfg.student, mcfg.tokenizer)
         if tok_spec is None:
-            raise RunDirError(f"student preset '{mcfg.student}' needs model.tokenizer (a tokenizer directory)")
+            raise RunDirError(
+                f"student preset '{mcfg.student}' needs model.tokenizer (a tokenizer directory)"
+            )
         self.tokenizer = load_tokenizer(tok_spec, trust_remote_code=mcfg.trust_remote_code)
         self.teacher = None
         if self.use_teacher:
             t_tok_spec = default_tokenizer_spec(mcfg.teacher, mcfg.teacher_tokenizer) or tok_spec
             teacher_tok = (
-                self.tokenizer if t_tok_spec == tok_spec
+                self.tokenizer
+                if t_tok_spec == tok_spec
                 else load_tokenizer(t_tok_spec, trust_remote_code=mcfg.trust_remote_code)
             )
             check_same_vocabulary(self.tokenizer, teacher_tok)
@@ -108,8 +111,12 @@ class Distiller:
             self.data: DataBundle = prepare_data(cfg.data, self.tokenizer, tcfg.seed)
 
         student = load_model(
-            mcfg.student, tokenizer=self.tokenizer, dtype=mcfg.student_dtype, trust_remote_code=mcfg.trust_remote_code,
-            seed=tcfg.seed, attn_implementation=mcfg.attn_implementation,
+            mcfg.student,
+            tokenizer=self.tokenizer,
+            dtype=mcfg.student_dtype,
+            trust_remote_code=mcfg.trust_remote_code,
+            seed=tcfg.seed,
+            attn_implementation=mcfg.attn_implementation,
         )
         if mcfg.gradient_checkpointing:
             student.gradient_checkpointing_enable()
@@ -122,15 +129,21 @@ class Distiller:
             )
         if self.use_teacher:
             teacher = load_model(
-                mcfg.teacher, tokenizer=self.tokenizer, dtype=mcfg.teacher_dtype,
-                trust_remote_code=mcfg.trust_remote_code, seed=tcfg.seed + 1,
+                mcfg.teacher,
+                tokenizer=self.tokenizer,
+                dtype=mcfg.teacher_dtype,
+                trust_remote_code=mcfg.trust_remote_code,
+                seed=tcfg.seed + 1,
                 attn_implementation=mcfg.attn_implementation,
             )
             self.teacher = freeze(teacher).to(acc.device)
 
         self.plan = BatchPlan(
-            num_blocks=len(self.data.train), micro_batch=tcfg.batch_size,
-            accumulation=tcfg.gradient_accumulation_steps, world_size=acc.num_processes, seed=tcfg.seed,
+            num_blocks=len(self.data.train),
+            micro_batch=tcfg.batch_size,
+            accumulation=tcfg.gradient_accumulation_steps,
+            world_size=acc.num_processes,
+            seed=tcfg.seed,
         )
         if self.plan.steps_per_epoch == 0:
             raise RunDirError(
@@ -153,8 +166,9 @@ class Distiller:
             self._truncate_metrics(self.state.step)
         if acc.is_main_process:
             dump_config(cfg, self.run_dir / "config.yaml")
-            save_model_dir(acc.unwrap_model(self.student), self.tokenizer, self.run_dir / "student_config",
-                           weights=False)
+            save_model_dir(
+                acc.unwrap_model(self.student), self.tokenizer, self.run_dir / "student_config", weights=False
+            )
         if cfg.logging.report_to != "none":
             acc.init_trackers(cfg.logging.project, config=json.loads(json.dumps(cfg, default=vars)))
 
@@ -193,7 +207,9 @@ class Distiller:
         path = self.run_dir / "metrics.jsonl"
         if not self.accelerator.is_main_process or not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        keep = [
+            ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step
+        ]
         path.write_text("".join(k + "\n" for k in keep))
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -201,7 +217,9 @@ class Distiller:
             with (self.run_dir / "metrics.jsonl").open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
         if self.cfg.logging.report_to != "none":
-            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+            self.accelerator.log(
+                {k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"]
+            )
 
     # ------------------------------------------------------------------------------ the step
 
@@ -226,7 +244,9 @@ class Distiller:
                 teacher_out = None
                 if self.teacher is not None:
                     with torch.no_grad():
-                        teacher_out = hidden_and_head(self.teacher, self.teacher, mb["input_ids"], mb["attention_mask"])
+                        teacher_out = hidden_and_head(
+                            self.teacher, self.teacher, mb["input_ids"], mb["attention_mask"]
+                        )
                 student_out = hidden_and_head(
                     self.student, acc.unwrap_model(self.student), mb["input_ids"], mb["attention_mask"]
                 )
@@ -236,13 +256,15 @@ class Distiller:
                     sums[k] = sums.get(k, 0.0) + v.detach().double()
                 if acc.sync_gradients:
                     if self.cfg.optimization.max_grad_norm is not None:
-                        grad_norm = acc.clip_grad_norm_(self.student.parameters(), self.cfg.optimization.max_grad_norm)
+                        grad_norm = acc.clip_grad_norm_(
+                            self.student.parameters(), self.cfg.optimization.max_grad_norm
+                        )
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
         keys = sorted(sums)
         totals = acc.reduce(torch.stack([sums[k] for k in keys]), reduction="sum") if keys else torch.zeros(0)
-        metrics = {k: float(v) / global_tokens for k, v in zip(keys, totals.tolist())}
+        metrics = {k: float(v) / global_tokens for k, v in zip(keys, totals.tolist(), strict=True)}
         metrics["temperature"] = temperature
         metrics["tokens"] = global_tokens
         if grad_norm is not None:
@@ -253,21 +275,34 @@ class Distiller:
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(
-            self.student, self.data.eval, batch_size=self.cfg.training.eval_batch_size, accelerator=self.accelerator,
-            unwrapped=self.accelerator.unwrap_model(self.student), vocab_size=self.vocab_size,
-            teacher=self.teacher, chunk_size=self.cfg.distillation.loss.chunk_size,
+            self.student,
+            self.data.eval,
+            batch_size=self.cfg.training.eval_batch_size,
+            accelerator=self.accelerator,
+            unwrapped=self.accelerator.unwrap_model(self.student),
+            vocab_size=self.vocab_size,
+            teacher=self.teacher,
+            chunk_size=self.cfg.distillation.loss.chunk_size,
         )
 
     def save_checkpoint(self) -> Path:
         return checkpoint.save(
-            self.accelerator, self.run_dir / "checkpoints", self.state.step, vars(self.state),
+            self.accelerator,
+            self.run_dir / "checkpoints",
+            self.state.step,
+            vars(self.state),
             self.cfg.training.keep_last_n,
         )
 
     def train(self) -> dict[str, Any]:
         acc, tcfg, s = self.accelerator, self.cfg.training, self.state
-        bar = tqdm(total=self.total_steps, initial=s.step, disable=not (acc.is_main_process and self.cfg.logging.progress_bar),
-                   desc="distill" if self.teacher is not None else "train", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=s.step,
+            disable=not (acc.is_main_process and self.cfg.logging.progress_bar),
+            desc="distill" if self.teacher is not None else "train",
+            dynamic_ncols=True,
+        )
         t_window, tok_window = time.perf_counter(), 0
         while s.step < self.total_steps:
             t0 = time.perf_counter()
@@ -284,8 +319,14 @@ class Distiller:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
             if s.step % self.cfg.logging.log_every == 0 or s.step == self.total_steps:
                 now = time.perf_counter()
-                record = {"step": s.step, "epoch": s.epoch, **metrics, "lr": self.scheduler.get_last_lr()[0],
-                          "tokens_per_s": tok_window / max(now - t_window, 1e-9), "tokens_seen": s.tokens_seen}
+                record = {
+                    "step": s.step,
+                    "epoch": s.epoch,
+                    **metrics,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "tokens_per_s": tok_window / max(now - t_window, 1e-9),
+                    "tokens_seen": s.tokens_seen,
+                }
                 t_window, tok_window = now, 0
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 self._log(record)

@@ -34,7 +34,12 @@ def tiny_run_config(corpus: Path, tokenizer_dir: Path, tmp_path: Path) -> dict:
         "data": {"train": str(corpus), "block_size": 32, "max_eval_blocks": 8},
         "distillation": {"loss": {"alpha": 0.5, "temperature": 2.0, "chunk_size": 40}},
         "optimization": {"learning_rate": 1e-3, "warmup_steps": 1},
-        "training": {"output_dir": str(tmp_path / "run"), "batch_size": 4, "max_steps": 4, "eval_every": 0,
-                     "seed": 0},
+        "training": {
+            "output_dir": str(tmp_path / "run"),
+            "batch_size": 4,
+            "max_steps": 4,
+            "eval_every": 0,
+            "seed": 0,
+        },
         "logging": {"log_every": 1, "progress_bar": False},
     }

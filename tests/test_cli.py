@@ -33,13 +33,19 @@ def test_missing_config(capsys, tmp_path):
 
 
 def test_unknown_key_suggests(capsys, tmp_path, tiny_run_config):
-    _fails(capsys, ["distill", "--config", _recipe(tmp_path, tiny_run_config), "training.max_step=3"],
-           "did you mean 'training.max_steps'")
+    _fails(
+        capsys,
+        ["distill", "--config", _recipe(tmp_path, tiny_run_config), "training.max_step=3"],
+        "did you mean 'training.max_steps'",
+    )
 
 
 def test_bad_value(capsys, tmp_path, tiny_run_config):
-    _fails(capsys, ["distill", "--config", _recipe(tmp_path, tiny_run_config), "distillation.loss.alpha=2"],
-           "'distillation.loss.alpha' must be <= 1")
+    _fails(
+        capsys,
+        ["distill", "--config", _recipe(tmp_path, tiny_run_config), "distillation.loss.alpha=2"],
+        "'distillation.loss.alpha' must be <= 1",
+    )
 
 
 def test_missing_data(capsys, tmp_path, tiny_run_config):
@@ -95,13 +101,18 @@ def test_tokenizer_without_pad_token_is_handled(tmp_path, corpus):
 
 def test_help_for_every_command():
     for cmd in ([], ["distill"], ["demo"], ["export"], ["eval"]):
-        out = subprocess.run([sys.executable, "-m", "sakd.cli", *cmd, "--help"], capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "sakd.cli", *cmd, "--help"], capture_output=True, text=True
+        )
         assert out.returncode == 0 and "usage: sakd" in out.stdout
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "sakd.cli", "distill", "--config", str(tmp_path / "x.yaml")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "sakd.cli", "distill", "--config", str(tmp_path / "x.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     assert out.stderr.strip() == f"sakd: error: config file not found: {tmp_path / 'x.yaml'}"
 
@@ -113,7 +124,22 @@ def test_eval_command(capsys, tmp_path, tiny_run_config, corpus):
     assert main(["distill", "--config", _recipe(tmp_path, raw)]) == 0
     capsys.readouterr()
     final = tmp_path / "run" / "final"
-    assert main(["eval", str(final), "--data", str(corpus), "--block-size", "32", "--max-blocks", "4",
-                 "--teacher", str(final)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(final),
+                "--data",
+                str(corpus),
+                "--block-size",
+                "32",
+                "--max-blocks",
+                "4",
+                "--teacher",
+                str(final),
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["agreement"] == 1.0 and result["tokens"] == 4 * 31 and result["ppl"] > 1

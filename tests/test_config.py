@@ -27,8 +27,15 @@ def test_defaults_validate_and_roundtrip(tmp_path):
 
 
 def test_overrides_are_typed():
-    cfg, _ = load_config({}, ["training.max_steps=7", "optimization.learning_rate=1e-4",
-                              "distillation.loss.fused=false", "optimization.max_grad_norm=null"])
+    cfg, _ = load_config(
+        {},
+        [
+            "training.max_steps=7",
+            "optimization.learning_rate=1e-4",
+            "distillation.loss.fused=false",
+            "optimization.max_grad_norm=null",
+        ],
+    )
     assert cfg.training.max_steps == 7 and isinstance(cfg.training.max_steps, int)
     assert cfg.optimization.learning_rate == pytest.approx(1e-4)
     assert cfg.distillation.loss.fused is False
@@ -38,7 +45,11 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize(
     "raw, overrides, message",
     [
-        ({"training": {"batchsize": 3}}, [], "unknown config key 'training.batchsize' (did you mean 'training.batch_size'?)"),
+        (
+            {"training": {"batchsize": 3}},
+            [],
+            "unknown config key 'training.batchsize' (did you mean 'training.batch_size'?)",
+        ),
         ({"trainig": {}}, [], "did you mean 'training'"),
         ({}, ["optimization.lerning_rate=1"], "did you mean 'optimization.learning_rate'"),
         ({"optimization": {"learning_rate": -1}}, [], "'optimization.learning_rate' must be > 0"),

@@ -72,6 +72,7 @@ def test_unsupported_file_type(tmp_path, tok):
 
 def test_batch_plan_is_split_invariant():
     """The blocks of one optimizer step do not depend on micro-batch x accumulation x ranks."""
+
     def step_blocks(micro, accum, world, step):
         plan = BatchPlan(num_blocks=100, micro_batch=micro, accumulation=accum, world_size=world, seed=5)
         return sorted(i for r in range(world) for mb in plan.micro_batches(0, step, r) for i in mb)

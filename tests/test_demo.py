@@ -11,9 +11,22 @@ from sakd.demo import run_demo
 
 pytestmark = pytest.mark.integration
 
-TINY = {"corpus_docs": 300, "vocab_size": 320, "block_size": 32, "teacher_steps": 6, "student_steps": 4,
-        "batch_size": 4}
-CONTRACT = {"teacher_ppl", "kd_student_ppl", "ce_student_ppl", "kd_student_agreement", "train_seconds", "student_dir"}
+TINY = {
+    "corpus_docs": 300,
+    "vocab_size": 320,
+    "block_size": 32,
+    "teacher_steps": 6,
+    "student_steps": 4,
+    "batch_size": 4,
+}
+CONTRACT = {
+    "teacher_ppl",
+    "kd_student_ppl",
+    "ce_student_ppl",
+    "kd_student_agreement",
+    "train_seconds",
+    "student_dir",
+}
 
 
 def test_demo_tiny_budget(tmp_path, monkeypatch, capsys):

@@ -13,10 +13,16 @@ from sakd.objective import Objective
 
 def _inputs(seed=0, B=3, L=9, Hs=6, Ht=10, V=23):
     g = torch.Generator().manual_seed(seed)
-    s = HiddenAndHead(torch.randn(B, L, Hs, generator=g, dtype=torch.float64).requires_grad_(),
-                      torch.randn(V, Hs, generator=g, dtype=torch.float64).requires_grad_(), None)
-    t = HiddenAndHead(torch.randn(B, L, Ht, generator=g, dtype=torch.float64),
-                      torch.randn(V, Ht, generator=g, dtype=torch.float64), None)
+    s = HiddenAndHead(
+        torch.randn(B, L, Hs, generator=g, dtype=torch.float64).requires_grad_(),
+        torch.randn(V, Hs, generator=g, dtype=torch.float64).requires_grad_(),
+        None,
+    )
+    t = HiddenAndHead(
+        torch.randn(B, L, Ht, generator=g, dtype=torch.float64),
+        torch.randn(V, Ht, generator=g, dtype=torch.float64),
+        None,
+    )
     labels = torch.randint(0, V, (B, L), generator=g)
     labels[0, :4] = -100
     return s, t, labels
@@ -28,7 +34,9 @@ def _reference(s, t, labels, alpha, T):
     targets = labels[:, 1:].reshape(-1)
     valid = targets != -100
     ce = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
-    kl = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True, reduction="none").sum(-1)
+    kl = F.kl_div(
+        F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True, reduction="none"
+    ).sum(-1)
     return alpha * T * T * (kl * valid).sum() + (1 - alpha) * ce
 
 
@@ -43,7 +51,7 @@ def test_objective_matches_reference(fused, alpha):
     assert out.num_tokens == int((labels[:, 1:] != -100).sum())
     g = torch.autograd.grad(out.loss_sum, [s.hidden, s.head_weight])
     g_ref = torch.autograd.grad(ref, [s.hidden, s.head_weight])
-    for a, b in zip(g, g_ref):
+    for a, b in zip(g, g_ref, strict=True):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-7)
 
 

@@ -41,7 +41,9 @@ def _split(batch: dict[str, torch.Tensor], micro: int) -> list[dict[str, torch.T
     return [{k: v[i : i + micro] for k, v in batch.items()} for i in range(0, n, micro)]
 
 
-def _reference_loss(d: Distiller, batch: dict[str, torch.Tensor], alpha: float, temperature: float) -> torch.Tensor:
+def _reference_loss(
+    d: Distiller, batch: dict[str, torch.Tensor], alpha: float, temperature: float
+) -> torch.Tensor:
     """alpha*T^2*KL(teacher||student) + (1-alpha)*CE, mean over valid tokens, from full logits (independent)."""
     student = d.accelerator.unwrap_model(d.student)
     logits = student(input_ids=batch["input_ids"]).logits[:, :-1].float()
@@ -70,7 +72,9 @@ def test_accumulation_split_gives_the_same_update(tiny_run_config, fused):
         ref = _reference_loss(d, batch, alpha=0.5, temperature=2.0)
         ref.backward()
         student = d.accelerator.unwrap_model(d.student)
-        ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in student.parameters() if p.grad is not None]))
+        ref_norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in student.parameters() if p.grad is not None])
+        )
         student.zero_grad(set_to_none=True)
         metrics = d.train_step(_split(batch, micro))
         assert metrics["loss"] == pytest.approx(ref.item(), rel=1e-5)
@@ -87,7 +91,9 @@ def _final_weights(run_dir) -> dict[str, torch.Tensor]:
 
 def test_resume_is_bitwise_identical(tiny_run_config, tmp_path):
     raw = copy.deepcopy(tiny_run_config)
-    raw["training"].update(max_steps=6, save_every=3, keep_last_n=5, gradient_accumulation_steps=2, batch_size=2)
+    raw["training"].update(
+        max_steps=6, save_every=3, keep_last_n=5, gradient_accumulation_steps=2, batch_size=2
+    )
     raw["distillation"]["loss"].update(temperature_schedule="linear", min_temperature=1.0)
     full = tmp_path / "full"
     _distiller(raw, output_dir=str(full)).train()

@@ -3,4 +3,12 @@
 from sakd.models.loading import ModelLoadError, freeze, load_model, load_tokenizer
 from sakd.models.presets import PRESETS, build_preset_config, is_preset
 
-__all__ = ["PRESETS", "ModelLoadError", "build_preset_config", "freeze", "is_preset", "load_model", "load_tokenizer"]
+__all__ = [
+    "PRESETS",
+    "ModelLoadError",
+    "build_preset_config",
+    "freeze",
+    "is_preset",
+    "load_model",
+    "load_tokenizer",
+]

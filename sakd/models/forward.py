@@ -28,14 +28,22 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def hidden_and_head(
-    model: nn.Module, unwrapped: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-    *, router_logits: bool = False,
+    model: nn.Module,
+    unwrapped: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    router_logits: bool = False,
 ) -> HiddenAndHead:
     """Run ``model`` (wrapped or not; ``unwrapped`` is the bare HF model) and return hidden states + head."""
     kwargs = {"output_router_logits": True} if router_logits else {}
     out = model(
-        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
-        use_cache=False, **kwargs,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+        **kwargs,
     )
     weight, bias = output_head(unwrapped)
     return HiddenAndHead(out.hidden_states[-1], weight, bias, getattr(out, "router_logits", None))

@@ -37,8 +37,9 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> PreTrainedT
     if _looks_local(spec) and not Path(spec).expanduser().is_dir():
         raise ModelLoadError(f"tokenizer directory not found: {spec}")
     try:
-        tok = AutoTokenizer.from_pretrained(str(Path(spec).expanduser()) if _looks_local(spec) else spec,
-                                            trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            str(Path(spec).expanduser()) if _looks_local(spec) else spec, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"cannot load tokenizer '{spec}': {_first_line(e)} (give a local directory with tokenizer files)"
@@ -80,7 +81,9 @@ def load_model(
             torch.manual_seed(seed)
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
     if _looks_local(spec) and not Path(spec).expanduser().is_dir():
-        raise ModelLoadError(f"model directory not found: {spec} (nor is it a preset: see `sakd distill --help`)")
+        raise ModelLoadError(
+            f"model directory not found: {spec} (nor is it a preset: see `sakd distill --help`)"
+        )
     source = str(Path(spec).expanduser()) if _looks_local(spec) else spec
     try:
         return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)

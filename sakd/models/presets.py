@@ -92,7 +92,9 @@ def is_preset(name: str) -> bool:
     return name in PRESETS
 
 
-def build_preset_config(name: str, vocab_size: int | None = None, **special_ids: int | None) -> PretrainedConfig:
+def build_preset_config(
+    name: str, vocab_size: int | None = None, **special_ids: int | None
+) -> PretrainedConfig:
     """The transformers config of preset ``name``; ``vocab_size``/special ids come from the tokenizer."""
     cls, kwargs = PRESETS[name]
     kwargs = dict(kwargs)
