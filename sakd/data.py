@@ -9,6 +9,7 @@ optimizer step do not depend on how they are split into micro-batches or ranks (
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,13 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int)
     return DataBundle(train.with_format("torch"), evalset.with_format("torch"), cfg.block_size)
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_blocks: int, seed: int, epoch: int) -> torch.Tensor:
+    """The block order of one epoch (cached: it is asked for at every optimizer step)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_blocks, generator=g)
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """Which blocks each rank reads at each optimizer step (see the module docstring)."""
@@ -160,8 +168,7 @@ class BatchPlan:
         return self.num_blocks // self.blocks_per_step
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_blocks, generator=g)
+        return _epoch_order(self.num_blocks, self.seed, epoch)
 
     def micro_batches(self, epoch: int, step_in_epoch: int, rank: int) -> list[list[int]]:
         """The ``accumulation`` micro-batches (block indices) of one optimizer step on ``rank``."""
