@@ -123,19 +123,22 @@ def prepare_teacher(corpus: Path, tokenizer: Path, key: str, budget: dict[str, i
         return cached
     print("[demo] pretraining the tiny-moe teacher (cached for later runs)")
     work = cached.with_name(key + ".run")
-    _train(
-        _run_config(
-            work,
-            corpus,
-            tokenizer,
-            budget,
-            teacher="tiny-moe",
-            student="tiny-moe",
-            alpha=0.0,
-            steps=budget["teacher_steps"],
-            lr=2e-3,
-        )
+    raw = _run_config(
+        work,
+        corpus,
+        tokenizer,
+        budget,
+        teacher="tiny-moe",
+        student="tiny-moe",
+        alpha=0.0,
+        steps=budget["teacher_steps"],
+        lr=2e-3,
     )
+    try:
+        _train(raw)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # never leave a half-trained teacher behind
+        raise
     shutil.rmtree(cached, ignore_errors=True)
     (work / "final").rename(cached)
     shutil.rmtree(work, ignore_errors=True)
