@@ -1,19 +1,34 @@
 """Checkpoints: `accelerator.save_state` (model, optimizer, scheduler, scaler, RNG states) plus a JSON
 trainer state (step counters, data position), written under a temporary name and renamed into
-place once complete, so a crash never leaves a directory that looks like a finished checkpoint."""
+place once complete, so a crash never leaves a directory that looks like a finished checkpoint.
+
+A checkpoint can still be damaged after the fact (a full disk, a copy cut short, a file removed by
+hand). :func:`problem` checks one cheaply -- the files are there and their headers are whole -- and
+:func:`latest` skips a damaged one with a warning (it is never deleted: it is evidence).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
+import struct
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step-(\d{8})$")
+# What `save_state` writes for a plain (non-DeepSpeed) model; DeepSpeed writes a `pytorch_model/` engine
+# directory instead of the first two.
+_REQUIRED = ("model.safetensors", "optimizer.bin", "scheduler.bin")
+_DEEPSPEED_DIR = "pytorch_model"
 
 
 def checkpoint_name(step: int) -> str:
@@ -28,13 +43,66 @@ def list_complete(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
+def _safetensors_problem(path: Path) -> str | None:
+    """A truncated or garbled safetensors file, from its header alone (no tensor is read)."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"{path.name} is truncated"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return f"{path.name} is truncated"
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return f"{path.name} has an unreadable header"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    return f"{path.name} is truncated" if 8 + n + end > size else None
+
+
+def problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from, or None when it looks whole."""
+    try:
+        json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"{STATE_FILE} is missing or unreadable"
+    required = _REQUIRED[2:] if (path / _DEEPSPEED_DIR).is_dir() else _REQUIRED
+    missing = [name for name in required if not (path / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for f in sorted(path.glob("*.safetensors")):
+        if why := _safetensors_problem(f):
+            return why
+    for f in sorted(path.glob("*.bin")):  # torch.save's zip format: a cut-short file has no central directory
+        if not zipfile.is_zipfile(f):
+            return f"{f.name} is truncated or not a torch file"
+    return None
+
+
 def latest(root: Path) -> Path | None:
-    done = list_complete(root)
-    return done[-1] if done else None
+    """The newest complete checkpoint that passes :func:`problem`; damaged ones are reported, kept."""
+    for path in reversed(list_complete(root)):
+        why = problem(path)
+        if why is None:
+            return path
+        log.warning("skipping damaged checkpoint %s (%s); falling back to an older one", path, why)
+    return None
 
 
-def save(accelerator: Accelerator, root: Path, step: int, state: dict[str, Any], keep_last_n: int) -> Path:
-    """Save everything that determines the next step; all ranks call this."""
+def save(
+    accelerator: Accelerator,
+    root: Path,
+    step: int,
+    state: dict[str, Any],
+    keep_last_n: int,
+    protect: Iterable[Path] = (),
+) -> Path:
+    """Save everything that determines the next step; all ranks call this.
+
+    Afterwards only the ``keep_last_n`` newest whole checkpoints are kept -- but never the one just
+    written, nor any in ``protect`` (the one this run resumed from), nor a damaged one.
+    """
     final = root / checkpoint_name(step)
     tmp = root / (checkpoint_name(step) + ".tmp")
     if accelerator.is_main_process:
@@ -47,10 +115,18 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict[str, Any],
         # The trainer state is written last: its presence is what marks the checkpoint complete.
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         if final.exists():
-            shutil.rmtree(final)
+            if problem(final) is not None:  # keep a damaged one we are replacing, under another name
+                aside = final.with_name(final.name + ".damaged")
+                shutil.rmtree(aside, ignore_errors=True)
+                final.rename(aside)
+            else:
+                shutil.rmtree(final)
         tmp.rename(final)
-        for old in list_complete(root)[:-keep_last_n]:
-            shutil.rmtree(old, ignore_errors=True)
+        keep = {final.resolve(), *(Path(p).resolve() for p in protect)}
+        whole = [p for p in list_complete(root) if problem(p) is None]
+        for old in whole[:-keep_last_n]:
+            if old.resolve() not in keep:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 

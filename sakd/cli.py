@@ -18,12 +18,16 @@ EXIT_FAILURE = 1
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     from sakd.config import load_config
-    from sakd.trainer import Distiller
+    from sakd.trainer import Distiller, TrainingStopped
 
     cfg, notes = load_config(args.config, args.overrides)
     for note in notes:
         print(f"sakd: note: {note}", file=sys.stderr)
-    summary = Distiller(cfg, resume=args.resume, overwrite=args.overwrite).train()
+    try:
+        summary = Distiller(cfg, resume=args.resume, overwrite=args.overwrite).train()
+    except TrainingStopped as e:  # SIGTERM/SIGINT: checkpointed and resumable, but not finished
+        print(f"sakd: {e}", file=sys.stderr)
+        return e.exit_code
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -189,13 +193,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sakd.data import DataError
     from sakd.export import ExportError
     from sakd.models import ModelLoadError
-    from sakd.trainer import RunDirError
+    from sakd.trainer import NonFiniteError, RunDirError
 
     return (
         ConfigError,
         DataError,
         ExportError,
         ModelLoadError,
+        NonFiniteError,
         RunDirError,
         FileNotFoundError,
         PermissionError,

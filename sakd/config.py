@@ -181,7 +181,16 @@ class TrainingConfig:
     eval_every: int = _f(100, "Evaluate every this many optimizer steps (0: only at the end).", min=0)
     eval_batch_size: int = _f(8, "Batch size for held-out evaluation.", min=1)
     save_every: int = _f(0, "Checkpoint every this many optimizer steps (0: only at the end).", min=0)
-    keep_last_n: int = _f(2, "Checkpoints to keep (the newest complete one is never deleted).", min=1)
+    keep_last_n: int = _f(
+        2,
+        "Checkpoints to keep (never deleted: the newest whole one, the one a run resumed from, damaged ones).",
+        min=1,
+    )
+    max_consecutive_skips: int = _f(
+        5,
+        "Stop the run after this many optimizer steps in a row skipped for a non-finite loss or gradient norm.",
+        min=1,
+    )
     seed: int = _f(42, "Seed for initialisation, data order and sampling.")
     mixed_precision: str = _f(
         "no",

@@ -8,7 +8,9 @@ One optimizer step, read top to bottom in :meth:`Distiller.train_step`:
    *sum* over tokens, scaled by ``accumulation * world / global_tokens`` (Accelerate/DeepSpeed divide
    by ``accumulation`` and DDP averages over ranks: the net gradient is that of the mean loss over
    every valid token of the step, however it is split);
-4. clip, step the optimizer, step the LR schedule (defined in optimizer steps), zero the grads.
+4. if the step's loss (summed over ranks) and its pre-clip gradient norm are finite: clip, step the
+   optimizer, step the LR schedule (defined in optimizer steps); either way, zero the grads. A skipped
+   step changes no weight, optimizer or schedule state.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import json
 import logging
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +51,28 @@ class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (one line)."""
 
 
+class TrainingStopped(RuntimeError):
+    """A stop signal ended training early, after a checkpoint; the run is resumable, not finished."""
+
+    def __init__(self, signum: int, step: int, checkpoint_dir: Path) -> None:
+        self.signum, self.step, self.checkpoint_dir = signum, step, checkpoint_dir
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint_dir} "
+            "(run the same command again to resume)"
+        )
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm (one line)."""
+
+
 @dataclass
 class TrainerState:
     """Counters that, with the accelerate state, determine the next step exactly."""
@@ -57,6 +83,8 @@ class TrainerState:
     micro_step: int = 0  # micro-batches done (always a multiple of accumulation at a checkpoint)
     tokens_seen: int = 0
     train_seconds: float = 0.0
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient norm (no update made)
+    consecutive_skips: int = 0
 
 
 def check_same_vocabulary(student_tok: Any, teacher_tok: Any) -> None:
@@ -83,7 +111,9 @@ class Distiller:
             project_dir=str(self.run_dir),
         )
         acc = self.accelerator
-        resume_from = self._prepare_run_dir(resume, overwrite)
+        self._stop_signal: int | None = None  # set by the signal handler, read between steps
+        self.resumed_from = self._prepare_run_dir(resume, overwrite)
+        resume_from = self.resumed_from
         set_seed(tcfg.seed)
 
         mcfg = cfg.model
@@ -183,6 +213,8 @@ class Distiller:
             resume_from = Path(resume)
             if not (resume_from / checkpoint.STATE_FILE).is_file():
                 raise RunDirError(f"--resume {resume}: not a complete sakd checkpoint directory")
+            if why := checkpoint.problem(resume_from):
+                raise RunDirError(f"--resume {resume}: damaged checkpoint ({why})")
         elif resume == "auto" and not overwrite:
             resume_from = checkpoint.latest(ckpts)
         if resume_from is None and run_dir.exists() and any(run_dir.iterdir()):
@@ -238,7 +270,7 @@ class Distiller:
             raise RuntimeError("an optimizer step has no valid target tokens")
         scale = acc.gradient_accumulation_steps * acc.num_processes / global_tokens
         sums: dict[str, torch.Tensor] = {}
-        grad_norm = None
+        max_norm = self.cfg.optimization.max_grad_norm
         for mb in micro_batches:
             with acc.accumulate(self.student):
                 teacher_out = None
@@ -254,21 +286,27 @@ class Distiller:
                 acc.backward(out.loss_sum * scale)
                 for k, v in out.component_sums.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().double()
-                if acc.sync_gradients:
-                    if self.cfg.optimization.max_grad_norm is not None:
-                        grad_norm = acc.clip_grad_norm_(
-                            self.student.parameters(), self.cfg.optimization.max_grad_norm
+                if acc.sync_gradients:  # the last micro-batch: decide on the update inside its block
+                    keys = sorted(sums)
+                    totals = acc.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
+                    # max_norm=inf only measures (grads * 1.0); a NaN/inf norm poisons the grads we then drop
+                    grad_norm = float(
+                        acc.clip_grad_norm_(
+                            self.student.parameters(), math.inf if max_norm is None else max_norm
                         )
-                    self.optimizer.step()
-                    self.scheduler.step()
+                    )
+                    finite = math.isfinite(totals[keys.index("loss")].item()) and math.isfinite(grad_norm)
+                    if finite:
+                        self.optimizer.step()
+                        self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
-        keys = sorted(sums)
-        totals = acc.reduce(torch.stack([sums[k] for k in keys]), reduction="sum") if keys else torch.zeros(0)
         metrics = {k: float(v) / global_tokens for k, v in zip(keys, totals.tolist(), strict=True)}
         metrics["temperature"] = temperature
         metrics["tokens"] = global_tokens
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+        metrics["grad_norm"] = grad_norm
+        if not finite:
+            ids = torch.cat([mb["sample_ids"].reshape(-1) for mb in micro_batches if "sample_ids" in mb])
+            metrics["skipped_sample_ids"] = acc.gather(ids).tolist() if len(ids) else []
         return metrics
 
     # ------------------------------------------------------------------------------ the loop
@@ -292,10 +330,77 @@ class Distiller:
             self.state.step,
             vars(self.state),
             self.cfg.training.keep_last_n,
+            protect=[self.resumed_from] if self.resumed_from is not None else [],
         )
 
+    def _skipped(self, sample_ids: list[int]) -> None:
+        """Record a step skipped for a non-finite loss/gradient; stop after too many in a row."""
+        s, limit = self.state, self.cfg.training.max_consecutive_skips
+        s.skipped_steps += 1
+        s.consecutive_skips += 1
+        self._log({"step": s.step, "skipped_steps": s.skipped_steps, "sample_ids": sample_ids})
+        log.warning("step %d skipped: non-finite loss or gradient norm (samples %s)", s.step, sample_ids)
+        if s.consecutive_skips >= limit:
+            raise NonFiniteError(
+                f"{limit} optimizer steps in a row had a non-finite loss or gradient norm (last: step {s.step}); "
+                "stopped without saving -- the newest checkpoint holds the last good weights "
+                "(lower optimization.learning_rate or check the data)"
+            )
+
+    # ------------------------------------------------------------------------------ stop signals
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        # Only a flag: the step in flight finishes, the loop checkpoints and stops between steps.
+        if self._stop_signal is not None:  # a second signal: stop now, as if we had no handler
+            self._restore_signal_handlers()
+            signal.raise_signal(signum)
+            return
+        self._stop_signal = signum
+        log.warning(
+            "%s received: finishing this step, then checkpointing and stopping", signal.Signals(signum).name
+        )
+
+    def _install_signal_handlers(self) -> None:
+        self._previous_handlers: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # Python only allows it there
+            for sig in STOP_SIGNALS:
+                self._previous_handlers[sig] = signal.signal(sig, self._on_stop_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal (all ranks must stop at the same step)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self._stop_signal is not None
+        flag = torch.tensor(self._stop_signal or 0, device=acc.device)
+        return int(acc.reduce(flag, reduction="max").item()) != 0
+
+    def _stop(self, saved_step: int | None) -> None:
+        """Checkpoint (unless this step already is) and raise :class:`TrainingStopped`."""
+        s = self.state
+        ckpt = self.run_dir / "checkpoints" / checkpoint.checkpoint_name(s.step)
+        if saved_step != s.step:
+            ckpt = self.save_checkpoint()
+        signum = self._stop_signal or signal.SIGTERM  # another rank's signal when ours is unset
+        self._log({"step": s.step, "stopped": signal.Signals(signum).name})
+        raise TrainingStopped(signum, s.step, ckpt)
+
     def train(self) -> dict[str, Any]:
+        """Train to the end and :meth:`finish`; on SIGTERM/SIGINT, checkpoint and raise TrainingStopped."""
+        self._stop_signal = None
+        self._install_signal_handlers()
+        try:
+            return self._train()
+        finally:
+            self._restore_signal_handlers()
+
+    def _train(self) -> dict[str, Any]:
         acc, tcfg, s = self.accelerator, self.cfg.training, self.state
+        saved_step = None
         bar = tqdm(
             total=self.total_steps,
             initial=s.step,
@@ -316,8 +421,13 @@ class Distiller:
             s.train_seconds += time.perf_counter() - t0
             tok_window += metrics["tokens"]
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-            if s.step % self.cfg.logging.log_every == 0 or s.step == self.total_steps:
+            skipped = "skipped_sample_ids" in metrics
+            if skipped:
+                self._skipped(metrics["skipped_sample_ids"])
+            else:
+                s.consecutive_skips = 0
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            if not skipped and (s.step % self.cfg.logging.log_every == 0 or s.step == self.total_steps):
                 now = time.perf_counter()
                 record = {
                     "step": s.step,
@@ -334,10 +444,16 @@ class Distiller:
                 self._log({"step": s.step, **{f"eval_{k}": v for k, v in self.evaluate().items()}})
             if tcfg.save_every and s.step % tcfg.save_every == 0 and s.step < self.total_steps:
                 self.save_checkpoint()
+                saved_step = s.step
+            if self._stop_requested():
+                bar.close()
+                self._stop(saved_step)
         bar.close()
         final_eval = self.evaluate()
         self._log({"step": s.step, **{f"eval_{k}": v for k, v in final_eval.items()}})
         self.save_checkpoint()
+        if self._stop_requested():  # the run is trained and saved but not finished: resuming finishes it
+            self._stop(s.step)
         return self.finish(final_eval)
 
     def finish(self, final_eval: dict[str, float]) -> dict[str, Any]:
