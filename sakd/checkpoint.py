@@ -15,7 +15,7 @@ import re
 import shutil
 import struct
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +97,12 @@ def save(
     state: dict[str, Any],
     keep_last_n: int,
     protect: Iterable[Path] = (),
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save everything that determines the next step; all ranks call this.
+
+    ``write_extra(directory)`` (main process only) writes files of our own, such as the EMA weights,
+    into the checkpoint before the trainer state marks it complete.
 
     Afterwards only the ``keep_last_n`` newest whole checkpoints are kept -- but never the one just
     written, nor any in ``protect`` (the one this run resumed from), nor a damaged one.
@@ -112,6 +116,8 @@ def save(
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if write_extra is not None:
+            write_extra(tmp)
         # The trainer state is written last: its presence is what marks the checkpoint complete.
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         if final.exists():

@@ -48,7 +48,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from sakd.export import export_run
 
-    out = export_run(args.run_dir, args.output, step=args.step)
+    out = export_run(args.run_dir, args.output, step=args.step, raw=args.raw)
     print(f"exported student to {out}")
     return 0
 
@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="a sakd run directory")
     e.add_argument("--output", required=True, help="directory to write")
     e.add_argument("--step", type=int, help="export this checkpoint step (default: newest complete)")
+    e.add_argument(
+        "--raw", action="store_true", help="export the trained weights, not the EMA (runs with training.ema)"
+    )
     e.set_defaults(func=_cmd_export)
 
     v = sub.add_parser("eval", help="held-out perplexity of a model directory (and agreement with a teacher)")
@@ -186,6 +189,7 @@ def _quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     logging.getLogger("accelerate").setLevel(logging.ERROR)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # offline retries, one per file
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -3,6 +3,7 @@ files, generation_config.json) that `AutoModelForCausalLM.from_pretrained` loads
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,10 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from sakd import checkpoint
+from sakd.config import ConfigError, load_config
+from sakd.ema import EMA_FILE
+
+log = logging.getLogger(__name__)
 
 
 class ExportError(RuntimeError):
@@ -45,8 +50,23 @@ def save_model_dir(
     return out_dir
 
 
-def export_run(run_dir: str | Path, output: str | Path, *, step: int | None = None) -> Path:
-    """Export the student of ``run_dir`` (newest complete checkpoint, or ``step``) to ``output``."""
+def _wants_ema(run_dir: Path) -> bool:
+    """Whether the run's saved config asks for the EMA weights to be exported."""
+    try:
+        cfg, _ = load_config(run_dir / "config.yaml")
+    except (OSError, ConfigError):
+        return False
+    return cfg.training.ema and cfg.training.export_ema
+
+
+def export_run(
+    run_dir: str | Path, output: str | Path, *, step: int | None = None, raw: bool = False
+) -> Path:
+    """Export the student of ``run_dir`` (newest complete checkpoint, or ``step``) to ``output``.
+
+    The checkpoint's EMA weights are exported when the run has training.ema and training.export_ema
+    (as ``final/`` holds them); ``raw`` exports the trained weights instead.
+    """
     run_dir = Path(run_dir)
     spec_dir = run_dir / "student_config"
     if not (spec_dir / "config.json").is_file():
@@ -61,6 +81,11 @@ def export_run(run_dir: str | Path, output: str | Path, *, step: int | None = No
         if ckpt is None:
             raise ExportError(f"{run_dir} has no complete checkpoint to export")
     weights = ckpt / "model.safetensors"
+    if not raw and _wants_ema(run_dir):
+        if (ckpt / EMA_FILE).is_file():
+            weights = ckpt / EMA_FILE
+        else:
+            log.warning("%s has no %s: exporting the raw weights", ckpt, EMA_FILE)
     if not weights.is_file():
         raise ExportError(f"{ckpt} has no model.safetensors (DeepSpeed checkpoints: see README, Exporting)")
     config = AutoConfig.from_pretrained(spec_dir)

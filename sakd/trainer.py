@@ -36,8 +36,9 @@ from sakd import checkpoint
 from sakd.config import RunConfig, dump_config
 from sakd.curriculum import temperature_at
 from sakd.data import BatchPlan, DataBundle, prepare_data
+from sakd.ema import EMA_FILE, StudentEMA
 from sakd.evaluate import evaluate
-from sakd.export import save_model_dir
+from sakd.export import export_run, save_model_dir
 from sakd.models import freeze, load_model, load_tokenizer
 from sakd.models.forward import hidden_and_head
 from sakd.models.loading import check_model_source, default_tokenizer_spec
@@ -85,6 +86,10 @@ class TrainerState:
     train_seconds: float = 0.0
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient norm (no update made)
     consecutive_skips: int = 0
+    best_step: int | None = None  # early stopping: the evaluated step with the lowest eval loss (kept)
+    best_eval_loss: float | None = None
+    evals_without_improvement: int = 0
+    stop_reason: str | None = None  # "early_stopping" once it fired: resuming such a run only finishes it
 
 
 def check_same_vocabulary(student_tok: Any, teacher_tok: Any) -> None:
@@ -194,6 +199,7 @@ class Distiller:
             self.state = TrainerState(**checkpoint.load(acc, resume_from))
             acc.print(f"resumed from {resume_from} at step {self.state.step}")
             self._truncate_metrics(self.state.step)
+        self.ema = self._build_ema(resume_from) if tcfg.ema else None
         if acc.is_main_process:
             dump_config(cfg, self.run_dir / "config.yaml")
             save_model_dir(
@@ -201,6 +207,20 @@ class Distiller:
             )
         if cfg.logging.report_to != "none":
             acc.init_trackers(cfg.logging.project, config=json.loads(json.dumps(cfg, default=vars)))
+
+    def _build_ema(self, resume_from: Path | None) -> StudentEMA:
+        """The EMA of the student: from the checkpoint we resume from, else from the current weights."""
+        acc, tcfg = self.accelerator, self.cfg.training
+        plugin = acc.state.deepspeed_plugin
+        if plugin is not None and plugin.zero_stage == 3:
+            raise RunDirError("training.ema needs whole parameters on every rank; it does not support ZeRO-3")
+        ema = StudentEMA(acc.unwrap_model(self.student), tcfg.ema_decay, tcfg.ema_warmup_steps)
+        if resume_from is not None:
+            if (resume_from / EMA_FILE).is_file():
+                ema.load(resume_from / EMA_FILE)
+            else:
+                log.warning("%s has no %s: the EMA starts from the resumed weights", resume_from, EMA_FILE)
+        return ema
 
     # ------------------------------------------------------------------------------ run directory
 
@@ -299,6 +319,8 @@ class Distiller:
                     if finite:
                         self.optimizer.step()
                         self.scheduler.step()
+                        if self.ema is not None:
+                            self.ema.update(acc.unwrap_model(self.student))
                     self.optimizer.zero_grad(set_to_none=True)
         metrics = {k: float(v) / global_tokens for k, v in zip(keys, totals.tolist(), strict=True)}
         metrics["temperature"] = temperature
@@ -312,26 +334,49 @@ class Distiller:
     # ------------------------------------------------------------------------------ the loop
 
     def evaluate(self) -> dict[str, float]:
+        """Held-out loss of the student, or of its EMA with training.eval_with_ema."""
+        model, unwrapped = self.student, self.accelerator.unwrap_model(self.student)
+        if self.ema is not None and self.cfg.training.eval_with_ema:
+            model = unwrapped = self.ema.module
         return evaluate(
-            self.student,
+            model,
             self.data.eval,
             batch_size=self.cfg.training.eval_batch_size,
             accelerator=self.accelerator,
-            unwrapped=self.accelerator.unwrap_model(self.student),
+            unwrapped=unwrapped,
             vocab_size=self.vocab_size,
             teacher=self.teacher,
             chunk_size=self.cfg.distillation.loss.chunk_size,
         )
 
     def save_checkpoint(self) -> Path:
+        protect = [self.resumed_from] if self.resumed_from is not None else []
+        if self.state.best_step is not None:  # early stopping exports it: never pruned
+            protect.append(self.run_dir / "checkpoints" / checkpoint.checkpoint_name(self.state.best_step))
         return checkpoint.save(
             self.accelerator,
             self.run_dir / "checkpoints",
             self.state.step,
             vars(self.state),
             self.cfg.training.keep_last_n,
-            protect=[self.resumed_from] if self.resumed_from is not None else [],
+            protect=protect,
+            write_extra=self.ema.save if self.ema is not None else None,
         )
+
+    def _track_best(self, eval_loss: float) -> bool:
+        """With early stopping on: True when this evaluation is the new best (its step is checkpointed).
+
+        An improvement is a drop of more than ``early_stopping_min_delta`` below the best loss so far (a
+        NaN loss never improves); other evaluations count towards the patience.
+        """
+        tcfg, s = self.cfg.training, self.state
+        if not tcfg.early_stopping_patience:
+            return False
+        if s.best_eval_loss is None or eval_loss < s.best_eval_loss - tcfg.early_stopping_min_delta:
+            s.best_step, s.best_eval_loss, s.evals_without_improvement = s.step, eval_loss, 0
+            return True
+        s.evals_without_improvement += 1
+        return False
 
     def _skipped(self, sample_ids: list[int]) -> None:
         """Record a step skipped for a non-finite loss/gradient; stop after too many in a row."""
@@ -409,7 +454,7 @@ class Distiller:
             dynamic_ncols=True,
         )
         t_window, tok_window = time.perf_counter(), 0
-        while s.step < self.total_steps:
+        while s.step < self.total_steps and s.stop_reason is None:
             t0 = time.perf_counter()
             metrics = self.train_step(self._micro_batches())
             s.step += 1
@@ -440,27 +485,51 @@ class Distiller:
                 t_window, tok_window = now, 0
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 self._log(record)
+            best = False
             if tcfg.eval_every and s.step % tcfg.eval_every == 0 and s.step < self.total_steps:
-                self._log({"step": s.step, **{f"eval_{k}": v for k, v in self.evaluate().items()}})
-            if tcfg.save_every and s.step % tcfg.save_every == 0 and s.step < self.total_steps:
+                evaluation = self.evaluate()
+                self._log({"step": s.step, **{f"eval_{k}": v for k, v in evaluation.items()}})
+                best = self._track_best(evaluation["loss"])
+                if (
+                    tcfg.early_stopping_patience
+                    and s.evals_without_improvement >= tcfg.early_stopping_patience
+                ):
+                    s.stop_reason = "early_stopping"  # saved with the final checkpoint
+                    log.warning(
+                        "early stopping at step %d: no improvement in %d evaluations (best: step %d, loss %.4f)",
+                        s.step,
+                        s.evals_without_improvement,
+                        s.best_step,
+                        s.best_eval_loss,
+                    )
+            if best or (tcfg.save_every and s.step % tcfg.save_every == 0 and s.step < self.total_steps):
                 self.save_checkpoint()
                 saved_step = s.step
+            if s.stop_reason is not None:
+                break
             if self._stop_requested():
                 bar.close()
                 self._stop(saved_step)
         bar.close()
         final_eval = self.evaluate()
         self._log({"step": s.step, **{f"eval_{k}": v for k, v in final_eval.items()}})
+        if s.stop_reason is None:
+            self._track_best(final_eval["loss"])  # the last step may be the best
         self.save_checkpoint()
         if self._stop_requested():  # the run is trained and saved but not finished: resuming finishes it
             self._stop(s.step)
         return self.finish(final_eval)
 
     def finish(self, final_eval: dict[str, float]) -> dict[str, Any]:
-        """Export ``final/`` and write ``summary.json`` (last: its presence marks the run finished)."""
+        """Export ``final/`` and write ``summary.json`` (last: its presence marks the run finished).
+
+        With early stopping, ``final/`` is the best evaluated checkpoint; ``eval_*`` in the summary are
+        still those of the last evaluation (the best one's loss is ``best_eval_loss``).
+        """
         acc = self.accelerator
         final_dir = self.run_dir / "final"
-        state_dict = acc.get_state_dict(self.student)
+        use_ema = self.ema is not None and self.cfg.training.export_ema
+        state_dict = None if use_ema else acc.get_state_dict(self.student)
         summary = {
             "steps": self.state.step,
             "tokens_seen": self.state.tokens_seen,
@@ -468,11 +537,20 @@ class Distiller:
             "eval_loss": final_eval["loss"],
             "eval_ppl": final_eval["ppl"],
             "final_dir": str(final_dir),
+            "final_weights": "ema" if use_ema else "raw",
+            "stop_reason": self.state.stop_reason or "max_steps",
         }
+        best_step = self.state.best_step if self.cfg.training.early_stopping_patience else None
+        if best_step is not None:
+            summary.update(best_step=best_step, best_eval_loss=self.state.best_eval_loss)
         if "agreement" in final_eval:
             summary["teacher_agreement"] = final_eval["agreement"]
         if acc.is_main_process:
-            save_model_dir(acc.unwrap_model(self.student), self.tokenizer, final_dir, state_dict=state_dict)
+            if best_step is not None:  # the checkpoint's EMA or raw weights, as export_ema says
+                export_run(self.run_dir, final_dir, step=best_step)
+            else:
+                model = self.ema.module if use_ema else acc.unwrap_model(self.student)
+                save_model_dir(model, self.tokenizer, final_dir, state_dict=state_dict)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         acc.wait_for_everyone()
         if self.cfg.logging.report_to != "none":

@@ -55,6 +55,9 @@ def test_overrides_are_typed():
         ({"optimization": {"learning_rate": -1}}, [], "'optimization.learning_rate' must be > 0"),
         ({"distillation": {"loss": {"temperature": 0}}}, [], "'distillation.loss.temperature' must be > 0"),
         ({"distillation": {"loss": {"alpha": 1.5}}}, [], "'distillation.loss.alpha' must be <= 1"),
+        ({"training": {"ema_decay": 1.0}}, [], "'training.ema_decay' must be < 1"),
+        ({"training": {"ema_decay": 0}}, [], "'training.ema_decay' must be > 0"),
+        ({"training": {"early_stopping_patience": 2, "eval_every": 0}}, [], "needs training.eval_every > 0"),
         ({"distillation": {"loss": {"kind": "kll"}}}, [], "did you mean 'skl'"),
         ({"training": {"batch_size": 2.5}}, [], "must be an integer"),
         ({"training": {"batch_size": "many"}}, [], "must be an integer"),
@@ -106,6 +109,7 @@ SEED_IMPROVED_CONFIG = {  # configs/improved_config.json of the old system, verb
     "early_stopping_min_delta": 0.001,
     "memory_threshold": 0.85,
     "use_ema": True,
+    "ema_decay": 0.995,
     "attention_layers": 2,
 }
 
@@ -123,8 +127,11 @@ def test_seed_config_maps_and_reports_unsupported(tmp_path):
     loss = cfg.distillation.loss
     assert (loss.temperature, loss.min_temperature, loss.temperature_schedule) == (3.0, 2.0, "linear")
     assert (loss.sparse, loss.kd_top_k) == ("subset", 256)
+    assert cfg.training.ema is True and cfg.training.ema_decay == 0.995
     reported = {n.split("'")[1] for n in notes}
     assert reported == {k for k in SEED_IMPROVED_CONFIG if k in SEED_KEYS_NOT_YET_SUPPORTED}
+    assert (cfg.training.early_stopping_patience, cfg.training.early_stopping_min_delta) == (10, 0.001)
+    assert reported == {"use_curriculum", "memory_threshold", "attention_layers"}
 
 
 def test_seed_keys_target_real_fields():

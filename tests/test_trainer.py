@@ -89,11 +89,14 @@ def _final_weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "final" / "model.safetensors"))
 
 
-def test_resume_is_bitwise_identical(tiny_run_config, tmp_path):
+@pytest.mark.parametrize("ema", [False, True])
+def test_resume_is_bitwise_identical(tiny_run_config, tmp_path, ema):
+    """3 steps + resume + 3 steps == 6 steps: the weights, final/ and (with ema) the EMA, bit for bit."""
     raw = copy.deepcopy(tiny_run_config)
     raw["training"].update(
-        max_steps=6, save_every=3, keep_last_n=5, gradient_accumulation_steps=2, batch_size=2
+        max_steps=6, save_every=3, keep_last_n=5, gradient_accumulation_steps=2, batch_size=2, ema=ema
     )
+    raw["training"]["ema_decay"] = 0.9
     raw["distillation"]["loss"].update(temperature_schedule="linear", min_temperature=1.0)
     full = tmp_path / "full"
     _distiller(raw, output_dir=str(full)).train()
@@ -107,12 +110,17 @@ def test_resume_is_bitwise_identical(tiny_run_config, tmp_path):
     cfg, _ = load_config(raw)
     d = Distiller(cfg, resume="auto")
     assert d.state.step == 3 and d.state.micro_step == 6
+    assert (d.ema.updates == 3) if ema else d.ema is None
     d.train()
 
     a, b = _final_weights(full), _final_weights(resumed)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    assert (full / "checkpoints" / "step-00000006" / "ema.safetensors").exists() == ema
+    for name in ["model.safetensors", "ema.safetensors"] if ema else ["model.safetensors"]:
+        a, b = (load_file(str(r / "checkpoints" / "step-00000006" / name)) for r in (full, resumed))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     lines = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]  # no duplicated steps
 
