@@ -90,6 +90,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from sakd.report import draw
+
+    print(f"wrote {draw(args.run_dir, args.output)}")
+    return 0
+
+
 def _cmd_config_reference(args: argparse.Namespace) -> int:
     from sakd.config import reference_markdown
 
@@ -173,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.set_defaults(func=_cmd_bench)
 
+    rp = sub.add_parser("report", help="draw a run's metric curves (metrics.jsonl) to a PNG")
+    rp.add_argument("run_dir", help="a sakd run directory")
+    rp.add_argument("--output", help="PNG to write (default: RUN_DIR/report.png)")
+    rp.set_defaults(func=_cmd_report)
+
     r = sub.add_parser(
         "config-reference", help="print every config key with its default and meaning (Markdown)"
     )
@@ -197,6 +209,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sakd.data import DataError
     from sakd.export import ExportError
     from sakd.models import ModelLoadError
+    from sakd.report import ReportError
     from sakd.trainer import NonFiniteError, RunDirError
 
     return (
@@ -204,6 +217,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DataError,
         ExportError,
         ModelLoadError,
+        ReportError,
         NonFiniteError,
         RunDirError,
         FileNotFoundError,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -46,6 +47,18 @@ from sakd.objective import Objective
 from sakd.optim import build_optimizer
 
 log = logging.getLogger(__name__)
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """Process memory for metrics.jsonl: CUDA allocated/reserved/peak (MiB) on GPU, resident set on CPU."""
+    if device.type == "cuda":
+        mib = 2**20
+        return {
+            "gpu_allocated_mib": torch.cuda.memory_allocated(device) / mib,
+            "gpu_reserved_mib": torch.cuda.memory_reserved(device) / mib,
+            "gpu_peak_mib": torch.cuda.max_memory_allocated(device) / mib,
+        }
+    return {"rss_mib": psutil.Process().memory_info().rss / 2**20}
 
 
 class RunDirError(RuntimeError):
@@ -481,6 +494,7 @@ class Distiller:
                     "lr": self.scheduler.get_last_lr()[0],
                     "tokens_per_s": tok_window / max(now - t_window, 1e-9),
                     "tokens_seen": s.tokens_seen,
+                    **memory_metrics(self.accelerator.device),
                 }
                 t_window, tok_window = now, 0
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")

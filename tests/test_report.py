@@ -1,0 +1,32 @@
+"""`sakd report` draws the logged curves; memory is logged with every training record."""
+
+import copy
+import json
+
+import pytest
+from PIL import Image
+
+from sakd.cli import main
+from sakd.config import load_config
+from sakd.trainer import Distiller
+
+
+@pytest.mark.integration
+def test_report_draws_a_run(tiny_run_config, tmp_path, capsys):
+    raw = copy.deepcopy(tiny_run_config)
+    raw["training"].update(max_steps=4, eval_every=2)
+    cfg, _ = load_config(raw)
+    Distiller(cfg, resume="none", overwrite=True).train()
+    run = tmp_path / "run"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rss_mib"] > 10 for r in records if "loss" in r)
+    assert main(["report", str(run)]) == 0
+    png = run / "report.png"
+    width, height = Image.open(png).size
+    assert width > 800 and height > 500  # several panels were drawn
+
+
+def test_report_of_a_non_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sakd: error:") and "no metrics.jsonl" in err and len(err.splitlines()) == 1
