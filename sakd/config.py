@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -167,6 +168,12 @@ class OptimizationConfig:
         0.0, "Warm-up as a share of total optimizer steps (used when warmup_steps=0).", min=0, max=1
     )
     max_grad_norm: float | None = _f(1.0, "Clip the global gradient norm to this (None: no clipping).", gt=0)
+    lr_multipliers: dict[str, float] = _f(
+        {},
+        "Regex -> learning-rate multiplier for student parameters, matched with re.search against the "
+        "parameter name, first match wins (e.g. {'embed_tokens': 0.0, 'layers\\.0\\.': 0.5}); 0.0 freezes "
+        "(requires_grad off, left out of the optimizer); unmatched parameters get 1.0.",
+    )
 
 
 @dataclass
@@ -351,6 +358,11 @@ def _candidates(prefix: str) -> list[str]:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check/convert one YAML value to the field's declared type."""
     origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        _, value_type = typing.get_args(tp)
+        return {str(k): _coerce(f"{key}.{k}", v, value_type) for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
@@ -531,6 +543,15 @@ def load_config(
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that single-field ranges cannot express."""
     loss = cfg.distillation.loss
+    for pattern, mult in cfg.optimization.lr_multipliers.items():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"optimization.lr_multipliers: bad regex {pattern!r} ({e})") from None
+        if mult < 0:
+            raise ConfigError(
+                f"optimization.lr_multipliers[{pattern!r}] must be >= 0 (0 freezes), got {mult}"
+            )
     if loss.sparse in ("subset", "topk_tail") and loss.kd_top_k is None:
         raise ConfigError(
             f"distillation.loss.sparse={loss.sparse} needs distillation.loss.kd_top_k (e.g. 256)"

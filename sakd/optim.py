@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -13,20 +15,56 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, plain = [], []
+def lr_multiplier(name: str, rules: dict[str, float]) -> float:
+    """The multiplier of the first rule whose regex matches ``name`` (``re.search``), else 1.0."""
+    for pattern, mult in rules.items():
+        if re.search(pattern, name):
+            return mult
+    return 1.0
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float, rules: dict[str, float] | None = None
+) -> list[dict]:
+    """Optimizer groups keyed by (LR multiplier, decay or not). A multiplier of 0 freezes the parameter:
+    ``requires_grad_(False)`` and no optimizer state. Each group records its ``names`` for logging."""
+    rules = rules or {}
+    groups: dict[tuple[float, bool], dict] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:  # tied weights appear once
+        if id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))
-        (plain if no_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        mult = lr_multiplier(name, rules)
+        if mult == 0.0:
+            p.requires_grad_(False)
+        if not p.requires_grad:
+            continue
+        decays = not no_decay(name, p)
+        group = groups.setdefault(
+            (mult, decays),
+            {"params": [], "names": [], "lr": lr * mult, "weight_decay": weight_decay if decays else 0.0},
+        )
+        group["params"].append(p)
+        group["names"].append(name)
+    return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], not k[1]))]
+
+
+def describe_groups(groups: list[dict]) -> str:
+    """One line per group: what the run prints at start."""
+    return "\n".join(
+        f"  lr={g['lr']:.3g} weight_decay={g['weight_decay']:g}: {len(g['params'])} tensors, "
+        f"{sum(p.numel() for p in g['params']):,} params"
+        for g in groups
+    )
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizationConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.learning_rate, cfg.lr_multipliers)
+    if not groups:
+        raise ValueError("optimization.lr_multipliers freezes every student parameter: nothing to train")
+    for g in groups:
+        g.pop("names")
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon)

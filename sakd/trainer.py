@@ -44,7 +44,7 @@ from sakd.models import freeze, load_model, load_tokenizer
 from sakd.models.forward import hidden_and_head
 from sakd.models.loading import check_model_source, default_tokenizer_spec
 from sakd.objective import Objective
-from sakd.optim import build_optimizer
+from sakd.optim import build_optimizer, describe_groups
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,7 @@ class Distiller:
         self.total_steps = tcfg.max_steps or max(1, math.floor(self.plan.steps_per_epoch * tcfg.num_epochs))
         ocfg = cfg.optimization
         optimizer = build_optimizer(student, ocfg)
+        acc.print("student optimizer groups:\n" + describe_groups(optimizer.param_groups))
         warmup = ocfg.warmup_steps or int(round(ocfg.warmup_ratio * self.total_steps))
         scheduler = get_scheduler(
             ocfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
