@@ -98,7 +98,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_reference(args: argparse.Namespace) -> int:
-    from sakd.config import reference_markdown
+    from sakd.config_reference import reference_markdown
 
     print(reference_markdown(), end="")
     return 0

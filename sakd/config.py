@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from sakd.seed_keys import SEED_EXTRA_KEYS, SEED_KEY_MAP, SEED_KEYS_NOT_YET_SUPPORTED, seed_key_value
+
 
 class ConfigError(ValueError):
     """A config problem a user can fix; its message is one line naming the key."""
@@ -262,76 +264,24 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Metrics and progress."})
 
 
-# The old system's flat keys (configs/improved_config.json) -> sakd dotted keys.
-SEED_KEY_MAP: dict[str, str] = {
-    "teacher_model": "model.teacher",
-    "student_model": "model.student",
-    "batch_size": "training.batch_size",
-    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
-    "learning_rate": "optimization.learning_rate",
-    "num_epochs": "training.num_epochs",
-    "warmup_steps": "optimization.warmup_steps",
-    "eval_steps": "training.eval_every",
-    "save_steps": "training.save_every",
-    "max_length": "data.block_size",
-    "temperature": "distillation.loss.temperature",
-    "min_temperature": "distillation.loss.min_temperature",
-    "label_smoothing": "distillation.loss.label_smoothing",
-    "kd_top_k": "distillation.loss.kd_top_k",
-    "weight_decay": "optimization.weight_decay",
-    "max_grad_norm": "optimization.max_grad_norm",
-    "seed": "training.seed",
-    "output_dir": "training.output_dir",
-    "project_name": "logging.project",
-    "use_ema": "training.ema",
-    "ema_decay": "training.ema_decay",
-    "early_stopping_patience": "training.early_stopping_patience",
-    "early_stopping_min_delta": "training.early_stopping_min_delta",
-}
-
-# Seed keys whose capability has not landed yet: reported on load (see README).
-SEED_KEYS_NOT_YET_SUPPORTED: dict[str, str] = {
-    "use_curriculum": "progressive loss curriculum (auxiliary losses are not implemented yet)",
-    "attention_layers": "attention-transfer loss (not implemented yet)",
-    "memory_threshold": "has no equivalent: use `sakd plan` to choose a configuration that fits",
-}
-
-
-def _seed_key_value(key: str, value: Any, raw: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Translate one seed key; returns dotted (key, value) pairs. Some keys map to two fields."""
-    if key == "use_temperature_curriculum":
-        return [("distillation.loss.temperature_schedule", "linear" if value else "constant")]
-    if key == "kd_top_k":
-        return [
-            ("distillation.loss.kd_top_k", value),
-            ("distillation.loss.sparse", "subset" if value else "none"),
-        ]
-    if key == "use_wandb":
-        return [("logging.report_to", "wandb" if value else "none")]
-    return [(SEED_KEY_MAP[key], value)]
-
-
-SEED_EXTRA_KEYS = {"use_temperature_curriculum", "use_wandb"}
-
-
 # ----------------------------------------------------------------------------------------- helpers
 
 
-def _is_dataclass_type(tp: Any) -> bool:
+def is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _field_types(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
 def all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
     """Every dotted leaf key of the config tree."""
     keys = []
-    hints = _field_types(cls)
+    hints = field_types(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if _is_dataclass_type(tp):
+        if is_dataclass_type(tp):
             keys += all_keys(tp, f"{prefix}{f.name}.")
         else:
             keys.append(f"{prefix}{f.name}")
@@ -422,7 +372,7 @@ def _check_range(key: str, value: Any, meta: dict[str, Any]) -> None:
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {raw!r}")
-    hints = _field_types(cls)
+    hints = field_types(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
@@ -434,7 +384,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
             continue
         tp = hints[name]
         key = f"{prefix}{name}"
-        if _is_dataclass_type(tp):
+        if is_dataclass_type(tp):
             kwargs[name] = _build(tp, raw[name], key + ".")
         else:
             value = _coerce(key, raw[name], tp)
@@ -464,7 +414,7 @@ def _translate_seed_keys(raw: dict[str, Any], notes: list[str]) -> dict[str, Any
         if key in SECTIONS:
             continue
         if key in SEED_KEY_MAP or key in SEED_EXTRA_KEYS:
-            for dotted, v in _seed_key_value(key, value, raw):
+            for dotted, v in seed_key_value(key, value):
                 _set_dotted(out, dotted, v)
         elif key in SEED_KEYS_NOT_YET_SUPPORTED:
             notes.append(
@@ -573,38 +523,3 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config (every key, defaults included) as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-
-
-def reference_markdown() -> str:
-    """The config reference as a Markdown table (README section; `sakd config-reference`)."""
-    lines = ["| key | default | meaning |", "|---|---|---|"]
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = _field_types(cls)
-        for f in dataclasses.fields(cls):
-            tp = hints[f.name]
-            if _is_dataclass_type(tp):
-                walk(tp, f"{prefix}{f.name}.")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            help_ = f.metadata.get("help", "")
-            if "choices" in f.metadata:
-                help_ += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
-            lines.append(f"| `{prefix}{f.name}` | `{json.dumps(default)}` | {help_} |")
-
-    walk(RunConfig, "")
-    lines += ["", "Keys of the old system's `configs/improved_config.json`, accepted at the top level:", ""]
-    lines += ["| seed key | sakd key |", "|---|---|"]
-    for k, v in SEED_KEY_MAP.items():
-        lines.append(
-            f"| `{k}` | `{v}`"
-            + (" (and `distillation.loss.sparse: subset`)" if k == "kd_top_k" else "")
-            + " |"
-        )
-    lines.append(
-        "| `use_temperature_curriculum` | `distillation.loss.temperature_schedule: linear` (true) / `constant` |"
-    )
-    lines.append("| `use_wandb` | `logging.report_to: wandb` |")
-    for k, why in SEED_KEYS_NOT_YET_SUPPORTED.items():
-        lines.append(f"| `{k}` | reported, not applied: {why} |")
-    return "\n".join(lines) + "\n"

@@ -18,9 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from sakd import checkpoint
+from sakd import checkpoint, rundir
 from sakd.config import RunConfig, dump_config
 from sakd.curriculum import temperature_at
 from sakd.data import BatchPlan, DataBundle, prepare_data
@@ -45,6 +43,8 @@ from sakd.models.forward import hidden_and_head
 from sakd.models.loading import check_model_source, default_tokenizer_spec
 from sakd.objective import Objective
 from sakd.optim import build_optimizer, describe_groups
+from sakd.rundir import RunDirError
+from sakd.signals import StopSignals, TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -59,28 +59,6 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
             "gpu_peak_mib": torch.cuda.max_memory_allocated(device) / mib,
         }
     return {"rss_mib": psutil.Process().memory_info().rss / 2**20}
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used as asked (one line)."""
-
-
-class TrainingStopped(RuntimeError):
-    """A stop signal ended training early, after a checkpoint; the run is resumable, not finished."""
-
-    def __init__(self, signum: int, step: int, checkpoint_dir: Path) -> None:
-        self.signum, self.step, self.checkpoint_dir = signum, step, checkpoint_dir
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint_dir} "
-            "(run the same command again to resume)"
-        )
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class NonFiniteError(RuntimeError):
@@ -129,8 +107,8 @@ class Distiller:
             project_dir=str(self.run_dir),
         )
         acc = self.accelerator
-        self._stop_signal: int | None = None  # set by the signal handler, read between steps
-        self.resumed_from = self._prepare_run_dir(resume, overwrite)
+        self._signals = StopSignals()  # set by SIGTERM/SIGINT, read between steps
+        self.resumed_from = rundir.prepare(acc, self.run_dir, resume, overwrite)
         resume_from = self.resumed_from
         set_seed(tcfg.seed)
 
@@ -212,7 +190,8 @@ class Distiller:
         if resume_from is not None:
             self.state = TrainerState(**checkpoint.load(acc, resume_from))
             acc.print(f"resumed from {resume_from} at step {self.state.step}")
-            self._truncate_metrics(self.state.step)
+            if acc.is_main_process:
+                rundir.truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         self.ema = self._build_ema(resume_from) if tcfg.ema else None
         if acc.is_main_process:
             dump_config(cfg, self.run_dir / "config.yaml")
@@ -235,48 +214,6 @@ class Distiller:
             else:
                 log.warning("%s has no %s: the EMA starts from the resumed weights", resume_from, EMA_FILE)
         return ema
-
-    # ------------------------------------------------------------------------------ run directory
-
-    def _prepare_run_dir(self, resume: str, overwrite: bool) -> Path | None:
-        """Decide fresh start / resume; refuse to mix runs. Returns the checkpoint to resume from."""
-        run_dir, acc = self.run_dir, self.accelerator
-        ckpts = run_dir / "checkpoints"
-        resume_from: Path | None = None
-        if resume not in ("auto", "none"):
-            resume_from = Path(resume)
-            if not (resume_from / checkpoint.STATE_FILE).is_file():
-                raise RunDirError(f"--resume {resume}: not a complete sakd checkpoint directory")
-            if why := checkpoint.problem(resume_from):
-                raise RunDirError(f"--resume {resume}: damaged checkpoint ({why})")
-        elif resume == "auto" and not overwrite:
-            resume_from = checkpoint.latest(ckpts)
-        if resume_from is None and run_dir.exists() and any(run_dir.iterdir()):
-            if not overwrite:
-                raise RunDirError(
-                    f"output directory {run_dir} already holds a run with no checkpoint to resume; "
-                    "pass --overwrite to replace it or choose another training.output_dir"
-                )
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                shutil.rmtree(run_dir)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            # A finished run's marker goes first: a resumed or restarted run is not finished.
-            (run_dir / "summary.json").unlink(missing_ok=True)
-        acc.wait_for_everyone()
-        return resume_from
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines logged after the checkpoint we resumed from (they will be logged again)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not self.accelerator.is_main_process or not path.exists():
-            return
-        keep = [
-            ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step
-        ]
-        path.write_text("".join(k + "\n" for k in keep))
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
@@ -406,36 +343,12 @@ class Distiller:
                 "(lower optimization.learning_rate or check the data)"
             )
 
-    # ------------------------------------------------------------------------------ stop signals
-
-    def _on_stop_signal(self, signum: int, frame: Any) -> None:
-        # Only a flag: the step in flight finishes, the loop checkpoints and stops between steps.
-        if self._stop_signal is not None:  # a second signal: stop now, as if we had no handler
-            self._restore_signal_handlers()
-            signal.raise_signal(signum)
-            return
-        self._stop_signal = signum
-        log.warning(
-            "%s received: finishing this step, then checkpointing and stopping", signal.Signals(signum).name
-        )
-
-    def _install_signal_handlers(self) -> None:
-        self._previous_handlers: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():  # Python only allows it there
-            for sig in STOP_SIGNALS:
-                self._previous_handlers[sig] = signal.signal(sig, self._on_stop_signal)
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
-        self._previous_handlers = {}
-
     def _stop_requested(self) -> bool:
         """Whether any rank got a stop signal (all ranks must stop at the same step)."""
         acc = self.accelerator
         if acc.num_processes == 1:
-            return self._stop_signal is not None
-        flag = torch.tensor(self._stop_signal or 0, device=acc.device)
+            return self._signals.signum is not None
+        flag = torch.tensor(self._signals.signum or 0, device=acc.device)
         return int(acc.reduce(flag, reduction="max").item()) != 0
 
     def _stop(self, saved_step: int | None) -> None:
@@ -444,18 +357,14 @@ class Distiller:
         ckpt = self.run_dir / "checkpoints" / checkpoint.checkpoint_name(s.step)
         if saved_step != s.step:
             ckpt = self.save_checkpoint()
-        signum = self._stop_signal or signal.SIGTERM  # another rank's signal when ours is unset
+        signum = self._signals.signum or signal.SIGTERM  # another rank's signal when ours is unset
         self._log({"step": s.step, "stopped": signal.Signals(signum).name})
         raise TrainingStopped(signum, s.step, ckpt)
 
     def train(self) -> dict[str, Any]:
         """Train to the end and :meth:`finish`; on SIGTERM/SIGINT, checkpoint and raise TrainingStopped."""
-        self._stop_signal = None
-        self._install_signal_handlers()
-        try:
+        with self._signals:
             return self._train()
-        finally:
-            self._restore_signal_handlers()
 
     def _train(self) -> dict[str, Any]:
         acc, tcfg, s = self.accelerator, self.cfg.training, self.state

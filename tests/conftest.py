@@ -43,3 +43,20 @@ def tiny_run_config(corpus: Path, tokenizer_dir: Path, tmp_path: Path) -> dict:
         },
         "logging": {"log_every": 1, "progress_bar": False},
     }
+
+
+@pytest.fixture()
+def make_distiller():
+    """Build a :class:`Distiller` from a recipe dict with ``training.*`` overrides (fresh run)."""
+    import copy
+
+    from sakd.config import load_config
+    from sakd.trainer import Distiller
+
+    def build(raw: dict, **training) -> Distiller:
+        raw = copy.deepcopy(raw)
+        raw["training"].update(training)
+        cfg, _ = load_config(raw)
+        return Distiller(cfg, resume="none", overwrite=True)
+
+    return build

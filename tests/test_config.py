@@ -12,8 +12,8 @@ from sakd.config import (
     all_keys,
     dump_config,
     load_config,
-    reference_markdown,
 )
+from sakd.config_reference import reference_markdown
 
 RECIPES = sorted((Path(__file__).parents[1] / "sakd" / "recipes").glob("*.yaml"))
 

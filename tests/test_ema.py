@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -10,28 +9,19 @@ import torch
 from safetensors.torch import load_file
 
 from sakd.cli import main
-from sakd.config import load_config
 from sakd.ema import EMA_FILE
 from sakd.evaluate import evaluate
-from sakd.trainer import Distiller
 
 pytestmark = pytest.mark.integration
-
-
-def _distiller(raw: dict, **training) -> Distiller:
-    raw = copy.deepcopy(raw)
-    raw["training"].update(training)
-    cfg, _ = load_config(raw)
-    return Distiller(cfg, resume="none", overwrite=True)
 
 
 def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone() for k, p in model.named_parameters()}
 
 
-def test_ema_equals_a_hand_computed_average_and_ignores_skipped_steps(tiny_run_config):
+def test_ema_equals_a_hand_computed_average_and_ignores_skipped_steps(make_distiller, tiny_run_config):
     decay, warmup = 0.6, 3  # warm-up decays 0.5, then the 0.6 cap: both branches are exercised
-    d = _distiller(tiny_run_config, ema=True, ema_decay=decay, ema_warmup_steps=warmup)
+    d = make_distiller(tiny_run_config, ema=True, ema_decay=decay, ema_warmup_steps=warmup)
     student = d.accelerator.unwrap_model(d.student)
     ref = _params(student)  # the average starts at the initial weights
     assert d.ema.updates == 0 and all(torch.equal(d.ema.tensors()[k], ref[k]) for k in ref)
@@ -59,8 +49,8 @@ def test_ema_equals_a_hand_computed_average_and_ignores_skipped_steps(tiny_run_c
     assert all(torch.equal(d.ema.tensors()[n], ema[n]) for n in ema)
 
 
-def test_evaluation_uses_the_ema_when_configured(tiny_run_config):
-    d = _distiller(tiny_run_config, ema=True, ema_decay=0.9)
+def test_evaluation_uses_the_ema_when_configured(make_distiller, tiny_run_config):
+    d = make_distiller(tiny_run_config, ema=True, ema_decay=0.9)
     for _ in range(2):
         d.train_step(d._micro_batches())
     student = d.accelerator.unwrap_model(d.student)
@@ -78,8 +68,10 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 @pytest.mark.parametrize("export_ema", [True, False])
-def test_final_and_export_pick_ema_or_raw_weights(tiny_run_config, tmp_path, capsys, export_ema):
-    d = _distiller(tiny_run_config, ema=True, ema_decay=0.9, export_ema=export_ema, max_steps=3)
+def test_final_and_export_pick_ema_or_raw_weights(
+    make_distiller, tiny_run_config, tmp_path, capsys, export_ema
+):
+    d = make_distiller(tiny_run_config, ema=True, ema_decay=0.9, export_ema=export_ema, max_steps=3)
     summary = d.train()
     run = d.run_dir
     ckpt = run / "checkpoints" / "step-00000003"

@@ -20,13 +20,6 @@ from sakd.trainer import Distiller
 pytestmark = pytest.mark.integration
 
 
-def _distiller(raw: dict, **training) -> Distiller:
-    raw = copy.deepcopy(raw)
-    raw["training"].update(training)
-    cfg, _ = load_config(raw)
-    return Distiller(cfg, resume="none", overwrite=True)
-
-
 def _ragged_batches(d: Distiller, n: int) -> list[dict[str, torch.Tensor]]:
     """``n`` blocks with a different number of ignored labels in each (so token counts differ)."""
     ids = d.data.train[list(range(n))]["input_ids"]
@@ -60,14 +53,14 @@ def _reference_loss(
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_accumulation_split_gives_the_same_update(tiny_run_config, fused):
+def test_accumulation_split_gives_the_same_update(make_distiller, tiny_run_config, fused):
     """1 micro-batch of 8 and 4 micro-batches of 2 give the gradient of the mean over all valid tokens."""
     raw = copy.deepcopy(tiny_run_config)
     raw["distillation"]["loss"]["fused"] = fused
     raw["optimization"]["max_grad_norm"] = 1e9  # clip_grad_norm_ then just reports the pre-clip norm
     results = []
     for micro, accum in ((8, 1), (2, 4)):
-        d = _distiller(raw, batch_size=micro, gradient_accumulation_steps=accum)
+        d = make_distiller(raw, batch_size=micro, gradient_accumulation_steps=accum)
         (batch,) = _ragged_batches(d, 8)
         ref = _reference_loss(d, batch, alpha=0.5, temperature=2.0)
         ref.backward()
@@ -90,7 +83,7 @@ def _final_weights(run_dir) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("ema", [False, True])
-def test_resume_is_bitwise_identical(tiny_run_config, tmp_path, ema):
+def test_resume_is_bitwise_identical(make_distiller, tiny_run_config, tmp_path, ema):
     """3 steps + resume + 3 steps == 6 steps: the weights, final/ and (with ema) the EMA, bit for bit."""
     raw = copy.deepcopy(tiny_run_config)
     raw["training"].update(
@@ -99,7 +92,7 @@ def test_resume_is_bitwise_identical(tiny_run_config, tmp_path, ema):
     raw["training"]["ema_decay"] = 0.9
     raw["distillation"]["loss"].update(temperature_schedule="linear", min_temperature=1.0)
     full = tmp_path / "full"
-    _distiller(raw, output_dir=str(full)).train()
+    make_distiller(raw, output_dir=str(full)).train()
 
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
@@ -162,22 +155,22 @@ def test_distill_run_directory_and_export_roundtrip(tiny_run_config, tmp_path, c
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
-def test_ce_only_run_needs_no_teacher(tiny_run_config):
+def test_ce_only_run_needs_no_teacher(make_distiller, tiny_run_config):
     raw = copy.deepcopy(tiny_run_config)
     raw["distillation"]["loss"]["alpha"] = 0.0
     raw["model"]["teacher"] = "/nonexistent/teacher"  # never loaded
-    d = _distiller(raw)
+    d = make_distiller(raw)
     assert d.teacher is None
     summary = d.train()
     assert "teacher_agreement" not in summary
 
 
 @pytest.mark.parametrize("sparse", ["subset", "topk_tail", "sampled"])
-def test_sparse_teacher_modes_train(tiny_run_config, sparse):
+def test_sparse_teacher_modes_train(make_distiller, tiny_run_config, sparse):
     """The seed's kd_top_k (subset) and the better sparse signals go through the trainer's fused path."""
     raw = copy.deepcopy(tiny_run_config)
     raw["distillation"]["loss"].update(sparse=sparse, kd_top_k=16, num_samples=8)
-    d = _distiller(raw, max_steps=3)
+    d = make_distiller(raw, max_steps=3)
     summary = d.train()
     records = [json.loads(x) for x in (d.run_dir / "metrics.jsonl").read_text().splitlines()]
     kd = [r["kd"] for r in records if "kd" in r]
