@@ -141,8 +141,70 @@ class LossConfig:
 
 
 @dataclass
+class AlignmentConfig:
+    mode: str = _f(
+        "auto",
+        "auto: align positions by text and map vocabularies only when the tokenizers differ; always: take "
+        "the aligned path even for identical tokenizers (it then equals plain KD; a check).",
+        choices=["auto", "always"],
+    )
+    chain_rule: bool = _f(
+        True,
+        "Score a student token that the teacher spells with several tokens by the chain rule over "
+        "those teacher tokens (GOLD-style) instead of by the projection alone.",
+    )
+    uld_weight: float = _f(
+        0.0,
+        "Weight of an extra ULD term (sorted-probability distance) on the unmapped vocabulary remainder.",
+        min=0,
+    )
+    cache_dir: str | None = _f(
+        None, "Vocabulary-map cache directory (None: $SAKD_CACHE_DIR/vocab_maps or ~/.cache/sakd/vocab_maps)."
+    )
+
+
+@dataclass
+class FeatureConfig:
+    weight: float = _f(0.0, "Weight of the hidden-state feature loss at aligned positions (0: off).", min=0)
+    kind: str = _f("mse", "Feature distance: mse or cosine (1 - cos).", choices=["mse", "cosine"])
+    layer_map: list[list[int]] | None = _f(
+        None,
+        "[[teacher_layer, student_layer], ...] hidden-state indices (1 = after the first block). None: "
+        "uniform, student layer l <- teacher layer round(l * Lt / Ls).",
+    )
+
+
+@dataclass
+class AttentionConfig:
+    weight: float = _f(
+        0.0, "Weight of attention-map transfer (0: off). Needs one-to-one positions (same tokenizer).", min=0
+    )
+    layers: list[int] = _f(
+        [-1], "Student layers (0-based; negative counts from the end) whose attention maps are matched."
+    )
+
+
+@dataclass
+class ContrastiveConfig:
+    weight: float = _f(
+        0.0, "Weight of the InfoNCE loss between pooled student and teacher states (0: off).", min=0
+    )
+    temperature: float = _f(0.07, "InfoNCE temperature.", gt=0)
+
+
+@dataclass
 class DistillationConfig:
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The distillation objective."})
+    alignment: AlignmentConfig = field(
+        default_factory=AlignmentConfig, metadata={"help": "Teacher and student with different tokenizers."}
+    )
+    feature: FeatureConfig = field(default_factory=FeatureConfig, metadata={"help": "Hidden-state loss."})
+    attention: AttentionConfig = field(
+        default_factory=AttentionConfig, metadata={"help": "Attention transfer."}
+    )
+    contrastive: ContrastiveConfig = field(
+        default_factory=ContrastiveConfig, metadata={"help": "Sequence-level contrastive loss."}
+    )
 
 
 @dataclass
@@ -313,6 +375,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
         _, value_type = typing.get_args(tp)
         return {str(k): _coerce(f"{key}.{k}", v, value_type) for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):

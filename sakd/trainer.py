@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -28,17 +29,22 @@ import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from sakd import checkpoint, rundir
+from sakd.align import load_or_build_vocab_map
+from sakd.align.positions import alignment_coverage
 from sakd.config import RunConfig, dump_config
 from sakd.curriculum import temperature_at
 from sakd.data import BatchPlan, DataBundle, prepare_data
 from sakd.ema import EMA_FILE, StudentEMA
 from sakd.evaluate import evaluate
 from sakd.export import export_run, save_model_dir
+from sakd.losses.auxiliary import AuxiliaryHeads, layer_pairs
 from sakd.models import freeze, load_model, load_tokenizer
+from sakd.models.capture import enable_selective_attention
 from sakd.models.forward import hidden_and_head
 from sakd.models.loading import check_model_source, default_tokenizer_spec
 from sakd.objective import Objective
@@ -83,13 +89,30 @@ class TrainerState:
     stop_reason: str | None = None  # "early_stopping" once it fired: resuming such a run only finishes it
 
 
-def check_same_vocabulary(student_tok: Any, teacher_tok: Any) -> None:
-    """Same-vocabulary KD needs identical token->id maps; different tokenizers need real alignment."""
-    if student_tok.get_vocab() != teacher_tok.get_vocab():
+AUX_FILE = "aux_heads.safetensors"
+
+
+def save_aux(aux: torch.nn.Module, directory: Path) -> None:
+    """The auxiliary projections, next to the student in a checkpoint (never in the export)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in aux.state_dict().items()}
+    save_file(state, str(Path(directory) / AUX_FILE))
+
+
+@torch.no_grad()
+def load_aux(aux: torch.nn.Module, directory: Path) -> None:
+    path = Path(directory) / AUX_FILE
+    if not path.is_file():
         raise RunDirError(
-            "teacher and student tokenizers differ; cross-tokenizer alignment is not available yet "
-            "(use a teacher and student that share a tokenizer, or distillation.loss.alpha=0 for CE only)"
+            f"{directory} has no {AUX_FILE} (the feature/attention/contrastive projections); resume with the "
+            "auxiliary-loss settings the checkpoint was written with, or start a fresh run"
         )
+    state = load_file(str(path))
+    own = aux.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        raise RunDirError(
+            f"{path} does not match the configured auxiliary losses; use the run's own settings"
+        )
+    aux.load_state_dict(state)
 
 
 class Distiller:
@@ -124,6 +147,12 @@ class Distiller:
             )
         self.tokenizer = load_tokenizer(tok_spec, trust_remote_code=mcfg.trust_remote_code)
         self.teacher = None
+        self.teacher_tokenizer = None
+        self.tokenizers_differ = False
+        self.aligned = False  # teacher tokens + position alignment in every batch
+        self.vocab_map: torch.Tensor | None = None
+        self.alignment_stats: dict[str, Any] = {}
+        self.attention_pairs: list[tuple[int, int]] = []
         if self.use_teacher:
             t_tok_spec = default_tokenizer_spec(mcfg.teacher, mcfg.teacher_tokenizer) or tok_spec
             teacher_tok = (
@@ -131,10 +160,19 @@ class Distiller:
                 if t_tok_spec == tok_spec
                 else load_tokenizer(t_tok_spec, trust_remote_code=mcfg.trust_remote_code)
             )
-            check_same_vocabulary(self.tokenizer, teacher_tok)
+            self._setup_alignment(teacher_tok)
 
         with acc.main_process_first():
-            self.data: DataBundle = prepare_data(cfg.data, self.tokenizer, tcfg.seed)
+            self.data: DataBundle = prepare_data(
+                cfg.data, self.tokenizer, tcfg.seed, self.teacher_tokenizer if self.aligned else None
+            )
+        if self.aligned:
+            self.alignment_stats.update(alignment_coverage(self.data.train))
+            acc.print(
+                "alignment: {mapped}/{student_vocab} student tokens map to the teacher vocabulary "
+                "({student_coverage:.1%}); {anchored:.1%} of student positions end on a shared boundary, "
+                "{multi_token:.1%} are spelt by several teacher tokens".format(**self.alignment_stats)
+            )
 
         student = load_model(
             mcfg.student,
@@ -156,13 +194,20 @@ class Distiller:
         if self.use_teacher:
             teacher = load_model(
                 mcfg.teacher,
-                tokenizer=self.tokenizer,
+                tokenizer=self.teacher_tokenizer,
                 dtype=mcfg.teacher_dtype,
                 trust_remote_code=mcfg.trust_remote_code,
                 seed=tcfg.seed + 1,
                 attn_implementation=mcfg.attn_implementation,
             )
             self.teacher = freeze(teacher).to(acc.device)
+            t_rows = teacher.get_output_embeddings().weight.shape[0]
+            if t_rows < len(self.teacher_tokenizer):
+                raise RunDirError(
+                    f"teacher has {t_rows} output rows but its tokenizer has {len(self.teacher_tokenizer)} tokens; "
+                    "set model.teacher_tokenizer to the teacher's own tokenizer"
+                )
+        self.aux = self._build_aux(student)
 
         self.plan = BatchPlan(
             num_blocks=len(self.data.train),
@@ -179,16 +224,31 @@ class Distiller:
         self.total_steps = tcfg.max_steps or max(1, math.floor(self.plan.steps_per_epoch * tcfg.num_epochs))
         ocfg = cfg.optimization
         optimizer = build_optimizer(student, ocfg)
+        if self.aux is not None:  # the projections train with the student (not exported)
+            self.aux.to(acc.device)
+            optimizer.add_param_group(
+                {"params": list(self.aux.parameters()), "lr": ocfg.learning_rate, "weight_decay": 0.0}
+            )
         acc.print("student optimizer groups:\n" + describe_groups(optimizer.param_groups))
         warmup = ocfg.warmup_steps or int(round(ocfg.warmup_ratio * self.total_steps))
         scheduler = get_scheduler(
             ocfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
         )
         self.student, self.optimizer, self.scheduler = acc.prepare(student, optimizer, scheduler)
-        self.objective = Objective(cfg.distillation.loss, vocab_size=self.vocab_size)
+        self.objective = Objective(
+            cfg.distillation.loss,
+            vocab_size=self.vocab_size,
+            teacher_vocab_size=len(self.teacher_tokenizer) if self.teacher_tokenizer is not None else None,
+            vocab_map=self.vocab_map,
+            distillation=cfg.distillation,
+            aux=self.aux,
+            attention_pairs=self.attention_pairs,
+        )
         self.state = TrainerState()
         if resume_from is not None:
             self.state = TrainerState(**checkpoint.load(acc, resume_from))
+            if self.aux is not None:
+                load_aux(self.aux, resume_from)
             acc.print(f"resumed from {resume_from} at step {self.state.step}")
             if acc.is_main_process:
                 rundir.truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
@@ -200,6 +260,69 @@ class Distiller:
             )
         if cfg.logging.report_to != "none":
             acc.init_trackers(cfg.logging.project, config=json.loads(json.dumps(cfg, default=vars)))
+
+    def _setup_alignment(self, teacher_tok: Any) -> None:
+        """Identical tokenizers: plain KD. Different ones: a vocab map (cached per pair) and
+        text-aligned positions in every batch (also with alignment.mode=always)."""
+        acfg = self.cfg.distillation.alignment
+        self.teacher_tokenizer = teacher_tok
+        differ = teacher_tok is not self.tokenizer and teacher_tok.get_vocab() != self.tokenizer.get_vocab()
+        self.tokenizers_differ = differ
+        self.aligned = differ or acfg.mode == "always"
+        if not differ:
+            return
+        cache = acfg.cache_dir or str(
+            Path(os.environ.get("SAKD_CACHE_DIR", Path.home() / ".cache" / "sakd")) / "vocab_maps"
+        )
+        with self.accelerator.main_process_first():
+            vmap, cached = load_or_build_vocab_map(self.tokenizer, teacher_tok, cache)
+        self.vocab_map = None if vmap.is_identity() else vmap.student_to_teacher.to(self.accelerator.device)
+        self.alignment_stats = {**vmap.stats(), "vocab_map_cached": cached}
+        if vmap.num_mapped == 0:
+            raise RunDirError(
+                "no student token has a teacher token with the same text; check model.tokenizer and "
+                "model.teacher_tokenizer"
+            )
+
+    def _build_aux(self, student: torch.nn.Module) -> AuxiliaryHeads | None:
+        """The trainable projections of the feature / attention / contrastive losses, or None."""
+        d = self.cfg.distillation
+        if self.teacher is None or not (d.feature.weight or d.attention.weight or d.contrastive.weight):
+            return None
+        s_cfg, t_cfg = student.config, self.teacher.config
+        pairs = (
+            layer_pairs(t_cfg.num_hidden_layers, s_cfg.num_hidden_layers, d.feature.layer_map or "uniform")
+            if d.feature.weight
+            else []
+        )
+        attention = d.attention.weight > 0
+        if attention and self.tokenizers_differ:
+            log.warning(
+                "distillation.attention is disabled: teacher and student tokenize differently, so their "
+                "attention maps have different shapes and no one-to-one positions"
+            )
+            attention = False
+        if attention:
+            ls, lt = s_cfg.num_hidden_layers, t_cfg.num_hidden_layers
+            for layer in d.attention.layers:
+                s_layer = layer + ls if layer < 0 else layer
+                if not 0 <= s_layer < ls:
+                    raise RunDirError(
+                        f"distillation.attention.layers: student layer {layer} is out of range for {ls} layers"
+                    )
+                self.attention_pairs.append((s_layer, max(0, round((s_layer + 1) * lt / ls) - 1)))
+            enable_selective_attention(student, sorted({s for s, _ in self.attention_pairs}))
+            enable_selective_attention(self.teacher, sorted({t for _, t in self.attention_pairs}))
+        aux = AuxiliaryHeads(
+            t_cfg.hidden_size,
+            s_cfg.hidden_size,
+            feature_layers=pairs,
+            teacher_heads=t_cfg.num_attention_heads,
+            student_heads=s_cfg.num_attention_heads,
+            attention=attention,
+            contrastive=d.contrastive.weight > 0,
+        )
+        return aux if any(p.numel() for p in aux.parameters()) else None
 
     def _build_ema(self, resume_from: Path | None) -> StudentEMA:
         """The EMA of the student: from the checkpoint we resume from, else from the current weights."""
@@ -214,6 +337,12 @@ class Distiller:
             else:
                 log.warning("%s has no %s: the EMA starts from the resumed weights", resume_from, EMA_FILE)
         return ema
+
+    def _write_extra(self, directory: Path) -> None:
+        if self.ema is not None:
+            self.ema.save(directory)
+        if self.aux is not None:
+            save_aux(self.aux, directory)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
@@ -231,6 +360,36 @@ class Distiller:
         idx = self.plan.micro_batches(s.epoch, s.step_in_epoch, self.accelerator.process_index)
         return [{k: v.to(self.accelerator.device) for k, v in self.data.train_batch(i).items()} for i in idx]
 
+    def _forward(self, mb: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+        """Teacher (no grad; its own tokens when aligned) and student forwards with what the losses need."""
+        acc, aux = self.accelerator, self.aux
+        s_layers = [s for _, s in aux.feature_layers] if aux is not None else []
+        t_layers = [t for t, _ in aux.feature_layers] if aux is not None else []
+        teacher_out = None
+        if self.teacher is not None:
+            ids, mask = mb["input_ids"], mb["attention_mask"]
+            if self.aligned:
+                ids, mask = mb["teacher_input_ids"], mb["teacher_attention_mask"]
+            with torch.no_grad():
+                teacher_out = hidden_and_head(
+                    self.teacher,
+                    self.teacher,
+                    ids,
+                    mask,
+                    router=True,
+                    hidden_layers=t_layers,
+                    attention_layers=sorted({t for _, t in self.attention_pairs}),
+                )
+        student_out = hidden_and_head(
+            self.student,
+            acc.unwrap_model(self.student),
+            mb["input_ids"],
+            mb["attention_mask"],
+            hidden_layers=s_layers,
+            attention_layers=sorted({s for s, _ in self.attention_pairs}),
+        )
+        return student_out, teacher_out
+
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; returns step metrics (global means)."""
         acc = self.accelerator
@@ -244,16 +403,10 @@ class Distiller:
         max_norm = self.cfg.optimization.max_grad_norm
         for mb in micro_batches:
             with acc.accumulate(self.student):
-                teacher_out = None
-                if self.teacher is not None:
-                    with torch.no_grad():
-                        teacher_out = hidden_and_head(
-                            self.teacher, self.teacher, mb["input_ids"], mb["attention_mask"]
-                        )
-                student_out = hidden_and_head(
-                    self.student, acc.unwrap_model(self.student), mb["input_ids"], mb["attention_mask"]
+                student_out, teacher_out = self._forward(mb)
+                out = self.objective(
+                    student_out, teacher_out, mb["labels"], temperature=temperature, batch=mb
                 )
-                out = self.objective(student_out, teacher_out, mb["labels"], temperature=temperature)
                 acc.backward(out.loss_sum * scale)
                 for k, v in out.component_sums.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().double()
@@ -296,7 +449,7 @@ class Distiller:
             accelerator=self.accelerator,
             unwrapped=unwrapped,
             vocab_size=self.vocab_size,
-            teacher=self.teacher,
+            teacher=None if self.tokenizers_differ else self.teacher,  # agreement needs one vocabulary
             chunk_size=self.cfg.distillation.loss.chunk_size,
         )
 
@@ -311,7 +464,7 @@ class Distiller:
             vars(self.state),
             self.cfg.training.keep_last_n,
             protect=protect,
-            write_extra=self.ema.save if self.ema is not None else None,
+            write_extra=self._write_extra if (self.ema is not None or self.aux is not None) else None,
         )
 
     def _track_best(self, eval_loss: float) -> bool:
@@ -469,6 +622,8 @@ class Distiller:
             summary.update(best_step=best_step, best_eval_loss=self.state.best_eval_loss)
         if "agreement" in final_eval:
             summary["teacher_agreement"] = final_eval["agreement"]
+        if self.alignment_stats:
+            summary["alignment"] = self.alignment_stats
         if acc.is_main_process:
             if best_step is not None:  # the checkpoint's EMA or raw weights, as export_ema says
                 export_run(self.run_dir, final_dir, step=best_step)

@@ -50,12 +50,19 @@ class _Plan:
     ignore_index: int
     chunk_size: int
     vocab_map: Tensor | None
+    kd_valid: Tensor | None
+    target_logprob: Tensor | None
     generator: torch.Generator | None
     needs_grad: tuple[bool, bool, bool]
 
     @property
     def closed_form(self) -> bool:
-        return any(self.needs_grad) and self.spec.sparse is None and self.vocab_map is None
+        return (
+            any(self.needs_grad)
+            and self.spec.sparse is None
+            and self.vocab_map is None
+            and self.target_logprob is None
+        )
 
 
 @dataclass(frozen=True)
@@ -102,12 +109,21 @@ def _chunk_autograd(
     valid: Tensor,
     coefs: tuple[Tensor, Tensor],
     plan: _Plan,
+    target_logprob: Tensor | None = None,
 ) -> ChunkResult:
     """Any KD (sparse modes, vocab maps): the logit gradient by autograd on the chunk's graph."""
     need_grad = any(plan.needs_grad)
     logits.requires_grad_(need_grad)
     with torch.enable_grad():
-        kd = kd_per_position(logits, teacher, plan.spec, vocab_map=plan.vocab_map, generator=plan.generator)
+        kd = kd_per_position(
+            logits,
+            teacher,
+            plan.spec,
+            vocab_map=plan.vocab_map,
+            generator=plan.generator,
+            targets=labels,
+            target_logprob=target_logprob,
+        )
         loss = (coefs[0] * torch.where(valid, kd, 0.0)).sum()
         ce = None
         if labels is not None:
@@ -138,8 +154,9 @@ def _process_chunk(
     weights = valid.to(dtype)
     if plan.weights is not None:
         weights = torch.where(valid, plan.weights[rows].to(dtype), 0.0)
+    kd_weights = weights if plan.kd_valid is None else torch.where(plan.kd_valid[rows], weights, 0.0)
     coefs = (
-        weights * (plan.alpha * plan.kd_scale / plan.denominator),
+        kd_weights * (plan.alpha * plan.kd_scale / plan.denominator),
         weights * ((1.0 - plan.alpha) / plan.denominator),
     )
     hidden = s_hidden[rows]
@@ -166,7 +183,8 @@ def _process_chunk(
             if plan.sparse_teacher is not None
             else F.linear(t_hidden[rows], t_weight, t_bias)
         )
-        kd, ce, grad_logits = _chunk_autograd(logits, chunk_teacher, labels, valid, coefs, plan)
+        chunk_target = None if plan.target_logprob is None else plan.target_logprob[rows]
+        kd, ce, grad_logits = _chunk_autograd(logits, chunk_teacher, labels, valid, coefs, plan, chunk_target)
     grad_hidden, grad_weight, grad_bias = grads
     if grad_logits is not None:
         grad_logits = grad_logits.to(s_hidden.dtype)
@@ -176,7 +194,7 @@ def _process_chunk(
             grad_weight.addmm_(grad_logits.T, hidden)
         if grad_bias is not None:
             grad_bias += grad_logits.sum(0)
-    kd_sum = (weights * torch.where(valid, kd, 0.0)).sum()
+    kd_sum = (kd_weights * torch.where(valid, kd, 0.0)).sum()
     ce_sum = weights.new_zeros(()) if ce is None else (weights * ce).sum()
     return kd_sum, ce_sum
 
@@ -248,6 +266,9 @@ def fused_linear_divergence(
     num_samples: int = 64,
     sparse_teacher: SparseTeacher | None = None,
     generator: torch.Generator | None = None,
+    kd_mask: Tensor | None = None,
+    target_logprob: Tensor | None = None,
+    uld_weight: float = 0.0,
 ) -> DistillOutput:
     """Distillation loss from hidden states and output heads, computed chunk by chunk.
 
@@ -276,13 +297,21 @@ def fused_linear_divergence(
         alpha: KD weight in [0, 1]; must be 1 without labels.
         scale_by_t2: multiply the KD term by T².
         vocab_map: ``[Vs]`` int, teacher id per student id or -1 (see
-            :mod:`sakd.losses.vocab_map`); dense kinds only.
+            :mod:`sakd.losses.vocab_map`).
         reduction: ``"mean"`` (over valid tokens) or ``"sum"`` (for a trainer that divides by a
             global token count). ``"none"`` is not available: the head-weight gradient is
             accumulated over tokens during the forward pass.
         sparse: None (dense) or ``subset | topk_tail | sampled``, built per chunk from the
             teacher logits, or taken from ``sparse_teacher``.
-        top_k, num_samples, generator: parameters of the on-the-fly sparse modes.
+        top_k, num_samples, generator: parameters of the on-the-fly sparse modes (with a
+            vocab map, applied to the projected distributions).
+        kd_mask: ``[N]`` / ``[B, L]`` bool; the KD term only counts where True (CE still counts at
+            every valid position). Cross-tokenizer KD uses it for the positions that have a
+            teacher anchor. The normalizer stays the number of valid positions.
+        target_logprob: ``[N]`` / ``[B, L]`` teacher log-probability (at temperature T) of the
+            text of each position's label, by the chain rule, or NaN (needs ``vocab_map`` and
+            ``labels``; see :func:`sakd.losses.vocab_map.project_with_targets`).
+        uld_weight: with ``vocab_map``, weight of the ULD term on the unmapped ids.
         sparse_teacher: a stored :class:`SparseTeacher` with ``[N, K]`` / ``[B, L, K]`` fields
             (offline cache); replaces ``teacher_hidden`` / ``teacher_head_weight``.
 
@@ -291,7 +320,11 @@ def fused_linear_divergence(
         ``student_hidden``, ``student_head_weight`` and ``student_head_bias``), detached ``kd``
         and ``ce`` (None without labels) in the same reduction, and ``num_tokens``.
     """
-    spec = KDSpec(kind, temperature, beta, skew, sparse, top_k, num_samples)
+    spec = KDSpec(kind, temperature, beta, skew, sparse, top_k, num_samples, uld_weight)
+    if (target_logprob is not None or uld_weight > 0) and vocab_map is None:
+        raise ValueError("target_logprob and uld_weight need a vocab_map")
+    if target_logprob is not None and labels is None:
+        raise ValueError("target_logprob needs labels (the targets whose text it scores)")
     check_blend(alpha, labels)
     check_reduction(reduction)
     if reduction == "none":
@@ -334,6 +367,8 @@ def fused_linear_divergence(
         ignore_index=ignore_index,
         chunk_size=chunk_size,
         vocab_map=vocab_map,
+        kd_valid=None if kd_mask is None else _flatten(kd_mask, 0).bool(),
+        target_logprob=None if target_logprob is None else _flatten(target_logprob, 0),
         generator=generator,
         needs_grad=tuple(
             grad_on and t is not None and t.requires_grad

@@ -16,7 +16,7 @@ from .cross_entropy import cross_entropy_per_position
 from .divergences import check_divergence_args, divergence_from_logprobs, tempered_logprobs
 from .reduction import check_reduction, reduce_positions, zero_masked_rows
 from .sparse import SPARSE_MODES, SparseTeacher, sparse_per_position
-from .vocab_map import check_vocab_map, project_to_shared_support
+from .vocab_map import check_vocab_map, project_to_shared_support, project_with_targets
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class KDSpec:
         sparse: None for the dense divergence, else ``subset | topk_tail | sampled``.
         top_k: k for ``subset`` / ``topk_tail`` built from dense teacher logits.
         num_samples: n for ``sampled`` built from dense teacher logits.
+        uld_weight: with a vocab map, weight of an extra ULD term (sorted-probability distance,
+            :func:`sakd.losses.uld.uld_distance`) between the student's and the teacher's
+            probabilities on their *unmapped* ids, which the projection can only lump together.
     """
 
     kind: str = "fkl"
@@ -40,6 +43,7 @@ class KDSpec:
     sparse: str | None = None
     top_k: int = 64
     num_samples: int = 64
+    uld_weight: float = 0.0
 
     def __post_init__(self) -> None:
         check_divergence_args(self.kind, temperature=self.temperature, beta=self.beta, skew=self.skew)
@@ -47,6 +51,8 @@ class KDSpec:
             raise ValueError(f"unknown sparse mode {self.sparse!r}; expected None or one of {SPARSE_MODES}")
         if self.sparse == "sampled" and self.kind != "fkl":
             raise ValueError(f"sampled KD estimates forward KL only; got kind={self.kind!r}")
+        if self.uld_weight < 0:
+            raise ValueError(f"uld_weight must be >= 0, got {self.uld_weight}")
         if self.top_k < 1 or self.num_samples < 1:
             raise ValueError(f"top_k and num_samples must be >= 1, got {self.top_k}, {self.num_samples}")
 
@@ -58,6 +64,8 @@ def kd_per_position(
     *,
     vocab_map: Tensor | None = None,
     generator: torch.Generator | None = None,
+    targets: Tensor | None = None,
+    target_logprob: Tensor | None = None,
 ) -> Tensor:
     """The KD divergence at each position, without reduction or T² scaling.
 
@@ -66,44 +74,88 @@ def kd_per_position(
         teacher: ``[..., Vt]`` dense teacher logits, or a stored :class:`SparseTeacher`
             (requires ``spec.sparse``).
         spec: what to compute.
-        vocab_map: ``[Vs]`` student → teacher id or -1 (dense kinds only); without it
-            ``Vs == Vt`` is required.
+        vocab_map: ``[Vs]`` student → teacher id or -1; without it ``Vs == Vt`` is required.
+            Both distributions are projected onto the shared support first
+            (:mod:`sakd.losses.vocab_map`); a sparse mode is then applied on that support.
         generator: random generator for on-the-fly ``sampled``.
+        targets, target_logprob: ``[...]`` student target ids and the teacher's chain-rule
+            log-probability of each target's text (NaN where unknown), at temperature
+            ``spec.temperature``; see :func:`sakd.losses.vocab_map.project_with_targets`.
+            Only with a vocab map.
 
     Returns:
-        ``[...]`` per-position divergence.
+        ``[...]`` per-position divergence (plus ``uld_weight`` × ULD with a vocab map).
     """
-    if spec.sparse is not None:
+    if isinstance(teacher, SparseTeacher):
+        if spec.sparse is None:
+            raise ValueError(f"a SparseTeacher needs a sparse mode (one of {SPARSE_MODES})")
         if vocab_map is not None:
-            raise ValueError("vocab_map is not supported with sparse teacher signals yet")
-        return sparse_per_position(
-            student_logits,
-            teacher,
+            raise ValueError(
+                "a stored SparseTeacher holds teacher ids; with a vocab map pass dense teacher logits "
+                "(the sparse mode is then applied on the shared support)"
+            )
+    if vocab_map is None:
+        if spec.sparse is not None:
+            return sparse_per_position(
+                student_logits,
+                teacher,
+                spec.sparse,
+                spec.kind,
+                temperature=spec.temperature,
+                beta=spec.beta,
+                skew=spec.skew,
+                top_k=spec.top_k,
+                num_samples=spec.num_samples,
+                generator=generator,
+            )
+        student_logprobs = tempered_logprobs(student_logits, spec.temperature)
+        teacher_logprobs = tempered_logprobs(teacher, spec.temperature).to(student_logprobs.dtype)
+        if student_logprobs.shape[-1] != teacher_logprobs.shape[-1]:
+            raise ValueError(
+                f"student vocab {student_logprobs.shape[-1]} != teacher vocab {teacher_logprobs.shape[-1]}; "
+                "pass a vocab_map to distill across tokenizers"
+            )
+        return divergence_from_logprobs(
+            student_logprobs, teacher_logprobs, spec.kind, beta=spec.beta, skew=spec.skew
+        )
+    student_full = tempered_logprobs(student_logits, spec.temperature)
+    teacher_full = tempered_logprobs(teacher, spec.temperature).to(student_full.dtype)
+    if target_logprob is not None:
+        if targets is None:
+            raise ValueError("target_logprob needs targets")
+        student_lp, teacher_lp = project_with_targets(
+            student_full, teacher_full, vocab_map, targets, target_logprob
+        )
+    else:
+        student_lp, teacher_lp = project_to_shared_support(student_full, teacher_full, vocab_map)
+    if spec.sparse is not None:  # sparsify the projected distributions (log-probs are logits at T = 1)
+        kd = sparse_per_position(
+            student_lp,
+            teacher_lp,
             spec.sparse,
             spec.kind,
-            temperature=spec.temperature,
+            temperature=1.0,
             beta=spec.beta,
             skew=spec.skew,
-            top_k=spec.top_k,
+            top_k=min(spec.top_k, student_lp.shape[-1]),
             num_samples=spec.num_samples,
             generator=generator,
         )
-    if isinstance(teacher, SparseTeacher):
-        raise ValueError(f"a SparseTeacher needs a sparse mode (one of {SPARSE_MODES})")
-    student_logprobs = tempered_logprobs(student_logits, spec.temperature)
-    teacher_logprobs = tempered_logprobs(teacher, spec.temperature).to(student_logprobs.dtype)
-    if vocab_map is not None:
-        student_logprobs, teacher_logprobs = project_to_shared_support(
-            student_logprobs, teacher_logprobs, vocab_map
-        )
-    elif student_logprobs.shape[-1] != teacher_logprobs.shape[-1]:
-        raise ValueError(
-            f"student vocab {student_logprobs.shape[-1]} != teacher vocab {teacher_logprobs.shape[-1]}; "
-            "pass a vocab_map to distill across tokenizers"
-        )
-    return divergence_from_logprobs(
-        student_logprobs, teacher_logprobs, spec.kind, beta=spec.beta, skew=spec.skew
-    )
+    else:
+        kd = divergence_from_logprobs(student_lp, teacher_lp, spec.kind, beta=spec.beta, skew=spec.skew)
+    if spec.uld_weight > 0:
+        from .uld import uld_distance
+
+        mapped_s = vocab_map >= 0
+        mapped_t = torch.zeros(teacher_full.shape[-1], dtype=torch.bool, device=vocab_map.device)
+        mapped_t[vocab_map[mapped_s].long()] = True
+        kd = kd + spec.uld_weight * uld_distance(
+            student_full.reshape(-1, student_full.shape[-1]),
+            teacher_full.reshape(-1, teacher_full.shape[-1]),
+            student_mask=~mapped_s,
+            teacher_mask=~mapped_t,
+        ).reshape(kd.shape)
+    return kd
 
 
 @dataclass(frozen=True)

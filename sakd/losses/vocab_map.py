@@ -73,3 +73,79 @@ def project_to_shared_support(
         torch.cat([student, student_tail.unsqueeze(-1)], -1),
         torch.cat([teacher, teacher_tail.unsqueeze(-1)], -1),
     )
+
+
+def support_index(vocab_map: Tensor) -> Tensor:
+    """``[Vs]`` int64: the bucket of each mapped student id in :func:`project_to_shared_support`'s
+    output (mapped ids keep their order), -1 for unmapped ids."""
+    mapped = vocab_map >= 0
+    return torch.where(mapped, mapped.long().cumsum(0) - 1, -1)
+
+
+def _normalize(x: Tensor) -> Tensor:
+    return x - torch.logsumexp(x, dim=-1, keepdim=True)
+
+
+def project_with_targets(
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    vocab_map: Tensor,
+    targets: Tensor,
+    target_logprob: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`project_to_shared_support`, with the teacher's probability of each row's target
+    student token supplied from elsewhere (the chain rule over the teacher tokens that spell it).
+
+    Rows with a finite ``target_logprob`` are adjusted: when the target ``y`` is mapped, its
+    teacher bucket becomes ``p(map(y)) + p_chain(y)`` (two tokenizations of the same text);
+    when it is unmapped, ``y`` gets a bucket of its own on both sides (student: ``q(y)``, taken
+    out of the student's tail; teacher: ``p_chain(y)``). The teacher side is then
+    renormalized. If no row has a finite ``target_logprob`` the result is exactly
+    :func:`project_to_shared_support`'s.
+
+    Args:
+        student_logprobs: ``[N, Vs]``; teacher_logprobs: ``[N, Vt]`` (normalized log-probs).
+        vocab_map: ``[Vs]`` teacher id per student id, or -1.
+        targets: ``[N]`` student target ids (any value where ``target_logprob`` is NaN).
+        target_logprob: ``[N]`` teacher log-probability of the target's text, or NaN.
+
+    Returns:
+        ``(student, teacher)`` log-probs over the same ``M + 1`` (no shared tail) or ``M + 2``
+        buckets: the mapped ids, the own-target bucket, and the shared tail.
+    """
+    has = torch.isfinite(target_logprob)
+    if not bool(has.any()):
+        return project_to_shared_support(student_logprobs, teacher_logprobs, vocab_map)
+    student_ids = (vocab_map >= 0).nonzero().squeeze(-1)
+    teacher_ids = vocab_map[student_ids].long()
+    vs, vt = student_logprobs.shape[-1], teacher_logprobs.shape[-1]
+    student = student_logprobs.index_select(-1, student_ids)
+    teacher = teacher_logprobs.index_select(-1, teacher_ids)
+    y = torch.where(has, targets, 0).clamp(0, vs - 1).long()
+    bucket = support_index(vocab_map)[y]
+    mapped_y, own_y = has & (bucket >= 0), has & (bucket < 0)
+    chain = torch.where(has, target_logprob, float("-inf")).to(teacher.dtype)
+    # a mapped target: add the multi-token path to the single-token path of the same text
+    col = bucket.clamp_min(0).unsqueeze(-1)
+    current = teacher.gather(-1, col).squeeze(-1)
+    teacher = teacher.scatter(
+        -1, col, torch.where(mapped_y, torch.logaddexp(current, chain), current).unsqueeze(-1)
+    )
+    # an unmapped target: a bucket of its own on both sides
+    neg_inf = torch.full_like(chain, float("-inf"))
+    s_y = torch.where(own_y, student_logprobs.gather(-1, y.unsqueeze(-1)).squeeze(-1), neg_inf)
+    student = torch.cat([student, s_y.unsqueeze(-1)], -1)
+    teacher = torch.cat([teacher, torch.where(own_y, chain, neg_inf).unsqueeze(-1)], -1)
+    if student_ids.numel() < vs and teacher_ids.numel() < vt:  # a shared tail, without q(y)
+        unmapped_s = torch.ones(vs, dtype=torch.bool, device=vocab_map.device)
+        unmapped_s[student_ids] = False
+        rest_s = unmapped_s.unsqueeze(0) & (
+            torch.arange(vs, device=y.device).unsqueeze(0) != torch.where(own_y, y, -1).unsqueeze(-1)
+        )
+        unmapped_t = torch.ones(vt, dtype=torch.bool, device=vocab_map.device)
+        unmapped_t[teacher_ids] = False
+        s_tail = logsumexp_or_neginf(student_logprobs.masked_fill(~rest_s, float("-inf")))
+        t_tail = logsumexp_or_neginf(teacher_logprobs.masked_fill(~unmapped_t, float("-inf")))
+        student = torch.cat([student, s_tail.unsqueeze(-1)], -1)
+        teacher = torch.cat([teacher, t_tail.unsqueeze(-1)], -1)
+    return _normalize(student), _normalize(teacher)

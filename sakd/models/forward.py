@@ -3,15 +3,20 @@
 The KD and CE losses are computed from ``hidden @ head.T`` one chunk of tokens at a time, so a
 ``[batch, seq, vocab]`` logits tensor is never built.  The forward goes through the (possibly
 DDP/DeepSpeed-wrapped) model itself — so distributed hooks run — with ``logits_to_keep=1`` so the
-model computes logits for one position only.
+model computes logits for one position only.  Auxiliary losses ask for more: selected hidden
+states, attention maps of selected layers, and (MoE teachers) the router's expert probabilities —
+see :mod:`sakd.models.capture`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from sakd.models.capture import RouterSignal, capture, router_signal, router_top_k
 
 
 @dataclass
@@ -19,7 +24,9 @@ class HiddenAndHead:
     hidden: torch.Tensor  # [B, L, H] final (normed) hidden states
     head_weight: torch.Tensor  # [V, H]
     head_bias: torch.Tensor | None  # [V] or None
-    router_logits: tuple[torch.Tensor, ...] | None = None  # MoE: per layer [B*L, E]
+    router: RouterSignal | None = None  # MoE: per layer [B*L, experts] probabilities + chosen experts
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)  # hidden_states[i] -> [B, L, H]
+    attentions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, heads, L, L]
 
 
 def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -33,17 +40,42 @@ def hidden_and_head(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
-    router_logits: bool = False,
+    router: bool = False,
+    hidden_layers: Sequence[int] = (),
+    attention_layers: Sequence[int] = (),
 ) -> HiddenAndHead:
-    """Run ``model`` (wrapped or not; ``unwrapped`` is the bare HF model) and return hidden states + head."""
-    kwargs = {"output_router_logits": True} if router_logits else {}
+    """Run ``model`` (wrapped or not; ``unwrapped`` is the bare HF model) and return hidden states + head.
+
+    ``router`` asks an MoE model for its router probabilities (a dense model gives None);
+    ``hidden_layers`` / ``attention_layers`` select internals for the auxiliary losses (attention
+    layers must be enabled with :func:`sakd.models.capture.enable_selective_attention`).
+    """
+    weight, bias = output_head(unwrapped)
+    if hidden_layers or attention_layers:
+        got = capture(
+            model,
+            input_ids,
+            attention_mask,
+            hidden_layers=hidden_layers,
+            attention_layers=attention_layers,
+            router=router,
+        )
+        return HiddenAndHead(got.hidden, weight, bias, got.router, got.layers, got.attentions)
+    is_moe = router and router_top_k(unwrapped.config) is not None
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         output_hidden_states=True,
         logits_to_keep=1,
         use_cache=False,
-        **kwargs,
+        **({"output_router_logits": True} if is_moe else {}),
     )
-    weight, bias = output_head(unwrapped)
-    return HiddenAndHead(out.hidden_states[-1], weight, bias, getattr(out, "router_logits", None))
+    signal = None
+    if is_moe:
+        signal = router_signal(
+            getattr(out, "router_logits", None),
+            top_k=router_top_k(unwrapped.config),
+            attention_mask=attention_mask,
+            batch_shape=tuple(input_ids.shape),
+        )
+    return HiddenAndHead(out.hidden_states[-1], weight, bias, signal)
