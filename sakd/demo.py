@@ -1,7 +1,8 @@
 """`sakd demo`: the offline end-to-end demo.
 
-corpus (generated, or --data FILE) -> byte-level BPE tokenizer trained on it -> a ``tiny-moe``
-teacher pretrained briefly on it (cached: it stands in for "the teacher you already have") ->
+corpus (generated, or --data FILE) -> two byte-level BPE tokenizers trained on it (the student's,
+and a larger one for the teacher, so the default path exercises cross-tokenizer alignment) -> a
+``tiny-moe`` teacher pretrained briefly on it with its own tokenizer (cached: it stands in for "the teacher you already have") ->
 the ``tiny-dense`` student distilled from it (KD) and, as a baseline, the same student trained on
 CE only with the same data order and step budget -> held-out perplexities, top-1 agreement with the
 teacher, a loss-curve PNG, the exported student and ``summary.json``.
@@ -22,17 +23,19 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import sakd
+from sakd.align import load_or_build_vocab_map
 from sakd.config import load_config
 from sakd.corpus import write_corpus
 from sakd.data import prepare_data
-from sakd.evaluate import evaluate
+from sakd.evaluate import cross_tokenizer_agreement, evaluate
 from sakd.models import load_tokenizer
 from sakd.trainer import Distiller
 
 # Budgets measured to keep the whole demo within ~5 minutes on 2 CPU cores (see README).
 DEMO = {
     "corpus_docs": 6000,
-    "vocab_size": 2048,
+    "vocab_size": 2048,  # the student's tokenizer
+    "teacher_vocab_size": 3072,  # the teacher's own, larger tokenizer (as in the real pairs)
     "block_size": 128,
     "teacher_steps": 600,
     "student_steps": 200,
@@ -81,6 +84,7 @@ def _run_config(
     tokenizer: Path,
     budget: dict[str, int],
     *,
+    teacher_tokenizer: Path | None = None,
     teacher: str,
     student: str,
     alpha: float,
@@ -88,7 +92,12 @@ def _run_config(
     lr: float,
 ) -> dict[str, Any]:
     return {
-        "model": {"teacher": teacher, "student": student, "tokenizer": str(tokenizer)},
+        "model": {
+            "teacher": teacher,
+            "student": student,
+            "tokenizer": str(tokenizer),
+            "teacher_tokenizer": None if teacher_tokenizer is None else str(teacher_tokenizer),
+        },
         "data": {"train": str(corpus), "block_size": budget["block_size"], "max_eval_blocks": 128},
         # T=1: on this corpus T=2 made the student worse than CE-only (measured; see README).
         "distillation": {"loss": {"kind": "fkl", "alpha": alpha, "temperature": 1.0, "chunk_size": 1024}},
@@ -193,17 +202,20 @@ def run_demo(
         corpus = Path(data)
         if not corpus.is_file():
             raise FileNotFoundError(f"demo data file not found: {data}")
-    corpus_key = f"{_file_hash(corpus)}-v{budget['vocab_size']}"
-    tok_dir = cache_root() / "demo-tokenizer" / corpus_key
-    if not (tok_dir / "tokenizer.json").is_file():
-        print("[demo] training a byte-level BPE tokenizer on the corpus")
-        train_tokenizer(corpus, tok_dir, budget["vocab_size"])
+    toks = {}
+    for role, size in (("student", budget["vocab_size"]), ("teacher", budget["teacher_vocab_size"])):
+        key = f"{_file_hash(corpus)}-v{size}"
+        toks[role] = cache_root() / "demo-tokenizer" / key
+        if not (toks[role] / "tokenizer.json").is_file():
+            print(f"[demo] training the {role}'s byte-level BPE tokenizer ({size} tokens) on the corpus")
+            train_tokenizer(corpus, toks[role], size)
+    tok_dir, teacher_tok_dir = toks["student"], toks["teacher"]
     teacher_key = (
-        f"{corpus_key}-s{budget['teacher_steps']}-b{budget['block_size']}x{budget['batch_size']}"
-        f"-sakd{sakd.__version__}"
+        f"{_file_hash(corpus)}-v{budget['teacher_vocab_size']}-s{budget['teacher_steps']}"
+        f"-b{budget['block_size']}x{budget['batch_size']}-sakd{sakd.__version__}"
     )
     t_teacher = time.perf_counter()
-    teacher_dir = prepare_teacher(corpus, tok_dir, teacher_key, budget)
+    teacher_dir = prepare_teacher(corpus, teacher_tok_dir, teacher_key, budget)
     teacher_seconds = time.perf_counter() - t_teacher
 
     runs = {}
@@ -214,6 +226,7 @@ def run_demo(
             corpus,
             tok_dir,
             budget,
+            teacher_tokenizer=teacher_tok_dir,
             teacher=str(teacher_dir),
             student="tiny-dense",
             alpha=alpha,
@@ -224,13 +237,26 @@ def run_demo(
 
     print("[demo] evaluating teacher and students on held-out text")
     cfg, _ = load_config(runs["kd"][0])
-    tokenizer = load_tokenizer(str(tok_dir))
-    eval_blocks = prepare_data(cfg.data, tokenizer, cfg.training.seed).eval
+    tokenizer, teacher_tok = load_tokenizer(str(tok_dir)), load_tokenizer(str(teacher_tok_dir))
+    aligned = prepare_data(cfg.data, tokenizer, cfg.training.seed, teacher_tok)
+    teacher_blocks = prepare_data(cfg.data, teacher_tok, cfg.training.seed).eval
+    vmap, _ = load_or_build_vocab_map(tokenizer, teacher_tok, cache_root() / "vocab_maps")
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
-    results = {"teacher": evaluate(teacher, eval_blocks, batch_size=16)}
+    results = {"teacher": evaluate(teacher, teacher_blocks, batch_size=16)}
     for name in ("kd", "ce"):
         student = AutoModelForCausalLM.from_pretrained(runs[name][1]["final_dir"]).eval()
-        results[name] = evaluate(student, eval_blocks, batch_size=16, teacher=teacher)
+        results[name] = evaluate(student, aligned.eval, batch_size=16)
+        results[name].update(
+            cross_tokenizer_agreement(
+                student,
+                teacher,
+                aligned,
+                vmap.student_to_teacher,
+                batch_size=16,
+                vocab_size=len(tokenizer),
+                teacher_vocab_size=len(teacher_tok),
+            )
+        )
     plot = plot_curves(
         out / "loss_curves.png", out / "kd_student", out / "ce_student", results["teacher"]["loss"]
     )
@@ -250,7 +276,11 @@ def run_demo(
             if kd_beats_ce
             else "KD did NOT beat the CE-only baseline on this corpus at this budget"
         ),
-        "eval_tokens": results["teacher"]["tokens"],
+        "eval_tokens": results["kd"]["tokens"],
+        "teacher_eval_tokens": results["teacher"]["tokens"],
+        "student_vocab": len(tokenizer),
+        "teacher_vocab": len(teacher_tok),
+        "alignment": runs["kd"][1].get("alignment", {}),
         "student_steps": budget["student_steps"],
         "train_seconds": round(runs["kd"][1]["train_seconds"] + runs["ce"][1]["train_seconds"], 2),
         "kd_train_seconds": runs["kd"][1]["train_seconds"],

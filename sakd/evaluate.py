@@ -98,3 +98,71 @@ def evaluate(
     if teacher is not None:
         out["agreement"] = agree / max(n, 1.0)
     return out
+
+
+def _head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    return nn.functional.linear(
+        hidden.float(), weight[:vocab].float(), None if bias is None else bias[:vocab].float()
+    )
+
+
+@torch.no_grad()
+def cross_tokenizer_agreement(
+    model: nn.Module,
+    teacher: nn.Module,
+    bundle: Any,
+    vocab_map: torch.Tensor,
+    *,
+    batch_size: int,
+    vocab_size: int,
+    teacher_vocab_size: int,
+    chunk_size: int = 1024,
+    accelerator: Accelerator | None = None,
+) -> dict[str, float]:
+    """Top-1 agreement across tokenizers, on held-out blocks packed with the alignment.
+
+    At each student position that ends on a shared boundary with the teacher (an anchor), both models
+    predict the continuation of the same text; they agree when the student's argmax token maps (by the
+    vocab map) to the teacher's argmax token. Returns ``agreement`` (share of anchored positions),
+    ``anchored`` (share of student positions that have an anchor) and ``teacher_mass_mapped`` (mean
+    teacher probability, at T = 1 and anchored positions, on teacher tokens the map reaches).
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    unwrapped = accelerator.unwrap_model(model) if accelerator else model
+    was_training = model.training
+    model.eval()
+    vmap = vocab_map.to(device)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # agree, anchored, positions, mapped mass
+    mapped_t = torch.zeros(teacher_vocab_size, dtype=torch.bool, device=device)
+    mapped_t[vmap[vmap >= 0]] = True
+    blocks = bundle.eval
+    n = len(blocks)
+    for lo in range(rank * batch_size, n, batch_size * world):
+        batch = bundle.batch(blocks, list(range(lo, min(lo + batch_size, n))))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        s = hidden_and_head(model, unwrapped, batch["input_ids"])
+        t = hidden_and_head(teacher, teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"])
+        anchor = batch["anchor"]
+        ok = anchor >= 0
+        t_hidden = t.hidden.gather(1, anchor.clamp_min(0).unsqueeze(-1).expand(-1, -1, t.hidden.shape[-1]))
+        sh, th = s.hidden[ok], t_hidden[ok]
+        for c in range(0, sh.shape[0], chunk_size):
+            s_arg = nn.functional.linear(
+                sh[c : c + chunk_size].float(), s.head_weight[:vocab_size].float()
+            ).argmax(-1)
+            t_arg = nn.functional.linear(
+                th[c : c + chunk_size].float(), t.head_weight[:teacher_vocab_size].float()
+            ).argmax(-1)
+            totals[0] += (vmap[s_arg] == t_arg).sum().double()
+        totals[1] += ok.sum().double()
+        totals[2] += anchor.numel()
+    if accelerator is not None and world > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    model.train(was_training)
+    agree, anchored, positions, mass = totals.tolist()
+    return {
+        "agreement": agree / max(anchored, 1.0),
+        "anchored": anchored / max(positions, 1.0),
+        "teacher_mass_mapped": mass / max(anchored, 1.0),
+    }

@@ -40,7 +40,7 @@ from sakd.config import RunConfig, dump_config
 from sakd.curriculum import temperature_at
 from sakd.data import BatchPlan, DataBundle, prepare_data
 from sakd.ema import EMA_FILE, StudentEMA
-from sakd.evaluate import evaluate
+from sakd.evaluate import cross_tokenizer_agreement, evaluate
 from sakd.export import export_run, save_model_dir
 from sakd.losses.auxiliary import AuxiliaryHeads, layer_pairs
 from sakd.models import freeze, load_model, load_tokenizer
@@ -270,6 +270,15 @@ class Distiller:
         self.tokenizers_differ = differ
         self.aligned = differ or acfg.mode == "always"
         if not differ:
+            n = len(self.tokenizer)
+            if self.aligned:
+                self.alignment_stats = {
+                    "student_vocab": n,
+                    "teacher_vocab": n,
+                    "mapped": n,
+                    "student_coverage": 1.0,
+                    "teacher_vocab_coverage": 1.0,
+                }
             return
         cache = acfg.cache_dir or str(
             Path(os.environ.get("SAKD_CACHE_DIR", Path.home() / ".cache" / "sakd")) / "vocab_maps"
@@ -442,7 +451,7 @@ class Distiller:
         model, unwrapped = self.student, self.accelerator.unwrap_model(self.student)
         if self.ema is not None and self.cfg.training.eval_with_ema:
             model = unwrapped = self.ema.module
-        return evaluate(
+        out = evaluate(
             model,
             self.data.eval,
             batch_size=self.cfg.training.eval_batch_size,
@@ -452,6 +461,21 @@ class Distiller:
             teacher=None if self.tokenizers_differ else self.teacher,  # agreement needs one vocabulary
             chunk_size=self.cfg.distillation.loss.chunk_size,
         )
+        if self.teacher is not None and self.tokenizers_differ and self.vocab_map is not None:
+            cross = cross_tokenizer_agreement(
+                model,
+                self.teacher,
+                self.data,
+                self.vocab_map,
+                batch_size=self.cfg.training.eval_batch_size,
+                vocab_size=self.vocab_size,
+                teacher_vocab_size=len(self.teacher_tokenizer),
+                chunk_size=self.cfg.distillation.loss.chunk_size,
+                accelerator=self.accelerator,
+            )
+            out["agreement"] = cross["agreement"]
+            out["teacher_mass_mapped"] = cross["teacher_mass_mapped"]
+        return out
 
     def save_checkpoint(self) -> Path:
         protect = [self.resumed_from] if self.resumed_from is not None else []
@@ -623,7 +647,9 @@ class Distiller:
         if "agreement" in final_eval:
             summary["teacher_agreement"] = final_eval["agreement"]
         if self.alignment_stats:
-            summary["alignment"] = self.alignment_stats
+            summary["alignment"] = dict(self.alignment_stats)
+            if "teacher_mass_mapped" in final_eval:
+                summary["alignment"]["teacher_mass_mapped"] = final_eval["teacher_mass_mapped"]
         if acc.is_main_process:
             if best_step is not None:  # the checkpoint's EMA or raw weights, as export_ema says
                 export_run(self.run_dir, final_dir, step=best_step)

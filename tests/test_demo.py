@@ -14,6 +14,7 @@ pytestmark = pytest.mark.integration
 TINY = {
     "corpus_docs": 300,
     "vocab_size": 320,
+    "teacher_vocab_size": 400,
     "block_size": 32,
     "teacher_steps": 6,
     "student_steps": 4,
@@ -37,6 +38,9 @@ def test_demo_tiny_budget(tmp_path, monkeypatch, capsys):
     assert on_disk == summary
     assert all(1 < summary[k] < 1e6 for k in ("teacher_ppl", "kd_student_ppl", "ce_student_ppl"))
     assert 0 <= summary["kd_student_agreement"] <= 1
+    # teacher and student tokenize differently: the default path goes through the alignment
+    assert summary["student_vocab"] != summary["teacher_vocab"]
+    assert 0 < summary["alignment"]["anchored"] <= 1 and 0 < summary["alignment"]["student_coverage"] <= 1
     assert summary["kd_beats_ce"] == (summary["kd_student_ppl"] < summary["ce_student_ppl"])
     assert (tmp_path / "demo" / "loss_curves.png").stat().st_size > 1000
     AutoModelForCausalLM.from_pretrained(summary["student_dir"])  # the exported student loads
