@@ -34,8 +34,10 @@ from sakd.trainer import Distiller
 # Budgets measured to keep the whole demo within ~5 minutes on 2 CPU cores (see README).
 DEMO = {
     "corpus_docs": 6000,
-    "vocab_size": 2048,  # the student's tokenizer
-    "teacher_vocab_size": 3072,  # the teacher's own, larger tokenizer (as in the real pairs)
+    # the student's tokenizer, and the teacher's own, larger one (as in the real pairs; the generated
+    # corpus supports at most ~1,870 BPE tokens, so larger requests stop there)
+    "vocab_size": 1024,
+    "teacher_vocab_size": 2048,
     "block_size": 128,
     "teacher_steps": 600,
     "student_steps": 200,

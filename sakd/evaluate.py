@@ -148,12 +148,10 @@ def cross_tokenizer_agreement(
         t_hidden = t.hidden.gather(1, anchor.clamp_min(0).unsqueeze(-1).expand(-1, -1, t.hidden.shape[-1]))
         sh, th = s.hidden[ok], t_hidden[ok]
         for c in range(0, sh.shape[0], chunk_size):
-            s_arg = nn.functional.linear(
-                sh[c : c + chunk_size].float(), s.head_weight[:vocab_size].float()
-            ).argmax(-1)
-            t_arg = nn.functional.linear(
-                th[c : c + chunk_size].float(), t.head_weight[:teacher_vocab_size].float()
-            ).argmax(-1)
+            s_arg = _head(sh[c : c + chunk_size], s.head_weight, s.head_bias, vocab_size).argmax(-1)
+            t_logits = _head(th[c : c + chunk_size], t.head_weight, t.head_bias, teacher_vocab_size)
+            t_arg = t_logits.argmax(-1)
+            totals[3] += torch.softmax(t_logits, -1)[:, mapped_t].sum().double()
             totals[0] += (vmap[s_arg] == t_arg).sum().double()
         totals[1] += ok.sum().double()
         totals[2] += anchor.numel()

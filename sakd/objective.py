@@ -45,6 +45,8 @@ class Objective:
     teacher_vocab_size: the teacher's, when it has its own tokenizer.
     vocab_map: ``[vocab_size]`` student → teacher ids (-1 unmapped) for different tokenizers;
         None for identical ones.
+    teacher_to_student: ``[teacher_vocab_size]`` many-to-one map (teacher token → the student token
+        its text begins with); when given, the KD projection sums teacher probabilities through it.
     distillation: the whole section, for the alignment options and the auxiliary-loss weights.
     aux: the trainable projections of the auxiliary losses.
     attention_pairs: ``(student layer, teacher layer)`` attention maps to match.
@@ -59,12 +61,14 @@ class Objective:
         vocab_map: torch.Tensor | None = None,
         distillation: DistillationConfig | None = None,
         aux: AuxiliaryHeads | None = None,
+        teacher_to_student: torch.Tensor | None = None,
         attention_pairs: list[tuple[int, int]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.teacher_vocab_size = teacher_vocab_size or vocab_size
         self.vocab_map = vocab_map
+        self.teacher_to_student = teacher_to_student
         self.dcfg = distillation or DistillationConfig(loss=cfg)
         self.aux = aux
         self.attention_pairs = list(attention_pairs or [])
@@ -189,7 +193,8 @@ class Objective:
                 sparse=None if cfg.sparse == "none" else cfg.sparse,
                 top_k=cfg.kd_top_k or 1,
                 num_samples=cfg.num_samples,
-                vocab_map=vocab_map,
+                vocab_map=None if self.teacher_to_student is not None else vocab_map,
+                teacher_to_student=self.teacher_to_student if vocab_map is not None else None,
                 kd_mask=kd_mask,
                 target_logprob=target_logprob,
                 uld_weight=self.dcfg.alignment.uld_weight if vocab_map is not None else 0.0,

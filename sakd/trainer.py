@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from sakd import checkpoint, rundir
-from sakd.align import load_or_build_vocab_map
+from sakd.align import first_piece_map, load_or_build_vocab_map
 from sakd.align.positions import alignment_coverage
 from sakd.config import RunConfig, dump_config
 from sakd.curriculum import temperature_at
@@ -151,6 +151,7 @@ class Distiller:
         self.tokenizers_differ = False
         self.aligned = False  # teacher tokens + position alignment in every batch
         self.vocab_map: torch.Tensor | None = None
+        self.teacher_to_student: torch.Tensor | None = None
         self.alignment_stats: dict[str, Any] = {}
         self.attention_pairs: list[tuple[int, int]] = []
         if self.use_teacher:
@@ -240,6 +241,7 @@ class Distiller:
             vocab_size=self.vocab_size,
             teacher_vocab_size=len(self.teacher_tokenizer) if self.teacher_tokenizer is not None else None,
             vocab_map=self.vocab_map,
+            teacher_to_student=self.teacher_to_student,
             distillation=cfg.distillation,
             aux=self.aux,
             attention_pairs=self.attention_pairs,
@@ -286,7 +288,13 @@ class Distiller:
         with self.accelerator.main_process_first():
             vmap, cached = load_or_build_vocab_map(self.tokenizer, teacher_tok, cache)
         self.vocab_map = None if vmap.is_identity() else vmap.student_to_teacher.to(self.accelerator.device)
+        if self.vocab_map is not None:
+            t2s = first_piece_map(self.tokenizer, teacher_tok, vmap)
+            self.teacher_to_student = t2s.to(self.accelerator.device)
+            prefix_share = float((t2s >= 0).float().mean())
         self.alignment_stats = {**vmap.stats(), "vocab_map_cached": cached}
+        if self.teacher_to_student is not None:
+            self.alignment_stats["teacher_vocab_with_student_prefix"] = prefix_share
         if vmap.num_mapped == 0:
             raise RunDirError(
                 "no student token has a teacher token with the same text; check model.tokenizer and "

@@ -181,3 +181,46 @@ def test_fused_cross_vocab_equals_reference(sparse):
     assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert torch.allclose(g_fused[0], hidden.grad, atol=1e-5)
     assert torch.allclose(g_fused[1], w.grad, atol=1e-5)
+
+
+def test_many_to_one_projection_sums_teacher_tokens_by_student_prefix():
+    from sakd.losses.vocab_map import project_many_to_one
+
+    torch.manual_seed(0)
+    s, t = _lp(torch.randn(3, 5)), _lp(torch.randn(3, 7))
+    t2s = torch.tensor([0, 0, 1, 2, -1, 4, 4])  # teacher 0,1 begin with student 0; 5,6 with 4; 4 with none
+    ps, pt = project_many_to_one(s, t, t2s)
+    p = t.exp()
+    want = torch.stack([p[:, 0] + p[:, 1], p[:, 2], p[:, 3], p[:, 5] + p[:, 6], p[:, 4]], -1)
+    assert torch.allclose(pt.exp(), want, atol=1e-6)  # student 3 receives nothing: in the tail with teacher 4
+    assert torch.allclose(ps.exp()[:, :4], s.exp()[:, [0, 1, 2, 4]], atol=1e-6)
+    # a one-to-one map gives exactly the injective projection
+    vmap = torch.tensor([0, 2, -1, 3, 5])
+    inv = torch.full((7,), -1)
+    inv[vmap[vmap >= 0]] = torch.nonzero(vmap >= 0).squeeze(-1)
+    for a, b in zip(project_many_to_one(s, t, inv), project_to_shared_support(s, t, vmap), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_first_piece_map(corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    from sakd.align import build_vocab_map, first_piece_map, token_bytes
+
+    small = AutoTokenizer.from_pretrained(train_tokenizer(corpus, tmp_path / "s", 280))
+    big = AutoTokenizer.from_pretrained(train_tokenizer(corpus, tmp_path / "b", 700))
+    vmap = build_vocab_map(small, big)
+    t2s = first_piece_map(small, big, vmap)
+    sb, tb = token_bytes(small), token_bytes(big)
+    exact = vmap.teacher_to_student >= 0
+    assert torch.equal(t2s[exact], vmap.teacher_to_student[exact])
+    longer = 0
+    for v in range(len(tb)):
+        if t2s[v] >= 0 and tb[v] is not None:  # (special tokens map by role)
+            assert tb[v].startswith(sb[t2s[v]])
+            longer += len(tb[v]) > len(sb[t2s[v]])
+            # the longest such prefix
+            assert not any(
+                b and len(b) > len(sb[t2s[v]]) and tb[v].startswith(b) for b in sb if b is not None
+            )
+    assert longer > 0 and (t2s >= 0).float().mean() > 0.9

@@ -451,3 +451,31 @@ def load_or_build_vocab_map(
         if tmp.exists():
             tmp.unlink()
     return vmap, False
+
+
+def first_piece_map(student_tok: Any, teacher_tok: Any, vmap: VocabMap | None = None) -> Tensor:
+    """``[Vt]`` int64: for each teacher token, the longest student token whose bytes are a prefix of
+    its bytes (the student token the text continues with), or -1 (special tokens, or no prefix).
+
+    Exact matches (``vmap``) are kept as they are. This many-to-one map is what the cross-tokenizer
+    KD projects the teacher through (:func:`sakd.losses.vocab_map.project_many_to_one`).
+    """
+    vmap = vmap or build_vocab_map(student_tok, teacher_tok)
+    s_bytes = token_bytes(student_tok)
+    t_bytes = token_bytes(teacher_tok)
+    by_bytes: dict[bytes, int] = {}
+    for i in range(len(s_bytes)):
+        b = s_bytes[i]
+        if b and b not in by_bytes:
+            by_bytes[b] = i
+    longest = max((len(b) for b in by_bytes), default=0)
+    out = vmap.teacher_to_student.clone()
+    for v, b in enumerate(t_bytes):
+        if out[v] >= 0 or not b:
+            continue
+        for n in range(min(len(b), longest), 0, -1):
+            hit = by_bytes.get(b[:n])
+            if hit is not None:
+                out[v] = hit
+                break
+    return out

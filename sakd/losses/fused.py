@@ -50,6 +50,7 @@ class _Plan:
     ignore_index: int
     chunk_size: int
     vocab_map: Tensor | None
+    teacher_to_student: Tensor | None
     kd_valid: Tensor | None
     target_logprob: Tensor | None
     generator: torch.Generator | None
@@ -61,6 +62,7 @@ class _Plan:
             any(self.needs_grad)
             and self.spec.sparse is None
             and self.vocab_map is None
+            and self.teacher_to_student is None
             and self.target_logprob is None
         )
 
@@ -123,6 +125,7 @@ def _chunk_autograd(
             generator=plan.generator,
             targets=labels,
             target_logprob=target_logprob,
+            teacher_to_student=plan.teacher_to_student,
         )
         loss = (coefs[0] * torch.where(valid, kd, 0.0)).sum()
         ce = None
@@ -269,6 +272,7 @@ def fused_linear_divergence(
     kd_mask: Tensor | None = None,
     target_logprob: Tensor | None = None,
     uld_weight: float = 0.0,
+    teacher_to_student: Tensor | None = None,
 ) -> DistillOutput:
     """Distillation loss from hidden states and output heads, computed chunk by chunk.
 
@@ -312,6 +316,8 @@ def fused_linear_divergence(
             text of each position's label, by the chain rule, or NaN (needs ``vocab_map`` and
             ``labels``; see :func:`sakd.losses.vocab_map.project_with_targets`).
         uld_weight: with ``vocab_map``, weight of the ULD term on the unmapped ids.
+        teacher_to_student: ``[Vt]`` many-to-one map used instead of ``vocab_map`` for the
+            projection (:func:`sakd.losses.vocab_map.project_many_to_one`).
         sparse_teacher: a stored :class:`SparseTeacher` with ``[N, K]`` / ``[B, L, K]`` fields
             (offline cache); replaces ``teacher_hidden`` / ``teacher_head_weight``.
 
@@ -321,7 +327,7 @@ def fused_linear_divergence(
         and ``ce`` (None without labels) in the same reduction, and ``num_tokens``.
     """
     spec = KDSpec(kind, temperature, beta, skew, sparse, top_k, num_samples, uld_weight)
-    if (target_logprob is not None or uld_weight > 0) and vocab_map is None:
+    if (target_logprob is not None or uld_weight > 0) and vocab_map is None and teacher_to_student is None:
         raise ValueError("target_logprob and uld_weight need a vocab_map")
     if target_logprob is not None and labels is None:
         raise ValueError("target_logprob needs labels (the targets whose text it scores)")
@@ -346,6 +352,9 @@ def fused_linear_divergence(
         vs, vt = student_head_weight.shape[0], teacher_head_weight.shape[0]
         if vocab_map is not None:
             check_vocab_map(vocab_map, vs, vt)
+        elif teacher_to_student is not None:
+            if teacher_to_student.shape != (vt,) or int(teacher_to_student.max()) >= vs:
+                raise ValueError(f"teacher_to_student must be [{vt}] student ids in [0, {vs}) or -1")
         elif vs != vt:
             raise ValueError(
                 f"student vocab {vs} != teacher vocab {vt}; pass a vocab_map to distill across tokenizers"
@@ -367,6 +376,7 @@ def fused_linear_divergence(
         ignore_index=ignore_index,
         chunk_size=chunk_size,
         vocab_map=vocab_map,
+        teacher_to_student=teacher_to_student,
         kd_valid=None if kd_mask is None else _flatten(kd_mask, 0).bool(),
         target_logprob=None if target_logprob is None else _flatten(target_logprob, 0),
         generator=generator,

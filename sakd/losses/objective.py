@@ -16,7 +16,7 @@ from .cross_entropy import cross_entropy_per_position
 from .divergences import check_divergence_args, divergence_from_logprobs, tempered_logprobs
 from .reduction import check_reduction, reduce_positions, zero_masked_rows
 from .sparse import SPARSE_MODES, SparseTeacher, sparse_per_position
-from .vocab_map import check_vocab_map, project_to_shared_support, project_with_targets
+from .vocab_map import check_vocab_map, project_many_to_one, project_to_shared_support, project_with_targets
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ def kd_per_position(
     generator: torch.Generator | None = None,
     targets: Tensor | None = None,
     target_logprob: Tensor | None = None,
+    teacher_to_student: Tensor | None = None,
 ) -> Tensor:
     """The KD divergence at each position, without reduction or T² scaling.
 
@@ -82,6 +83,9 @@ def kd_per_position(
             log-probability of each target's text (NaN where unknown), at temperature
             ``spec.temperature``; see :func:`sakd.losses.vocab_map.project_with_targets`.
             Only with a vocab map.
+        teacher_to_student: ``[Vt]`` many-to-one map (each teacher token to the student token its
+            text begins with, or -1); replaces ``vocab_map`` for the projection
+            (:func:`sakd.losses.vocab_map.project_many_to_one`).
 
     Returns:
         ``[...]`` per-position divergence (plus ``uld_weight`` × ULD with a vocab map).
@@ -94,7 +98,7 @@ def kd_per_position(
                 "a stored SparseTeacher holds teacher ids; with a vocab map pass dense teacher logits "
                 "(the sparse mode is then applied on the shared support)"
             )
-    if vocab_map is None:
+    if vocab_map is None and teacher_to_student is None:
         if spec.sparse is not None:
             return sparse_per_position(
                 student_logits,
@@ -120,7 +124,11 @@ def kd_per_position(
         )
     student_full = tempered_logprobs(student_logits, spec.temperature)
     teacher_full = tempered_logprobs(teacher, spec.temperature).to(student_full.dtype)
-    if target_logprob is not None:
+    if teacher_to_student is not None:
+        student_lp, teacher_lp = project_many_to_one(
+            student_full, teacher_full, teacher_to_student, targets, target_logprob
+        )
+    elif target_logprob is not None:
         if targets is None:
             raise ValueError("target_logprob needs targets")
         student_lp, teacher_lp = project_with_targets(
@@ -146,9 +154,14 @@ def kd_per_position(
     if spec.uld_weight > 0:
         from .uld import uld_distance
 
-        mapped_s = vocab_map >= 0
-        mapped_t = torch.zeros(teacher_full.shape[-1], dtype=torch.bool, device=vocab_map.device)
-        mapped_t[vocab_map[mapped_s].long()] = True
+        if teacher_to_student is not None:
+            mapped_t = teacher_to_student >= 0
+            mapped_s = torch.zeros(student_full.shape[-1], dtype=torch.bool, device=mapped_t.device)
+            mapped_s[teacher_to_student[mapped_t]] = True
+        else:
+            mapped_s = vocab_map >= 0
+            mapped_t = torch.zeros(teacher_full.shape[-1], dtype=torch.bool, device=vocab_map.device)
+            mapped_t[vocab_map[mapped_s].long()] = True
         kd = kd + spec.uld_weight * uld_distance(
             student_full.reshape(-1, student_full.shape[-1]),
             teacher_full.reshape(-1, teacher_full.shape[-1]),

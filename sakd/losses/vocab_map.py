@@ -149,3 +149,75 @@ def project_with_targets(
         student = torch.cat([student, s_tail.unsqueeze(-1)], -1)
         teacher = torch.cat([teacher, t_tail.unsqueeze(-1)], -1)
     return _normalize(student), _normalize(teacher)
+
+
+def project_many_to_one(
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_to_student: Tensor,
+    targets: Tensor | None = None,
+    target_logprob: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Project the teacher onto the student vocabulary through a many-to-one map.
+
+    ``teacher_to_student[v]`` is the student token that teacher token ``v``'s text *begins with*
+    (its longest student-token prefix; :func:`sakd.align.vocab.first_piece_map`), or -1. The teacher's
+    probability of student token ``y`` is then ``Σ_{v → y} p(v)``: the probability that the text
+    continues with ``y`` as the student would cut it, which a one-to-one map gets wrong whenever
+    the teacher's next token is longer than the student's (it would drop ``p("Ġlives")`` and keep only
+    ``p("Ġli")``, a token the teacher rarely predicts because it would not cut there).
+
+    The support is the student ids that receive some teacher token, plus one shared tail (the
+    student's mass on the other ids, the teacher's on unmapped ids) when both sides have one; when
+    only one side does, that side is renormalized over the support. ``targets`` /
+    ``target_logprob`` add a chain-rule probability for each row's target as in
+    :func:`project_with_targets` (NaN = none).
+
+    Returns:
+        ``(student, teacher)`` normalized log-probs over the same buckets.
+    """
+    vs, vt = student_logprobs.shape[-1], teacher_logprobs.shape[-1]
+    mapped_t = teacher_to_student >= 0
+    receives = torch.zeros(vs, dtype=torch.bool, device=teacher_to_student.device)
+    receives[teacher_to_student[mapped_t]] = True
+    student_ids = receives.nonzero().squeeze(-1)
+    bucket_of = torch.full((vs,), -1, dtype=torch.long, device=receives.device)
+    bucket_of[student_ids] = torch.arange(student_ids.numel(), device=receives.device)
+    m = student_ids.numel()
+    lead = teacher_logprobs.shape[:-1]
+    t_flat = teacher_logprobs.reshape(-1, vt)
+    probs = t_flat[:, mapped_t].exp()
+    teacher = t_flat.new_zeros(t_flat.shape[0], m).index_add_(
+        1, bucket_of[teacher_to_student[mapped_t]], probs
+    )
+    teacher = teacher.clamp_min(torch.finfo(teacher.dtype).tiny).log().reshape(*lead, m)
+    teacher = torch.where(teacher <= torch.finfo(teacher.dtype).min / 2, float("-inf"), teacher)
+    student = student_logprobs.index_select(-1, student_ids)
+    s_rest_mask = ~receives
+    own = None
+    if target_logprob is not None and targets is not None and bool(torch.isfinite(target_logprob).any()):
+        has = torch.isfinite(target_logprob)
+        y = torch.where(has, targets, 0).clamp(0, vs - 1).long()
+        b = bucket_of[y]
+        chain = torch.where(has, target_logprob, float("-inf")).to(teacher.dtype)
+        col = b.clamp_min(0).unsqueeze(-1)
+        cur = teacher.gather(-1, col).squeeze(-1)
+        teacher = teacher.scatter(
+            -1, col, torch.where(has & (b >= 0), torch.logaddexp(cur, chain), cur).unsqueeze(-1)
+        )
+        own_y = has & (b < 0)
+        neg = torch.full_like(chain, float("-inf"))
+        s_y = torch.where(own_y, student_logprobs.gather(-1, y.unsqueeze(-1)).squeeze(-1), neg)
+        own = (own_y, y, s_y, torch.where(own_y, chain, neg))
+        student = torch.cat([student, s_y.unsqueeze(-1)], -1)
+        teacher = torch.cat([teacher, own[3].unsqueeze(-1)], -1)
+    if bool(s_rest_mask.any()) and bool((~mapped_t).any()):
+        rest = s_rest_mask.expand_as(student_logprobs)
+        if own is not None:
+            ar = torch.arange(vs, device=student_logprobs.device)
+            rest = rest & (ar != torch.where(own[0], own[1], -1).unsqueeze(-1))
+        s_tail = logsumexp_or_neginf(student_logprobs.masked_fill(~rest, float("-inf")))
+        t_tail = logsumexp_or_neginf(teacher_logprobs.masked_fill(mapped_t, float("-inf")))
+        student = torch.cat([student, s_tail.unsqueeze(-1)], -1)
+        teacher = torch.cat([teacher, t_tail.unsqueeze(-1)], -1)
+    return _normalize(student), _normalize(teacher)
