@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sakd.models.capture import RouterSignal, capture, router_signal, router_top_k
+from sakd.models.capture import RouterSignal, capture
 
 
 @dataclass
@@ -51,31 +51,12 @@ def hidden_and_head(
     layers must be enabled with :func:`sakd.models.capture.enable_selective_attention`).
     """
     weight, bias = output_head(unwrapped)
-    if hidden_layers or attention_layers:
-        got = capture(
-            model,
-            input_ids,
-            attention_mask,
-            hidden_layers=hidden_layers,
-            attention_layers=attention_layers,
-            router=router,
-        )
-        return HiddenAndHead(got.hidden, weight, bias, got.router, got.layers, got.attentions)
-    is_moe = router and router_top_k(unwrapped.config) is not None
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        output_hidden_states=True,
-        logits_to_keep=1,
-        use_cache=False,
-        **({"output_router_logits": True} if is_moe else {}),
+    got = capture(
+        model,
+        input_ids,
+        attention_mask,
+        hidden_layers=hidden_layers,
+        attention_layers=attention_layers,
+        router=router,
     )
-    signal = None
-    if is_moe:
-        signal = router_signal(
-            getattr(out, "router_logits", None),
-            top_k=router_top_k(unwrapped.config),
-            attention_mask=attention_mask,
-            batch_shape=tuple(input_ids.shape),
-        )
-    return HiddenAndHead(out.hidden_states[-1], weight, bias, signal)
+    return HiddenAndHead(got.hidden, weight, bias, got.router, got.layers, got.attentions)
