@@ -24,11 +24,13 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"sakd: note: {note}", file=sys.stderr)
     try:
-        summary = Distiller(cfg, resume=args.resume, overwrite=args.overwrite).train()
+        distiller = Distiller(cfg, resume=args.resume, overwrite=args.overwrite)
+        summary = distiller.train()
     except TrainingStopped as e:  # SIGTERM/SIGINT: checkpointed and resumable, but not finished
         print(f"sakd: {e}", file=sys.stderr)
         return e.exit_code
-    print(json.dumps(summary, indent=1))
+    if distiller.accelerator.is_main_process:  # one summary per run, not one per process
+        print(json.dumps(summary, indent=1))
     return 0
 
 
@@ -184,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir", help="a sakd run directory")
     rp.add_argument("--output", help="PNG to write (default: RUN_DIR/report.png)")
     rp.set_defaults(func=_cmd_report)
+
+    from sakd import plan
+
+    plan.register(sub)
 
     r = sub.add_parser(
         "config-reference", help="print every config key with its default and meaning (Markdown)"

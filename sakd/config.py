@@ -74,6 +74,21 @@ class ModelConfig:
     attn_implementation: str | None = _f(
         None, "Attention kernel passed to transformers (sdpa, eager, flash_attention_2). Default: theirs."
     )
+    teacher_quantization: str = _f(
+        "none",
+        "Load the frozen teacher quantized by bitsandbytes: 8bit or 4bit (nf4). CUDA only; replicated placement.",
+        choices=["none", "8bit", "4bit"],
+    )
+    teacher_placement: str = _f(
+        "auto",
+        "replicated: a full frozen copy per process; zero3: partitioned by its own inference-only DeepSpeed "
+        "ZeRO-3 engine (parameters gathered on use); auto: zero3 when the student runs ZeRO-3, else replicated.",
+        choices=["auto", "replicated", "zero3"],
+    )
+    teacher_offload: bool = _f(
+        False,
+        "With a ZeRO-3 teacher: keep its partitioned parameters in CPU memory (slower, less GPU memory).",
+    )
 
 
 @dataclass
@@ -209,7 +224,12 @@ class DistillationConfig:
 
 @dataclass
 class OptimizationConfig:
-    optimizer: str = _f("adamw", "Student optimizer.", choices=["adamw"])
+    optimizer: str = _f(
+        "adamw",
+        "Student optimizer: adamw (torch), adamw_8bit / paged_adamw_8bit (bitsandbytes), ds_cpu_adam "
+        "(DeepSpeed's CPU Adam, for ZeRO optimizer offload). See README, Scaling out, for the compatibility table.",
+        choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "ds_cpu_adam"],
+    )
     learning_rate: float = _f(3e-4, "Peak learning rate.", gt=0)
     weight_decay: float = _f(0.01, "Decoupled weight decay.", min=0)
     adam_beta1: float = _f(0.9, "Adam beta1.", min=0, max=1)
@@ -295,6 +315,11 @@ class TrainingConfig:
         "no",
         "Accelerate mixed precision: no, fp16 (P100: loss scaling), bf16.",
         choices=["no", "fp16", "bf16"],
+    )
+    deepspeed: str | None = _f(
+        None,
+        'DeepSpeed JSON config (see ds_configs/); its "auto" values are filled from this config. None: '
+        "DeepSpeed only if the accelerate config enables it.",
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,6 +50,20 @@ def _chunk_stats(
     return ce, agree
 
 
+def rank_batches(n_blocks: int, batch_size: int, rank: int, world: int) -> Iterator[tuple[int, bool]]:
+    """This rank's batch starts, and whether each counts: every rank runs the *same number* of forwards.
+
+    A wrapped model's forward can be a collective (DDP broadcasts buffers, ZeRO-3 gathers parameters),
+    so a rank that ran out of blocks keeps stepping with its last real batch (or the first one) and
+    drops the result -- otherwise the other ranks wait for it forever.
+    """
+    stride = batch_size * world
+    rounds = -(-n_blocks // stride)
+    for r in range(rounds):
+        lo = r * stride + rank * batch_size
+        yield (lo, True) if lo < n_blocks else (0, False)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -75,7 +90,7 @@ def evaluate(
     model.eval()
     n_blocks = len(blocks)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # ce_sum, agree, tokens
-    for lo in range(rank * batch_size, n_blocks, batch_size * world):
+    for lo, counted in rank_batches(n_blocks, batch_size, rank, world):
         ids = blocks[lo : min(lo + batch_size, n_blocks)]
         ids = torch.as_tensor(ids["input_ids"] if isinstance(ids, dict) else ids).to(device)
         s = hidden_and_head(model, unwrapped, ids)
@@ -86,9 +101,10 @@ def evaluate(
             th = hidden_and_head(teacher, teacher, ids)
             t = (th.hidden[:, :-1].reshape(-1, th.hidden.shape[-1]), th.head_weight, th.head_bias)
         ce, agree = _chunk_stats(h, s.head_weight, s.head_bias, targets, t, vocab, chunk_size)
-        totals += torch.stack(
-            [ce, agree, torch.tensor(float(targets.numel()), dtype=torch.float64, device=device)]
-        )
+        if counted:
+            totals += torch.stack(
+                [ce, agree, torch.tensor(float(targets.numel()), dtype=torch.float64, device=device)]
+            )
     if accelerator is not None and world > 1:
         totals = accelerator.reduce(totals, reduction="sum")
     model.train(was_training)
@@ -138,7 +154,7 @@ def cross_tokenizer_agreement(
     mapped_t[vmap[vmap >= 0]] = True
     blocks = bundle.eval
     n = len(blocks)
-    for lo in range(rank * batch_size, n, batch_size * world):
+    for lo, counted in rank_batches(n, batch_size, rank, world):
         batch = bundle.batch(blocks, list(range(lo, min(lo + batch_size, n))))
         batch = {k: v.to(device) for k, v in batch.items()}
         s = hidden_and_head(model, unwrapped, batch["input_ids"])
@@ -146,6 +162,8 @@ def cross_tokenizer_agreement(
         anchor = batch["anchor"]
         ok = anchor >= 0
         t_hidden = t.hidden.gather(1, anchor.clamp_min(0).unsqueeze(-1).expand(-1, -1, t.hidden.shape[-1]))
+        if not counted:
+            continue
         sh, th = s.hidden[ok], t_hidden[ok]
         for c in range(0, sh.shape[0], chunk_size):
             s_arg = _head(sh[c : c + chunk_size], s.head_weight, s.head_bias, vocab_size).argmax(-1)

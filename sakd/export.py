@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from sakd import checkpoint
 from sakd.config import ConfigError, load_config
 from sakd.ema import EMA_FILE
+from sakd.models.student import student_state
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,35 @@ def save_model_dir(
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+DEEPSPEED_TAG = "pytorch_model"  # the tag accelerate's save_state gives DeepSpeed's engine checkpoint
+
+
+def deepspeed_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a DeepSpeed engine checkpoint of any ZeRO stage, on the CPU, one process.
+
+    ZeRO-1/2/3 keep the fp32 master weights in the per-rank optimizer shards; DeepSpeed's own
+    ``zero_to_fp32`` merges them. Without ZeRO (stage 0) the model states file holds the whole module.
+    These files are DeepSpeed's pickles: load only checkpoints your own runs wrote.
+    """
+    tag_dir = ckpt / DEEPSPEED_TAG
+    try:
+        if any(tag_dir.glob("*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DEEPSPEED_TAG))
+        states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        if not states:
+            raise ExportError(f"{tag_dir} holds no DeepSpeed model states")
+        return {
+            k: v.float()
+            for k, v in torch.load(states[0], map_location="cpu", weights_only=False)["module"].items()
+        }
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        raise ExportError(
+            f"cannot read the DeepSpeed checkpoint {tag_dir}: {str(e).splitlines()[0]}"
+        ) from None
 
 
 def _wants_ema(run_dir: Path) -> bool:
@@ -86,14 +116,19 @@ def export_run(
             weights = ckpt / EMA_FILE
         else:
             log.warning("%s has no %s: exporting the raw weights", ckpt, EMA_FILE)
-    if not weights.is_file():
-        raise ExportError(f"{ckpt} has no model.safetensors (DeepSpeed checkpoints: see README, Exporting)")
     config = AutoConfig.from_pretrained(spec_dir)
     model = AutoModelForCausalLM.from_config(config)
-    try:
-        state = load_file(str(weights))
-    except Exception as e:
-        raise ExportError(f"cannot read {weights}: {str(e).splitlines()[0]}") from None
+    if weights.is_file():
+        try:
+            state = load_file(str(weights))
+        except Exception as e:
+            raise ExportError(f"cannot read {weights}: {str(e).splitlines()[0]}") from None
+    elif (ckpt / DEEPSPEED_TAG).is_dir():
+        weights = ckpt / DEEPSPEED_TAG
+        state = deepspeed_state(ckpt)
+    else:
+        raise ExportError(f"{ckpt} has neither model.safetensors nor a DeepSpeed {DEEPSPEED_TAG}/ directory")
+    state = student_state(state)  # the trainer checkpoints the student with its projections: drop those
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if unexpected or set(missing) - tied:

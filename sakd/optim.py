@@ -66,6 +66,21 @@ def build_optimizer(model: nn.Module, cfg: OptimizationConfig) -> torch.optim.Op
     for g in groups:
         g.pop("names")
     betas = (cfg.adam_beta1, cfg.adam_beta2)
+    kwargs = {"lr": cfg.learning_rate, "betas": betas, "eps": cfg.adam_epsilon}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon)
+        return torch.optim.AdamW(groups, **kwargs)
+    if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        # 8-bit states (block-wise quantized moments): 2 bytes per parameter instead of 8. Paged states
+        # live in CUDA unified memory and are evicted to the CPU under memory pressure (CUDA only).
+        import bitsandbytes as bnb
+
+        if cfg.optimizer == "paged_adamw_8bit" and not torch.cuda.is_available():
+            raise ValueError("optimization.optimizer=paged_adamw_8bit needs a CUDA GPU; use adamw_8bit here")
+        cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+        return cls(groups, **kwargs)
+    if cfg.optimizer == "ds_cpu_adam":
+        # DeepSpeed's vectorized CPU Adam: the optimizer ZeRO-Offload expects for states kept on the CPU.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     raise ValueError(f"unknown optimizer {cfg.optimizer}")

@@ -22,14 +22,13 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -39,6 +38,14 @@ from sakd.align.positions import alignment_coverage
 from sakd.config import RunConfig, dump_config
 from sakd.curriculum import temperature_at
 from sakd.data import BatchPlan, DataBundle, prepare_data
+from sakd.distributed import (
+    build_accelerator,
+    built_whole,
+    check_cuda_arch,
+    register_external_parameters,
+    teacher_engine,
+    zero_stage,
+)
 from sakd.ema import EMA_FILE, StudentEMA
 from sakd.evaluate import cross_tokenizer_agreement, evaluate
 from sakd.export import export_run, save_model_dir
@@ -47,6 +54,7 @@ from sakd.models import freeze, load_model, load_tokenizer
 from sakd.models.capture import enable_selective_attention
 from sakd.models.forward import hidden_and_head
 from sakd.models.loading import check_model_source, default_tokenizer_spec
+from sakd.models.student import TrainableStudent, student_state
 from sakd.objective import Objective
 from sakd.optim import build_optimizer, describe_groups
 from sakd.rundir import RunDirError
@@ -89,32 +97,6 @@ class TrainerState:
     stop_reason: str | None = None  # "early_stopping" once it fired: resuming such a run only finishes it
 
 
-AUX_FILE = "aux_heads.safetensors"
-
-
-def save_aux(aux: torch.nn.Module, directory: Path) -> None:
-    """The auxiliary projections, next to the student in a checkpoint (never in the export)."""
-    state = {k: v.detach().contiguous().cpu() for k, v in aux.state_dict().items()}
-    save_file(state, str(Path(directory) / AUX_FILE))
-
-
-@torch.no_grad()
-def load_aux(aux: torch.nn.Module, directory: Path) -> None:
-    path = Path(directory) / AUX_FILE
-    if not path.is_file():
-        raise RunDirError(
-            f"{directory} has no {AUX_FILE} (the feature/attention/contrastive projections); resume with the "
-            "auxiliary-loss settings the checkpoint was written with, or start a fresh run"
-        )
-    state = load_file(str(path))
-    own = aux.state_dict()
-    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-        raise RunDirError(
-            f"{path} does not match the configured auxiliary losses; use the run's own settings"
-        )
-    aux.load_state_dict(state)
-
-
 class Distiller:
     """Builds everything a run needs from a :class:`RunConfig` and trains it."""
 
@@ -122,14 +104,11 @@ class Distiller:
         self.cfg = cfg
         tcfg = cfg.training
         self.run_dir = Path(tcfg.output_dir)
-        self.accelerator = Accelerator(
-            gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
-            mixed_precision=tcfg.mixed_precision,
-            step_scheduler_with_optimizer=False,  # we step it once per optimizer step, ourselves
-            log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
-            project_dir=str(self.run_dir),
-        )
+        check_cuda_arch()
+        self.accelerator = build_accelerator(cfg)
         acc = self.accelerator
+        self.ds_config = acc.state.deepspeed_plugin.deepspeed_config if acc.state.deepspeed_plugin else None
+        self.zero_stage = zero_stage(self.ds_config)
         self._signals = StopSignals()  # set by SIGTERM/SIGINT, read between steps
         self.resumed_from = rundir.prepare(acc, self.run_dir, resume, overwrite)
         resume_from = self.resumed_from
@@ -147,6 +126,7 @@ class Distiller:
             )
         self.tokenizer = load_tokenizer(tok_spec, trust_remote_code=mcfg.trust_remote_code)
         self.teacher = None
+        self.teacher_placement: str | None = None  # replicated or zero3 once a teacher is loaded
         self.teacher_tokenizer = None
         self.tokenizers_differ = False
         self.aligned = False  # teacher tokens + position alignment in every batch
@@ -175,14 +155,15 @@ class Distiller:
                 "{multi_token:.1%} are spelt by several teacher tokens".format(**self.alignment_stats)
             )
 
-        student = load_model(
-            mcfg.student,
-            tokenizer=self.tokenizer,
-            dtype=mcfg.student_dtype,
-            trust_remote_code=mcfg.trust_remote_code,
-            seed=tcfg.seed,
-            attn_implementation=mcfg.attn_implementation,
-        )
+        with built_whole(acc):
+            student = load_model(
+                mcfg.student,
+                tokenizer=self.tokenizer,
+                dtype=mcfg.student_dtype,
+                trust_remote_code=mcfg.trust_remote_code,
+                seed=tcfg.seed,
+                attn_implementation=mcfg.attn_implementation,
+            )
         if mcfg.gradient_checkpointing:
             student.gradient_checkpointing_enable()
         student.config.use_cache = False
@@ -193,21 +174,7 @@ class Distiller:
                 f"has {self.vocab_size} tokens; resize the student's embeddings"
             )
         if self.use_teacher:
-            teacher = load_model(
-                mcfg.teacher,
-                tokenizer=self.teacher_tokenizer,
-                dtype=mcfg.teacher_dtype,
-                trust_remote_code=mcfg.trust_remote_code,
-                seed=tcfg.seed + 1,
-                attn_implementation=mcfg.attn_implementation,
-            )
-            self.teacher = freeze(teacher).to(acc.device)
-            t_rows = teacher.get_output_embeddings().weight.shape[0]
-            if t_rows < len(self.teacher_tokenizer):
-                raise RunDirError(
-                    f"teacher has {t_rows} output rows but its tokenizer has {len(self.teacher_tokenizer)} tokens; "
-                    "set model.teacher_tokenizer to the teacher's own tokenizer"
-                )
+            self._load_teacher()
         self.aux = self._build_aux(student)
 
         self.plan = BatchPlan(
@@ -226,7 +193,6 @@ class Distiller:
         ocfg = cfg.optimization
         optimizer = build_optimizer(student, ocfg)
         if self.aux is not None:  # the projections train with the student (not exported)
-            self.aux.to(acc.device)
             optimizer.add_param_group(
                 {"params": list(self.aux.parameters()), "lr": ocfg.learning_rate, "weight_decay": 0.0}
             )
@@ -235,7 +201,12 @@ class Distiller:
         scheduler = get_scheduler(
             ocfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
         )
-        self.student, self.optimizer, self.scheduler = acc.prepare(student, optimizer, scheduler)
+        # One module for Accelerate: the student and the projections are synced/partitioned alike.
+        self.hf_student = student  # the Hugging Face model inside whatever wrapper prepare() returns
+        trainable = TrainableStudent(student, self.aux).to(acc.device)
+        self.student, self.optimizer, self.scheduler = acc.prepare(trainable, optimizer, scheduler)
+        if self.zero_stage == 3:
+            register_external_parameters(trainable, student.get_output_embeddings(), self.aux)
         self.objective = Objective(
             cfg.distillation.loss,
             vocab_size=self.vocab_size,
@@ -249,19 +220,50 @@ class Distiller:
         self.state = TrainerState()
         if resume_from is not None:
             self.state = TrainerState(**checkpoint.load(acc, resume_from))
-            if self.aux is not None:
-                load_aux(self.aux, resume_from)
             acc.print(f"resumed from {resume_from} at step {self.state.step}")
             if acc.is_main_process:
                 rundir.truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         self.ema = self._build_ema(resume_from) if tcfg.ema else None
         if acc.is_main_process:
             dump_config(cfg, self.run_dir / "config.yaml")
-            save_model_dir(
-                acc.unwrap_model(self.student), self.tokenizer, self.run_dir / "student_config", weights=False
-            )
+            save_model_dir(self.hf_student, self.tokenizer, self.run_dir / "student_config", weights=False)
         if cfg.logging.report_to != "none":
             acc.init_trackers(cfg.logging.project, config=json.loads(json.dumps(cfg, default=vars)))
+
+    def _load_teacher(self) -> None:
+        """The frozen teacher, replicated on every process or partitioned by its own ZeRO-3 engine."""
+        mcfg, acc = self.cfg.model, self.accelerator
+        placement = mcfg.teacher_placement
+        if placement == "auto":
+            placement = "zero3" if self.zero_stage == 3 else "replicated"
+        if placement == "zero3" and mcfg.teacher_quantization != "none":
+            raise RunDirError(
+                "model.teacher_quantization needs model.teacher_placement=replicated (a bitsandbytes-quantized "
+                "teacher cannot be partitioned by ZeRO-3)"
+            )
+        self.teacher_placement = placement
+        with built_whole(acc):
+            teacher = load_model(
+                mcfg.teacher,
+                tokenizer=self.teacher_tokenizer,
+                dtype=mcfg.teacher_dtype,
+                trust_remote_code=mcfg.trust_remote_code,
+                seed=self.cfg.training.seed + 1,
+                attn_implementation=mcfg.attn_implementation,
+                quantization=mcfg.teacher_quantization,
+                device=acc.device,
+            )
+        t_rows = teacher.get_output_embeddings().weight.shape[0]
+        if t_rows < len(self.teacher_tokenizer):
+            raise RunDirError(
+                f"teacher has {t_rows} output rows but its tokenizer has {len(self.teacher_tokenizer)} tokens; "
+                "set model.teacher_tokenizer to the teacher's own tokenizer"
+            )
+        freeze(teacher)
+        if placement == "zero3":
+            self.teacher = teacher_engine(teacher, self.ds_config or {}, offload=mcfg.teacher_offload)
+        else:
+            self.teacher = teacher if mcfg.teacher_quantization != "none" else teacher.to(acc.device)
 
     def _setup_alignment(self, teacher_tok: Any) -> None:
         """Identical tokenizers: plain KD. Different ones: a vocab map (cached per pair) and
@@ -347,7 +349,7 @@ class Distiller:
         plugin = acc.state.deepspeed_plugin
         if plugin is not None and plugin.zero_stage == 3:
             raise RunDirError("training.ema needs whole parameters on every rank; it does not support ZeRO-3")
-        ema = StudentEMA(acc.unwrap_model(self.student), tcfg.ema_decay, tcfg.ema_warmup_steps)
+        ema = StudentEMA(self.hf_student, tcfg.ema_decay, tcfg.ema_warmup_steps)
         if resume_from is not None:
             if (resume_from / EMA_FILE).is_file():
                 ema.load(resume_from / EMA_FILE)
@@ -358,8 +360,6 @@ class Distiller:
     def _write_extra(self, directory: Path) -> None:
         if self.ema is not None:
             self.ema.save(directory)
-        if self.aux is not None:
-            save_aux(self.aux, directory)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
@@ -377,35 +377,39 @@ class Distiller:
         idx = self.plan.micro_batches(s.epoch, s.step_in_epoch, self.accelerator.process_index)
         return [{k: v.to(self.accelerator.device) for k, v in self.data.train_batch(i).items()} for i in idx]
 
-    def _forward(self, mb: dict[str, torch.Tensor]) -> tuple[Any, Any]:
-        """Teacher (no grad; its own tokens when aligned) and student forwards with what the losses need."""
-        acc, aux = self.accelerator, self.aux
-        s_layers = [s for _, s in aux.feature_layers] if aux is not None else []
-        t_layers = [t for t, _ in aux.feature_layers] if aux is not None else []
-        teacher_out = None
-        if self.teacher is not None:
-            ids, mask = mb["input_ids"], mb["attention_mask"]
-            if self.aligned:
-                ids, mask = mb["teacher_input_ids"], mb["teacher_attention_mask"]
-            with torch.no_grad():
-                teacher_out = hidden_and_head(
-                    self.teacher,
-                    self.teacher,
-                    ids,
-                    mask,
-                    router=True,
-                    hidden_layers=t_layers,
-                    attention_layers=sorted({t for _, t in self.attention_pairs}),
-                )
+    def _teacher_forward(self, mb: dict[str, torch.Tensor]) -> Any:
+        """The frozen teacher on its own tokens (when aligned), no grad; None without a teacher."""
+        if self.teacher is None:
+            return None
+        aux = self.aux
+        ids, mask = mb["input_ids"], mb["attention_mask"]
+        if self.aligned:
+            ids, mask = mb["teacher_input_ids"], mb["teacher_attention_mask"]
+        with torch.no_grad():
+            return hidden_and_head(
+                self.teacher,
+                self.teacher,
+                ids,
+                mask,
+                router=True,
+                hidden_layers=[t for t, _ in aux.feature_layers] if aux is not None else [],
+                attention_layers=sorted({t for _, t in self.attention_pairs}),
+            )
+
+    def _student_loss(
+        self, student: TrainableStudent, mb: dict[str, torch.Tensor], teacher_out: Any, temperature: float
+    ) -> Any:
+        """Student forward + objective; runs as ``TrainableStudent.forward(loss_fn=...)``."""
+        aux = self.aux
         student_out = hidden_and_head(
-            self.student,
-            acc.unwrap_model(self.student),
+            student.module,
+            student.module,
             mb["input_ids"],
             mb["attention_mask"],
-            hidden_layers=s_layers,
+            hidden_layers=[s for _, s in aux.feature_layers] if aux is not None else [],
             attention_layers=sorted({s for s, _ in self.attention_pairs}),
         )
-        return student_out, teacher_out
+        return self.objective(student_out, teacher_out, mb["labels"], temperature=temperature, batch=mb)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; returns step metrics (global means)."""
@@ -420,9 +424,13 @@ class Distiller:
         max_norm = self.cfg.optimization.max_grad_norm
         for mb in micro_batches:
             with acc.accumulate(self.student):
-                student_out, teacher_out = self._forward(mb)
-                out = self.objective(
-                    student_out, teacher_out, mb["labels"], temperature=temperature, batch=mb
+                teacher_out = self._teacher_forward(mb)
+                # The student's forward *and* the objective run inside the wrapped module's forward, so
+                # DDP/DeepSpeed see one forward, and ZeRO-3 keeps the head and projections gathered.
+                out = self.student(
+                    loss_fn=partial(
+                        self._student_loss, mb=mb, teacher_out=teacher_out, temperature=temperature
+                    )
                 )
                 acc.backward(out.loss_sum * scale)
                 for k, v in out.component_sums.items():
@@ -441,7 +449,7 @@ class Distiller:
                         self.optimizer.step()
                         self.scheduler.step()
                         if self.ema is not None:
-                            self.ema.update(acc.unwrap_model(self.student))
+                            self.ema.update(self.hf_student)
                     self.optimizer.zero_grad(set_to_none=True)
         metrics = {k: float(v) / global_tokens for k, v in zip(keys, totals.tolist(), strict=True)}
         metrics["temperature"] = temperature
@@ -456,7 +464,7 @@ class Distiller:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss of the student, or of its EMA with training.eval_with_ema."""
-        model, unwrapped = self.student, self.accelerator.unwrap_model(self.student)
+        model, unwrapped = self.student, self.hf_student
         if self.ema is not None and self.cfg.training.eval_with_ema:
             model = unwrapped = self.ema.module
         out = evaluate(
@@ -496,7 +504,7 @@ class Distiller:
             vars(self.state),
             self.cfg.training.keep_last_n,
             protect=protect,
-            write_extra=self._write_extra if (self.ema is not None or self.aux is not None) else None,
+            write_extra=self._write_extra if self.ema is not None else None,
         )
 
     def _track_best(self, eval_loss: float) -> bool:
@@ -638,7 +646,9 @@ class Distiller:
         acc = self.accelerator
         final_dir = self.run_dir / "final"
         use_ema = self.ema is not None and self.cfg.training.export_ema
+        # all ranks take part (ZeRO-3 gathers the shards); only the main process gets the tensors
         state_dict = None if use_ema else acc.get_state_dict(self.student)
+        state_dict = student_state(state_dict) if state_dict is not None else None
         summary = {
             "steps": self.state.step,
             "tokens_seen": self.state.tokens_seen,
@@ -662,7 +672,7 @@ class Distiller:
             if best_step is not None:  # the checkpoint's EMA or raw weights, as export_ema says
                 export_run(self.run_dir, final_dir, step=best_step)
             else:
-                model = self.ema.module if use_ema else acc.unwrap_model(self.student)
+                model = self.ema.module if use_ema else self.hf_student
                 save_model_dir(model, self.tokenizer, final_dir, state_dict=state_dict)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         acc.wait_for_everyone()

@@ -29,6 +29,18 @@ def tokenizer_dir(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @pytest.fixture()
 def tiny_run_config(corpus: Path, tokenizer_dir: Path, tmp_path: Path) -> dict:
     """A few-step recipe on tiny models; tests override what they exercise."""
+    return _tiny_recipe(corpus, tokenizer_dir, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_run_config_module(
+    corpus: Path, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
+    """:func:`tiny_run_config` for module-scoped fixtures (set training.output_dir yourself)."""
+    return _tiny_recipe(corpus, tokenizer_dir, tmp_path_factory.mktemp("tiny"))
+
+
+def _tiny_recipe(corpus: Path, tokenizer_dir: Path, tmp_path: Path) -> dict:
     return {
         "model": {"teacher": "tiny-moe", "student": "tiny-dense", "tokenizer": str(tokenizer_dir)},
         "data": {"train": str(corpus), "block_size": 32, "max_eval_blocks": 8},

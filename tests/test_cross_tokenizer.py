@@ -55,7 +55,7 @@ def test_identical_tokenizers_aligned_path_equals_plain_kd(tiny_run_config, make
             assert torch.equal(batch["anchor"][0], torch.arange(batch["input_ids"].shape[1]))
             assert torch.equal(batch["teacher_input_ids"], batch["input_ids"])
         d.train()
-        weights = {k: v.clone() for k, v in d.accelerator.unwrap_model(d.student).state_dict().items()}
+        weights = {k: v.clone() for k, v in d.hf_student.state_dict().items()}
         results[mode] = ([(m.get("loss"), m.get("kd"), m.get("ce")) for m in _metrics(d.run_dir)], weights)
     assert results["auto"][0] == results["always"][0]
     for k, v in results["auto"][1].items():
@@ -86,10 +86,11 @@ def test_cross_tokenizer_distill_with_all_aux_losses(
     assert summary["eval_ppl"] > 1
     # projections are checkpointed, never exported
     ckpt = d.run_dir / "checkpoints" / "step-00000002"
-    saved = load_file(str(ckpt / "aux_heads.safetensors"))
-    assert set(saved) == set(d.aux.state_dict())
+    saved = load_file(str(ckpt / "model.safetensors"))
+    aux_keys = {k for k in saved if k.startswith("aux.")}
+    assert aux_keys == {f"aux.{k}" for k in d.aux.state_dict()}
     exported = load_file(str(d.run_dir / "final" / "model.safetensors"))
-    student_keys = set(d.accelerator.unwrap_model(d.student).state_dict())
+    student_keys = set(d.hf_student.state_dict())
     assert set(exported) <= student_keys and not any(
         k.startswith(("feature_proj", "contrastive")) for k in exported
     )
@@ -116,9 +117,11 @@ def test_cross_tokenizer_resume_is_exact(tiny_run_config, make_distiller, teache
     d = Distiller(cfg, resume="auto")
     assert d.state.step == 2
     d.train()
-    for name in ("model.safetensors", "aux_heads.safetensors"):
-        a, b = (load_file(str(r / "checkpoints" / "step-00000004" / name)) for r in (full, resumed))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = (
+        load_file(str(r / "checkpoints" / "step-00000004" / "model.safetensors")) for r in (full, resumed)
+    )
+    assert any(k.startswith("aux.") for k in a)  # the projections resume too
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_chain_rule_changes_the_kd_term(tiny_run_config, make_distiller, teacher_tokenizer_dir, tmp_path):

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from sakd import checkpoint
 from sakd.config import load_config
+from sakd.models.student import student_state
 from sakd.trainer import Distiller
 
 pytestmark = pytest.mark.integration
@@ -41,8 +42,8 @@ def test_early_stopping_stops_keeps_and_exports_the_best_checkpoint(tiny_run_con
     ]  # best kept
     state = json.loads((ckpts / "step-00000002" / checkpoint.STATE_FILE).read_text())
     assert (state["stop_reason"], state["best_step"]) == ("early_stopping", 1)
-    best = load_file(str(ckpts / "step-00000001" / "model.safetensors"))
-    last = load_file(str(ckpts / "step-00000002" / "model.safetensors"))
+    best = student_state(load_file(str(ckpts / "step-00000001" / "model.safetensors")))
+    last = student_state(load_file(str(ckpts / "step-00000002" / "model.safetensors")))
     final = load_file(str(d.run_dir / "final" / "model.safetensors"))
     assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in best)
     assert not all(torch.equal(last[k], best[k]) for k in best)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from sakd.cli import main
 from sakd.ema import EMA_FILE
 from sakd.evaluate import evaluate
+from sakd.models.student import student_state
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +23,7 @@ def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_ema_equals_a_hand_computed_average_and_ignores_skipped_steps(make_distiller, tiny_run_config):
     decay, warmup = 0.6, 3  # warm-up decays 0.5, then the 0.6 cap: both branches are exercised
     d = make_distiller(tiny_run_config, ema=True, ema_decay=decay, ema_warmup_steps=warmup)
-    student = d.accelerator.unwrap_model(d.student)
+    student = d.hf_student
     ref = _params(student)  # the average starts at the initial weights
     assert d.ema.updates == 0 and all(torch.equal(d.ema.tensors()[k], ref[k]) for k in ref)
     for k in range(1, 5):
@@ -53,7 +54,7 @@ def test_evaluation_uses_the_ema_when_configured(make_distiller, tiny_run_config
     d = make_distiller(tiny_run_config, ema=True, ema_decay=0.9)
     for _ in range(2):
         d.train_step(d._micro_batches())
-    student = d.accelerator.unwrap_model(d.student)
+    student = d.hf_student
     kw = {"batch_size": 8, "vocab_size": d.vocab_size, "teacher": d.teacher, "chunk_size": 40}
     of_ema, of_raw = evaluate(d.ema.module, d.data.eval, **kw), evaluate(student, d.data.eval, **kw)
     assert of_ema["loss"] != of_raw["loss"]
@@ -75,7 +76,7 @@ def test_final_and_export_pick_ema_or_raw_weights(
     summary = d.train()
     run = d.run_dir
     ckpt = run / "checkpoints" / "step-00000003"
-    ema, raw = load_file(str(ckpt / EMA_FILE)), load_file(str(ckpt / "model.safetensors"))
+    ema, raw = load_file(str(ckpt / EMA_FILE)), student_state(load_file(str(ckpt / "model.safetensors")))
     final = load_file(str(run / "final" / "model.safetensors"))
     assert not _equal(ema, raw)
     assert _equal(final, ema if export_ema else raw)

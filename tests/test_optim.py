@@ -48,7 +48,7 @@ def test_frozen_embeddings_do_not_move(tiny_run_config):
     raw["training"]["max_steps"] = 2
     cfg, _ = load_config(raw)
     d = Distiller(cfg, resume="none", overwrite=True)
-    student = d.accelerator.unwrap_model(d.student)
+    student = d.hf_student
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     d.train()
     after = dict(student.named_parameters())

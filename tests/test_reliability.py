@@ -266,7 +266,7 @@ def test_pruning_keeps_the_new_the_resumed_from_and_damaged_checkpoints(tmp_path
 
 def _poison(d: Distiller, value: float) -> float:
     """Put ``value`` (inf) in one weight of the student (tied embeddings: NaN logits); returns the old one."""
-    w = d.accelerator.unwrap_model(d.student).get_output_embeddings().weight
+    w = d.hf_student.get_output_embeddings().weight
     with torch.no_grad():
         old = float(w[0, 0])
         w[0, 0] = value
@@ -279,7 +279,7 @@ def test_non_finite_steps_change_nothing_and_stop_the_run(tiny_run_config, tmp_p
     cfg, _ = load_config(raw)
     d = Distiller(cfg, resume="none", overwrite=True)
     _poison(d, float("inf"))
-    student = d.accelerator.unwrap_model(d.student)
+    student = d.hf_student
     before = {k: v.clone() for k, v in student.state_dict().items()}
     lr = d.scheduler.get_last_lr()
     with pytest.raises(NonFiniteError, match="3 optimizer steps in a row"):
@@ -314,6 +314,6 @@ def test_a_single_non_finite_step_is_skipped_and_training_goes_on(tiny_run_confi
     d = Distiller(cfg, resume="none", overwrite=True)
     d.train()
     assert d.state.skipped_steps == 1 and d.state.consecutive_skips == 0
-    assert all(torch.isfinite(v).all() for v in d.accelerator.unwrap_model(d.student).state_dict().values())
+    assert all(torch.isfinite(v).all() for v in d.hf_student.state_dict().values())
     assert _trained_steps(d.run_dir) == [1, 3, 4]
     assert (d.run_dir / "summary.json").exists()

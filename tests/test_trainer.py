@@ -38,7 +38,7 @@ def _reference_loss(
     d: Distiller, batch: dict[str, torch.Tensor], alpha: float, temperature: float
 ) -> torch.Tensor:
     """alpha*T^2*KL(teacher||student) + (1-alpha)*CE, mean over valid tokens, from full logits (independent)."""
-    student = d.accelerator.unwrap_model(d.student)
+    student = d.hf_student
     logits = student(input_ids=batch["input_ids"]).logits[:, :-1].float()
     with torch.no_grad():
         t_logits = d.teacher(input_ids=batch["input_ids"]).logits[:, :-1].float()
@@ -64,7 +64,7 @@ def test_accumulation_split_gives_the_same_update(make_distiller, tiny_run_confi
         (batch,) = _ragged_batches(d, 8)
         ref = _reference_loss(d, batch, alpha=0.5, temperature=2.0)
         ref.backward()
-        student = d.accelerator.unwrap_model(d.student)
+        student = d.hf_student
         ref_norm = torch.linalg.vector_norm(
             torch.stack([p.grad.norm() for p in student.parameters() if p.grad is not None])
         )

@@ -30,8 +30,37 @@ class HiddenAndHead:
 
 
 def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output head's weight and bias, whole.
+
+    Under ZeRO-3 each rank holds a slice. Without gradients (the teacher, evaluation) the head is gathered
+    and copied here. For training it must already be gathered, by registering it as an external parameter
+    of the module whose forward computes the loss, so its gradient reaches ZeRO's own hooks.
+    """
     head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
+    params = [head.weight, getattr(head, "bias", None)]
+    if not any(p is not None and _sliced(p) for p in params):
+        return params[0], params[1]
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+        raise RuntimeError(
+            "a trainable ZeRO-3 output head must be registered as an external parameter of the module "
+            "whose forward computes the loss (sakd.distributed.register_external_parameters)"
+        )
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for p in params if p is not None], modifier_rank=None):
+        weight, bias = (None if p is None else p.detach().clone() for p in params)
+    return weight, bias
+
+
+def _sliced(param: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter that is partitioned right now (not gathered)."""
+    from sakd.distributed import is_partitioned
+
+    if not is_partitioned(param):
+        return False
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return param.ds_status != ZeroParamStatus.AVAILABLE
 
 
 def hidden_and_head(

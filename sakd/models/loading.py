@@ -62,11 +62,19 @@ def load_model(
     trust_remote_code: bool = False,
     seed: int = 0,
     attn_implementation: str | None = None,
+    quantization: str = "none",
+    device: torch.device | str | None = None,
 ) -> PreTrainedModel:
-    """A causal LM from a preset name (random init, seeded), a local directory or a hub id."""
+    """A causal LM from a preset name (random init, seeded), a local directory or a hub id.
+
+    ``quantization`` (8bit / 4bit) loads it through bitsandbytes onto ``device`` (CUDA only): a frozen
+    teacher at a half / a quarter of its fp16 memory.
+    """
     kwargs = {"dtype": DTYPES[dtype]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization != "none":
+        return _load_quantized(spec, tokenizer, dtype, trust_remote_code, seed, kwargs, quantization, device)
     if is_preset(spec):
         if tokenizer is None:
             raise ModelLoadError(f"model preset '{spec}' needs a tokenizer (set model.tokenizer)")
@@ -89,6 +97,37 @@ def load_model(
         return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load model '{spec}': {_first_line(e)}") from None
+
+
+def _load_quantized(spec, tokenizer, dtype, trust_remote_code, seed, kwargs, quantization, device):
+    """bitsandbytes quantizes while ``from_pretrained`` loads; a preset is saved to a temporary directory
+    first so it goes through the same path as a real checkpoint."""
+    import tempfile
+
+    from transformers import BitsAndBytesConfig
+
+    if torch.device(device or "cpu").type != "cuda":
+        raise ModelLoadError(
+            f"model.teacher_quantization={quantization} needs a CUDA GPU (bitsandbytes); use none on this machine"
+        )
+    if quantization == "8bit":
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        q = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype]
+        )
+    kwargs = {**kwargs, "quantization_config": q, "device_map": {"": torch.device(device).index or 0}}
+    if not is_preset(spec):
+        source = str(Path(spec).expanduser()) if _looks_local(spec) else spec
+        try:
+            return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load model '{spec}': {_first_line(e)}") from None
+    model = load_model(spec, tokenizer=tokenizer, dtype=dtype, trust_remote_code=trust_remote_code, seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        del model
+        return AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def check_model_source(spec: str, role: str) -> None:

@@ -1,0 +1,695 @@
+"""``sakd plan``: how much GPU memory a distillation run needs per GPU, and which setup fits.
+
+The planner never allocates weights: parameter counts come from the model instantiated on the meta
+device (exact, including tied embeddings and fused MoE expert tensors), everything else from closed
+formulas over the config. Each candidate setup (ZeRO stage, offload, optimizer, gradient
+checkpointing, micro-batch) gets a per-component estimate in bytes; the fastest one under the budget
+is recommended.
+
+Accounting (``P`` student parameters, ``N`` GPUs, ``m`` bytes of the master dtype, normally 4):
+
+* stage 0 (plain PyTorch/DDP under Accelerate): weights ``m·P``, plus ``2·P`` for autocast's cache of
+  16-bit weight copies under fp16/bf16; gradients ``m·P`` (and ``m·P`` more for DDP's gradient buckets
+  when ``N > 1``); AdamW ``2·m·P`` (exp_avg, exp_avg_sq), bitsandbytes 8-bit ``2·P``.
+* ZeRO 1-3 (DeepSpeed): with fp16/bf16 the model holds 16-bit weights ``2·P`` (ZeRO-3: ``/N`` plus
+  the gathered layers, current + prefetched) and the optimizer an fp32 master copy ``4·P/N`` (listed
+  under student weights); 16-bit gradients ``2·P`` (ZeRO-2/3: ``/N`` plus two reduce buckets,
+  :data:`REDUCE_BUCKET_ELEMENTS`) and the fp32 gradient partition ``4·P/N`` DeepSpeed builds for the
+  step; AdamW ``8·P/N``, 8-bit ``2·P/N``. Optimizer offload moves master, fp32 gradients and states
+  to the CPU; ZeRO-3 parameter offload leaves only the gathered layers on the GPU. Without mixed
+  precision DeepSpeed trains in fp32: weights ``4·P``, gradients ``4·P``, no master copy.
+* teacher: ``P_t`` × its dtype (bitsandbytes 8/4-bit: 1 / 0.5 bytes for the linear layers); a ZeRO-3
+  teacher holds ``1/N`` plus its gathered layers, an offloaded one only the gathered layers.
+* activations: see :func:`layer_activation_bytes` and :func:`student_activation_bytes`; teacher
+  forward (no grad) in :func:`teacher_activation_bytes`; the fused loss in :func:`loss_bytes`.
+* a fixed :data:`OVERHEAD_BYTES` for the CUDA context, cuBLAS/NCCL workspaces and allocator slack.
+
+The estimate is the sum of the components at the moment of the peak: the end of the student's
+forward, when the fused loss's workspace is live on top of all saved activations (transients of other
+moments count only where they exceed it, see :func:`estimate`). With gradient accumulation (the
+recipe's usual setting) gradients and optimizer states are alive then; with a single micro-batch per
+step it over-estimates by the gradients. ``tests/test_plan.py`` measures the CPU (stage 0, fp32) case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from sakd.config import ConfigError, RunConfig, load_config
+from sakd.losses.logit_grads import BLOCK_ELEMENTS
+from sakd.models.presets import build_preset_config, is_preset
+
+GIB = 1024**3
+OVERHEAD_BYTES = 3 * GIB // 4
+"""CUDA context (~0.3-0.5 GiB with PyTorch's kernels loaded), cuBLAS and NCCL workspaces, and slack
+for the caching allocator's fragmentation: 0.75 GiB per GPU."""
+
+REDUCE_BUCKET_ELEMENTS = 50_000_000
+"""``reduce_bucket_size`` of ds_configs/zero*.json; with ``overlap_comm`` ZeRO-2/3 keep two such 16-bit
+gradient buffers (one filling while the other is reduced)."""
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+QUANT_BYTES = {"8bit": 1.0, "4bit": 0.5}
+DEFAULT_MICRO_BATCHES = (1, 2, 4, 8, 16)
+
+ALIGNED_LOSS_ROWS = (5, 6)
+"""``[chunk, V]`` fp32 tensors alive at once in the fused loss's autograd path (different tokenizers:
+many-to-one projection, chain rule), per student and per teacher vocabulary entry. Measured (peak RSS
+of :func:`sakd.losses.fused_linear_divergence` on CPU, four vocabulary pairs, within 3 %): student
+logits, tempered and CE log-probabilities, projected distribution and gradients; teacher logits,
+tempered logits, log-probabilities, probabilities and the projection's scatter buffers. The closed-form
+path (one tokenizer) keeps one of each plus two scratch blocks."""
+
+CHECKPOINTING_COST = 4 / 3
+"""Gradient checkpointing recomputes the forward in backward: forward+backward ≈ 3 forward units
+become 4."""
+OPTIMIZER_OFFLOAD_COST = 1.3
+"""ZeRO-Offload: the CPU Adam step and the PCIe copy of gradients and weights every step."""
+PARAM_OFFLOAD_COST = 2.0
+"""ZeRO-Infinity style parameter offload: every layer's weights cross PCIe in forward and backward."""
+STAGE_COST = {0: 1.0, 1: 1.0, 2: 1.02, 3: 1.15}
+"""Extra communication per step. ZeRO-1's reduce-scatter + all-gather move as much as DDP's all-reduce
+(equal cost: the one with more room wins the tie); ZeRO-2 adds bucketed reduce-scatters during
+backward; ZeRO-3 all-gathers the weights in forward and again in backward."""
+EIGHT_BIT_COST = 1.02
+"""bitsandbytes' 8-bit AdamW: block-wise (de)quantization of the states in the step."""
+
+
+def _micro_batch_cost(micro_batch: int) -> float:
+    """Small micro-batches leave the GPU under-used and pay per-step launch overheads: a kernel over
+    ``b`` sequences takes roughly ``b + 0.5`` sequences' worth of time."""
+    return (micro_batch + 0.5) / micro_batch
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+@dataclass(frozen=True)
+class ModelNumbers:
+    """The sizes the estimate needs, read from a transformers config and its meta-device model."""
+
+    name: str
+    total_params: int
+    active_params: int  # per token: the MoE experts a token does not visit are left out
+    embedding_params: int  # input embedding plus an untied output head (never quantized)
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    ffn: int  # dense FFN width, or one expert's FFN width for an MoE
+    experts: int  # 0 for a dense model
+    experts_per_token: int
+    tied: bool
+    qk_norm: bool  # RMSNorm on queries and keys (Qwen3): two more saved tensors per layer
+
+    @property
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer: what ZeRO-3 gathers at a time."""
+        return (self.total_params - self.embedding_params) // max(1, self.layers)
+
+
+def model_config(
+    spec: str, vocab_size: int | None = None, *, trust_remote_code: bool = False
+) -> PretrainedConfig:
+    """The transformers config of a preset (vocabulary from ``vocab_size`` or the preset's own) or of a
+    local directory / cached hub id (read with AutoConfig, no weights)."""
+    if is_preset(spec):
+        return build_preset_config(spec, vocab_size=vocab_size)
+    source = str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(
+            f"cannot read the model config of '{spec}': {first} (use a preset or a local model directory)"
+        ) from None
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
+    return config
+
+
+def numbers_from_config(
+    config: PretrainedConfig, name: str, *, trust_remote_code: bool = False
+) -> ModelNumbers:
+    """Count parameters exactly by building the model on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    params = dict(model.named_parameters())  # shared (tied) tensors appear once
+    total = sum(p.numel() for p in params.values())
+    experts = int(getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0)
+    per_token = int(getattr(config, "num_experts_per_tok", None) or 0) if experts else 0
+    routed = sum(p.numel() for n, p in params.items() if re.search(r"\.experts\.", n + "."))
+    active = total - routed + (routed * per_token // experts if experts else 0)
+    embedding = model.get_input_embeddings().weight.numel()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if not tied:
+        embedding += model.get_output_embeddings().weight.numel()
+    heads = config.num_attention_heads
+    ffn = config.moe_intermediate_size if experts and hasattr(config, "moe_intermediate_size") else None
+    return ModelNumbers(
+        name=name,
+        total_params=total,
+        active_params=active,
+        embedding_params=embedding,
+        hidden=config.hidden_size,
+        layers=config.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        vocab=config.vocab_size,
+        ffn=ffn or config.intermediate_size,
+        experts=experts,
+        experts_per_token=per_token,
+        tied=tied,
+        qk_norm=any(n.endswith("q_norm.weight") for n in params),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def model_numbers(
+    spec: str, vocab_size: int | None = None, *, trust_remote_code: bool = False
+) -> ModelNumbers:
+    """:class:`ModelNumbers` of a preset name, local model directory or cached hub id (cached: building
+    a 1B model on the meta device still takes a second)."""
+    config = model_config(spec, vocab_size, trust_remote_code=trust_remote_code)
+    return numbers_from_config(config, spec, trust_remote_code=trust_remote_code)
+
+
+# ---------------------------------------------------------------------------------------- estimate
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One candidate way to run: the knobs the planner varies."""
+
+    stage: int  # ZeRO stage; 0 = plain PyTorch (single GPU or DDP)
+    offload_optimizer: bool = False  # ZeRO >= 2: optimizer states and fp32 master on the CPU
+    offload_params: bool = False  # ZeRO-3: 16-bit weights on the CPU as well
+    optimizer: str = "adamw"  # adamw | adamw_8bit
+    gradient_checkpointing: bool = False
+    micro_batch: int = 1
+
+    def describe(self) -> str:
+        zero = "no ZeRO" if self.stage == 0 else f"ZeRO-{self.stage}"
+        if self.offload_params:
+            zero += "+offload(param,opt)"
+        elif self.offload_optimizer:
+            zero += "+offload(opt)"
+        ckpt = "ckpt" if self.gradient_checkpointing else "no-ckpt"
+        return f"{zero}, {self.optimizer}, {ckpt}, mb={self.micro_batch}"
+
+    def cost(self) -> float:
+        """Relative time per token (lower is faster); the ranking is documented at the constants."""
+        cost = STAGE_COST[self.stage] * _micro_batch_cost(self.micro_batch)
+        if self.gradient_checkpointing:
+            cost *= CHECKPOINTING_COST
+        if self.offload_params:
+            cost *= PARAM_OFFLOAD_COST
+        elif self.offload_optimizer:
+            cost *= OPTIMIZER_OFFLOAD_COST
+        if self.optimizer == "adamw_8bit":
+            cost *= EIGHT_BIT_COST
+        return cost
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the recipe fixes: sequence length, precisions, the loss, placement, the world size."""
+
+    seq_len: int
+    num_gpus: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    student_dtype: str = "float32"
+    teacher_dtype: str = "float32"
+    teacher_quantization: str = "none"
+    teacher_placement: str = "auto"  # auto | replicated | zero3
+    teacher_offload: bool = False
+    chunk_size: int = 1024
+    aligned: bool = False  # different tokenizers: the fused loss's autograd path
+    with_labels: bool = True  # alpha < 1: the CE term needs its own scratch block
+    overhead: int = OVERHEAD_BYTES
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, num_gpus: int, aligned: bool) -> Workload:
+        m, loss = cfg.model, cfg.distillation.loss
+        return cls(
+            seq_len=cfg.data.block_size,
+            num_gpus=num_gpus,
+            mixed_precision=cfg.training.mixed_precision,
+            student_dtype=m.student_dtype,
+            teacher_dtype=m.teacher_dtype,
+            teacher_quantization=m.teacher_quantization,
+            teacher_placement=m.teacher_placement,
+            teacher_offload=m.teacher_offload,
+            chunk_size=loss.chunk_size,
+            aligned=aligned,
+            with_labels=loss.alpha < 1,
+        )
+
+
+COMPONENTS = (
+    "teacher_weights",
+    "student_weights",
+    "gradients",
+    "optimizer",
+    "activations",
+    "teacher_activations",
+    "loss",
+    "overhead",
+)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Per-GPU bytes by component for one setup."""
+
+    setup: Setup
+    components: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+    def to_dict(self, budget: int) -> dict[str, Any]:
+        return {
+            "plan": self.setup.describe(),
+            **asdict(self.setup),
+            "relative_time": round(self.setup.cost(), 3),
+            "bytes": self.components,
+            "total_bytes": self.total,
+            "total_gib": round(self.total / GIB, 3),
+            "fits": self.total <= budget,
+        }
+
+
+NORM_ELEMENTS = 6
+"""Per token and layer, the two RMSNorms keep ``6·h`` elements (input, normalized copy, output); HF's
+Llama/Qwen RMSNorm computes in fp32 whatever the model dtype, so these are always 4 bytes."""
+
+
+def layer_activation_bytes(m: ModelNumbers, act_bytes: int) -> int:
+    """Bytes per token that autograd keeps for backward in one decoder layer (HF Llama/Qwen blocks,
+    SDPA attention), ``act_bytes`` per element outside the norms (2 under fp16/bf16, else 4).
+
+    Counted from the saved tensors, in the spirit of Korthikanti et al. (2022), whose ``34·h`` per
+    token assumes a GPT block (4h GELU MLP, dropout masks) and whose ``5·a·s`` term is the attention
+    score matrix, which SDPA / FlashAttention never store (they keep the output and a log-sum-exp):
+
+    * two RMSNorms: :data:`NORM_ELEMENTS` ``·h`` in fp32;
+    * attention: RoPE'd queries and keys, values, SDPA output and its contiguous copy fed to o_proj:
+      ``3·a·d + 2·kv·d`` (Qwen3's q/k norms add ``2·a·d + 2·kv·d``);
+    * dense SwiGLU MLP: gate, SiLU(gate), up, their product: ``4·f``; an MoE layer: per routed token
+      the gathered input and the weighted output plus the expert's ``4·f``, times ``k`` experts, and
+      the router's logits and probabilities ``2·E``.
+    """
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    attention = 3 * q + 2 * kv + (2 * q + 2 * kv if m.qk_norm else 0)
+    if m.experts:
+        mlp = m.experts_per_token * (2 * m.hidden + 4 * m.ffn) + 2 * m.experts
+    else:
+        mlp = 4 * m.ffn
+    return NORM_ELEMENTS * m.hidden * 4 + (attention + mlp) * act_bytes
+
+
+def student_activation_bytes(
+    m: ModelNumbers, tokens: int, checkpointing: bool, act_bytes: int, stream_bytes: int
+) -> tuple[int, int]:
+    """Student activations for ``tokens`` tokens per micro-batch: (bytes saved for backward at the end
+    of the forward, extra bytes while backward runs).
+
+    Without checkpointing every layer's saved tensors are alive when the forward ends, and backward
+    adds almost nothing: it frees each layer's saved tensors about as fast as it makes gradient
+    temporaries (measured: +1-4 % of the saved bytes). With HF's per-layer checkpointing only each
+    layer's input is kept (``h`` per token of the residual stream, ``stream_bytes`` each: fp32 under
+    autocast, the model dtype under DeepSpeed); backward then recomputes one layer at a time, one more
+    layer's saved tensors. Outside the layers: the final norm (``3·h``, fp32).
+    """
+    layer = layer_activation_bytes(m, act_bytes)
+    final_norm = 3 * m.hidden * 4
+    if checkpointing:
+        return tokens * (m.layers * m.hidden * stream_bytes + final_norm), tokens * layer
+    return tokens * (m.layers * layer + final_norm), 0
+
+
+def teacher_activation_bytes(m: ModelNumbers, tokens: int, act_bytes: int) -> tuple[int, int]:
+    """Teacher forward under no_grad: (final hidden states, kept for the loss; one layer's working set).
+
+    Every intermediate is freed once used, so the working set is one layer's: residual, normed input and
+    the larger of attention (q, k, v, output) and MLP (gate, up, product; for an MoE per routed token
+    the gathered input, gate_up, product and output)."""
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    attention = 2 * q + 2 * kv
+    mlp = m.experts_per_token * (2 * m.hidden + 4 * m.ffn) if m.experts else 4 * m.ffn
+    return tokens * m.hidden * act_bytes, tokens * (2 * m.hidden + max(attention, mlp)) * act_bytes
+
+
+def loss_bytes(
+    student: ModelNumbers, teacher: ModelNumbers | None, tokens: int, w: Workload, head_bytes: int
+) -> tuple[int, int]:
+    """The fused KD loss (:mod:`sakd.losses.fused`): (its transient workspace, the gradients it keeps).
+
+    The workspace is fp32 ``[chunk, V]`` logits, student and teacher side, plus the closed-form path's
+    two scratch blocks of :data:`~sakd.losses.logit_grads.BLOCK_ELEMENTS` (see :data:`ALIGNED_LOSS_ROWS`
+    for the vocab-mapped path). The gradients are computed in the forward pass and kept until backward:
+    ``[tokens, Hs]`` for the hidden states and ``[Vs, Hs]`` for the head, in the head's dtype."""
+    rows = min(w.chunk_size, tokens)
+    vs, vt = student.vocab, teacher.vocab if teacher else 0
+    if w.aligned:
+        workspace = rows * (ALIGNED_LOSS_ROWS[0] * vs + ALIGNED_LOSS_ROWS[1] * vt) * 4
+    else:
+        workspace = rows * (vs + vt) * 4 + (2 if w.with_labels else 1) * BLOCK_ELEMENTS * 4
+    return workspace, (tokens + student.vocab) * student.hidden * head_bytes
+
+
+def _teacher_weight_bytes(t: ModelNumbers, w: Workload, stage: int) -> tuple[int, int]:
+    """(teacher weight bytes on each GPU, bytes per element of its activations)."""
+    dtype = DTYPE_BYTES[w.teacher_dtype]
+    if w.teacher_quantization in QUANT_BYTES:
+        linear = t.total_params - t.embedding_params
+        return int(linear * QUANT_BYTES[w.teacher_quantization]) + t.embedding_params * dtype, dtype
+    zero3 = w.teacher_placement == "zero3" or (w.teacher_placement == "auto" and stage == 3)
+    if not zero3:
+        return t.total_params * dtype, dtype
+    gathered = 2 * t.layer_params * dtype  # the layer in use and the prefetched next one
+    if w.teacher_offload:
+        return gathered, dtype
+    return t.total_params * dtype // w.num_gpus + gathered, dtype
+
+
+def estimate(student: ModelNumbers, teacher: ModelNumbers | None, setup: Setup, w: Workload) -> Estimate:
+    """Per-GPU memory of one setup, by component (see the module docstring for the accounting)."""
+    p, n, s = student.total_params, w.num_gpus, setup.stage
+    master = DTYPE_BYTES[w.student_dtype]
+    mixed = w.mixed_precision in ("fp16", "bf16")
+    state_bytes = 2 if setup.optimizer == "adamw_8bit" else 2 * master  # two Adam moments
+    if s == 0:
+        weights = p * master + (2 * p if mixed else 0)
+        grads = p * master * (2 if n > 1 else 1)
+        optimizer = p * state_bytes
+        head_bytes = master
+    else:
+        model_bytes = 2 if mixed else master
+        gathered = 2 * student.layer_params * model_bytes  # ZeRO-3: the layer in use and the prefetched one
+        sharded = gathered + (0 if setup.offload_params else p * model_bytes // n)
+        weights = (sharded if s == 3 else p * model_bytes) + (
+            0 if setup.offload_optimizer or not mixed else 4 * p // n
+        )
+        bucket = 2 * REDUCE_BUCKET_ELEMENTS * model_bytes
+        grads = p * model_bytes if s == 1 else p * model_bytes // n + bucket
+        if mixed and not setup.offload_optimizer:
+            grads += 4 * p // n  # the fp32 gradient partition of the step
+        optimizer = 0 if setup.offload_optimizer else p * (2 if setup.optimizer == "adamw_8bit" else 8) // n
+        head_bytes = model_bytes
+    act_bytes = 2 if mixed else master
+    stream_bytes = master if s == 0 else act_bytes  # autocast keeps the residual stream in fp32
+    tokens = setup.micro_batch * w.seq_len
+    saved, backward_extra = student_activation_bytes(
+        student, tokens, setup.gradient_checkpointing, act_bytes, stream_bytes
+    )
+    workspace, loss_grads = loss_bytes(student, teacher, tokens, w, head_bytes)
+    t_weights, t_kept, t_working = 0, 0, 0
+    if teacher is not None:
+        t_weights, t_bytes = _teacher_weight_bytes(teacher, w, s)
+        t_kept, t_working = teacher_activation_bytes(teacher, tokens, t_bytes)
+    # Transients that never coexist count only beyond the peak they are compared with: the loss
+    # workspace (end of forward) vs a recomputed layer (backward), and the teacher's working set
+    # (before the student's forward) vs the student's saved activations and the loss.
+    components = {
+        "teacher_weights": t_weights,
+        "student_weights": weights,
+        "gradients": grads,
+        "optimizer": optimizer,
+        "activations": saved + max(0, backward_extra - workspace),
+        "teacher_activations": t_kept + max(0, t_working - saved - workspace - loss_grads),
+        "loss": workspace + loss_grads,
+        "overhead": w.overhead,
+    }
+    return Estimate(setup, components)
+
+
+def candidate_setups(micro_batches: list[int]) -> list[Setup]:
+    """Every combination the planner weighs: ZeRO 0/1/2/2+offload/3/3+offload × AdamW / 8-bit AdamW
+    (bitsandbytes' states live on the GPU, so not with offload) × checkpointing × micro-batch."""
+    zero = []
+    for stage in (0, 1, 2, 3):
+        zero.append((stage, False, False))
+        if stage >= 2:
+            zero.append((stage, True, stage == 3))
+    return [
+        Setup(stage, off_opt, off_par, opt, ckpt, mb)
+        for stage, off_opt, off_par in zero
+        for opt in ("adamw", "adamw_8bit")
+        if not (off_opt and opt == "adamw_8bit")
+        for ckpt in (False, True)
+        for mb in micro_batches
+    ]
+
+
+def rank(estimates: list[Estimate], budget: int) -> list[Estimate]:
+    """The setups that fit, fastest first (ties: less memory first)."""
+    return sorted((e for e in estimates if e.total <= budget), key=lambda e: (e.setup.cost(), e.total))
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def parse_memory(text: str) -> int:
+    """``16GB`` / ``16GiB`` / ``80G`` / ``16000MB`` / a plain byte count -> bytes. GB, MB and G are
+    decimal (10⁹, 10⁶), GiB and MiB binary: the decimal reading of a card's "16 GB" is the safe side
+    (what a 16 GB card leaves usable is a little under 16 GiB)."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 10**3, "m": 10**6}
+    units |= {"g": 10**9, "t": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in units or float(match.group(1)) <= 0:
+        raise ConfigError(f"--gpu-memory must look like 16GB, 16GiB, 80G or 16000MB; got {text!r}")
+    return int(float(match.group(1)) * units[match.group(2).lower()])
+
+
+DEFAULT_HEADROOM = 0.1
+"""Share of the GPU memory kept free for the estimate's error: it matched measured CPU peaks within
+about 5 % (tests/test_plan.py); GPU kernels' workspaces and fragmentation vary more."""
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 0.9], got {text!r}") from None
+    if not 0 <= value <= 0.9:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 0.9], got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``plan`` subcommand to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "plan",
+        help="estimate per-GPU memory of a recipe and recommend the fastest ZeRO/offload/checkpointing setup",
+        description="Estimate per-GPU memory (weights, gradients, optimizer, activations, loss) of a recipe "
+        "for each ZeRO stage / offload / optimizer / checkpointing / micro-batch choice, and recommend the "
+        "fastest one that fits. No weights are loaded.",
+    )
+    p.add_argument("--config", required=True, metavar="RECIPE", help="YAML/JSON recipe")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. training.batch_size=4"
+    )
+    p.add_argument("--gpu-memory", required=True, help="memory per GPU: 16GB, 16GiB, 80G, 16000MB")
+    p.add_argument(
+        "--num-gpus", type=_positive, default=1, help="GPUs (processes) sharing the work (default 1)"
+    )
+    p.add_argument(
+        "--micro-batches",
+        type=_positive,
+        nargs="+",
+        default=list(DEFAULT_MICRO_BATCHES),
+        metavar="B",
+        help="micro-batch sizes to try (default: 1 2 4 8 16)",
+    )
+    p.add_argument("--student-vocab", type=_positive, help="student vocabulary size (default: its config's)")
+    p.add_argument("--teacher-vocab", type=_positive, help="teacher vocabulary size (default: its config's)")
+    p.add_argument(
+        "--headroom",
+        type=_fraction,
+        default=DEFAULT_HEADROOM,
+        help=f"share of the GPU memory a plan must leave free (default {DEFAULT_HEADROOM})",
+    )
+    p.add_argument("--top", type=_positive, default=3, help="fitting plans to show (default 3)")
+    p.add_argument("--json", action="store_true", help="print every candidate as JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def _as_configured(cfg: RunConfig) -> Setup:
+    """The setup the recipe itself asks for (ZeRO stage and offload read from its DeepSpeed JSON)."""
+    zero: dict[str, Any] = {}
+    if cfg.training.deepspeed:
+        try:
+            zero = json.loads(Path(cfg.training.deepspeed).read_text()).get("zero_optimization", {})
+        except (OSError, ValueError, AttributeError):
+            raise ConfigError(
+                f"training.deepspeed: cannot read a DeepSpeed JSON from {cfg.training.deepspeed}"
+            ) from None
+    stage = int(zero.get("stage", 0))
+
+    def on_cpu(key: str) -> bool:
+        return isinstance(zero.get(key), dict) and zero[key].get("device") == "cpu"
+
+    optimizer = "adamw_8bit" if "8bit" in cfg.optimization.optimizer else "adamw"
+    return Setup(
+        stage=stage,
+        offload_optimizer=on_cpu("offload_optimizer"),
+        offload_params=on_cpu("offload_param"),
+        optimizer=optimizer,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        micro_batch=cfg.training.batch_size,
+    )
+
+
+def _row(label: str, e: Estimate, budget: int) -> str:
+    cells = "".join(f"{e.components[c] / GIB:>8.2f}" for c in COMPONENTS)
+    verdict = "fits" if e.total <= budget else "OVER"
+    return f"{label:<44}{cells}{e.total / GIB:>8.2f}  {verdict}  x{e.setup.cost():.2f}"
+
+
+def _header() -> str:
+    short = ("teach_w", "stud_w", "grads", "optim", "act", "t_act", "loss", "ovhd")
+    return f"{'plan (GiB per GPU)':<44}" + "".join(f"{s:>8}" for s in short) + f"{'total':>8}  fits  time"
+
+
+def _overrides_for(setup: Setup, cfg: RunConfig) -> str:
+    """The recipe keys that select ``setup`` (the accumulation keeps the tokens per optimizer step; the
+    DeepSpeed JSONs are the repository's ds_configs, run with ``accelerate launch``)."""
+    blocks = cfg.training.batch_size * cfg.training.gradient_accumulation_steps
+    parts = [f"training.batch_size={setup.micro_batch}"]
+    if setup.stage:
+        offload = "_offload" if setup.offload_optimizer else ""
+        parts.append(f"training.deepspeed=ds_configs/zero{setup.stage}{offload}.json")
+    if blocks % setup.micro_batch == 0:
+        parts.append(f"training.gradient_accumulation_steps={blocks // setup.micro_batch}")
+    parts.append(f"model.gradient_checkpointing={str(setup.gradient_checkpointing).lower()}")
+    parts.append(f"optimization.optimizer={setup.optimizer}")
+    return " ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Estimate every candidate for the recipe, print the fitting ones and the recommendation.
+
+    Returns 0 when some setup fits, 1 (one line on stderr) when none does.
+    """
+    memory = parse_memory(args.gpu_memory)
+    budget = int(memory * (1 - args.headroom))
+    cfg, _notes = load_config(args.config, args.overrides)
+    m = cfg.model
+    student = model_numbers(m.student, args.student_vocab, trust_remote_code=m.trust_remote_code)
+    teacher = None
+    if cfg.distillation.loss.alpha > 0:
+        teacher = model_numbers(m.teacher, args.teacher_vocab, trust_remote_code=m.trust_remote_code)
+    aligned = teacher is not None and (
+        cfg.distillation.alignment.mode == "always" or teacher.vocab != student.vocab
+    )
+    work = Workload.from_config(cfg, args.num_gpus, aligned)
+    estimates = [
+        estimate(student, teacher, s, work) for s in candidate_setups(sorted(set(args.micro_batches)))
+    ]
+    fitting = rank(estimates, budget)
+    configured = estimate(student, teacher, _as_configured(cfg), work)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "gpu_memory_bytes": memory,
+                    "budget_bytes": budget,
+                    "num_gpus": args.num_gpus,
+                    "student": asdict(student),
+                    "teacher": None if teacher is None else asdict(teacher),
+                    "workload": asdict(work),
+                    "as_configured": configured.to_dict(budget),
+                    "recommended": fitting[0].to_dict(budget) if fitting else None,
+                    "candidates": [
+                        e.to_dict(budget) for e in sorted(estimates, key=lambda e: e.setup.cost())
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        _print_table(student, teacher, work, (memory, budget), configured, fitting[: args.top])
+    if not fitting:
+        smallest = min(estimates, key=lambda e: e.total)
+        print(
+            f"error: no setup fits in {budget / GIB:.2f} GiB (after headroom) per GPU on {args.num_gpus} GPU(s); the smallest "
+            f"({smallest.setup.describe()}) needs {smallest.total / GIB:.2f} GiB",
+            file=sys.stderr,
+        )
+        return 1
+    if not args.json:
+        best = fitting[0]
+        print(f"\nrecommended: {best.setup.describe()} ({best.total / GIB:.2f} of {budget / GIB:.2f} GiB)")
+        print(f"  overrides: {_overrides_for(best.setup, cfg)}")
+        _chunk_hint(best, student, teacher, work)
+    return 0
+
+
+def _chunk_hint(best: Estimate, student: ModelNumbers, teacher: ModelNumbers | None, work: Workload) -> None:
+    """Point at distillation.loss.chunk_size when the fused loss's workspace is a large share: a
+    smaller chunk costs little speed (each chunk is still a large matmul) and frees memory for a larger
+    micro-batch."""
+    if best.components["loss"] < best.total / 5 or work.chunk_size < 256:
+        return
+    smaller = replace(work, chunk_size=work.chunk_size // 4)
+    then = estimate(student, teacher, best.setup, smaller).components["loss"]
+    print(
+        f"  hint: the fused loss takes {best.components['loss'] / GIB:.2f} GiB; "
+        f"distillation.loss.chunk_size={smaller.chunk_size} would make it {then / GIB:.2f} GiB"
+    )
+
+
+def _print_table(
+    student: ModelNumbers,
+    teacher: ModelNumbers | None,
+    work: Workload,
+    memory_and_budget: tuple[int, int],
+    configured: Estimate,
+    fitting: list[Estimate],
+) -> None:
+    def describe(m: ModelNumbers) -> str:
+        moe = f", {m.experts} experts / {m.experts_per_token} active" if m.experts else ""
+        return (
+            f"{m.name}: {m.total_params / 1e6:.1f}M params ({m.active_params / 1e6:.1f}M active), "
+            f"{m.layers} layers, hidden {m.hidden}, vocab {m.vocab}{moe}"
+        )
+
+    memory, budget = memory_and_budget
+    print(f"student {describe(student)}")
+    if teacher is not None:
+        print(f"teacher {describe(teacher)}")
+    print(
+        f"{work.num_gpus} GPU(s) x {memory / GIB:.2f} GiB, plans must fit in {budget / GIB:.2f} GiB; seq {work.seq_len}, mixed precision "
+        f"{work.mixed_precision}, teacher {work.teacher_dtype}, loss chunk {work.chunk_size}"
+        f"{' (vocab-mapped)' if work.aligned else ''}\n"
+    )
+    print(_header())
+    print(_row(f"as configured: {configured.setup.describe()}", configured, budget))
+    for e in fitting:
+        print(_row(e.setup.describe(), e, budget))
