@@ -102,6 +102,28 @@ def fill_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int | None = 
     return ds
 
 
+def run_ds_config(path: str | Path, cfg: RunConfig, world_size: int | None) -> dict[str, Any]:
+    """The DeepSpeed config a run uses: the file, filled (:func:`fill_ds_config`), with the optimizer
+    rule for CPU offload applied."""
+    ds = fill_ds_config(load_ds_config(path), cfg, world_size)
+    if offloads_optimizer(ds):
+        if cfg.optimization.optimizer != "ds_cpu_adam":
+            raise ConfigError(
+                f"{path} offloads the optimizer to the CPU; set optimization.optimizer=ds_cpu_adam "
+                f"(got {cfg.optimization.optimizer}), or use a config without offload_optimizer"
+            )
+        # With this flag on, Accelerate's prepare() rebuilds any client optimizer under offload -- our
+        # DeepSpeedCPUAdam included, with adamw_mode=False (L2 instead of decoupled weight decay;
+        # accelerate 1.15). DeepSpeed's own check accepts DeepSpeedCPUAdam, so nothing is lost.
+        ds["zero_force_ds_cpu_optimizer"] = False
+    return ds
+
+
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    offload = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)
+
+
 def zero_stage(ds: dict[str, Any] | None) -> int:
     if not ds:
         return -1
@@ -127,7 +149,7 @@ def build_accelerator(cfg: RunConfig) -> Any:
     path = t.deepspeed or (os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if env_ds else None)
     plugin = None
     if path:
-        ds = fill_ds_config(load_ds_config(path), cfg, world_from_env())
+        ds = run_ds_config(path, cfg, world_from_env())
         # zero3_init_flag=False: see built_whole (models are built whole; the engines partition them)
         plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)
     # Without CUDA, Accelerate only sets up a multi-process CPU group when told it runs on the CPU; a

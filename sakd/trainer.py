@@ -308,7 +308,8 @@ class Distiller:
         d = self.cfg.distillation
         if self.teacher is None or not (d.feature.weight or d.attention.weight or d.contrastive.weight):
             return None
-        s_cfg, t_cfg = student.config, self.teacher.config
+        t_model = getattr(self.teacher, "module", self.teacher)  # a ZeRO-3 engine has its own `config`
+        s_cfg, t_cfg = student.config, t_model.config
         pairs = (
             layer_pairs(t_cfg.num_hidden_layers, s_cfg.num_hidden_layers, d.feature.layer_map or "uniform")
             if d.feature.weight
@@ -331,7 +332,7 @@ class Distiller:
                     )
                 self.attention_pairs.append((s_layer, max(0, round((s_layer + 1) * lt / ls) - 1)))
             enable_selective_attention(student, sorted({s for s, _ in self.attention_pairs}))
-            enable_selective_attention(self.teacher, sorted({t for _, t in self.attention_pairs}))
+            enable_selective_attention(t_model, sorted({t for _, t in self.attention_pairs}))
         aux = AuxiliaryHeads(
             t_cfg.hidden_size,
             s_cfg.hidden_size,

@@ -114,3 +114,19 @@ def test_quantized_teacher_needs_cuda():
         pytest.skip("a GPU is present")
     with pytest.raises(ModelLoadError, match="CUDA"):
         load_model("tiny-moe", quantization="8bit", device="cpu")
+
+
+def test_optimizer_offload_needs_deepspeed_cpu_adam_and_keeps_it_adamw():
+    from pathlib import Path
+
+    from sakd.distributed import run_ds_config
+
+    path = Path(__file__).parents[1] / "ds_configs" / "zero2_offload.json"
+    cfg = RunConfig()
+    with pytest.raises(ConfigError, match="optimization.optimizer=ds_cpu_adam"):
+        run_ds_config(path, cfg, 1)
+    cfg.optimization.optimizer = "ds_cpu_adam"
+    # off: with it on, accelerate rebuilds DeepSpeedCPUAdam in plain-Adam (L2) mode
+    assert run_ds_config(path, cfg, 1)["zero_force_ds_cpu_optimizer"] is False
+    no_offload = Path(__file__).parents[1] / "ds_configs" / "zero2.json"
+    assert "zero_force_ds_cpu_optimizer" not in run_ds_config(no_offload, RunConfig(), 1)
