@@ -11,13 +11,12 @@
 #
 # PyTorch must be a CUDA 12.6 build on a P100: the CUDA 12.8+ wheels carry no sm_60 kernels.
 #   pip install torch --index-url https://download.pytorch.org/whl/cu126
-# The check below stops here with that message when the installed build cannot run on this GPU.
+# `sakd distill` checks this first and stops with that command when the installed build cannot run here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 OUT="${1:?usage: launch/p100.sh OUT_DIR [KEY=VALUE ...]}"
 shift
-"$PY" -c "from sakd.distributed import check_cuda_arch; check_cuda_arch()"
 exec "$PY" -m accelerate.commands.launch --config_file accelerate_configs/p100_fp16.yaml -m sakd.cli \
     distill --config sakd/recipes/huihui-moe-1b-to-smollm-135m.yaml \
     training.output_dir="$OUT" optimization.optimizer=adamw_8bit training.mixed_precision=fp16 \

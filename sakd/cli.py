@@ -213,6 +213,7 @@ def _quiet_libraries() -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from sakd.config import ConfigError
     from sakd.data import DataError
+    from sakd.distributed import SetupError
     from sakd.export import ExportError
     from sakd.models import ModelLoadError
     from sakd.report import ReportError
@@ -224,6 +225,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ExportError,
         ModelLoadError,
         ReportError,
+        SetupError,
         NonFiniteError,
         RunDirError,
         FileNotFoundError,

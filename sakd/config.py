@@ -442,6 +442,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
+def _unyaml_choice(value: Any, choices: list[Any] | None) -> Any:
+    """YAML 1.1 reads no/off/false (yes/on/true) as booleans: ``mixed_precision: no`` arrives as False.
+    For a field whose choices are words, take the bool back to the word it was written as."""
+    if not isinstance(value, bool) or not choices or not all(isinstance(c, str) for c in choices):
+        return value
+    words = ("no", "off", "false", "none") if value is False else ("yes", "on", "true")
+    return next((w for w in words if w in choices), value)
+
+
 def _check_range(key: str, value: Any, meta: dict[str, Any]) -> None:
     if value is None:
         return
@@ -479,7 +488,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         if is_dataclass_type(tp):
             kwargs[name] = _build(tp, raw[name], key + ".")
         else:
-            value = _coerce(key, raw[name], tp)
+            value = _coerce(key, _unyaml_choice(raw[name], f.metadata.get("choices")), tp)
             _check_range(key, value, dict(f.metadata))
             kwargs[name] = value
     return cls(**kwargs)

@@ -211,6 +211,10 @@ def repair_cpu_world(accelerator: Any) -> bool:
     return True
 
 
+class SetupError(RuntimeError):
+    """This machine cannot run the run as configured (one line, with the fix)."""
+
+
 def check_cuda_arch() -> None:
     """Stop with the fix when this GPU's architecture has no kernels in the installed PyTorch."""
     if not torch.cuda.is_available():
@@ -230,7 +234,7 @@ def check_cuda_arch() -> None:
         if major < 7
         else "install a PyTorch build whose arch list includes it"
     )
-    raise RuntimeError(
+    raise SetupError(
         f"{name} is {arch}, but this PyTorch {torch.__version__} (CUDA {torch.version.cuda}) has kernels only "
         f"for {' '.join(built)}; {fix}"
     )

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from sakd import checkpoint, rundir
-from sakd.align import first_piece_map, load_or_build_vocab_map
 from sakd.align.positions import alignment_coverage
 from sakd.config import RunConfig, dump_config
 from sakd.curriculum import temperature_at
@@ -43,20 +41,18 @@ from sakd.distributed import (
     built_whole,
     check_cuda_arch,
     register_external_parameters,
-    teacher_engine,
     zero_stage,
 )
 from sakd.ema import EMA_FILE, StudentEMA
 from sakd.evaluate import cross_tokenizer_agreement, evaluate
 from sakd.export import export_run, save_model_dir
-from sakd.losses.auxiliary import AuxiliaryHeads, layer_pairs
-from sakd.models import freeze, load_model, load_tokenizer
-from sakd.models.capture import enable_selective_attention
+from sakd.models import load_model, load_tokenizer
 from sakd.models.forward import hidden_and_head
 from sakd.models.loading import check_model_source, default_tokenizer_spec
 from sakd.models.student import TrainableStudent, student_state
 from sakd.objective import Objective
 from sakd.optim import build_optimizer, describe_groups
+from sakd.pairing import Alignment, build_aux, load_teacher, setup_alignment
 from sakd.rundir import RunDirError
 from sakd.signals import StopSignals, TrainingStopped
 
@@ -127,13 +123,7 @@ class Distiller:
         self.tokenizer = load_tokenizer(tok_spec, trust_remote_code=mcfg.trust_remote_code)
         self.teacher = None
         self.teacher_placement: str | None = None  # replicated or zero3 once a teacher is loaded
-        self.teacher_tokenizer = None
-        self.tokenizers_differ = False
-        self.aligned = False  # teacher tokens + position alignment in every batch
-        self.vocab_map: torch.Tensor | None = None
-        self.teacher_to_student: torch.Tensor | None = None
-        self.alignment_stats: dict[str, Any] = {}
-        self.attention_pairs: list[tuple[int, int]] = []
+        alignment = Alignment()
         if self.use_teacher:
             t_tok_spec = default_tokenizer_spec(mcfg.teacher, mcfg.teacher_tokenizer) or tok_spec
             teacher_tok = (
@@ -141,7 +131,12 @@ class Distiller:
                 if t_tok_spec == tok_spec
                 else load_tokenizer(t_tok_spec, trust_remote_code=mcfg.trust_remote_code)
             )
-            self._setup_alignment(teacher_tok)
+            alignment = setup_alignment(cfg.distillation.alignment, self.tokenizer, teacher_tok, acc)
+        self.teacher_tokenizer = alignment.teacher_tokenizer
+        self.tokenizers_differ = alignment.differ
+        self.aligned = alignment.aligned  # teacher tokens + position alignment in every batch
+        self.vocab_map, self.teacher_to_student = alignment.vocab_map, alignment.teacher_to_student
+        self.alignment_stats: dict[str, Any] = alignment.stats
 
         with acc.main_process_first():
             self.data: DataBundle = prepare_data(
@@ -174,8 +169,12 @@ class Distiller:
                 f"has {self.vocab_size} tokens; resize the student's embeddings"
             )
         if self.use_teacher:
-            self._load_teacher()
-        self.aux = self._build_aux(student)
+            self.teacher, self.teacher_placement = load_teacher(
+                mcfg, self.teacher_tokenizer, acc, self.ds_config, seed=tcfg.seed + 1
+            )
+        self.aux, self.attention_pairs = build_aux(
+            cfg.distillation, student, self.teacher, self.tokenizers_differ
+        )
 
         self.plan = BatchPlan(
             num_blocks=len(self.data.train),
@@ -229,120 +228,6 @@ class Distiller:
             save_model_dir(self.hf_student, self.tokenizer, self.run_dir / "student_config", weights=False)
         if cfg.logging.report_to != "none":
             acc.init_trackers(cfg.logging.project, config=json.loads(json.dumps(cfg, default=vars)))
-
-    def _load_teacher(self) -> None:
-        """The frozen teacher, replicated on every process or partitioned by its own ZeRO-3 engine."""
-        mcfg, acc = self.cfg.model, self.accelerator
-        placement = mcfg.teacher_placement
-        if placement == "auto":
-            placement = "zero3" if self.zero_stage == 3 else "replicated"
-        if placement == "zero3" and mcfg.teacher_quantization != "none":
-            raise RunDirError(
-                "model.teacher_quantization needs model.teacher_placement=replicated (a bitsandbytes-quantized "
-                "teacher cannot be partitioned by ZeRO-3)"
-            )
-        self.teacher_placement = placement
-        with built_whole(acc):
-            teacher = load_model(
-                mcfg.teacher,
-                tokenizer=self.teacher_tokenizer,
-                dtype=mcfg.teacher_dtype,
-                trust_remote_code=mcfg.trust_remote_code,
-                seed=self.cfg.training.seed + 1,
-                attn_implementation=mcfg.attn_implementation,
-                quantization=mcfg.teacher_quantization,
-                device=acc.device,
-            )
-        t_rows = teacher.get_output_embeddings().weight.shape[0]
-        if t_rows < len(self.teacher_tokenizer):
-            raise RunDirError(
-                f"teacher has {t_rows} output rows but its tokenizer has {len(self.teacher_tokenizer)} tokens; "
-                "set model.teacher_tokenizer to the teacher's own tokenizer"
-            )
-        freeze(teacher)
-        if placement == "zero3":
-            self.teacher = teacher_engine(teacher, self.ds_config or {}, offload=mcfg.teacher_offload)
-        else:
-            self.teacher = teacher if mcfg.teacher_quantization != "none" else teacher.to(acc.device)
-
-    def _setup_alignment(self, teacher_tok: Any) -> None:
-        """Identical tokenizers: plain KD. Different ones: a vocab map (cached per pair) and
-        text-aligned positions in every batch (also with alignment.mode=always)."""
-        acfg = self.cfg.distillation.alignment
-        self.teacher_tokenizer = teacher_tok
-        differ = teacher_tok is not self.tokenizer and teacher_tok.get_vocab() != self.tokenizer.get_vocab()
-        self.tokenizers_differ = differ
-        self.aligned = differ or acfg.mode == "always"
-        if not differ:
-            n = len(self.tokenizer)
-            if self.aligned:
-                self.alignment_stats = {
-                    "student_vocab": n,
-                    "teacher_vocab": n,
-                    "mapped": n,
-                    "student_coverage": 1.0,
-                    "teacher_vocab_coverage": 1.0,
-                }
-            return
-        cache = acfg.cache_dir or str(
-            Path(os.environ.get("SAKD_CACHE_DIR", Path.home() / ".cache" / "sakd")) / "vocab_maps"
-        )
-        with self.accelerator.main_process_first():
-            vmap, cached = load_or_build_vocab_map(self.tokenizer, teacher_tok, cache)
-        self.vocab_map = None if vmap.is_identity() else vmap.student_to_teacher.to(self.accelerator.device)
-        if self.vocab_map is not None:
-            t2s = first_piece_map(self.tokenizer, teacher_tok, vmap)
-            self.teacher_to_student = t2s.to(self.accelerator.device)
-            prefix_share = float((t2s >= 0).float().mean())
-        self.alignment_stats = {**vmap.stats(), "vocab_map_cached": cached}
-        if self.teacher_to_student is not None:
-            self.alignment_stats["teacher_vocab_with_student_prefix"] = prefix_share
-        if vmap.num_mapped == 0:
-            raise RunDirError(
-                "no student token has a teacher token with the same text; check model.tokenizer and "
-                "model.teacher_tokenizer"
-            )
-
-    def _build_aux(self, student: torch.nn.Module) -> AuxiliaryHeads | None:
-        """The trainable projections of the feature / attention / contrastive losses, or None."""
-        d = self.cfg.distillation
-        if self.teacher is None or not (d.feature.weight or d.attention.weight or d.contrastive.weight):
-            return None
-        t_model = getattr(self.teacher, "module", self.teacher)  # a ZeRO-3 engine has its own `config`
-        s_cfg, t_cfg = student.config, t_model.config
-        pairs = (
-            layer_pairs(t_cfg.num_hidden_layers, s_cfg.num_hidden_layers, d.feature.layer_map or "uniform")
-            if d.feature.weight
-            else []
-        )
-        attention = d.attention.weight > 0
-        if attention and self.tokenizers_differ:
-            log.warning(
-                "distillation.attention is disabled: teacher and student tokenize differently, so their "
-                "attention maps have different shapes and no one-to-one positions"
-            )
-            attention = False
-        if attention:
-            ls, lt = s_cfg.num_hidden_layers, t_cfg.num_hidden_layers
-            for layer in d.attention.layers:
-                s_layer = layer + ls if layer < 0 else layer
-                if not 0 <= s_layer < ls:
-                    raise RunDirError(
-                        f"distillation.attention.layers: student layer {layer} is out of range for {ls} layers"
-                    )
-                self.attention_pairs.append((s_layer, max(0, round((s_layer + 1) * lt / ls) - 1)))
-            enable_selective_attention(student, sorted({s for s, _ in self.attention_pairs}))
-            enable_selective_attention(t_model, sorted({t for _, t in self.attention_pairs}))
-        aux = AuxiliaryHeads(
-            t_cfg.hidden_size,
-            s_cfg.hidden_size,
-            feature_layers=pairs,
-            teacher_heads=t_cfg.num_attention_heads,
-            student_heads=s_cfg.num_attention_heads,
-            attention=attention,
-            contrastive=d.contrastive.weight > 0,
-        )
-        return aux if any(p.numel() for p in aux.parameters()) else None
 
     def _build_ema(self, resume_from: Path | None) -> StudentEMA:
         """The EMA of the student: from the checkpoint we resume from, else from the current weights."""

@@ -155,3 +155,15 @@ def test_shipped_recipes_load(recipe):
 
 def test_recipes_exist():
     assert {p.name for p in RECIPES} >= {"demo.yaml", "huihui-moe-1b-to-smollm-135m.yaml"}
+
+
+def test_yaml_booleans_become_the_choice_they_were_written_as(tmp_path):
+    """`mixed_precision: no` is False to YAML 1.1; a word-choice field takes it back as "no"."""
+    from sakd.config import load_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("training:\n  mixed_precision: no\n")
+    cfg, _ = load_config(str(recipe), ["model.teacher_quantization=off"])
+    assert cfg.training.mixed_precision == "no" and cfg.model.teacher_quantization == "none"
+    cfg, _ = load_config({}, ["training.mixed_precision=no", "training.ema=no"])
+    assert cfg.training.mixed_precision == "no" and cfg.training.ema is False

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sakd.config import ConfigError, OptimizationConfig, RunConfig
-from sakd.distributed import check_cuda_arch, fill_ds_config, zero_stage
+from sakd.distributed import SetupError, check_cuda_arch, fill_ds_config, zero_stage
 from sakd.evaluate import rank_batches
 from sakd.models.student import TrainableStudent, student_state
 
@@ -20,7 +20,7 @@ def _fake_gpu(monkeypatch, capability, arch_list, name="Tesla P100-PCIE-16GB"):
 
 def test_p100_under_a_cuda_12_8_wheel_stops_with_the_fix(monkeypatch):
     _fake_gpu(monkeypatch, (6, 0), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"])
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(SetupError) as e:
         check_cuda_arch()
     msg = str(e.value)
     assert "\n" not in msg and "sm_60" in msg and "P100" in msg and "cu126" in msg
