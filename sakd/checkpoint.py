@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import shutil
 import struct
@@ -22,6 +23,11 @@ from typing import Any
 from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read (one line; the other checkpoints are untouched)."""
+
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -113,13 +119,27 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if write_extra is not None:
+                write_extra(tmp)
+            # The trainer state is written last: its presence is what marks the checkpoint complete.
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    except OSError as e:  # a full disk, a quota, a vanished mount: drop the partial copy, keep the others
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest(root)
+        kept = (
+            f"the newest complete checkpoint ({previous.name}) is intact"
+            if previous
+            else "no checkpoint exists yet"
+        )
+        raise CheckpointError(
+            f"could not write checkpoint {final.name} to {root}: {e.strerror or e}; {kept} -- free space and "
+            "resume with --resume auto"
+        ) from None
     if accelerator.is_main_process:
-        if write_extra is not None:
-            write_extra(tmp)
-        # The trainer state is written last: its presence is what marks the checkpoint complete.
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         if final.exists():
             if problem(final) is not None:  # keep a damaged one we are replacing, under another name
                 aside = final.with_name(final.name + ".damaged")
@@ -138,6 +158,15 @@ def save(
 
 
 def load(accelerator: Accelerator, path: Path) -> dict[str, Any]:
-    """Restore a checkpoint written by :func:`save`; returns the trainer state."""
-    accelerator.load_state(str(path))
+    """Restore a checkpoint written by :func:`save`; returns the trainer state.
+
+    Accelerate reads the optimizer, scheduler and RNG files with ``torch.load(weights_only=True)``, so a
+    planted pickle cannot run code; it is refused in one line (DeepSpeed's own engine checkpoints are
+    pickles DeepSpeed loads itself: resume only from checkpoints your runs wrote).
+    """
+    try:
+        accelerator.load_state(str(path))
+    except (pickle.UnpicklingError, RuntimeError, OSError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot resume from {path}: {first}") from None
     return json.loads((path / STATE_FILE).read_text())

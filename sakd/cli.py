@@ -211,6 +211,7 @@ def _quiet_libraries() -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from sakd.checkpoint import CheckpointError
     from sakd.config import ConfigError
     from sakd.data import DataError
     from sakd.distributed import SetupError
@@ -220,6 +221,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sakd.trainer import NonFiniteError, RunDirError
 
     return (
+        CheckpointError,
         ConfigError,
         DataError,
         ExportError,

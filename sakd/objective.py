@@ -67,6 +67,11 @@ class Objective:
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.teacher_vocab_size = teacher_vocab_size or vocab_size
+        if cfg.sparse in ("subset", "topk_tail") and cfg.kd_top_k and cfg.kd_top_k > self.teacher_vocab_size:
+            raise ValueError(
+                f"distillation.loss.kd_top_k={cfg.kd_top_k} is larger than the teacher's vocabulary "
+                f"({self.teacher_vocab_size} tokens); lower it"
+            )
         self.vocab_map = vocab_map
         self.teacher_to_student = teacher_to_student
         self.dcfg = distillation or DistillationConfig(loss=cfg)

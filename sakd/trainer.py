@@ -86,6 +86,7 @@ class TrainerState:
     tokens_seen: int = 0
     train_seconds: float = 0.0
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient norm (no update made)
+    scaler_skipped_steps: int = 0  # fp16: steps the loss scaler skipped (overflow; the scale is lowered)
     consecutive_skips: int = 0
     best_step: int | None = None  # early stopping: the evaluated step with the lowest eval loss (kept)
     best_eval_loss: float | None = None
@@ -223,6 +224,8 @@ class Distiller:
             if acc.is_main_process:
                 rundir.truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         self.ema = self._build_ema(resume_from) if tcfg.ema else None
+        skips = getattr(self.student, "skipped_steps", None)  # a DeepSpeed engine's (restored) count
+        self._engine_skips = skips if isinstance(skips, int) else 0
         if acc.is_main_process:
             dump_config(cfg, self.run_dir / "config.yaml")
             save_model_dir(self.hf_student, self.tokenizer, self.run_dir / "student_config", weights=False)
@@ -331,20 +334,34 @@ class Distiller:
                         )
                     )
                     finite = math.isfinite(totals[keys.index("loss")].item()) and math.isfinite(grad_norm)
+                    scaler_skipped = False
                     if finite:
                         self.optimizer.step()
-                        self.scheduler.step()
-                        if self.ema is not None:
-                            self.ema.update(self.hf_student)
+                        scaler_skipped = self._scaler_skipped()
+                        if not scaler_skipped:  # an overflow step leaves the schedule and the EMA alone
+                            self.scheduler.step()
+                            if self.ema is not None:
+                                self.ema.update(self.hf_student)
                     self.optimizer.zero_grad(set_to_none=True)
         metrics = {k: float(v) / global_tokens for k, v in zip(keys, totals.tolist(), strict=True)}
         metrics["temperature"] = temperature
         metrics["tokens"] = global_tokens
+        metrics["scaler_skipped"] = scaler_skipped
         metrics["grad_norm"] = grad_norm
         if not finite:
             ids = torch.cat([mb["sample_ids"].reshape(-1) for mb in micro_batches if "sample_ids" in mb])
             metrics["skipped_sample_ids"] = acc.gather(ids).tolist() if len(ids) else []
         return metrics
+
+    def _scaler_skipped(self) -> bool:
+        """Whether fp16 loss scaling just skipped the optimizer step (an overflow; not counted as a
+        non-finite step: the scaler lowers its scale and training goes on)."""
+        engine_skips = getattr(self.student, "skipped_steps", None)  # a DeepSpeed engine counts them
+        if isinstance(engine_skips, int):
+            skipped = engine_skips > self._engine_skips
+            self._engine_skips = engine_skips
+            return skipped
+        return bool(self.accelerator.optimizer_step_was_skipped)
 
     # ------------------------------------------------------------------------------ the loop
 
@@ -469,6 +486,7 @@ class Distiller:
             tok_window += metrics["tokens"]
             bar.update(1)
             skipped = "skipped_sample_ids" in metrics
+            s.scaler_skipped_steps += metrics.pop("scaler_skipped")
             if skipped:
                 self._skipped(metrics["skipped_sample_ids"])
             else:
@@ -483,6 +501,8 @@ class Distiller:
                     "lr": self.scheduler.get_last_lr()[0],
                     "tokens_per_s": tok_window / max(now - t_window, 1e-9),
                     "tokens_seen": s.tokens_seen,
+                    "skipped_steps": s.skipped_steps,
+                    "scaler_skipped_steps": s.scaler_skipped_steps,
                     **memory_metrics(self.accelerator.device),
                 }
                 t_window, tok_window = now, 0

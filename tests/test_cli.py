@@ -136,3 +136,11 @@ def test_eval_command(capsys, tmp_path, tiny_run_config, corpus):
     )
     result = json.loads(capsys.readouterr().out)
     assert result["agreement"] == 1.0 and result["tokens"] == 4 * 31 and result["ppl"] > 1
+
+
+def test_top_k_larger_than_the_vocabulary(capsys, tmp_path, tiny_run_config):
+    raw = copy.deepcopy(tiny_run_config)
+    raw["distillation"]["loss"].update(sparse="topk_tail", kd_top_k=100_000)
+    _fails(
+        capsys, ["distill", "--config", _recipe(tmp_path, raw)], "kd_top_k=100000 is larger than the teacher"
+    )

@@ -154,7 +154,7 @@ def test_sigint_between_steps_checkpoints_and_restores_handlers(
 
     monkeypatch.setattr(Distiller, "train_step", interrupt_at_3)
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    assert main(["distill", "--config", str(recipe)]) == 130
+    assert main(["distill", "--config", str(recipe)]) == 230
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("sakd: stopped by SIGINT at step 3;")
     assert [p.name for p in checkpoint.list_complete(run / "checkpoints")] == [
@@ -317,3 +317,79 @@ def test_a_single_non_finite_step_is_skipped_and_training_goes_on(tiny_run_confi
     assert all(torch.isfinite(v).all() for v in d.hf_student.state_dict().values())
     assert _trained_steps(d.run_dir) == [1, 3, 4]
     assert (d.run_dir / "summary.json").exists()
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tiny_run_config, tmp_path, monkeypatch, capsys):
+    """The checkpoint of step 4 hits ENOSPC half-way: one line, a non-zero exit, the partial copy removed,
+    step 2 still complete -- and resuming (space freed) finishes the run."""
+    import errno
+
+    raw, recipe = _recipe(tiny_run_config, tmp_path, "full")
+    raw["training"].update(max_steps=6, save_every=2)
+    run = Path(raw["training"]["output_dir"])
+    recipe.write_text(json.dumps(raw))
+    original = Accelerator.save_state
+
+    def full_disk(self, output_dir=None, **kwargs):
+        if "step-00000004" in str(output_dir):
+            (Path(output_dir) / "model.safetensors").write_bytes(b"\0" * 100)  # a partial write
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    assert main(["distill", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "step-00000002" in err[0]
+    ckpts = run / "checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == ["step-00000002"]  # no partial step-4 left behind
+    assert checkpoint.problem(ckpts / "step-00000002") is None
+    assert not (run / "summary.json").exists()
+    monkeypatch.setattr(Accelerator, "save_state", original)
+    assert main(["distill", "--config", str(recipe)]) == 0  # resumes from step 2
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+
+class _Planted:
+    """Unpickling this runs code: what a tampered checkpoint file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_refused_not_run(saved_run, tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    newest = saved_run / "checkpoints" / "step-00000008"
+    torch.save({"state": _Planted(marker)}, newest / "optimizer.bin")
+    (saved_run / "summary.json").unlink()
+    cfg_path = saved_run / "config.yaml"
+    rc = main(["distill", "--config", str(cfg_path), "training.max_steps=10"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "cannot resume from" in err[0] and "step-00000008" in err[0]
+    assert not marker.exists()  # torch.load(weights_only=True) refused it: nothing ran
+
+
+def test_loss_scaler_skips_are_counted_and_leave_schedule_and_ema_alone(
+    tiny_run_config, tmp_path, monkeypatch
+):
+    """fp16 loss scaling skips an overflowing step inside optimizer.step(); Accelerate reports it via
+    optimizer_step_was_skipped. This CPU has no fp16 scaler, so the report is forced for step 2: the step
+    is counted apart from non-finite skips, and neither the LR schedule nor the EMA advance."""
+    calls = {"n": 0}
+
+    def was_skipped(self):
+        calls["n"] += 1
+        return calls["n"] == 2
+
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(was_skipped))
+    raw, _ = _recipe(tiny_run_config, tmp_path, "scaler")
+    raw["training"].update(max_steps=3, save_every=0, ema=True)
+    cfg, _ = load_config(raw)
+    d = Distiller(cfg, resume="none", overwrite=True)
+    d.train()
+    assert d.state.scaler_skipped_steps == 1 and d.state.skipped_steps == 0
+    assert d.scheduler.scheduler.last_epoch == 2 and d.ema.updates == 2  # 3 steps, one skipped by the scaler
+    lines = [json.loads(x) for x in (d.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r["scaler_skipped_steps"] for r in lines] == [0, 1, 1]
