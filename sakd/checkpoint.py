@@ -157,6 +157,11 @@ def save(
     return final
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint, without loading anything else (what must be built first)."""
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
 def load(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save`; returns the trainer state.
 

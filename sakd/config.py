@@ -223,6 +223,20 @@ class DistillationConfig:
 
 
 @dataclass
+class StageConfig:
+    name: str = _f("", "Label of the stage in logs and metrics.jsonl (default: stage-N).")
+    steps: int | None = _f(None, "Optimizer steps of the stage (or give epochs).", min=1)
+    epochs: float | None = _f(None, "Passes over the training blocks, when steps is not given.", gt=0)
+    learning_rate: float | None = _f(
+        None, "Peak learning rate of the stage (default: optimization.learning_rate).", gt=0
+    )
+    lr_multipliers: dict[str, float] | None = _f(
+        None, "Parameter rules of the stage, as optimization.lr_multipliers (default: those); 0.0 freezes."
+    )
+    warmup_steps: int | None = _f(None, "Warm-up of the stage (default: optimization.warmup_steps).", min=0)
+
+
+@dataclass
 class OptimizationConfig:
     optimizer: str = _f(
         "adamw",
@@ -257,6 +271,13 @@ class OptimizationConfig:
         "Regex -> learning-rate multiplier for student parameters, matched with re.search against the "
         "parameter name, first match wins (e.g. {'embed_tokens': 0.0, 'layers\\.0\\.': 0.5}); 0.0 freezes "
         "(requires_grad off, left out of the optimizer); unmatched parameters get 1.0.",
+    )
+    stages: list[StageConfig] = _f(
+        [],
+        "Multi-stage training: a list of stages run in order, each with name, steps (or epochs), "
+        "learning_rate, lr_multipliers and warmup_steps (unset: the values above). The optimizer and the "
+        "LR schedule are created afresh at each stage start; the stages' steps replace training.max_steps. "
+        "Example: [{name: head, steps: 500, lr_multipliers: {'^(?!lm_head)': 0.0}}, {name: all, steps: 5000}].",
     )
 
 
@@ -404,6 +425,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         (item_type,) = typing.get_args(tp)
+        if is_dataclass_type(item_type):  # a list of sections (optimization.stages)
+            return [_build(item_type, v, f"{key}[{i}].") for i, v in enumerate(value)]
         return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -591,18 +614,24 @@ def load_config(
     return cfg, notes
 
 
-def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that single-field ranges cannot express."""
-    loss = cfg.distillation.loss
-    for pattern, mult in cfg.optimization.lr_multipliers.items():
+def _check_rules(key: str, rules: dict[str, float]) -> None:
+    for pattern, mult in rules.items():
         try:
             re.compile(pattern)
         except re.error as e:
-            raise ConfigError(f"optimization.lr_multipliers: bad regex {pattern!r} ({e})") from None
+            raise ConfigError(f"{key}: bad regex {pattern!r} ({e})") from None
         if mult < 0:
-            raise ConfigError(
-                f"optimization.lr_multipliers[{pattern!r}] must be >= 0 (0 freezes), got {mult}"
-            )
+            raise ConfigError(f"{key}[{pattern!r}] must be >= 0 (0 freezes), got {mult}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that single-field ranges cannot express."""
+    loss = cfg.distillation.loss
+    _check_rules("optimization.lr_multipliers", cfg.optimization.lr_multipliers)
+    for i, stage in enumerate(cfg.optimization.stages):
+        if stage.steps is None and stage.epochs is None:
+            raise ConfigError(f"optimization.stages[{i}] needs steps or epochs")
+        _check_rules(f"optimization.stages[{i}].lr_multipliers", stage.lr_multipliers or {})
     if loss.sparse in ("subset", "topk_tail") and loss.kd_top_k is None:
         raise ConfigError(
             f"distillation.loss.sparse={loss.sparse} needs distillation.loss.kd_top_k (e.g. 256)"

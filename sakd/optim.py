@@ -59,14 +59,28 @@ def describe_groups(groups: list[dict]) -> str:
     )
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizationConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.learning_rate, cfg.lr_multipliers)
+def frozen_names(model: nn.Module, rules: dict[str, float]) -> list[str]:
+    """The parameters ``rules`` freeze (multiplier 0.0)."""
+    return [name for name, _ in model.named_parameters() if lr_multiplier(name, rules) == 0.0]
+
+
+def build_optimizer(
+    model: nn.Module,
+    cfg: OptimizationConfig,
+    *,
+    lr: float | None = None,
+    rules: dict[str, float] | None = None,
+) -> torch.optim.Optimizer:
+    """The student's optimizer; ``lr`` / ``rules`` override cfg's (a training stage's own)."""
+    lr = cfg.learning_rate if lr is None else lr
+    rules = cfg.lr_multipliers if rules is None else rules
+    groups = param_groups(model, cfg.weight_decay, lr, rules)
     if not groups:
-        raise ValueError("optimization.lr_multipliers freezes every student parameter: nothing to train")
+        raise ValueError("the lr_multipliers rules freeze every student parameter: nothing to train")
     for g in groups:
         g.pop("names")
     betas = (cfg.adam_beta1, cfg.adam_beta2)
-    kwargs = {"lr": cfg.learning_rate, "betas": betas, "eps": cfg.adam_epsilon}
+    kwargs = {"lr": lr, "betas": betas, "eps": cfg.adam_epsilon}
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
     if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit"):

@@ -59,10 +59,18 @@ def setup_alignment(acfg: AlignmentConfig, student_tok: Any, teacher_tok: Any, a
     )
     with accelerator.main_process_first():
         vmap, cached = load_or_build_vocab_map(student_tok, teacher_tok, cache)
-    if vmap.num_mapped == 0:
+    mapped = vmap.student_to_teacher >= 0
+    mapped[[i for i in student_tok.all_special_ids if i < len(mapped)]] = False  # EOS/pad map by role
+    if not bool(mapped.any()):
         raise RunDirError(
-            "no student token has a teacher token with the same text; check model.tokenizer and "
-            "model.teacher_tokenizer"
+            "no alignment possible: no student token (specials aside) has a teacher token with the same text; "
+            "check model.tokenizer and model.teacher_tokenizer"
+        )
+    if vmap.stats()["student_coverage"] < 0.5:
+        log.warning(
+            "only %.1f%% of the student's tokens have a teacher token with the same text: the KD signal will be "
+            "weak (check model.teacher_tokenizer)",
+            100 * vmap.stats()["student_coverage"],
         )
     out.stats = {**vmap.stats(), "vocab_map_cached": cached}
     if not vmap.is_identity():

@@ -34,7 +34,8 @@ SEED_KEY_MAP: dict[str, str] = {
 # Seed keys whose capability has not landed yet: reported on load (see README).
 SEED_KEYS_NOT_YET_SUPPORTED: dict[str, str] = {
     "use_curriculum": "progressive loss curriculum (auxiliary losses are not implemented yet)",
-    "attention_layers": "attention-transfer loss (not implemented yet)",
+    "attention_layers": "a count of layers, not mapped: attention transfer is distillation.attention.weight "
+    "with an explicit distillation.attention.layers list (e.g. [-2, -1])",
     "memory_threshold": "has no equivalent: use `sakd plan` to choose a configuration that fits",
 }
 

@@ -51,7 +51,7 @@ from sakd.models.forward import hidden_and_head
 from sakd.models.loading import check_model_source, default_tokenizer_spec
 from sakd.models.student import TrainableStudent, student_state
 from sakd.objective import Objective
-from sakd.optim import build_optimizer, describe_groups
+from sakd.optim import build_optimizer, describe_groups, frozen_names
 from sakd.pairing import Alignment, build_aux, load_teacher, setup_alignment
 from sakd.rundir import RunDirError
 from sakd.signals import StopSignals, TrainingStopped
@@ -69,6 +69,29 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
             "gpu_peak_mib": torch.cuda.max_memory_allocated(device) / mib,
         }
     return {"rss_mib": psutil.Process().memory_info().rss / 2**20}
+
+
+def tracker_config(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as flat ``section.key`` scalars: trackers' hyper-parameter tables (TensorBoard's
+    included) take only int, float, str and bool values."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        for key, value in node.items():
+            if (
+                isinstance(value, dict)
+                and value
+                and all(isinstance(k, str) for k in value)
+                and prefix.count(".") < 3
+            ):
+                walk(f"{prefix}{key}.", value)
+            elif isinstance(value, (bool, int, float, str)):
+                flat[prefix + key] = value
+            else:  # None, lists, empty tables
+                flat[prefix + key] = json.dumps(value)
+
+    walk("", json.loads(json.dumps(cfg, default=vars)))
+    return flat
 
 
 class NonFiniteError(RuntimeError):
@@ -91,6 +114,7 @@ class TrainerState:
     best_step: int | None = None  # early stopping: the evaluated step with the lowest eval loss (kept)
     best_eval_loss: float | None = None
     evals_without_improvement: int = 0
+    stage: int = 0  # optimization.stages: the stage the optimizer and schedule belong to
     stop_reason: str | None = None  # "early_stopping" once it fired: resuming such a run only finishes it
 
 
@@ -189,18 +213,11 @@ class Distiller:
                 f"{len(self.data.train)} training blocks cannot fill one optimizer step of {self.plan.blocks_per_step} "
                 "blocks; lower training.batch_size / gradient_accumulation_steps or add data"
             )
-        self.total_steps = tcfg.max_steps or max(1, math.floor(self.plan.steps_per_epoch * tcfg.num_epochs))
-        ocfg = cfg.optimization
-        optimizer = build_optimizer(student, ocfg)
-        if self.aux is not None:  # the projections train with the student (not exported)
-            optimizer.add_param_group(
-                {"params": list(self.aux.parameters()), "lr": ocfg.learning_rate, "weight_decay": 0.0}
-            )
-        acc.print("student optimizer groups:\n" + describe_groups(optimizer.param_groups))
-        warmup = ocfg.warmup_steps or int(round(ocfg.warmup_ratio * self.total_steps))
-        scheduler = get_scheduler(
-            ocfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
-        )
+        self.stage_ends = self._stage_ends()  # the step each stage ends at; one stage without stages
+        self.total_steps = self.stage_ends[-1]
+        self._check_stages(student)
+        start_stage = checkpoint.read_state(resume_from).get("stage", 0) if resume_from is not None else 0
+        optimizer, scheduler = self._optimizer_for(start_stage, student)
         # One module for Accelerate: the student and the projections are synced/partitioned alike.
         self.hf_student = student  # the Hugging Face model inside whatever wrapper prepare() returns
         trainable = TrainableStudent(student, self.aux).to(acc.device)
@@ -230,7 +247,77 @@ class Distiller:
             dump_config(cfg, self.run_dir / "config.yaml")
             save_model_dir(self.hf_student, self.tokenizer, self.run_dir / "student_config", weights=False)
         if cfg.logging.report_to != "none":
-            acc.init_trackers(cfg.logging.project, config=json.loads(json.dumps(cfg, default=vars)))
+            acc.init_trackers(cfg.logging.project, config=tracker_config(cfg))
+
+    # ------------------------------------------------------------------------------ stages
+
+    def _stage_ends(self) -> list[int]:
+        tcfg, stages = self.cfg.training, self.cfg.optimization.stages
+        per_epoch = self.plan.steps_per_epoch
+        if not stages:
+            return [tcfg.max_steps or max(1, math.floor(per_epoch * tcfg.num_epochs))]
+        ends, total = [], 0
+        for stage in stages:
+            total += stage.steps or max(1, math.floor(per_epoch * stage.epochs))
+            ends.append(total)
+        return ends
+
+    def _stage_rules(self, stage: int) -> tuple[float, dict[str, float], int | None, str]:
+        """(peak LR, parameter rules, warm-up steps or None, name) of ``stage``."""
+        ocfg = self.cfg.optimization
+        if not ocfg.stages:
+            return ocfg.learning_rate, ocfg.lr_multipliers, None, ""
+        st = ocfg.stages[stage]
+        rules = st.lr_multipliers if st.lr_multipliers is not None else ocfg.lr_multipliers
+        return st.learning_rate or ocfg.learning_rate, rules, st.warmup_steps, st.name or f"stage-{stage}"
+
+    def _check_stages(self, student: torch.nn.Module) -> None:
+        """Stages re-create the optimizer; a DeepSpeed engine owns its optimizer, and DDP fixes the set of
+        trainable parameters when it wraps the model."""
+        stages = self.cfg.optimization.stages
+        if not stages:
+            return
+        if self.ds_config is not None:
+            raise RunDirError(
+                "optimization.stages is not supported under DeepSpeed (its engine owns the optimizer); run "
+                "the stages as separate runs, each starting from the previous one's export"
+            )
+        frozen = {frozenset(frozen_names(student, self._stage_rules(i)[1])) for i in range(len(stages))}
+        if self.accelerator.num_processes > 1 and len(frozen) > 1:
+            raise RunDirError(
+                "optimization.stages freeze different parameters, which DDP cannot follow after wrapping the "
+                "model; keep the same 0.0 rules in every stage or train the stages in one process"
+            )
+
+    def _optimizer_for(self, stage: int, student: torch.nn.Module) -> tuple[Any, Any]:
+        """A fresh optimizer and LR schedule for ``stage`` (the schedule spans that stage's steps)."""
+        ocfg = self.cfg.optimization
+        lr, rules, warmup, name = self._stage_rules(stage)
+        student.requires_grad_(True)  # this stage may train what the previous one froze
+        optimizer = build_optimizer(student, ocfg, lr=lr, rules=rules)
+        if self.aux is not None:  # the projections train with the student (not exported)
+            optimizer.add_param_group({"params": list(self.aux.parameters()), "lr": lr, "weight_decay": 0.0})
+        label = f"stage {stage} ({name}) " if name else ""
+        self.accelerator.print(
+            f"{label}student optimizer groups:\n" + describe_groups(optimizer.param_groups)
+        )
+        length = self.stage_ends[stage] - (self.stage_ends[stage - 1] if stage else 0)
+        if warmup is None:
+            warmup = ocfg.warmup_steps or int(round(ocfg.warmup_ratio * length))
+        scheduler = get_scheduler(
+            ocfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=length
+        )
+        return optimizer, scheduler
+
+    def _enter_stage_if_due(self) -> None:
+        """At a stage's first step: the next stage's optimizer and schedule replace the current ones."""
+        s, acc = self.state, self.accelerator
+        while s.stage + 1 < len(self.stage_ends) and s.step >= self.stage_ends[s.stage]:
+            s.stage += 1
+            optimizer, scheduler = self._optimizer_for(s.stage, self.hf_student)
+            acc._optimizers.remove(self.optimizer)  # checkpoints hold the current stage's state only
+            acc._schedulers.remove(self.scheduler)
+            self.optimizer, self.scheduler = acc.prepare(optimizer, scheduler)
 
     def _build_ema(self, resume_from: Path | None) -> StudentEMA:
         """The EMA of the student: from the checkpoint we resume from, else from the current weights."""
@@ -474,6 +561,7 @@ class Distiller:
         )
         t_window, tok_window = time.perf_counter(), 0
         while s.step < self.total_steps and s.stop_reason is None:
+            self._enter_stage_if_due()
             t0 = time.perf_counter()
             metrics = self.train_step(self._micro_batches())
             s.step += 1
@@ -497,6 +585,7 @@ class Distiller:
                 record = {
                     "step": s.step,
                     "epoch": s.epoch,
+                    "stage": s.stage,
                     **metrics,
                     "lr": self.scheduler.get_last_lr()[0],
                     "tokens_per_s": tok_window / max(now - t_window, 1e-9),

@@ -144,3 +144,20 @@ def test_top_k_larger_than_the_vocabulary(capsys, tmp_path, tiny_run_config):
     _fails(
         capsys, ["distill", "--config", _recipe(tmp_path, raw)], "kd_top_k=100000 is larger than the teacher"
     )
+
+
+def test_a_pair_with_no_alignment_possible(capsys, tmp_path, tiny_run_config):
+    """A teacher tokenizer that shares no token text with the student's (only EOS maps, by role)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["αβγ", "δεζ", "ηθι", "κλμ"]
+    vocab = {"[UNK]": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<eos>").save_pretrained(
+        tmp_path / "greek"
+    )
+    raw = copy.deepcopy(tiny_run_config)
+    raw["model"]["teacher_tokenizer"] = str(tmp_path / "greek")
+    _fails(capsys, ["distill", "--config", _recipe(tmp_path, raw)], "no alignment possible")

@@ -385,18 +385,7 @@ def test_multi_gpu_script_runs_two_cpu_ranks(corpus, tokenizer_dir, tmp_path, la
     """launch/multi_gpu.sh as shipped (only the recipe's models/data swapped for tiny ones): the deepspeed
     launcher, accelerate launch, and plain DDP each start 2 ranks that really share the work."""
     run = tmp_path / "run"
-    overrides = [
-        "model.teacher=tiny-moe",
-        "model.student=tiny-dense",
-        f"model.tokenizer={tokenizer_dir}",
-        f"data.train={corpus}",
-        "data.block_size=32",
-        "data.max_eval_blocks=8",
-        "training.max_steps=2",
-        "training.batch_size=2",
-        "training.eval_every=0",
-        "logging.progress_bar=false",
-    ]
+    overrides = _tiny(corpus, tokenizer_dir)
     env = {
         **os.environ,
         "PYTHON": sys.executable,

@@ -28,7 +28,7 @@ def test_groups_and_freezing():
         ("2.weight",): (5e-4, 0.1),
         ("2.bias",): (5e-4, 0.0),
     }
-    with pytest.raises(ValueError, match="freezes every student parameter"):
+    with pytest.raises(ValueError, match="freeze every student parameter"):
         build_optimizer(torch.nn.Linear(2, 2), OptimizationConfig(lr_multipliers={".": 0.0}))
 
 

@@ -30,3 +30,26 @@ def test_report_of_a_non_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sakd: error:") and "no metrics.jsonl" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.integration
+def test_tensorboard_tracker_gets_the_logged_metrics(tiny_run_config, tmp_path):
+    """logging.report_to=tensorboard goes through Accelerate's tracker: the event file under the run
+    directory holds the same per-step loss as metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    raw = copy.deepcopy(tiny_run_config)
+    raw["training"].update(max_steps=3)
+    raw["logging"].update(report_to="tensorboard", project="tb")
+    cfg, _ = load_config(raw)
+    Distiller(cfg, resume="none", overwrite=True).train()
+    run = tmp_path / "run"
+    events = sorted(run.glob("tb/events.out.tfevents.*"))  # scalars; the hparams table is in a sub-directory
+    assert events, "no tensorboard event file"
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    board = {e.step: e.value for e in acc.Scalars("loss")}
+    assert sorted(board) == [r["step"] for r in logged]
+    assert all(board[r["step"]] == pytest.approx(r["loss"], rel=1e-6) for r in logged)
+    assert "eval_loss" in acc.Tags()["scalars"]
