@@ -158,9 +158,13 @@ def _process_chunk(
     if plan.weights is not None:
         weights = torch.where(valid, plan.weights[rows].to(dtype), 0.0)
     kd_weights = weights if plan.kd_valid is None else torch.where(plan.kd_valid[rows], weights, 0.0)
+    # Where the KD term is masked out (no teacher signal at that position), CE takes the whole weight.
+    ce_weights = weights * (1.0 - plan.alpha) if plan.kd_valid is None else weights - plan.alpha * kd_weights
     coefs = (
         kd_weights * (plan.alpha * plan.kd_scale / plan.denominator),
-        weights * ((1.0 - plan.alpha) / plan.denominator),
+        ce_weights / plan.denominator
+        if plan.kd_valid is not None
+        else weights * ((1.0 - plan.alpha) / plan.denominator),
     )
     hidden = s_hidden[rows]
     logits = _linear(hidden, s_weight, s_bias, None if workspace is None else workspace.student)
@@ -199,7 +203,8 @@ def _process_chunk(
             grad_bias += grad_logits.sum(0)
     kd_sum = (kd_weights * torch.where(valid, kd, 0.0)).sum()
     ce_sum = weights.new_zeros(()) if ce is None else (weights * ce).sum()
-    return kd_sum, ce_sum
+    blended_ce_sum = weights.new_zeros(()) if ce is None else (ce_weights * ce).sum()
+    return kd_sum, ce_sum, blended_ce_sum
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -211,18 +216,24 @@ class _FusedLinearKD(torch.autograd.Function):
         )
         n_tokens = s_hidden.shape[0]
         workspace = _Workspace.create(plan, n_tokens, s_weight, t_weight) if plan.closed_form else None
-        kd_total = ce_total = torch.zeros((), dtype=compute_dtype(s_hidden.dtype), device=s_hidden.device)
+        kd_total = ce_total = blended_total = torch.zeros(
+            (), dtype=compute_dtype(s_hidden.dtype), device=s_hidden.device
+        )
         for start in range(0, n_tokens, plan.chunk_size):
             rows = slice(start, start + plan.chunk_size)
             if plan.valid[rows].any():
-                kd_sum, ce_sum = _process_chunk(
+                kd_sum, ce_sum, blended_sum = _process_chunk(
                     rows, (s_hidden, s_weight, s_bias), (t_hidden, t_weight, t_bias), grads, workspace, plan
                 )
                 kd_total, ce_total = kd_total + kd_sum, ce_total + ce_sum
+                blended_total = blended_total + blended_sum
         ctx.save_for_backward(*grads)
         kd = kd_total * (plan.kd_scale / plan.denominator)
         ce = ce_total / plan.denominator
-        loss = plan.alpha * kd + (1.0 - plan.alpha) * ce
+        if plan.kd_valid is None:
+            loss = plan.alpha * kd + (1.0 - plan.alpha) * ce
+        else:  # CE at full weight where KD is masked out
+            loss = plan.alpha * kd + blended_total / plan.denominator
         ctx.mark_non_differentiable(kd, ce)
         return loss, kd, ce
 
@@ -309,9 +320,10 @@ def fused_linear_divergence(
             teacher logits, or taken from ``sparse_teacher``.
         top_k, num_samples, generator: parameters of the on-the-fly sparse modes (with a
             vocab map, applied to the projected distributions).
-        kd_mask: ``[N]`` / ``[B, L]`` bool; the KD term only counts where True (CE still counts at
-            every valid position). Cross-tokenizer KD uses it for the positions that have a
-            teacher anchor. The normalizer stays the number of valid positions.
+        kd_mask: ``[N]`` / ``[B, L]`` bool; the KD term only counts where True. Where False there is no
+            teacher signal, so CE takes the whole weight there (1 instead of 1 - alpha). Cross-tokenizer
+            KD uses it for the positions that have a teacher anchor. The normalizer stays the number
+            of valid positions.
         target_logprob: ``[N]`` / ``[B, L]`` teacher log-probability (at temperature T) of the
             text of each position's label, by the chain rule, or NaN (needs ``vocab_map`` and
             ``labels``; see :func:`sakd.losses.vocab_map.project_with_targets`).
