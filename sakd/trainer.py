@@ -671,6 +671,7 @@ class Distiller:
                 save_model_dir(model, self.tokenizer, final_dir, state_dict=state_dict)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         acc.wait_for_everyone()
-        if self.cfg.logging.report_to != "none":
-            acc.end_training()
+        # Trackers closed, and the process group torn down before the interpreter exits: a DeepSpeed run on
+        # the CPU otherwise, rarely, aborts at exit ("terminate called without an active exception").
+        acc.end_training()
         return summary

@@ -49,11 +49,13 @@ def main() -> None:
         return batches
 
     d._micro_batches = recording
+    rank = dist.get_rank() if dist.is_initialized() else 0  # before train(): it ends the process group
+    world = dist.get_world_size() if dist.is_initialized() else 1
     summary = d.train()
     teacher = getattr(d.teacher, "module", d.teacher)
     record = {
-        "rank": dist.get_rank() if dist.is_initialized() else 0,
-        "world": dist.get_world_size() if dist.is_initialized() else 1,
+        "rank": rank,
+        "world": world,
         "accelerate_rank": d.accelerator.process_index,
         "accelerate_world": d.accelerator.num_processes,
         "zero_stage": d.zero_stage,
