@@ -29,7 +29,6 @@ import psutil
 import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from sakd import checkpoint, rundir
 from sakd.align.positions import alignment_coverage
@@ -51,10 +50,10 @@ from sakd.models.forward import hidden_and_head
 from sakd.models.loading import check_model_source, default_tokenizer_spec
 from sakd.models.student import TrainableStudent, student_state
 from sakd.objective import Objective
-from sakd.optim import build_optimizer, describe_groups, frozen_names
 from sakd.pairing import Alignment, build_aux, load_teacher, setup_alignment
 from sakd.rundir import RunDirError
 from sakd.signals import StopSignals, TrainingStopped
+from sakd.stages import check_stages, stage_ends, stage_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +212,10 @@ class Distiller:
                 f"{len(self.data.train)} training blocks cannot fill one optimizer step of {self.plan.blocks_per_step} "
                 "blocks; lower training.batch_size / gradient_accumulation_steps or add data"
             )
-        self.stage_ends = self._stage_ends()  # the step each stage ends at; one stage without stages
+        # the step each stage ends at (one stage without optimization.stages)
+        self.stage_ends = stage_ends(cfg.optimization, tcfg, self.plan.steps_per_epoch)
         self.total_steps = self.stage_ends[-1]
-        self._check_stages(student)
+        check_stages(cfg.optimization, student, deepspeed=self.ds_config is not None, world=acc.num_processes)
         start_stage = checkpoint.read_state(resume_from).get("stage", 0) if resume_from is not None else 0
         optimizer, scheduler = self._optimizer_for(start_stage, student)
         # One module for Accelerate: the student and the projections are synced/partitioned alike.
@@ -251,63 +251,10 @@ class Distiller:
 
     # ------------------------------------------------------------------------------ stages
 
-    def _stage_ends(self) -> list[int]:
-        tcfg, stages = self.cfg.training, self.cfg.optimization.stages
-        per_epoch = self.plan.steps_per_epoch
-        if not stages:
-            return [tcfg.max_steps or max(1, math.floor(per_epoch * tcfg.num_epochs))]
-        ends, total = [], 0
-        for stage in stages:
-            total += stage.steps or max(1, math.floor(per_epoch * stage.epochs))
-            ends.append(total)
-        return ends
-
-    def _stage_rules(self, stage: int) -> tuple[float, dict[str, float], int | None, str]:
-        """(peak LR, parameter rules, warm-up steps or None, name) of ``stage``."""
-        ocfg = self.cfg.optimization
-        if not ocfg.stages:
-            return ocfg.learning_rate, ocfg.lr_multipliers, None, ""
-        st = ocfg.stages[stage]
-        rules = st.lr_multipliers if st.lr_multipliers is not None else ocfg.lr_multipliers
-        return st.learning_rate or ocfg.learning_rate, rules, st.warmup_steps, st.name or f"stage-{stage}"
-
-    def _check_stages(self, student: torch.nn.Module) -> None:
-        """Stages re-create the optimizer; a DeepSpeed engine owns its optimizer, and DDP fixes the set of
-        trainable parameters when it wraps the model."""
-        stages = self.cfg.optimization.stages
-        if not stages:
-            return
-        if self.ds_config is not None:
-            raise RunDirError(
-                "optimization.stages is not supported under DeepSpeed (its engine owns the optimizer); run "
-                "the stages as separate runs, each starting from the previous one's export"
-            )
-        frozen = {frozenset(frozen_names(student, self._stage_rules(i)[1])) for i in range(len(stages))}
-        if self.accelerator.num_processes > 1 and len(frozen) > 1:
-            raise RunDirError(
-                "optimization.stages freeze different parameters, which DDP cannot follow after wrapping the "
-                "model; keep the same 0.0 rules in every stage or train the stages in one process"
-            )
-
     def _optimizer_for(self, stage: int, student: torch.nn.Module) -> tuple[Any, Any]:
-        """A fresh optimizer and LR schedule for ``stage`` (the schedule spans that stage's steps)."""
-        ocfg = self.cfg.optimization
-        lr, rules, warmup, name = self._stage_rules(stage)
-        student.requires_grad_(True)  # this stage may train what the previous one froze
-        optimizer = build_optimizer(student, ocfg, lr=lr, rules=rules)
-        if self.aux is not None:  # the projections train with the student (not exported)
-            optimizer.add_param_group({"params": list(self.aux.parameters()), "lr": lr, "weight_decay": 0.0})
-        label = f"stage {stage} ({name}) " if name else ""
-        self.accelerator.print(
-            f"{label}student optimizer groups:\n" + describe_groups(optimizer.param_groups)
+        return stage_optimizer(
+            self.cfg.optimization, student, self.aux, stage, self.stage_ends, self.accelerator.print
         )
-        length = self.stage_ends[stage] - (self.stage_ends[stage - 1] if stage else 0)
-        if warmup is None:
-            warmup = ocfg.warmup_steps or int(round(ocfg.warmup_ratio * length))
-        scheduler = get_scheduler(
-            ocfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=length
-        )
-        return optimizer, scheduler
 
     def _enter_stage_if_due(self) -> None:
         """At a stage's first step: the next stage's optimizer and schedule replace the current ones."""
