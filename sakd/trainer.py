@@ -618,7 +618,9 @@ class Distiller:
                 save_model_dir(model, self.tokenizer, final_dir, state_dict=state_dict)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         acc.wait_for_everyone()
-        # Trackers closed, and the process group torn down before the interpreter exits: a DeepSpeed run on
-        # the CPU otherwise, rarely, aborts at exit ("terminate called without an active exception").
-        acc.end_training()
+        # Trackers only: accelerator.end_training() would also destroy the process group, and with gloo a
+        # rank that tears it down right after the last barrier can reset the other rank's connection while
+        # that one is still reading the barrier's reply (seen in CI: "Connection reset by peer").
+        for tracker in acc.trackers:
+            tracker.finish()
         return summary
