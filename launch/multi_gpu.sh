@@ -16,6 +16,7 @@
 #                  accelerate: the same run through Accelerate's DeepSpeed integration,
 #                      accelerate launch --config_file accelerate_configs/ds_zero2.yaml (ds_zero3.yaml for ZeRO-3)
 #                        --deepspeed_config_file ds_configs/zero$ZERO.json --num_processes N -m sakd.cli distill ...
+# MASTER_PORT      (env) the rendezvous port on this machine, default 29500 (give each concurrent run its own).
 # RECIPE           (env) default sakd/recipes/huihui-moe-1b-to-smollm-135m.yaml.
 # PYTHON           (env) the interpreter, default .venv/bin/python.
 #
@@ -30,25 +31,27 @@ shift 2
 ZERO="${ZERO:-2}"
 LAUNCHER="${LAUNCHER:-deepspeed}"
 RECIPE="${RECIPE:-sakd/recipes/huihui-moe-1b-to-smollm-135m.yaml}"
+PORT="${MASTER_PORT:-29500}"
 DISTILL=(distill --config "$RECIPE" training.output_dir="$OUT")
 
 if [[ "$ZERO" == none ]]; then
     exec "$PY" -m accelerate.commands.launch --config_file accelerate_configs/multi_gpu_ddp.yaml \
-        --num_processes "$NUM_GPUS" -m sakd.cli "${DISTILL[@]}" "$@"
+        --num_processes "$NUM_GPUS" --main_process_port "$PORT" -m sakd.cli "${DISTILL[@]}" "$@"
 fi
 DS="ds_configs/zero${ZERO}.json"
 [[ -f "$DS" ]] || { echo "no $DS; $USAGE" >&2; exit 2; }
 case "$LAUNCHER" in
     deepspeed)
         # --no_local_rank: ranks read LOCAL_RANK from the environment; sakd takes no --local_rank argument
-        exec "$PY" -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" --no_local_rank --module \
+        exec "$PY" -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" --master_port "$PORT" --no_local_rank --module \
             sakd.cli "${DISTILL[@]}" training.deepspeed="$DS" "$@"
         ;;
     accelerate)
         ACC=accelerate_configs/ds_zero2.yaml
         [[ "$ZERO" == 3* ]] && ACC=accelerate_configs/ds_zero3.yaml
         exec "$PY" -m accelerate.commands.launch --config_file "$ACC" --deepspeed_config_file "$DS" \
-            --num_processes "$NUM_GPUS" -m sakd.cli "${DISTILL[@]}" training.deepspeed="$DS" "$@"
+            --num_processes "$NUM_GPUS" --main_process_port "$PORT" -m sakd.cli "${DISTILL[@]}" \
+            training.deepspeed="$DS" "$@"
         ;;
     *)
         echo "LAUNCHER must be deepspeed or accelerate, got '$LAUNCHER'" >&2

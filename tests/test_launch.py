@@ -257,7 +257,15 @@ WIRING = {
     ),
     "multi_gpu-deepspeed": (
         ("multi_gpu.sh", ["4", "OUT", "training.max_steps=7"], {}),
-        ["deepspeed.launcher.runner", "--num_gpus", "4", "--no_local_rank", "--module"],
+        [
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            "4",
+            "--master_port",
+            "29500",
+            "--no_local_rank",
+            "--module",
+        ],
         {"deepspeed": "ds_configs/zero2.json"},
     ),
     "multi_gpu-deepspeed-zero3_offload": (
@@ -392,6 +400,7 @@ def test_multi_gpu_script_runs_two_cpu_ranks(corpus, tokenizer_dir, tmp_path, la
         "RECIPE": "sakd/recipes/demo.yaml",
         "ZERO": zero,
         "LAUNCHER": launcher,
+        "MASTER_PORT": str(_free_port()),
         "OMP_NUM_THREADS": "1",
     }
     proc = subprocess.run(
