@@ -187,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--output", help="PNG to write (default: RUN_DIR/report.png)")
     rp.set_defaults(func=_cmd_report)
 
-    from sakd import plan
+    from sakd import plan_cli
 
-    plan.register(sub)
+    plan_cli.register(sub)
 
     r = sub.add_parser(
         "config-reference", help="print every config key with its default and meaning (Markdown)"

@@ -66,13 +66,14 @@ def setup_alignment(acfg: AlignmentConfig, student_tok: Any, teacher_tok: Any, a
             "no alignment possible: no student token (specials aside) has a teacher token with the same text; "
             "check model.tokenizer and model.teacher_tokenizer"
         )
-    if vmap.stats()["student_coverage"] < 0.5:
+    stats = vmap.stats()
+    if stats["student_coverage"] < 0.5:
         log.warning(
             "only %.1f%% of the student's tokens have a teacher token with the same text: the KD signal will be "
             "weak (check model.teacher_tokenizer)",
-            100 * vmap.stats()["student_coverage"],
+            100 * stats["student_coverage"],
         )
-    out.stats = {**vmap.stats(), "vocab_map_cached": cached}
+    out.stats = {**stats, "vocab_map_cached": cached}
     if not vmap.is_identity():
         out.vocab_map = vmap.student_to_teacher.to(accelerator.device)
         t2s = first_piece_map(student_tok, teacher_tok, vmap)

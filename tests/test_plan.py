@@ -38,10 +38,9 @@ from sakd.plan import (
     loss_bytes,
     model_numbers,
     numbers_from_config,
-    parse_memory,
     rank,
-    register,
 )
+from sakd.plan_cli import parse_memory, register
 
 RECIPE = Path(__file__).resolve().parents[1] / "sakd" / "recipes" / "huihui-moe-1b-to-smollm-135m.yaml"
 REAL_PAIR = ["model.teacher=huihui-moe-1.2b", "model.student=smollm-135m"]

@@ -1,0 +1,257 @@
+"""`sakd plan`: the command around :mod:`sakd.plan`'s estimator -- arguments, the table, the
+recommendation and the overrides that select it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from sakd.config import ConfigError, RunConfig, load_config
+from sakd.plan import (
+    COMPONENTS,
+    DEFAULT_MICRO_BATCHES,
+    GIB,
+    Estimate,
+    ModelNumbers,
+    Setup,
+    Workload,
+    candidate_setups,
+    estimate,
+    model_numbers,
+    rank,
+)
+
+
+def parse_memory(text: str) -> int:
+    """``16GB`` / ``16GiB`` / ``80G`` / ``16000MB`` / a plain byte count -> bytes. GB, MB and G are
+    decimal (10⁹, 10⁶), GiB and MiB binary: the decimal reading of a card's "16 GB" is the safe side
+    (what a 16 GB card leaves usable is a little under 16 GiB)."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 10**3, "m": 10**6}
+    units |= {"g": 10**9, "t": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in units or float(match.group(1)) <= 0:
+        raise ConfigError(f"--gpu-memory must look like 16GB, 16GiB, 80G or 16000MB; got {text!r}")
+    return int(float(match.group(1)) * units[match.group(2).lower()])
+
+
+DEFAULT_HEADROOM = 0.1
+"""Share of the GPU memory kept free for the estimate's error: it matched measured CPU peaks within
+about 5 % (tests/test_plan.py); GPU kernels' workspaces and fragmentation vary more."""
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 0.9], got {text!r}") from None
+    if not 0 <= value <= 0.9:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 0.9], got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``plan`` subcommand to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "plan",
+        help="estimate per-GPU memory of a recipe and recommend the fastest ZeRO/offload/checkpointing setup",
+        description="Estimate per-GPU memory (weights, gradients, optimizer, activations, loss) of a recipe "
+        "for each ZeRO stage / offload / optimizer / checkpointing / micro-batch choice, and recommend the "
+        "fastest one that fits. No weights are loaded.",
+    )
+    p.add_argument("--config", required=True, metavar="RECIPE", help="YAML/JSON recipe")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. training.batch_size=4"
+    )
+    p.add_argument("--gpu-memory", required=True, help="memory per GPU: 16GB, 16GiB, 80G, 16000MB")
+    p.add_argument(
+        "--num-gpus", type=_positive, default=1, help="GPUs (processes) sharing the work (default 1)"
+    )
+    p.add_argument(
+        "--micro-batches",
+        type=_positive,
+        nargs="+",
+        default=list(DEFAULT_MICRO_BATCHES),
+        metavar="B",
+        help="micro-batch sizes to try (default: 1 2 4 8 16)",
+    )
+    p.add_argument("--student-vocab", type=_positive, help="student vocabulary size (default: its config's)")
+    p.add_argument("--teacher-vocab", type=_positive, help="teacher vocabulary size (default: its config's)")
+    p.add_argument(
+        "--headroom",
+        type=_fraction,
+        default=DEFAULT_HEADROOM,
+        help=f"share of the GPU memory a plan must leave free (default {DEFAULT_HEADROOM})",
+    )
+    p.add_argument("--top", type=_positive, default=3, help="fitting plans to show (default 3)")
+    p.add_argument("--json", action="store_true", help="print every candidate as JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def _as_configured(cfg: RunConfig) -> Setup:
+    """The setup the recipe itself asks for (ZeRO stage and offload read from its DeepSpeed JSON)."""
+    zero: dict[str, Any] = {}
+    if cfg.training.deepspeed:
+        try:
+            zero = json.loads(Path(cfg.training.deepspeed).read_text()).get("zero_optimization", {})
+        except (OSError, ValueError, AttributeError):
+            raise ConfigError(
+                f"training.deepspeed: cannot read a DeepSpeed JSON from {cfg.training.deepspeed}"
+            ) from None
+    stage = int(zero.get("stage", 0))
+
+    def on_cpu(key: str) -> bool:
+        return isinstance(zero.get(key), dict) and zero[key].get("device") == "cpu"
+
+    optimizer = "adamw_8bit" if "8bit" in cfg.optimization.optimizer else "adamw"
+    return Setup(
+        stage=stage,
+        offload_optimizer=on_cpu("offload_optimizer"),
+        offload_params=on_cpu("offload_param"),
+        optimizer=optimizer,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        micro_batch=cfg.training.batch_size,
+    )
+
+
+def _row(label: str, e: Estimate, budget: int) -> str:
+    cells = "".join(f"{e.components[c] / GIB:>8.2f}" for c in COMPONENTS)
+    verdict = "fits" if e.total <= budget else "OVER"
+    return f"{label:<44}{cells}{e.total / GIB:>8.2f}  {verdict}  x{e.setup.cost():.2f}"
+
+
+def _header() -> str:
+    short = ("teach_w", "stud_w", "grads", "optim", "act", "t_act", "loss", "ovhd")
+    return f"{'plan (GiB per GPU)':<44}" + "".join(f"{s:>8}" for s in short) + f"{'total':>8}  fits  time"
+
+
+def _overrides_for(setup: Setup, cfg: RunConfig) -> str:
+    """The recipe keys that select ``setup`` (the accumulation keeps the tokens per optimizer step; the
+    DeepSpeed JSONs are the repository's ds_configs, run with ``accelerate launch``)."""
+    blocks = cfg.training.batch_size * cfg.training.gradient_accumulation_steps
+    parts = [f"training.batch_size={setup.micro_batch}"]
+    if setup.stage:
+        offload = "_offload" if setup.offload_optimizer else ""
+        parts.append(f"training.deepspeed=ds_configs/zero{setup.stage}{offload}.json")
+    if blocks % setup.micro_batch == 0:
+        parts.append(f"training.gradient_accumulation_steps={blocks // setup.micro_batch}")
+    parts.append(f"model.gradient_checkpointing={str(setup.gradient_checkpointing).lower()}")
+    parts.append(f"optimization.optimizer={setup.optimizer}")
+    return " ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Estimate every candidate for the recipe, print the fitting ones and the recommendation.
+
+    Returns 0 when some setup fits, 1 (one line on stderr) when none does.
+    """
+    memory = parse_memory(args.gpu_memory)
+    budget = int(memory * (1 - args.headroom))
+    cfg, _notes = load_config(args.config, args.overrides)
+    m = cfg.model
+    student = model_numbers(m.student, args.student_vocab, trust_remote_code=m.trust_remote_code)
+    teacher = None
+    if cfg.distillation.loss.alpha > 0:
+        teacher = model_numbers(m.teacher, args.teacher_vocab, trust_remote_code=m.trust_remote_code)
+    aligned = teacher is not None and (
+        cfg.distillation.alignment.mode == "always" or teacher.vocab != student.vocab
+    )
+    work = Workload.from_config(cfg, args.num_gpus, aligned)
+    estimates = [
+        estimate(student, teacher, s, work) for s in candidate_setups(sorted(set(args.micro_batches)))
+    ]
+    fitting = rank(estimates, budget)
+    configured = estimate(student, teacher, _as_configured(cfg), work)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "gpu_memory_bytes": memory,
+                    "budget_bytes": budget,
+                    "num_gpus": args.num_gpus,
+                    "student": asdict(student),
+                    "teacher": None if teacher is None else asdict(teacher),
+                    "workload": asdict(work),
+                    "as_configured": configured.to_dict(budget),
+                    "recommended": fitting[0].to_dict(budget) if fitting else None,
+                    "candidates": [
+                        e.to_dict(budget) for e in sorted(estimates, key=lambda e: e.setup.cost())
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        _print_table(student, teacher, work, (memory, budget), configured, fitting[: args.top])
+    if not fitting:
+        smallest = min(estimates, key=lambda e: e.total)
+        print(
+            f"error: no setup fits in {budget / GIB:.2f} GiB (after headroom) per GPU on {args.num_gpus} GPU(s); the smallest "
+            f"({smallest.setup.describe()}) needs {smallest.total / GIB:.2f} GiB",
+            file=sys.stderr,
+        )
+        return 1
+    if not args.json:
+        best = fitting[0]
+        print(f"\nrecommended: {best.setup.describe()} ({best.total / GIB:.2f} of {budget / GIB:.2f} GiB)")
+        print(f"  overrides: {_overrides_for(best.setup, cfg)}")
+        _chunk_hint(best, student, teacher, work)
+    return 0
+
+
+def _chunk_hint(best: Estimate, student: ModelNumbers, teacher: ModelNumbers | None, work: Workload) -> None:
+    """Point at distillation.loss.chunk_size when the fused loss's workspace is a large share: a
+    smaller chunk costs little speed (each chunk is still a large matmul) and frees memory for a larger
+    micro-batch."""
+    if best.components["loss"] < best.total / 5 or work.chunk_size < 256:
+        return
+    smaller = replace(work, chunk_size=work.chunk_size // 4)
+    then = estimate(student, teacher, best.setup, smaller).components["loss"]
+    print(
+        f"  hint: the fused loss takes {best.components['loss'] / GIB:.2f} GiB; "
+        f"distillation.loss.chunk_size={smaller.chunk_size} would make it {then / GIB:.2f} GiB"
+    )
+
+
+def _print_table(
+    student: ModelNumbers,
+    teacher: ModelNumbers | None,
+    work: Workload,
+    memory_and_budget: tuple[int, int],
+    configured: Estimate,
+    fitting: list[Estimate],
+) -> None:
+    def describe(m: ModelNumbers) -> str:
+        moe = f", {m.experts} experts / {m.experts_per_token} active" if m.experts else ""
+        return (
+            f"{m.name}: {m.total_params / 1e6:.1f}M params ({m.active_params / 1e6:.1f}M active), "
+            f"{m.layers} layers, hidden {m.hidden}, vocab {m.vocab}{moe}"
+        )
+
+    memory, budget = memory_and_budget
+    print(f"student {describe(student)}")
+    if teacher is not None:
+        print(f"teacher {describe(teacher)}")
+    print(
+        f"{work.num_gpus} GPU(s) x {memory / GIB:.2f} GiB, plans must fit in {budget / GIB:.2f} GiB; seq {work.seq_len}, mixed precision "
+        f"{work.mixed_precision}, teacher {work.teacher_dtype}, loss chunk {work.chunk_size}"
+        f"{' (vocab-mapped)' if work.aligned else ''}\n"
+    )
+    print(_header())
+    print(_row(f"as configured: {configured.setup.describe()}", configured, budget))
+    for e in fitting:
+        print(_row(e.setup.describe(), e, budget))
