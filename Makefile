@@ -39,5 +39,5 @@ clean:
 
 # Regenerate the README's config reference from the config dataclasses.
 readme: $(STAMP)
-	$(PY) -c "import re, pathlib; from sakd.config_reference import reference_markdown as r; p = pathlib.Path('README.md'); \
+	$(PY) -c "import re, pathlib; from sakd.config.reference import reference_markdown as r; p = pathlib.Path('README.md'); \
 	p.write_text(re.sub(r'(<!-- config-reference:start -->\n).*(<!-- config-reference:end -->)', lambda m: m.group(1) + r() + m.group(2), p.read_text(), flags=re.S))"

@@ -14,14 +14,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sakd.corpus import write_corpus
+    from sakd.data.synthetic import write_corpus
 
     return write_corpus(tmp_path_factory.mktemp("data") / "corpus.txt", num_docs=400, seed=3)
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sakd.demo import train_tokenizer
+    from sakd.commands.demo import train_tokenizer
 
     return train_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tokenizer", 384)
 
@@ -63,7 +63,7 @@ def make_distiller():
     import copy
 
     from sakd.config import load_config
-    from sakd.trainer import Distiller
+    from sakd.training.trainer import Distiller
 
     def build(raw: dict, **training) -> Distiller:
         raw = copy.deepcopy(raw)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from sakd.align.positions import align_spans, identity_alignment, span_logprob
-from sakd.demo import train_tokenizer
+from sakd.commands.demo import train_tokenizer
 from sakd.losses import fused_linear_divergence, kd_per_position, project_to_shared_support
-from sakd.losses.objective import KDSpec
+from sakd.losses.blend import KDSpec
 from sakd.losses.vocab_map import project_with_targets
 
 

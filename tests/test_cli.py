@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from sakd.cli import main
-from sakd.demo import train_tokenizer
+from sakd.commands.demo import train_tokenizer
 
 
 def _recipe(tmp_path, raw) -> str:

@@ -4,16 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sakd.config import (
-    SEED_KEY_MAP,
-    SEED_KEYS_NOT_YET_SUPPORTED,
-    ConfigError,
-    RunConfig,
-    all_keys,
-    dump_config,
-    load_config,
-)
-from sakd.config_reference import reference_markdown
+from sakd.config import ConfigError, RunConfig, all_keys, dump_config, load_config
+from sakd.config.legacy_keys import SEED_KEY_MAP, SEED_KEYS_NOT_YET_SUPPORTED
+from sakd.config.reference import reference_markdown
 
 RECIPES = sorted((Path(__file__).parents[1] / "sakd" / "recipes").glob("*.yaml"))
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from sakd.cli import main
-from sakd.demo import train_tokenizer
+from sakd.commands.demo import train_tokenizer
 from sakd.models.presets import build_preset_config
 
 AUX = {
@@ -99,7 +99,7 @@ def test_cross_tokenizer_distill_with_all_aux_losses(
 def test_cross_tokenizer_resume_is_exact(tiny_run_config, make_distiller, teacher_tokenizer_dir, tmp_path):
     """2 steps + resume + 2 == 4 uninterrupted, with the projections and the chain rule in play."""
     from sakd.config import load_config
-    from sakd.trainer import Distiller
+    from sakd.training.trainer import Distiller
 
     raw = _cross(
         tiny_run_config, teacher_tokenizer_dir, tmp_path, feature={"weight": 1.0}, contrastive={"weight": 0.1}

@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from sakd.demo import run_demo
+from sakd.commands.demo import run_demo
 
 pytestmark = pytest.mark.integration
 

@@ -61,7 +61,7 @@ def _launch(raw: dict, out: Path, resume: str = "none") -> list[dict]:
 def reference(tiny_run_config_module, tmp_path_factory):
     """One process, accumulation 2: the same global batch (2 ranks x MICRO blocks) per optimizer step."""
     from sakd.config import load_config
-    from sakd.trainer import Distiller
+    from sakd.training.trainer import Distiller
 
     out = tmp_path_factory.mktemp("single")
     raw = _recipe(tiny_run_config_module, out, gradient_accumulation_steps=2)
@@ -122,7 +122,7 @@ def test_zero2_two_cpu_ranks(tiny_run_config_module, reference, tmp_path):
 def test_zero3_student_and_teacher_partitioned_and_export(tiny_run_config_module, reference, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from sakd.export import export_run
+    from sakd.training.export import export_run
 
     ranks = _launch(
         _recipe(tiny_run_config_module, tmp_path, deepspeed=str(ROOT / "ds_configs/zero3.json")), tmp_path

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sakd import checkpoint
 from sakd.config import load_config
 from sakd.models.student import student_state
-from sakd.trainer import Distiller
+from sakd.training import checkpoint
+from sakd.training.trainer import Distiller
 
 pytestmark = pytest.mark.integration
 

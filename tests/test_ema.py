@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from sakd.cli import main
-from sakd.ema import EMA_FILE
-from sakd.evaluate import evaluate
+from sakd.evaluation.heldout import evaluate
 from sakd.models.student import student_state
+from sakd.training.ema import EMA_FILE
 
 pytestmark = pytest.mark.integration
 

@@ -113,7 +113,7 @@ def test_ds_config_fills_and_parses(path, mixed_precision, monkeypatch):
     import deepspeed.comm
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from sakd.distributed import fill_ds_config, load_ds_config
+    from sakd.config.deepspeed import fill_ds_config, load_ds_config
 
     raw = load_ds_config(path)
     assert "optimizer" not in raw and "scheduler" not in raw  # sakd passes its own to DeepSpeed
@@ -161,7 +161,7 @@ def test_ds_config_world_size_without_process_group():
     derives train_batch_size) parses, a fill for 2 processes does not."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from sakd.distributed import fill_ds_config, load_ds_config
+    from sakd.config.deepspeed import fill_ds_config, load_ds_config
 
     raw = load_ds_config(ROOT / "ds_configs" / "zero2.json")
     cfg = _run_config("no")

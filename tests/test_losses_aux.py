@@ -8,16 +8,14 @@ import torch
 from torch import nn
 
 from sakd.losses.auxiliary import (
-    AuxiliaryHeads,
     attention_transfer_loss,
     feature_loss,
-    group_average_init,
     info_nce,
-    layer_pairs,
     masked_mean_pool,
     project_heads,
 )
 from sakd.losses.uld import uld_distance
+from sakd.objective.projections import AuxiliaryHeads, group_average_init, layer_pairs
 
 
 def randn(*shape, seed=0, scale=1.0, dtype=torch.float64):

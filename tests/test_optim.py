@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sakd.config import ConfigError, OptimizationConfig, load_config
-from sakd.optim import build_optimizer, lr_multiplier, param_groups
-from sakd.trainer import Distiller
+from sakd.training.optim import build_optimizer, lr_multiplier, param_groups
+from sakd.training.trainer import Distiller
 
 
 def test_first_match_wins():

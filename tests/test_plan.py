@@ -24,9 +24,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
+from sakd.commands.plan import parse_memory, register
 from sakd.config import ConfigError
 from sakd.models.presets import build_preset_config
-from sakd.plan import (
+from sakd.planner.estimate import (
     GIB,
     REDUCE_BUCKET_ELEMENTS,
     Estimate,
@@ -40,7 +41,6 @@ from sakd.plan import (
     numbers_from_config,
     rank,
 )
-from sakd.plan_cli import parse_memory, register
 
 RECIPE = Path(__file__).resolve().parents[1] / "sakd" / "recipes" / "huihui-moe-1b-to-smollm-135m.yaml"
 REAL_PAIR = ["model.teacher=huihui-moe-1.2b", "model.student=smollm-135m"]

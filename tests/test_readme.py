@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from sakd.config_reference import reference_markdown
+from sakd.config.reference import reference_markdown
 
 README = Path(__file__).parents[1] / "README.md"
 

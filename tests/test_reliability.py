@@ -18,10 +18,11 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from sakd import checkpoint
 from sakd.cli import main
 from sakd.config import load_config
-from sakd.trainer import Distiller, NonFiniteError, RunDirError
+from sakd.errors import RunDirError
+from sakd.training import checkpoint
+from sakd.training.trainer import Distiller, NonFiniteError
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.integration
 # signal it mid-run (tiny models otherwise finish before the test sees the first checkpoint).
 _SLOW_CLI = (
     "import sys, time\n"
-    "from sakd import trainer\n"
+    "from sakd.training import trainer\n"
     "step = trainer.Distiller.train_step\n"
     "def slow(self, mb):\n"
     "    time.sleep(0.3)\n"
@@ -202,7 +203,7 @@ def test_damaged_checkpoint_is_reported_kept_and_skipped(saved_run, caplog, dama
     assert checkpoint.problem(newest) is None
     damage(newest)
     assert reason in checkpoint.problem(newest)
-    with caplog.at_level(logging.WARNING, logger="sakd.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="sakd.training.checkpoint"):
         assert checkpoint.latest(ckpts) == ckpts / "step-00000006"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and str(newest) in warnings[0] and "\n" not in warnings[0]
@@ -214,7 +215,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(saved_run, caplog):
     _truncate(ckpts / "step-00000008" / "model.safetensors")
     (ckpts / "step-00000006" / "optimizer.bin").unlink()
     cfg, _ = load_config(saved_run / "config.yaml")
-    with caplog.at_level(logging.WARNING, logger="sakd.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="sakd.training.checkpoint"):
         d = Distiller(cfg, resume="auto")
     assert d.resumed_from == ckpts / "step-00000004" and d.state.step == 4
     assert sum("skipping damaged checkpoint" in r.getMessage() for r in caplog.records) == 2

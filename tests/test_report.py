@@ -8,7 +8,7 @@ from PIL import Image
 
 from sakd.cli import main
 from sakd.config import load_config
-from sakd.trainer import Distiller
+from sakd.training.trainer import Distiller
 
 
 @pytest.mark.integration

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from sakd.config import ConfigError, OptimizationConfig, RunConfig
-from sakd.distributed import SetupError, check_cuda_arch, fill_ds_config, zero_stage
-from sakd.evaluate import rank_batches
+from sakd.config.deepspeed import fill_ds_config, zero_stage
+from sakd.errors import SetupError
+from sakd.evaluation.heldout import rank_batches
 from sakd.models.student import TrainableStudent, student_state
+from sakd.training.distributed import check_cuda_arch
 
 
 def _fake_gpu(monkeypatch, capability, arch_list, name="Tesla P100-PCIE-16GB"):
@@ -97,7 +99,7 @@ def test_trainable_student_exports_only_the_student():
 
 
 def test_8bit_optimizers():
-    from sakd.optim import build_optimizer
+    from sakd.training.optim import build_optimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))
     opt = build_optimizer(model, OptimizationConfig(optimizer="adamw_8bit"))
@@ -119,7 +121,7 @@ def test_quantized_teacher_needs_cuda():
 def test_optimizer_offload_needs_deepspeed_cpu_adam_and_keeps_it_adamw():
     from pathlib import Path
 
-    from sakd.distributed import run_ds_config
+    from sakd.config.deepspeed import run_ds_config
 
     path = Path(__file__).parents[1] / "ds_configs" / "zero2_offload.json"
     cfg = RunConfig()

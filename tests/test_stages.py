@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from sakd.config import ConfigError, load_config
-from sakd.trainer import Distiller
+from sakd.training.trainer import Distiller
 
 pytestmark = pytest.mark.integration
 
@@ -90,17 +90,17 @@ def test_a_stage_needs_a_length():
 
 def test_stages_are_refused_where_they_cannot_work():
     from sakd.config import OptimizationConfig, StageConfig
-    from sakd.rundir import RunDirError
-    from sakd.stages import check_stages
+    from sakd.errors import ConfigError
+    from sakd.training.stages import check_stages
 
     model = torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Linear(2, 4))  # params "0.weight", "1.*"
     same = OptimizationConfig(stages=[StageConfig(steps=1), StageConfig(steps=1, learning_rate=1e-4)])
     differ = OptimizationConfig(
         stages=[StageConfig(steps=1, lr_multipliers={r"^0\.": 0.0}), StageConfig(steps=1)]
     )
-    with pytest.raises(RunDirError, match="DeepSpeed"):
+    with pytest.raises(ConfigError, match="DeepSpeed"):
         check_stages(same, model, deepspeed=True, world=1)
-    with pytest.raises(RunDirError, match="DDP"):
+    with pytest.raises(ConfigError, match="DDP"):
         check_stages(differ, model, deepspeed=False, world=2)
     check_stages(same, model, deepspeed=False, world=2)  # same frozen set: fine under DDP
     check_stages(differ, model, deepspeed=False, world=1)  # one process may change it

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sakd.cli import main
 from sakd.config import load_config
 from sakd.data import make_batch
-from sakd.trainer import Distiller
+from sakd.training.trainer import Distiller
 
 pytestmark = pytest.mark.integration
 

@@ -6,10 +6,10 @@
 - :func:`fused_linear_divergence` — the same objective from hidden states and heads, chunked.
 """
 
+from .blend import DistillOutput, KDSpec, distill_loss, kd_per_position
 from .cross_entropy import cross_entropy, cross_entropy_per_position
 from .divergences import KINDS, divergence, divergence_from_logprobs
 from .fused import fused_linear_divergence
-from .objective import DistillOutput, KDSpec, distill_loss, kd_per_position
 from .reduction import reduce_positions
 from .sparse import SPARSE_MODES, SparseTeacher, sample_teacher, sparse_divergence, topk_teacher
 from .vocab_map import check_vocab_map, project_to_shared_support

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .blend import DistillOutput, KDSpec, check_blend, kd_per_position, valid_positions
 from .cross_entropy import cross_entropy_per_position
 from .logit_grads import blended_rows_and_grad_, block_rows
-from .objective import DistillOutput, KDSpec, check_blend, kd_per_position, valid_positions
 from .reduction import check_reduction, compute_dtype
 from .sparse import SparseTeacher
 from .vocab_map import check_vocab_map

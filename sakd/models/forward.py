@@ -43,7 +43,7 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
         raise RuntimeError(
             "a trainable ZeRO-3 output head must be registered as an external parameter of the module "
-            "whose forward computes the loss (sakd.distributed.register_external_parameters)"
+            "whose forward computes the loss (sakd.models.zero.register_external_parameters)"
         )
     import deepspeed
 
@@ -54,7 +54,7 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _sliced(param: torch.Tensor) -> bool:
     """A ZeRO-3 parameter that is partitioned right now (not gathered)."""
-    from sakd.distributed import is_partitioned
+    from sakd.models.zero import is_partitioned
 
     if not is_partitioned(param):
         return False

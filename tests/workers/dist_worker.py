@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from sakd.config import load_config
-from sakd.trainer import Distiller
+from sakd.training.trainer import Distiller
 
 
 def _held(model: torch.nn.Module) -> tuple[int, int]:

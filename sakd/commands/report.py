@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from sakd.errors import ReportError
+
 # Curves worth a panel each, in this order, when the run logged them.
 PANELS = [
     ("loss", "training loss"),
@@ -20,10 +22,6 @@ PANELS = [
     ("rss_mib", "resident memory (MiB)"),
     ("gpu_peak_mib", "GPU peak allocated (MiB)"),
 ]
-
-
-class ReportError(ValueError):
-    """The run directory has nothing to draw (one line)."""
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

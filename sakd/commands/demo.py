@@ -25,11 +25,11 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 import sakd
 from sakd.align import load_or_build_vocab_map
 from sakd.config import load_config
-from sakd.corpus import write_corpus
 from sakd.data import prepare_data
-from sakd.evaluate import cross_tokenizer_agreement, evaluate
+from sakd.data.synthetic import write_corpus
+from sakd.evaluation.heldout import cross_tokenizer_agreement, evaluate
 from sakd.models import load_tokenizer
-from sakd.trainer import Distiller
+from sakd.training.trainer import Distiller
 
 # Budgets measured to keep the whole demo within ~5 minutes on 2 CPU cores (see README).
 DEMO = {

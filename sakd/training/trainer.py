@@ -30,30 +30,28 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from sakd import checkpoint, rundir
 from sakd.align.positions import alignment_coverage
+from sakd.align.setup import Alignment, setup_alignment
 from sakd.config import RunConfig, dump_config
-from sakd.curriculum import temperature_at
+from sakd.config.deepspeed import zero_stage
 from sakd.data import BatchPlan, DataBundle, prepare_data
-from sakd.distributed import (
-    build_accelerator,
-    built_whole,
-    check_cuda_arch,
-    register_external_parameters,
-    zero_stage,
-)
-from sakd.ema import EMA_FILE, StudentEMA
-from sakd.evaluate import cross_tokenizer_agreement, evaluate
-from sakd.export import export_run, save_model_dir
+from sakd.errors import ConfigError, DataError, SetupError, TrainingError
+from sakd.evaluation.heldout import cross_tokenizer_agreement, evaluate
 from sakd.models import load_model, load_tokenizer
 from sakd.models.forward import hidden_and_head
 from sakd.models.loading import check_model_source, default_tokenizer_spec
 from sakd.models.student import TrainableStudent, student_state
-from sakd.objective import Objective
-from sakd.pairing import Alignment, build_aux, load_teacher, setup_alignment
-from sakd.rundir import RunDirError
-from sakd.signals import StopSignals, TrainingStopped
-from sakd.stages import check_stages, stage_ends, stage_optimizer
+from sakd.models.zero import built_whole, register_external_parameters
+from sakd.objective.composite import Objective
+from sakd.objective.projections import build_aux
+from sakd.objective.schedules import temperature_at
+from sakd.teacher.placement import load_teacher
+from sakd.training import checkpoint, rundir
+from sakd.training.distributed import build_accelerator, check_cuda_arch
+from sakd.training.ema import EMA_FILE, StudentEMA
+from sakd.training.export import export_run, save_model_dir
+from sakd.training.stages import check_stages, stage_ends, stage_optimizer
+from sakd.training.stop_signals import StopSignals, TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +91,7 @@ def tracker_config(cfg: RunConfig) -> dict[str, Any]:
     return flat
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(TrainingError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm (one line)."""
 
 
@@ -141,9 +139,7 @@ class Distiller:
             check_model_source(mcfg.teacher, "teacher")
         tok_spec = default_tokenizer_spec(mcfg.student, mcfg.tokenizer)
         if tok_spec is None:
-            raise RunDirError(
-                f"student preset '{mcfg.student}' needs model.tokenizer (a tokenizer directory)"
-            )
+            raise SetupError(f"student preset '{mcfg.student}' needs model.tokenizer (a tokenizer directory)")
         self.tokenizer = load_tokenizer(tok_spec, trust_remote_code=mcfg.trust_remote_code)
         self.teacher = None
         self.teacher_placement: str | None = None  # replicated or zero3 once a teacher is loaded
@@ -188,7 +184,7 @@ class Distiller:
         student.config.use_cache = False
         self.vocab_size = len(self.tokenizer)
         if student.get_output_embeddings().weight.shape[0] < self.vocab_size:
-            raise RunDirError(
+            raise SetupError(
                 f"student has {student.get_output_embeddings().weight.shape[0]} output rows but the tokenizer "
                 f"has {self.vocab_size} tokens; resize the student's embeddings"
             )
@@ -208,7 +204,7 @@ class Distiller:
             seed=tcfg.seed,
         )
         if self.plan.steps_per_epoch == 0:
-            raise RunDirError(
+            raise DataError(
                 f"{len(self.data.train)} training blocks cannot fill one optimizer step of {self.plan.blocks_per_step} "
                 "blocks; lower training.batch_size / gradient_accumulation_steps or add data"
             )
@@ -271,7 +267,7 @@ class Distiller:
         acc, tcfg = self.accelerator, self.cfg.training
         plugin = acc.state.deepspeed_plugin
         if plugin is not None and plugin.zero_stage == 3:
-            raise RunDirError("training.ema needs whole parameters on every rank; it does not support ZeRO-3")
+            raise ConfigError("training.ema needs whole parameters on every rank; it does not support ZeRO-3")
         ema = StudentEMA(self.hf_student, tcfg.ema_decay, tcfg.ema_warmup_steps)
         if resume_from is not None:
             if (resume_from / EMA_FILE).is_file():

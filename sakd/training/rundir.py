@@ -8,11 +8,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from sakd import checkpoint
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used as asked (one line)."""
+from sakd.errors import RunDirError
+from sakd.training import checkpoint
 
 
 def prepare(accelerator: Accelerator, run_dir: Path, resume: str, overwrite: bool) -> Path | None:

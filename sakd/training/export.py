@@ -11,16 +11,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
-from sakd import checkpoint
 from sakd.config import ConfigError, load_config
-from sakd.ema import EMA_FILE
+from sakd.errors import ExportError
 from sakd.models.student import student_state
+from sakd.training import checkpoint
+from sakd.training.ema import EMA_FILE
 
 log = logging.getLogger(__name__)
-
-
-class ExportError(RuntimeError):
-    """The run cannot be exported as asked (one line)."""
 
 
 def save_model_dir(

@@ -25,8 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from sakd.align.positions import span_logprob
 from sakd.config import DistillationConfig, LossConfig
 from sakd.losses import cross_entropy, divergence, fused_linear_divergence
-from sakd.losses.auxiliary import AuxiliaryHeads
 from sakd.models.forward import HiddenAndHead
+from sakd.objective.projections import AuxiliaryHeads
 
 IGNORE_INDEX = -100
 

@@ -22,11 +22,9 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from sakd.errors import CheckpointError
+
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read (one line; the other checkpoints are untouched)."""
 
 
 STATE_FILE = "trainer_state.json"

@@ -1,6 +1,6 @@
 """Benchmark: naive (materialized ``[N, V]`` logits) vs fused chunked distillation loss, fwd+bwd.
 
-Run ``python -m sakd.bench_losses`` (``--help`` for options). Every measurement runs in a fresh
+Run ``python -m sakd.commands.bench_losses`` (``--help`` for options). Every measurement runs in a fresh
 subprocess: inputs are created in place, the process's resident-set high-water mark is reset
 (``/proc/self/clear_refs``) after ``malloc_trim``, and the peak *extra* memory is the high-water
 mark of the loss's forward + backward minus the resident set before it. Both paths produce the
@@ -133,7 +133,7 @@ def _measure(case: Case, impl: str, chunk_size: int, repeats: int) -> dict:
     """Run :func:`_measure_here` in a fresh interpreter and parse its JSON line."""
     spec = json.dumps({"case": asdict(case), "impl": impl, "chunk_size": chunk_size, "repeats": repeats})
     done = subprocess.run(
-        [sys.executable, "-m", "sakd.bench_losses", "--worker", spec],
+        [sys.executable, "-m", "sakd.commands.bench_losses", "--worker", spec],
         capture_output=True,
         text=True,
         check=True,
@@ -184,7 +184,7 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI entry point: ``python -m sakd.bench_losses [--chunk-sizes 128 256] [--cases ...]``."""
+    """CLI entry point: ``python -m sakd.commands.bench_losses [--chunk-sizes 128 256] [--cases ...]``."""
     parser = argparse.ArgumentParser(prog="sakd bench losses", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--chunk-sizes", nargs="+", type=int, default=[256])

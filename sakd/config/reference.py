@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from sakd.config import RunConfig, field_types, is_dataclass_type
-from sakd.seed_keys import SEED_KEY_MAP, SEED_KEYS_NOT_YET_SUPPORTED
+from sakd.config.legacy_keys import SEED_KEY_MAP, SEED_KEYS_NOT_YET_SUPPORTED
+from sakd.config.schema import RunConfig, field_types, is_dataclass_type
 
 
 def reference_markdown() -> str:

@@ -15,8 +15,8 @@ import torch
 from transformers import get_scheduler
 
 from sakd.config import OptimizationConfig, TrainingConfig
-from sakd.optim import build_optimizer, describe_groups, frozen_names
-from sakd.rundir import RunDirError
+from sakd.errors import ConfigError
+from sakd.training.optim import build_optimizer, describe_groups, frozen_names
 
 
 def stage_ends(ocfg: OptimizationConfig, tcfg: TrainingConfig, steps_per_epoch: int) -> list[int]:
@@ -45,13 +45,13 @@ def check_stages(ocfg: OptimizationConfig, student: torch.nn.Module, *, deepspee
     if not ocfg.stages:
         return
     if deepspeed:
-        raise RunDirError(
+        raise ConfigError(
             "optimization.stages is not supported under DeepSpeed (its engine owns the optimizer); run "
             "the stages as separate runs, each starting from the previous one's export"
         )
     frozen = {frozenset(frozen_names(student, stage_settings(ocfg, i)[1])) for i in range(len(ocfg.stages))}
     if world > 1 and len(frozen) > 1:
-        raise RunDirError(
+        raise ConfigError(
             "optimization.stages freeze different parameters, which DDP cannot follow after wrapping the "
             "model; keep the same 0.0 rules in every stage or train the stages in one process"
         )

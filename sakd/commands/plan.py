@@ -1,4 +1,4 @@
-"""`sakd plan`: the command around :mod:`sakd.plan`'s estimator -- arguments, the table, the
+"""`sakd plan`: the command around :mod:`sakd.planner.estimate`'s estimator -- arguments, the table, the
 recommendation and the overrides that select it."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sakd.config import ConfigError, RunConfig, load_config
-from sakd.plan import (
+from sakd.planner.estimate import (
     COMPONENTS,
     DEFAULT_MICRO_BATCHES,
     GIB,

@@ -1,0 +1,268 @@
+"""The `sakd` command.  Entry points stay thin: each subcommand parses, calls the library, prints.
+
+Every user error is one line on stderr and a non-zero exit; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from sakd.errors import SakdError
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from sakd.config import load_config
+    from sakd.training.trainer import Distiller, TrainingStopped
+
+    cfg, notes = load_config(args.config, args.overrides)
+    for note in notes:
+        print(f"sakd: note: {note}", file=sys.stderr)
+    try:
+        distiller = Distiller(cfg, resume=args.resume, overwrite=args.overwrite)
+        summary = distiller.train()
+    except TrainingStopped as e:  # SIGTERM/SIGINT: checkpointed and resumable, but not finished
+        print(f"sakd: {e}", file=sys.stderr)
+        return e.exit_code
+    if distiller.accelerator.is_main_process:  # one summary per run, not one per process
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sakd.commands.demo import run_demo
+
+    summary = run_demo(args.output_dir, args.data)
+    print(json.dumps(summary, indent=1))
+    print(
+        f"sakd demo: {summary['verdict']} (teacher ppl {summary['teacher_ppl']:.2f}, KD student "
+        f"{summary['kd_student_ppl']:.2f}, CE student {summary['ce_student_ppl']:.2f}); "
+        f"{summary['total_seconds']:.0f} s; student at {summary['student_dir']}"
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from sakd.training.export import export_run
+
+    out = export_run(args.run_dir, args.output, step=args.step, raw=args.raw)
+    print(f"exported student to {out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from sakd.data import DataError, load_text_dataset, pack
+    from sakd.evaluation.heldout import evaluate
+    from sakd.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model_dir)
+    model = load_model(args.model_dir, tokenizer=tokenizer)
+    blocks = pack(load_text_dataset(args.data, text_field=args.text_field), tokenizer, args.block_size)
+    if len(blocks) == 0:
+        raise DataError(
+            f"{args.data} is shorter than one block of {args.block_size} tokens; lower --block-size"
+        )
+    if args.max_blocks:
+        blocks = blocks.select(range(min(args.max_blocks, len(blocks))))
+    teacher = None
+    if args.teacher:
+        teacher = load_model(args.teacher, tokenizer=tokenizer).eval()
+        if load_tokenizer(args.teacher).get_vocab() != tokenizer.get_vocab():
+            raise ValueError("teacher agreement needs the teacher to share the student's tokenizer")
+    result = evaluate(
+        model.eval(),
+        blocks.with_format("torch"),
+        batch_size=args.batch_size,
+        teacher=teacher,
+        vocab_size=len(tokenizer),
+    )
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from sakd.commands import bench_losses
+
+    bench_losses.main(args.bench_args)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from sakd.commands.report import draw
+
+    print(f"wrote {draw(args.run_dir, args.output)}")
+    return 0
+
+
+def _cmd_config_reference(args: argparse.Namespace) -> int:
+    from sakd.config.reference import reference_markdown
+
+    print(reference_markdown(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sakd",
+        description="Student-Aware Knowledge Distillation: distill a (MoE) teacher LM into a small student.",
+    )
+    p.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser(
+        "distill",
+        help="train a student; writes a run directory",
+        description="Train a student from a recipe. The run directory (training.output_dir) gets "
+        "config.yaml, metrics.jsonl, checkpoints/, final/ and summary.json.",
+    )
+    d.add_argument("--config", required=True, help="recipe file (YAML or JSON)")
+    d.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. training.max_steps=100 distillation.loss.temperature=2",
+    )
+    d.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (newest complete checkpoint in the run directory), none, or a checkpoint path",
+    )
+    d.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    d.set_defaults(func=_cmd_distill)
+
+    m = sub.add_parser(
+        "demo",
+        help="offline end-to-end demo on tiny models (about 5 minutes on 2 CPU cores)",
+        description="Generate a corpus, train a tokenizer, pretrain a tiny MoE teacher (cached), "
+        "distill a tiny dense student and a CE-only baseline, report perplexities.",
+    )
+    m.add_argument(
+        "--data", help="use this local text file (one document per line) instead of the generated corpus"
+    )
+    m.add_argument(
+        "--output-dir", default="runs/demo", help="where the demo writes its runs (default: runs/demo)"
+    )
+    m.set_defaults(func=_cmd_demo)
+
+    e = sub.add_parser(
+        "export", help="export a run's student as a Hugging Face directory (model.safetensors)"
+    )
+    e.add_argument("run_dir", help="a sakd run directory")
+    e.add_argument("--output", required=True, help="directory to write")
+    e.add_argument("--step", type=int, help="export this checkpoint step (default: newest complete)")
+    e.add_argument(
+        "--raw", action="store_true", help="export the trained weights, not the EMA (runs with training.ema)"
+    )
+    e.set_defaults(func=_cmd_export)
+
+    v = sub.add_parser("eval", help="held-out perplexity of a model directory (and agreement with a teacher)")
+    v.add_argument("model_dir", help="a Hugging Face model directory (with tokenizer files)")
+    v.add_argument("--data", required=True, help="text file (.txt/.jsonl/.parquet)")
+    v.add_argument("--teacher", help="teacher directory sharing the tokenizer: adds top-1 agreement")
+    v.add_argument("--text-field", default="text")
+    v.add_argument("--block-size", type=int, default=256)
+    v.add_argument("--batch-size", type=int, default=8)
+    v.add_argument("--max-blocks", type=int, default=None)
+    v.set_defaults(func=_cmd_eval)
+
+    b = sub.add_parser(
+        "bench",
+        help="benchmarks (results and commands in BENCHMARKS.md)",
+        description="sakd bench losses [--chunk-sizes 128 256] [--cases same_vocab cross_vocab]: "
+        "naive vs fused distillation loss, peak memory and time, each row in a fresh process.",
+    )
+    b.add_argument("suite", choices=["losses"], help="which benchmark")
+    b.add_argument(
+        "bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help after the suite)"
+    )
+    b.set_defaults(func=_cmd_bench)
+
+    rp = sub.add_parser("report", help="draw a run's metric curves (metrics.jsonl) to a PNG")
+    rp.add_argument("run_dir", help="a sakd run directory")
+    rp.add_argument("--output", help="PNG to write (default: RUN_DIR/report.png)")
+    rp.set_defaults(func=_cmd_report)
+
+    from sakd.commands import plan as plan_cli
+
+    plan_cli.register(sub)
+
+    r = sub.add_parser(
+        "config-reference", help="print every config key with its default and meaning (Markdown)"
+    )
+    r.set_defaults(func=_cmd_config_reference)
+    return p
+
+
+def _quiet_libraries() -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # offline retries, one per file
+
+
+# Every layer raises its own SakdError subclass (sakd.errors); library functions called directly with bad
+# arguments raise ValueError; a missing or unreadable path surfaces as FileNotFoundError / PermissionError.
+USER_ERRORS = (SakdError, FileNotFoundError, PermissionError, ValueError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not args.debug:
+        # bitsandbytes warns at import about optional CPU 4-bit kernels we do not use.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+        _quiet_libraries()
+    func: Callable[[argparse.Namespace], int] = args.func
+    import torch
+
+    if not torch.cuda.is_available():
+        # DeepSpeed (imported by accelerate/transformers) otherwise warns that it fell back to CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.debug:
+        return func(args)
+
+    try:
+        return func(args)
+    except torch.OutOfMemoryError:
+        print(
+            "sakd: error: out of memory; lower training.batch_size (raise gradient_accumulation_steps to keep "
+            "the global batch), set model.gradient_checkpointing=true, or lower data.block_size",
+            file=sys.stderr,
+        )
+    except KeyboardInterrupt:
+        print("sakd: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        print(f"sakd: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # an unexpected failure: still one line, the traceback is behind --debug
+        print(
+            f"sakd: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+    return EXIT_FAILURE
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

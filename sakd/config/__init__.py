@@ -1,0 +1,46 @@
+"""The config tree of a run: :mod:`.schema` (the typed, documented sections), :mod:`.loader` (recipes,
+overrides, validation, dump), :mod:`.legacy_keys` (the old system's flat keys), :mod:`.deepspeed`
+(DeepSpeed JSON configs filled from ours) and :mod:`.reference` (the README table)."""
+
+from sakd.config.loader import dump_config, load_config, parse_override, read_config_file, to_dict, validate
+from sakd.config.schema import (
+    AlignmentConfig,
+    AttentionConfig,
+    ContrastiveConfig,
+    DataConfig,
+    DistillationConfig,
+    FeatureConfig,
+    LoggingConfig,
+    LossConfig,
+    ModelConfig,
+    OptimizationConfig,
+    RunConfig,
+    StageConfig,
+    TrainingConfig,
+    all_keys,
+)
+from sakd.errors import ConfigError
+
+__all__ = [
+    "AlignmentConfig",
+    "AttentionConfig",
+    "ConfigError",
+    "ContrastiveConfig",
+    "DataConfig",
+    "DistillationConfig",
+    "FeatureConfig",
+    "LoggingConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimizationConfig",
+    "RunConfig",
+    "StageConfig",
+    "TrainingConfig",
+    "all_keys",
+    "dump_config",
+    "load_config",
+    "parse_override",
+    "read_config_file",
+    "to_dict",
+    "validate",
+]

@@ -1,0 +1,110 @@
+"""Distribution glue for the loop: the run's ``Accelerator`` and the process world.
+
+Accelerate owns the student (DDP, or a DeepSpeed engine through ``accelerator.prepare``). This module
+holds what Accelerate does not do for us, each piece small and tested:
+
+* :func:`build_accelerator` -- DeepSpeed when ``training.deepspeed`` (or the accelerate config) asks for
+  it, with the JSON's ``"auto"`` values filled (:mod:`sakd.config.deepspeed`);
+* :func:`repair_cpu_world` -- Accelerate 1.15 reports ``num_processes == 1`` on every rank of a
+  DeepSpeed run without CUDA (its backend detection only knows accelerators), although DeepSpeed set up
+  a real multi-process group; we take the world from ``torch.distributed`` itself;
+* :func:`check_cuda_arch` -- a GPU whose architecture the installed PyTorch has no kernels for (a P100
+  under a CUDA 12.8+ wheel) stops the run at start with the fix, instead of failing in the first kernel.
+
+The teacher's placement is :mod:`sakd.teacher.placement`; ZeRO-3 parameter handling :mod:`sakd.models.zero`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from sakd.config import RunConfig
+from sakd.config.deepspeed import run_ds_config
+from sakd.errors import SetupError
+
+
+def world_from_env() -> int:
+    """The launcher's world size (torchrun, deepspeed, accelerate and mpirun all set one of these)."""
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
+def build_accelerator(cfg: RunConfig) -> Any:
+    """The run's ``Accelerator``: DeepSpeed when training.deepspeed (or the accelerate config) asks for it,
+    with the JSON's "auto" values filled; multi-process CPU runs get the world they really have."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    t = cfg.training
+    env_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    path = t.deepspeed or (os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if env_ds else None)
+    plugin = None
+    if path:
+        ds = run_ds_config(path, cfg, world_from_env())
+        # zero3_init_flag=False: see built_whole (models are built whole; the engines partition them)
+        plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)
+    # Without CUDA, Accelerate only sets up a multi-process CPU group when told it runs on the CPU; a
+    # DeepSpeed run sets up its own group (and gets its world repaired below).
+    cpu = not torch.cuda.is_available() and world_from_env() > 1 and plugin is None and not env_ds
+    acc = Accelerator(
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        mixed_precision=t.mixed_precision,
+        step_scheduler_with_optimizer=False,  # the trainer steps it once per optimizer step
+        log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
+        project_dir=t.output_dir,
+        deepspeed_plugin=plugin,
+        cpu=cpu,
+    )
+    repair_cpu_world(acc)
+    return acc
+
+
+def repair_cpu_world(accelerator: Any) -> bool:
+    """Make Accelerate's rank/world match ``torch.distributed`` when they disagree (CPU DeepSpeed runs).
+
+    Returns True when it changed anything. Only ranks and counts are corrected: Accelerate's collective
+    helpers (reduce, gather, wait_for_everyone) already go through ``torch.distributed`` for a DeepSpeed
+    run, so they become correct with them.
+    """
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if accelerator.num_processes == world and accelerator.process_index == rank:
+        return False
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+        shared.update(num_processes=world, process_index=rank, local_process_index=local)
+    return True
+
+
+def check_cuda_arch() -> None:
+    """Stop with the fix when this GPU's architecture has no kernels in the installed PyTorch."""
+    if not torch.cuda.is_available():
+        return
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}"
+    built = torch.cuda.get_arch_list()
+    if not built or arch in built:
+        return
+    # PTX for an older architecture JIT-compiles forward (compute_XY runs on >= XY), never backward.
+    ptx = [a for a in built if a.startswith("compute_") and int(a.split("_")[1]) <= major * 10 + minor]
+    if ptx:
+        return
+    name = torch.cuda.get_device_name()
+    fix = (
+        "install a CUDA 12.6 build: pip install torch --index-url https://download.pytorch.org/whl/cu126"
+        if major < 7
+        else "install a PyTorch build whose arch list includes it"
+    )
+    raise SetupError(
+        f"{name} is {arch}, but this PyTorch {torch.__version__} (CUDA {torch.version.cuda}) has kernels only "
+        f"for {' '.join(built)}; {fix}"
+    )
