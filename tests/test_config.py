@@ -57,6 +57,11 @@ def test_overrides_are_typed():
         ({"distillation": {"loss": {"sparse": "subset"}}}, [], "needs distillation.loss.kd_top_k"),
         ({}, ["training.max_steps"], "must look like section.key=value"),
         ({"training": 3}, [], "must be a mapping"),
+        (
+            {"distillation": {"contrastive": {"weight": 0.1}}, "training": {"batch_size": 1}},
+            [],
+            "distillation.contrastive needs training.batch_size >= 2",
+        ),
     ],
 )
 def test_bad_config_is_one_clear_line(raw, overrides, message):

@@ -49,7 +49,7 @@ def test_identical_tokenizers_aligned_path_equals_plain_kd(tiny_run_config, make
         raw = copy.deepcopy(tiny_run_config)
         raw["distillation"]["alignment"] = {"mode": mode}
         d = make_distiller(raw, output_dir=str(tmp_path / mode), max_steps=3)
-        assert d.aligned == (mode == "always")
+        assert d.alignment.aligned == (mode == "always")
         if mode == "always":
             batch = d.data.train_batch([0, 1])
             assert torch.equal(batch["anchor"][0], torch.arange(batch["input_ids"].shape[1]))
@@ -67,7 +67,7 @@ def test_cross_tokenizer_distill_with_all_aux_losses(
 ):
     raw = _cross(tiny_run_config, teacher_tokenizer_dir, tmp_path, **AUX)
     d = make_distiller(raw, max_steps=3, save_every=2)
-    assert d.aligned and d.vocab_map is not None
+    assert d.alignment.aligned and d.alignment.vocab_map is not None
     # attention transfer needs one-to-one positions: disabled across tokenizers
     assert d.aux is not None and d.aux.attention_proj is None and d.aux.contrastive_student is not None
     before = {k: v.clone() for k, v in d.aux.state_dict().items()}
@@ -79,7 +79,9 @@ def test_cross_tokenizer_distill_with_all_aux_losses(
     after = d.aux.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     al = json.loads((d.run_dir / "summary.json").read_text())["alignment"]
-    assert al["student_vocab"] == len(d.tokenizer) and al["teacher_vocab"] == len(d.teacher_tokenizer)
+    assert al["student_vocab"] == len(d.tokenizer) and al["teacher_vocab"] == len(
+        d.alignment.teacher_tokenizer
+    )
     assert 0 < al["student_coverage"] <= 1 and 0 < al["anchored"] <= 1 and al["multi_token"] > 0
     assert 0 < al["teacher_mass_mapped"] <= 1 + 1e-6
     assert 0 <= summary["teacher_agreement"] <= 1
@@ -138,7 +140,7 @@ def test_attention_transfer_same_tokenizer(tiny_run_config, make_distiller):
     raw = copy.deepcopy(tiny_run_config)
     raw["distillation"].update(attention={"weight": 1.0, "layers": [0, -1]})
     d = make_distiller(raw, max_steps=2)
-    assert d.attention_pairs == [(0, 1), (1, 3)]  # 2 student layers <- 4 teacher layers, uniformly
+    assert d.aux_terms.attention_pairs == [(0, 1), (1, 3)]  # 2 student layers <- 4 teacher layers, uniformly
     before = d.aux.attention_proj.weight.clone()
     d.train()
     steps = [r for r in _metrics(d.run_dir) if "attention" in r]

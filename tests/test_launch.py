@@ -237,7 +237,7 @@ def stub_python(tmp_path):
 
 def _sakd_args(argv):
     """The arguments after `-m sakd.cli` / `--module sakd.cli`, checked by sakd's own parser and loader."""
-    from sakd.cli import build_parser
+    from sakd.commands.main import build_parser
     from sakd.config import load_config
 
     i = argv.index("sakd.cli")

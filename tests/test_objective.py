@@ -68,3 +68,16 @@ def test_safe_perplexity_never_overflows():
     assert safe_perplexity(0.0) == 1.0
     assert safe_perplexity(1e6) < float("inf")
     assert safe_perplexity(float("nan")) < float("inf")
+
+
+def test_unfused_path_honours_the_sparse_mode():
+    """``fused=false`` with a sparse mode computes that sparse KD (it used to fall back to full KD)."""
+    s, t, labels = _inputs()
+    kw = {"alpha": 0.5, "temperature": 2.0, "chunk_size": 5, "sparse": "topk_tail", "kd_top_k": 3}
+    fused = Objective(LossConfig(fused=True, **kw), vocab_size=23)(s, t, labels, temperature=2.0)
+    unfused = Objective(LossConfig(fused=False, **kw), vocab_size=23)(s, t, labels, temperature=2.0)
+    dense = Objective(LossConfig(fused=False, **{**kw, "sparse": "none"}), vocab_size=23)(
+        s, t, labels, temperature=2.0
+    )
+    torch.testing.assert_close(unfused.loss_sum, fused.loss_sum, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(unfused.component_sums["kd"], dense.component_sums["kd"])

@@ -31,16 +31,14 @@ from sakd.planner.estimate import (
     GIB,
     REDUCE_BUCKET_ELEMENTS,
     Estimate,
-    ModelNumbers,
     Setup,
     Workload,
     candidate_setups,
     estimate,
     loss_bytes,
-    model_numbers,
-    numbers_from_config,
     rank,
 )
+from sakd.planner.sizes import ModelNumbers, model_numbers, numbers_from_config
 
 RECIPE = Path(__file__).resolve().parents[1] / "sakd" / "recipes" / "huihui-moe-1b-to-smollm-135m.yaml"
 REAL_PAIR = ["model.teacher=huihui-moe-1.2b", "model.student=smollm-135m"]

@@ -22,7 +22,8 @@ from sakd.cli import main
 from sakd.config import load_config
 from sakd.errors import RunDirError
 from sakd.training import checkpoint
-from sakd.training.trainer import Distiller, NonFiniteError
+from sakd.training.loop import NonFiniteError
+from sakd.training.trainer import Distiller
 
 pytestmark = pytest.mark.integration
 

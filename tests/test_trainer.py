@@ -176,3 +176,20 @@ def test_sparse_teacher_modes_train(make_distiller, tiny_run_config, sparse):
     kd = [r["kd"] for r in records if "kd" in r]
     assert len(kd) == 3 and all(k >= 0 and k == k for k in kd) and kd[0] > 0
     assert summary["eval_ppl"] < 1e6
+
+
+def test_the_step_is_one_update_whatever_its_number_of_micro_batches(
+    tiny_run_config, make_distiller, tmp_path
+):
+    """The step decides which micro-batch is its last from the batches it is given, not from
+    Accelerate's counter of ``gradient_accumulation_steps``: three micro-batches given to a run set up
+    for two accumulate into one update, the same as a run set up for three."""
+    a = make_distiller(tiny_run_config, output_dir=str(tmp_path / "a"), gradient_accumulation_steps=3)
+    micro_batches = a._micro_batches()
+    assert len(micro_batches) == 3
+    a.train_step(micro_batches)
+    b = make_distiller(tiny_run_config, output_dir=str(tmp_path / "b"), gradient_accumulation_steps=2)
+    metrics = b.train_step(micro_batches)
+    assert metrics["micro_batches"] == 3 and b.scheduler.scheduler.last_epoch == 1
+    for (name, pa), pb in zip(a.hf_student.named_parameters(), b.hf_student.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-7, msg=name)

@@ -102,6 +102,24 @@ def identity_alignment(length: int) -> PositionAlignment:
     return PositionAlignment(ar, torch.where(ar < length - 1, ar + 1, -1))
 
 
+def gather_at_anchors(teacher_states: Tensor, anchor: Tensor) -> Tensor:
+    """The teacher's per-position tensors at each student position's anchor.
+
+    Args:
+        teacher_states: ``[B, Lt, *feature]`` (hidden states of a layer, final hidden states, ...).
+        anchor: ``[B, Ls]`` teacher position per student position, or -1 (no anchor).
+
+    Returns:
+        ``[B, Ls, *feature]``; rows without an anchor hold teacher position 0 -- callers mask them
+        out with ``anchor >= 0``.
+    """
+    index = anchor.clamp_min(0)
+    index = index.reshape(*index.shape, *([1] * (teacher_states.dim() - 2))).expand(
+        *index.shape, *teacher_states.shape[2:]
+    )
+    return teacher_states.gather(1, index)
+
+
 def span_logprob(token_logprobs: Tensor, anchor: Tensor, span_end: Tensor) -> Tensor:
     """The teacher's log-probability of each student next token, by the chain rule.
 

@@ -13,12 +13,9 @@ map per tokenizer pair as a safetensors file.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -27,211 +24,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from sakd.align.token_bytes import SPECIAL_ROLES, TokenTable, token_bytes, token_table
 from sakd.losses.vocab_map import check_vocab_map
 
 __all__ = ["VocabMap", "build_vocab_map", "load_or_build_vocab_map", "token_bytes"]
 
 _FORMAT_VERSION = "1"
-_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-_METASPACE = "\u2581"
-_SPECIAL_ROLES = ("eos", "bos", "pad", "unk")
-
-
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's ``bytes_to_unicode``: printable character -> the byte it stands for."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
-@lru_cache(maxsize=1)
-def _byte_translation() -> dict[int, str]:
-    """``str.translate`` table: a byte-level character -> the latin-1 character of its byte; any
-    other character up to U+0143 -> U+FFFF, which (like anything above) fails latin-1 encoding."""
-    table = {ord(ch): chr(b) for ch, b in _byte_decoder().items()}
-    return {c: table.get(c, "\uffff") for c in range(max(table) + 1)}
-
-
-def _component_configs(component: Any) -> list[dict]:
-    """All nested config dicts (with a ``type``) of a tokenizers normalizer/pre-tokenizer/decoder."""
-    if component is None:
-        return []
-    try:
-        state = json.loads(component.__getstate__())
-    except Exception:
-        return []
-    found: list[dict] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if "type" in node:
-                found.append(node)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(state)
-    return found
-
-
-@dataclass(frozen=True)
-class _Scheme:
-    """How a tokenizer spells bytes in its vocabulary."""
-
-    byte_level: bool
-    byte_fallback: bool
-    metaspace: str | None
-    continuing_prefix: str | None
-    end_suffix: str | None
-    detected: bool  # from the backend (True) or guessed from the vocabulary (False)
-
-    def describe(self) -> str:
-        return json.dumps(
-            [self.byte_level, self.byte_fallback, self.metaspace, self.continuing_prefix, self.end_suffix]
-        )
-
-
-def _scheme_from_backend(backend: Any) -> _Scheme:
-    configs = {
-        name: _component_configs(getattr(backend, name, None))
-        for name in ("normalizer", "pre_tokenizer", "decoder")
-    }
-    types = {name: {c["type"] for c in cs} for name, cs in configs.items()}
-    all_types = set().union(*types.values())
-    byte_level = "ByteLevel" in types["pre_tokenizer"] or "ByteLevel" in types["decoder"]
-    model = backend.model
-    model_type = type(model).__name__
-    byte_fallback = bool(getattr(model, "byte_fallback", False)) or "ByteFallback" in all_types
-    if not byte_fallback and model_type == "Unigram" and not byte_level:
-        try:
-            byte_fallback = bool(json.loads(model.__getstate__()).get("byte_fallback", False))
-        except Exception:
-            byte_fallback = False
-    metaspace = None
-    for cs in configs.values():
-        for c in cs:
-            if c["type"] == "Metaspace":
-                metaspace = c.get("replacement", _METASPACE)
-    if metaspace is None and not byte_level:
-        metaspace = _METASPACE  # a Replace('▁', ' ') decoder or normalizer, or harmless otherwise
-    prefix = getattr(model, "continuing_subword_prefix", None) or None
-    suffix = getattr(model, "end_of_word_suffix", None) or None
-    return _Scheme(byte_level, byte_fallback, metaspace, prefix, suffix, detected=True)
-
-
-def _scheme_from_vocab(tokens: list[str | None]) -> _Scheme:
-    present = [t for t in tokens if t]
-    byte_chars = _byte_decoder()
-    gpt2 = sum(t[0] in ("Ġ", "Ċ") for t in present)
-    spm = sum(t[0] == _METASPACE for t in present)
-    byte_level = gpt2 > spm and all(ch in byte_chars for t in present[:1000] for ch in t[:1])
-    byte_fallback = not byte_level and any(_BYTE_FALLBACK.fullmatch(t) for t in present)
-    wordpiece = not byte_level and sum(t.startswith("##") for t in present) > 0.01 * max(len(present), 1)
-    return _Scheme(
-        byte_level,
-        byte_fallback,
-        None if byte_level else _METASPACE,
-        "##" if wordpiece else None,
-        None,
-        detected=False,
-    )
-
-
-@dataclass(frozen=True)
-class _Table:
-    """Everything about one tokenizer that the alignment needs, computed once."""
-
-    tokens: list[str | None]  # id -> token string (None for a hole)
-    special_ids: frozenset[int]
-    role_ids: dict[str, int]  # eos/bos/pad/unk -> id, where defined
-    scheme: _Scheme
-    data: list[bytes | None]  # id -> bytes (None: special or unrepresentable)
-    fallback: list[bool]  # id -> is a '<0xNN>' byte-fallback piece
-
-    def fingerprint(self) -> bytes:
-        payload = {
-            "tokens": self.tokens,
-            "special": sorted(self.special_ids),
-            "roles": self.role_ids,
-            "scheme": self.scheme.describe(),
-        }
-        return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def _table(tokenizer: Any) -> _Table:
-    n = len(tokenizer)
-    tokens: list[str | None] = [None] * n
-    for tok, idx in tokenizer.get_vocab().items():
-        if 0 <= idx < n:
-            tokens[idx] = tok
-    special = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []) if i is not None}
-    added = dict(getattr(tokenizer, "added_tokens_decoder", None) or {})
-    special |= {int(i) for i, tok in added.items() if getattr(tok, "special", False)}
-    special = {i for i in special if 0 <= i < n}
-    roles = {}
-    for role in _SPECIAL_ROLES:
-        idx = getattr(tokenizer, f"{role}_token_id", None)
-        if isinstance(idx, int) and 0 <= idx < n:
-            roles[role] = idx
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    scheme = _scheme_from_backend(backend) if backend is not None else _scheme_from_vocab(tokens)
-    model = backend.model if backend is not None else None
-
-    translation = _byte_translation()
-    data: list[bytes | None] = [None] * n
-    fallback = [False] * n
-    for idx, tok in enumerate(tokens):
-        if tok is None or idx in special:
-            continue
-        if idx in added and (model is None or model.token_to_id(tok) != idx):
-            data[idx] = tok.encode("utf-8")  # an added token is matched as raw text
-            continue
-        if scheme.byte_level:
-            try:
-                data[idx] = tok.translate(translation).encode("latin-1")
-            except UnicodeEncodeError:
-                data[idx] = None
-            continue
-        if scheme.byte_fallback:
-            m = _BYTE_FALLBACK.fullmatch(tok)
-            if m is not None:
-                data[idx] = bytes([int(m.group(1), 16)])
-                fallback[idx] = True
-                continue
-        text = tok
-        prefix = scheme.continuing_prefix
-        if prefix and text.startswith(prefix) and len(text) > len(prefix):
-            text = text[len(prefix) :]
-        suffix = scheme.end_suffix
-        if suffix and text.endswith(suffix) and len(text) > len(suffix):
-            text = text[: -len(suffix)] + " "
-        if scheme.metaspace:
-            text = text.replace(scheme.metaspace, " ")
-        data[idx] = text.encode("utf-8")
-    return _Table(tokens, frozenset(special), roles, scheme, data, fallback)
-
-
-def token_bytes(tokenizer: Any) -> list[bytes | None]:
-    """The bytes each id in ``range(len(tokenizer))`` contributes to decoded text.
-
-    Byte-level BPE is detected from the backend (a ``ByteLevel`` pre-tokenizer or decoder) and its
-    characters are mapped back through GPT-2's byte table; otherwise ``<0xNN>`` pieces are single
-    bytes when the model uses byte fallback, sentencepiece's ``▁`` is a space, WordPiece's ``##``
-    prefix is dropped and the rest is UTF-8 text. Special tokens, holes in the id space and
-    byte-level tokens outside the byte alphabet are ``None``. Without a ``tokenizers`` backend the
-    scheme is guessed from the vocabulary.
-    """
-    return list(_table(tokenizer).data)
 
 
 @dataclass(frozen=True)
@@ -309,7 +107,7 @@ def _from_pairs(pairs: dict[int, int], student_vocab: int, teacher_vocab: int) -
     return vmap
 
 
-def _build(student: _Table, teacher: _Table) -> VocabMap:
+def _build(student: TokenTable, teacher: TokenTable) -> VocabMap:
     vs, vt = len(student.tokens), len(teacher.tokens)
     if (
         student.tokens == teacher.tokens
@@ -327,7 +125,7 @@ def _build(student: _Table, teacher: _Table) -> VocabMap:
             used.add(t)
 
     # Special tokens: by role first, then by identical string.
-    for role in _SPECIAL_ROLES:
+    for role in SPECIAL_ROLES:
         if role in student.role_ids and role in teacher.role_ids:
             pair(student.role_ids[role], teacher.role_ids[role])
     teacher_special = {teacher.tokens[t]: t for t in sorted(teacher.special_ids, reverse=True)}
@@ -338,7 +136,7 @@ def _build(student: _Table, teacher: _Table) -> VocabMap:
 
     # Ordinary tokens: group ids by bytes on both sides, then pair each group in preference order
     # (real pieces before '<0xNN>' byte-fallback pieces, then by id).
-    def groups(table: _Table) -> tuple[dict[bytes, int], dict[bytes, list[int]]]:
+    def groups(table: TokenTable) -> tuple[dict[bytes, int], dict[bytes, list[int]]]:
         first: dict[bytes, int] = {}  # bytes -> its lowest id
         shared: dict[bytes, list[int]] = {}  # bytes held by several ids -> all of them, preferred first
         for idx, b in enumerate(table.data):
@@ -388,10 +186,10 @@ def build_vocab_map(student_tok: Any, teacher_tok: Any) -> VocabMap:
     byte-fallback ``<0x41>``), the real piece is preferred; every teacher id is used at most once.
     Identical tokenizers give the identity map. Linear in the two vocabulary sizes.
     """
-    return _build(_table(student_tok), _table(teacher_tok))
+    return _build(token_table(student_tok), token_table(teacher_tok))
 
 
-def _cache_key(student: _Table, teacher: _Table) -> str:
+def _cache_key(student: TokenTable, teacher: TokenTable) -> str:
     h = hashlib.sha256()
     h.update(f"sakd-vocab-map-v{_FORMAT_VERSION}\0".encode())
     for table in (student, teacher):
@@ -422,7 +220,7 @@ def load_or_build_vocab_map(
     reported with a warning and rebuilt (overwritten atomically). ``cache_dir=None`` disables
     caching.
     """
-    student, teacher = _table(student_tok), _table(teacher_tok)
+    student, teacher = token_table(student_tok), token_table(teacher_tok)
     if cache_dir is None:
         return _build(student, teacher), False
     key = _cache_key(student, teacher)

@@ -187,23 +187,19 @@ def plot_curves(out: Path, kd_dir: Path, ce_dir: Path, teacher_loss: float) -> P
     return out
 
 
-def run_demo(
-    output_dir: str | Path = "runs/demo", data: str | Path | None = None, budget: dict[str, int] | None = None
-) -> dict[str, Any]:
-    """Run the demo; ``budget`` overrides entries of :data:`DEMO` (the tests use a tiny one)."""
-    budget = {**DEMO, **(budget or {})}
-    t_start = time.perf_counter()
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").unlink(missing_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+def _corpus(out: Path, data: str | Path | None, budget: dict[str, int]) -> Path:
     if data is None:
         corpus = write_corpus(out / "corpus.txt", num_docs=budget["corpus_docs"])
         print(f"[demo] generated corpus {corpus}")
-    else:
-        corpus = Path(data)
-        if not corpus.is_file():
-            raise FileNotFoundError(f"demo data file not found: {data}")
+        return corpus
+    corpus = Path(data)
+    if not corpus.is_file():
+        raise FileNotFoundError(f"demo data file not found: {data}")
+    return corpus
+
+
+def _tokenizers(corpus: Path, budget: dict[str, int]) -> tuple[Path, Path]:
+    """The student's and the teacher's tokenizer directories, trained on the corpus once (cached)."""
     toks = {}
     for role, size in (("student", budget["vocab_size"]), ("teacher", budget["teacher_vocab_size"])):
         key = f"{_file_hash(corpus)}-v{size}"
@@ -211,34 +207,19 @@ def run_demo(
         if not (toks[role] / "tokenizer.json").is_file():
             print(f"[demo] training the {role}'s byte-level BPE tokenizer ({size} tokens) on the corpus")
             train_tokenizer(corpus, toks[role], size)
-    tok_dir, teacher_tok_dir = toks["student"], toks["teacher"]
-    teacher_key = (
-        f"{_file_hash(corpus)}-v{budget['teacher_vocab_size']}-s{budget['teacher_steps']}"
-        f"-b{budget['block_size']}x{budget['batch_size']}-sakd{sakd.__version__}"
-    )
-    t_teacher = time.perf_counter()
-    teacher_dir = prepare_teacher(corpus, teacher_tok_dir, teacher_key, budget)
-    teacher_seconds = time.perf_counter() - t_teacher
+    return toks["student"], toks["teacher"]
 
-    runs = {}
-    for name, alpha in (("kd", 0.5), ("ce", 0.0)):
-        print(f"[demo] training the {'KD' if alpha else 'CE-only'} student")
-        raw = _run_config(
-            out / f"{name}_student",
-            corpus,
-            tok_dir,
-            budget,
-            teacher_tokenizer=teacher_tok_dir,
-            teacher=str(teacher_dir),
-            student="tiny-dense",
-            alpha=alpha,
-            steps=budget["student_steps"],
-            lr=3e-3,
-        )
-        runs[name] = (raw, _train(raw))
 
-    print("[demo] evaluating teacher and students on held-out text")
-    cfg, _ = load_config(runs["kd"][0])
+def _evaluate_all(
+    kd_raw: dict[str, Any],
+    runs: dict[str, dict[str, Any]],
+    tok_dir: Path,
+    teacher_tok_dir: Path,
+    teacher_dir: Path,
+) -> dict[str, dict[str, float]]:
+    """Held-out loss/perplexity of the teacher (its own tokens) and both students, and each student's
+    agreement with the teacher at the anchors."""
+    cfg, _ = load_config(kd_raw)
     tokenizer, teacher_tok = load_tokenizer(str(tok_dir)), load_tokenizer(str(teacher_tok_dir))
     aligned = prepare_data(cfg.data, tokenizer, cfg.training.seed, teacher_tok)
     teacher_blocks = prepare_data(cfg.data, teacher_tok, cfg.training.seed).eval
@@ -246,7 +227,7 @@ def run_demo(
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     results = {"teacher": evaluate(teacher, teacher_blocks, batch_size=16)}
     for name in ("kd", "ce"):
-        student = AutoModelForCausalLM.from_pretrained(runs[name][1]["final_dir"]).eval()
+        student = AutoModelForCausalLM.from_pretrained(runs[name]["final_dir"]).eval()
         results[name] = evaluate(student, aligned.eval, batch_size=16)
         results[name].update(
             cross_tokenizer_agreement(
@@ -259,6 +240,49 @@ def run_demo(
                 teacher_vocab_size=len(teacher_tok),
             )
         )
+    results["vocab"] = {"student": len(tokenizer), "teacher": len(teacher_tok)}
+    return results
+
+
+def run_demo(
+    output_dir: str | Path = "runs/demo", data: str | Path | None = None, budget: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """Run the demo; ``budget`` overrides entries of :data:`DEMO` (the tests use a tiny one)."""
+    budget = {**DEMO, **(budget or {})}
+    t_start = time.perf_counter()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    corpus = _corpus(out, data, budget)
+    tok_dir, teacher_tok_dir = _tokenizers(corpus, budget)
+    teacher_key = (
+        f"{_file_hash(corpus)}-v{budget['teacher_vocab_size']}-s{budget['teacher_steps']}"
+        f"-b{budget['block_size']}x{budget['batch_size']}-sakd{sakd.__version__}"
+    )
+    t_teacher = time.perf_counter()
+    teacher_dir = prepare_teacher(corpus, teacher_tok_dir, teacher_key, budget)
+    teacher_seconds = time.perf_counter() - t_teacher
+
+    raws, runs = {}, {}
+    for name, alpha in (("kd", 0.5), ("ce", 0.0)):
+        print(f"[demo] training the {'KD' if alpha else 'CE-only'} student")
+        raws[name] = _run_config(
+            out / f"{name}_student",
+            corpus,
+            tok_dir,
+            budget,
+            teacher_tokenizer=teacher_tok_dir,
+            teacher=str(teacher_dir),
+            student="tiny-dense",
+            alpha=alpha,
+            steps=budget["student_steps"],
+            lr=3e-3,
+        )
+        runs[name] = _train(raws[name])
+
+    print("[demo] evaluating teacher and students on held-out text")
+    results = _evaluate_all(raws["kd"], runs, tok_dir, teacher_tok_dir, teacher_dir)
     plot = plot_curves(
         out / "loss_curves.png", out / "kd_student", out / "ce_student", results["teacher"]["loss"]
     )
@@ -280,17 +304,17 @@ def run_demo(
         ),
         "eval_tokens": results["kd"]["tokens"],
         "teacher_eval_tokens": results["teacher"]["tokens"],
-        "student_vocab": len(tokenizer),
-        "teacher_vocab": len(teacher_tok),
-        "alignment": runs["kd"][1].get("alignment", {}),
+        "student_vocab": results["vocab"]["student"],
+        "teacher_vocab": results["vocab"]["teacher"],
+        "alignment": runs["kd"].get("alignment", {}),
         "student_steps": budget["student_steps"],
-        "train_seconds": round(runs["kd"][1]["train_seconds"] + runs["ce"][1]["train_seconds"], 2),
-        "kd_train_seconds": runs["kd"][1]["train_seconds"],
-        "ce_train_seconds": runs["ce"][1]["train_seconds"],
+        "train_seconds": round(runs["kd"]["train_seconds"] + runs["ce"]["train_seconds"], 2),
+        "kd_train_seconds": runs["kd"]["train_seconds"],
+        "ce_train_seconds": runs["ce"]["train_seconds"],
         "teacher_prepare_seconds": round(teacher_seconds, 2),
         "total_seconds": round(time.perf_counter() - t_start, 2),
-        "student_dir": runs["kd"][1]["final_dir"],
-        "ce_student_dir": runs["ce"][1]["final_dir"],
+        "student_dir": runs["kd"]["final_dir"],
+        "ce_student_dir": runs["ce"]["final_dir"],
         "teacher_dir": str(teacher_dir),
         "loss_curve_png": str(plot),
         "corpus": str(corpus),

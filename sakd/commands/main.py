@@ -20,7 +20,8 @@ EXIT_FAILURE = 1
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     from sakd.config import load_config
-    from sakd.training.trainer import Distiller, TrainingStopped
+    from sakd.training.stop_signals import TrainingStopped
+    from sakd.training.trainer import Distiller
 
     cfg, notes = load_config(args.config, args.overrides)
     for note in notes:

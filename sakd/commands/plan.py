@@ -17,14 +17,13 @@ from sakd.planner.estimate import (
     DEFAULT_MICRO_BATCHES,
     GIB,
     Estimate,
-    ModelNumbers,
     Setup,
     Workload,
     candidate_setups,
     estimate,
-    model_numbers,
     rank,
 )
+from sakd.planner.sizes import ModelNumbers, model_numbers
 
 
 def parse_memory(text: str) -> int:

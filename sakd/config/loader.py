@@ -270,6 +270,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             "distillation.loss.temperature_schedule needs distillation.loss.min_temperature (the final temperature)"
         )
+    if cfg.distillation.contrastive.weight > 0 and cfg.training.batch_size < 2:
+        raise ConfigError(
+            "distillation.contrastive needs training.batch_size >= 2: its negatives are the other sequences "
+            "of each micro-batch (a batch of one has none and the term would silently be 0)"
+        )
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The distillation objective α·[T²]·D + (1−α)·CE, on materialized logits.
 
-:class:`KDSpec` names what the KD term computes; :func:`kd_per_position` computes it for one
+:class:`~sakd.losses.spec.KDSpec` names what the KD term computes; :func:`kd_per_position` computes it for one
 block of positions (used here and, chunk by chunk, by the fused loss); :func:`distill_loss`
 blends it with cross-entropy and returns a :class:`DistillOutput`.
 """
@@ -13,48 +13,11 @@ import torch
 from torch import Tensor
 
 from .cross_entropy import cross_entropy_per_position
-from .divergences import check_divergence_args, divergence_from_logprobs, tempered_logprobs
+from .divergences import divergence_from_logprobs, tempered_logprobs
 from .reduction import check_reduction, reduce_positions, zero_masked_rows
 from .sparse import SPARSE_MODES, SparseTeacher, sparse_per_position
+from .spec import KDSpec
 from .vocab_map import check_vocab_map, project_many_to_one, project_to_shared_support, project_with_targets
-
-
-@dataclass(frozen=True)
-class KDSpec:
-    """What the KD term computes (everything except the tensors).
-
-    Attributes:
-        kind: divergence kind, ``fkl | rkl | jsd | skl | srkl | tvd``.
-        temperature: T > 0 dividing both sides' logits.
-        beta: JSD weight β (0 → forward KL, 1 → reverse KL).
-        skew: DistiLLM skew α for ``skl`` / ``srkl``.
-        sparse: None for the dense divergence, else ``subset | topk_tail | sampled``.
-        top_k: k for ``subset`` / ``topk_tail`` built from dense teacher logits.
-        num_samples: n for ``sampled`` built from dense teacher logits.
-        uld_weight: with a vocab map, weight of an extra ULD term (sorted-probability distance,
-            :func:`sakd.losses.uld.uld_distance`) between the student's and the teacher's
-            probabilities on their *unmapped* ids, which the projection can only lump together.
-    """
-
-    kind: str = "fkl"
-    temperature: float = 1.0
-    beta: float = 0.5
-    skew: float = 0.1
-    sparse: str | None = None
-    top_k: int = 64
-    num_samples: int = 64
-    uld_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_divergence_args(self.kind, temperature=self.temperature, beta=self.beta, skew=self.skew)
-        if self.sparse is not None and self.sparse not in SPARSE_MODES:
-            raise ValueError(f"unknown sparse mode {self.sparse!r}; expected None or one of {SPARSE_MODES}")
-        if self.sparse == "sampled" and self.kind != "fkl":
-            raise ValueError(f"sampled KD estimates forward KL only; got kind={self.kind!r}")
-        if self.uld_weight < 0:
-            raise ValueError(f"uld_weight must be >= 0, got {self.uld_weight}")
-        if self.top_k < 1 or self.num_samples < 1:
-            raise ValueError(f"top_k and num_samples must be >= 1, got {self.top_k}, {self.num_samples}")
 
 
 def kd_per_position(
@@ -99,29 +62,7 @@ def kd_per_position(
                 "(the sparse mode is then applied on the shared support)"
             )
     if vocab_map is None and teacher_to_student is None:
-        if spec.sparse is not None:
-            return sparse_per_position(
-                student_logits,
-                teacher,
-                spec.sparse,
-                spec.kind,
-                temperature=spec.temperature,
-                beta=spec.beta,
-                skew=spec.skew,
-                top_k=spec.top_k,
-                num_samples=spec.num_samples,
-                generator=generator,
-            )
-        student_logprobs = tempered_logprobs(student_logits, spec.temperature)
-        teacher_logprobs = tempered_logprobs(teacher, spec.temperature).to(student_logprobs.dtype)
-        if student_logprobs.shape[-1] != teacher_logprobs.shape[-1]:
-            raise ValueError(
-                f"student vocab {student_logprobs.shape[-1]} != teacher vocab {teacher_logprobs.shape[-1]}; "
-                "pass a vocab_map to distill across tokenizers"
-            )
-        return divergence_from_logprobs(
-            student_logprobs, teacher_logprobs, spec.kind, beta=spec.beta, skew=spec.skew
-        )
+        return _same_vocabulary_kd(student_logits, teacher, spec, generator)
     student_full = tempered_logprobs(student_logits, spec.temperature)
     teacher_full = tempered_logprobs(teacher, spec.temperature).to(student_full.dtype)
     if teacher_to_student is not None:
@@ -152,23 +93,59 @@ def kd_per_position(
     else:
         kd = divergence_from_logprobs(student_lp, teacher_lp, spec.kind, beta=spec.beta, skew=spec.skew)
     if spec.uld_weight > 0:
-        from .uld import uld_distance
-
-        if teacher_to_student is not None:
-            mapped_t = teacher_to_student >= 0
-            mapped_s = torch.zeros(student_full.shape[-1], dtype=torch.bool, device=mapped_t.device)
-            mapped_s[teacher_to_student[mapped_t]] = True
-        else:
-            mapped_s = vocab_map >= 0
-            mapped_t = torch.zeros(teacher_full.shape[-1], dtype=torch.bool, device=vocab_map.device)
-            mapped_t[vocab_map[mapped_s].long()] = True
-        kd = kd + spec.uld_weight * uld_distance(
-            student_full.reshape(-1, student_full.shape[-1]),
-            teacher_full.reshape(-1, teacher_full.shape[-1]),
-            student_mask=~mapped_s,
-            teacher_mask=~mapped_t,
-        ).reshape(kd.shape)
+        kd = kd + spec.uld_weight * _unmapped_uld(student_full, teacher_full, vocab_map, teacher_to_student)
     return kd
+
+
+def _same_vocabulary_kd(
+    student_logits: Tensor, teacher: Tensor | SparseTeacher, spec: KDSpec, generator: torch.Generator | None
+) -> Tensor:
+    """:func:`kd_per_position` when both sides share one vocabulary."""
+    if spec.sparse is not None:
+        return sparse_per_position(
+            student_logits,
+            teacher,
+            spec.sparse,
+            spec.kind,
+            temperature=spec.temperature,
+            beta=spec.beta,
+            skew=spec.skew,
+            top_k=spec.top_k,
+            num_samples=spec.num_samples,
+            generator=generator,
+        )
+    student_logprobs = tempered_logprobs(student_logits, spec.temperature)
+    teacher_logprobs = tempered_logprobs(teacher, spec.temperature).to(student_logprobs.dtype)
+    if student_logprobs.shape[-1] != teacher_logprobs.shape[-1]:
+        raise ValueError(
+            f"student vocab {student_logprobs.shape[-1]} != teacher vocab {teacher_logprobs.shape[-1]}; "
+            "pass a vocab_map to distill across tokenizers"
+        )
+    return divergence_from_logprobs(
+        student_logprobs, teacher_logprobs, spec.kind, beta=spec.beta, skew=spec.skew
+    )
+
+
+def _unmapped_uld(
+    student_full: Tensor, teacher_full: Tensor, vocab_map: Tensor | None, teacher_to_student: Tensor | None
+) -> Tensor:
+    """The ULD distance between the two sides' probabilities on the ids the projection cannot match."""
+    from .uld import uld_distance
+
+    if teacher_to_student is not None:
+        mapped_t = teacher_to_student >= 0
+        mapped_s = torch.zeros(student_full.shape[-1], dtype=torch.bool, device=mapped_t.device)
+        mapped_s[teacher_to_student[mapped_t]] = True
+    else:
+        mapped_s = vocab_map >= 0
+        mapped_t = torch.zeros(teacher_full.shape[-1], dtype=torch.bool, device=vocab_map.device)
+        mapped_t[vocab_map[mapped_s].long()] = True
+    return uld_distance(
+        student_full.reshape(-1, student_full.shape[-1]),
+        teacher_full.reshape(-1, teacher_full.shape[-1]),
+        student_mask=~mapped_s,
+        teacher_mask=~mapped_t,
+    ).reshape(student_full.shape[:-1])
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .blend import KDSpec
 from .divergences import divergence_from_logprobs, log_mixture
+from .spec import KDSpec
 
 BLOCK_ELEMENTS = 1 << 21
 """Elements per row block of the closed-form pass (8 MiB of float32)."""

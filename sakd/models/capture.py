@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sakd.upstream import attn_implementation
+
 SELECTIVE_ATTENTION = "sakd_selective"
 _MARK = "_sakd_return_attention"
 
@@ -257,7 +259,7 @@ def enable_selective_attention(model: nn.Module, layers: Sequence[int]) -> None:
         raise ValueError(f"no attention module for layer(s) {missing} (model has {n})")
     for idx, m in modules.items():
         setattr(m, _MARK, idx in wanted)
-    if model.config._attn_implementation != SELECTIVE_ATTENTION:
+    if attn_implementation(model.config) != SELECTIVE_ATTENTION:
         model.set_attn_implementation(SELECTIVE_ATTENTION)
 
 
@@ -334,17 +336,17 @@ def capture(
     n_hidden = n_layers + 1
     wanted_hidden = sorted({i + n_hidden if i < 0 else i for i in hidden_layers} | {n_layers})
     attention_layers = list(attention_layers)
-    if attention_layers and config._attn_implementation == SELECTIVE_ATTENTION:
+    if attention_layers and attn_implementation(config) == SELECTIVE_ATTENTION:
         selected = selected_attention_layers(bare)
         asked = sorted({i + n_layers if i < 0 else i for i in attention_layers})
         if not set(asked) <= set(selected):
             raise ValueError(
                 f"attention layers {asked} requested but enable_selective_attention selected {selected}"
             )
-    elif attention_layers and config._attn_implementation != "eager":
+    elif attention_layers and attn_implementation(config) != "eager":
         raise ValueError(
             "attention_layers need enable_selective_attention(model, layers) or an eager model "
-            f"(attn_implementation is {config._attn_implementation!r})"
+            f"(attn_implementation is {attn_implementation(config)!r})"
         )
     is_moe = router_top_k(config) is not None and getattr(config, "num_experts", None) not in (None, 0)
     kwargs = {}
@@ -364,7 +366,7 @@ def capture(
     captured = Captured(hidden=hs[-1], logits=out.logits)
     captured.layers = select_hidden(hs, list(hidden_layers))
     if attention_layers:
-        if config._attn_implementation == SELECTIVE_ATTENTION:
+        if attn_implementation(config) == SELECTIVE_ATTENTION:
             recorded = collect_attentions(out, selected_attention_layers(bare))
         else:
             recorded = collect_attentions(out, range(n_layers), num_layers=n_layers)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sakd.models.capture import RouterSignal, capture
+from sakd.upstream import zero3_gathered
 
 
 @dataclass
@@ -54,13 +55,7 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _sliced(param: torch.Tensor) -> bool:
     """A ZeRO-3 parameter that is partitioned right now (not gathered)."""
-    from sakd.models.zero import is_partitioned
-
-    if not is_partitioned(param):
-        return False
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    return param.ds_status != ZeroParamStatus.AVAILABLE
+    return not zero3_gathered(param)
 
 
 def hidden_and_head(

@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sakd.config import DistillationConfig
-from sakd.errors import ConfigError
 from sakd.losses.auxiliary import attention_transfer_loss, feature_loss, info_nce, masked_mean_pool
-from sakd.models.capture import enable_selective_attention
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +134,8 @@ class AuxiliaryHeads(nn.Module):
         kind: str = "mse",
         mask: Tensor | None = None,
     ) -> Tensor:
-        """Σ over :attr:`feature_layers` of :func:`feature_loss` (each a sum over valid rows).
+        """Mean over :attr:`feature_layers` of :func:`feature_loss` (each a sum over valid rows), so the
+        term's weight does not grow with the number of layer pairs.
 
         Args:
             student_hidden_states: the student's ``hidden_states`` tuple (``[B, L, Hs]`` each).
@@ -155,7 +152,7 @@ class AuxiliaryHeads(nn.Module):
                 teacher = torch.where(mask.unsqueeze(-1), teacher, 0.0)
             loss = feature_loss(student_hidden_states[s], self.project_feature(i, teacher), kind, mask)
             total = loss if total is None else total + loss
-        return total
+        return total / len(self.feature_layers)
 
     def attention_loss(
         self, student_attn: Tensor, teacher_attn: Tensor, mask: Tensor | None = None
@@ -201,48 +198,3 @@ class AuxiliaryHeads(nn.Module):
         """:func:`info_nce` on :meth:`contrastive_pair` (mean over the batch)."""
         student, teacher = self.contrastive_pair(student_hidden, teacher_hidden, student_mask, teacher_mask)
         return info_nce(student, teacher, temperature)
-
-
-def build_aux(
-    d: DistillationConfig, student: torch.nn.Module, teacher: Any, tokenizers_differ: bool
-) -> tuple[AuxiliaryHeads | None, list[tuple[int, int]]]:
-    """The projections of the auxiliary losses (None when no auxiliary loss is on) and the (student,
-    teacher) attention layer pairs; the paired layers' attention is switched to the recording kernel."""
-    attention_pairs: list[tuple[int, int]] = []
-    if teacher is None or not (d.feature.weight or d.attention.weight or d.contrastive.weight):
-        return None, attention_pairs
-    t_model = getattr(teacher, "module", teacher)  # a ZeRO-3 engine has a `config` of its own
-    s_cfg, t_cfg = student.config, t_model.config
-    pairs = (
-        layer_pairs(t_cfg.num_hidden_layers, s_cfg.num_hidden_layers, d.feature.layer_map or "uniform")
-        if d.feature.weight
-        else []
-    )
-    attention = d.attention.weight > 0
-    if attention and tokenizers_differ:
-        log.warning(
-            "distillation.attention is disabled: teacher and student tokenize differently, so their "
-            "attention maps have different shapes and no one-to-one positions"
-        )
-        attention = False
-    if attention:
-        ls, lt = s_cfg.num_hidden_layers, t_cfg.num_hidden_layers
-        for layer in d.attention.layers:
-            s_layer = layer + ls if layer < 0 else layer
-            if not 0 <= s_layer < ls:
-                raise ConfigError(
-                    f"distillation.attention.layers: student layer {layer} is out of range for {ls} layers"
-                )
-            attention_pairs.append((s_layer, max(0, round((s_layer + 1) * lt / ls) - 1)))
-        enable_selective_attention(student, sorted({s for s, _ in attention_pairs}))
-        enable_selective_attention(t_model, sorted({t for _, t in attention_pairs}))
-    aux = AuxiliaryHeads(
-        t_cfg.hidden_size,
-        s_cfg.hidden_size,
-        feature_layers=pairs,
-        teacher_heads=t_cfg.num_attention_heads,
-        student_heads=s_cfg.num_attention_heads,
-        attention=attention,
-        contrastive=d.contrastive.weight > 0,
-    )
-    return (aux if any(p.numel() for p in aux.parameters()) else None), attention_pairs

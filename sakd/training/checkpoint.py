@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 from sakd.errors import CheckpointError
@@ -117,26 +118,34 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+    # Every rank writes files of its own (RNG states, optimizer shards); one that fails must not leave the
+    # others waiting at the next barrier: after each phase all ranks agree on success before going on.
+    error = _attempt(lambda: accelerator.save_state(str(tmp), safe_serialization=True))
+    if _all_succeeded(accelerator, error) and accelerator.is_main_process:
+
+        def finish_tmp() -> None:
             if write_extra is not None:
                 write_extra(tmp)
             # The trainer state is written last: its presence is what marks the checkpoint complete.
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    except OSError as e:  # a full disk, a quota, a vanished mount: drop the partial copy, keep the others
-        shutil.rmtree(tmp, ignore_errors=True)
+
+        error = _attempt(finish_tmp)
+    if not _all_succeeded(accelerator, error):
+        # a full disk, a quota, a vanished mount (here or on another rank): drop the partial copy
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
         previous = latest(root)
         kept = (
             f"the newest complete checkpoint ({previous.name}) is intact"
             if previous
             else "no checkpoint exists yet"
         )
+        why = (error.strerror or str(error)) if error is not None else "the write failed on another process"
         raise CheckpointError(
-            f"could not write checkpoint {final.name} to {root}: {e.strerror or e}; {kept} -- free space and "
+            f"could not write checkpoint {final.name} to {root}: {why}; {kept} -- free space and "
             "resume with --resume auto"
-        ) from None
+        )
     if accelerator.is_main_process:
         if final.exists():
             if problem(final) is not None:  # keep a damaged one we are replacing, under another name
@@ -153,6 +162,23 @@ def save(
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _attempt(write: Callable[[], Any]) -> OSError | None:
+    """Run one write phase; an OSError is returned (to be agreed on), anything else raises."""
+    try:
+        write()
+    except OSError as e:
+        return e
+    return None
+
+
+def _all_succeeded(accelerator: Accelerator, error: OSError | None) -> bool:
+    """Whether the phase succeeded on every rank (a collective: all ranks call it)."""
+    if accelerator.num_processes == 1:
+        return error is None
+    failed = torch.tensor(0.0 if error is None else 1.0, device=accelerator.device)
+    return float(accelerator.reduce(failed, reduction="sum").item()) == 0.0
 
 
 def read_state(path: Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 from sakd.config import RunConfig
 from sakd.config.deepspeed import run_ds_config
 from sakd.errors import SetupError
+from sakd.upstream import set_process_world
 
 
 def world_from_env() -> int:
@@ -72,16 +73,13 @@ def repair_cpu_world(accelerator: Any) -> bool:
     run, so they become correct with them.
     """
     import torch.distributed as dist
-    from accelerate.state import AcceleratorState, PartialState
 
     if not (dist.is_available() and dist.is_initialized()):
         return False
     world, rank = dist.get_world_size(), dist.get_rank()
     if accelerator.num_processes == world and accelerator.process_index == rank:
         return False
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
-        shared.update(num_processes=world, process_index=rank, local_process_index=local)
+    set_process_world(world, rank, int(os.environ.get("LOCAL_RANK", rank)))
     return True
 
 

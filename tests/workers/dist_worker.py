@@ -4,11 +4,17 @@ that rank really saw and held -- the tests assert on these files, not on what Ac
     python -m torch.distributed.run --nproc_per_node 2 tests/workers/dist_worker.py RECIPE.json OUT_DIR [RESUME]
 
 RESUME (default none) is passed to the trainer as --resume is.
+
+Fault injection for the reliability tests (environment variables, read here only):
+  SAKD_TEST_POISON=STEP:RANK   that rank's first micro-batch of optimizer step STEP has a NaN loss;
+  SAKD_TEST_FAIL_SAVE=RANK     that rank's checkpoint writes fail with "No space left on device".
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -51,7 +57,12 @@ def main() -> None:
     d._micro_batches = recording
     rank = dist.get_rank() if dist.is_initialized() else 0  # before train(): it ends the process group
     world = dist.get_world_size() if dist.is_initialized() else 1
-    summary = d.train()
+    _inject_faults(d, rank)
+    try:
+        summary = d.train()
+    except Exception as e:  # the reliability tests assert on the one line every rank ends with
+        (out / f"rank{rank}.error").write_text(f"{type(e).__name__}: {e}")
+        raise SystemExit(2) from None
     teacher = getattr(d.teacher, "module", d.teacher)
     record = {
         "rank": rank,
@@ -68,6 +79,35 @@ def main() -> None:
         "summary": summary,
     }
     (out / f"rank{record['rank']}.json").write_text(json.dumps(record))
+
+
+def _inject_faults(d: Distiller, rank: int) -> None:
+    if poison := os.environ.get("SAKD_TEST_POISON"):
+        step, poisoned_rank = map(int, poison.split(":"))
+        loss_fn, calls = d._student_loss, {"n": 0}
+
+        def poisoned(student, mb, teacher_out, temperature):
+            out = loss_fn(student, mb, teacher_out, temperature)
+            first = calls["n"] == 0
+            calls["n"] += 1
+            if rank == poisoned_rank and d.state.step == step and first:
+                out.loss_sum = out.loss_sum * float("nan")
+            return out
+
+        d._student_loss = poisoned
+        step_fn = d.train_step
+
+        def counting(micro_batches):
+            calls["n"] = 0
+            return step_fn(micro_batches)
+
+        d.train_step = counting
+    if os.environ.get("SAKD_TEST_FAIL_SAVE") == str(rank):
+
+        def full_disk(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        d.accelerator.save_state = full_disk
 
 
 if __name__ == "__main__":

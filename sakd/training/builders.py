@@ -1,0 +1,136 @@
+"""Small builders, each owning one part of the config, that turn a :class:`RunConfig` into the pieces a
+run trains with (the pattern of torchtitan's component builders). :class:`sakd.training.trainer.Distiller`
+calls them in order; nothing here runs a training step.
+
+====================  ===============================  ==============================================
+builder               config                           builds
+====================  ===============================  ==============================================
+build_tokenizers      model.tokenizer / teacher_tok.   the student's and the teacher's tokenizers
+build_student         model.student, dtype, ...        the Hugging Face student (whole, not ZeRO-split)
+build_batch_plan      training.batch_size / accum.     which blocks each rank reads at each step
+build_objective       distillation.*                   the objective (logit loss + auxiliary terms)
+build_ema             training.ema*                    the EMA of the student's weights, or None
+====================  ===============================  ==============================================
+
+Elsewhere: :func:`sakd.training.distributed.build_accelerator` (training.deepspeed / mixed precision),
+:func:`sakd.align.setup.setup_alignment` (distillation.alignment), :func:`sakd.data.prepare_data`
+(data), :func:`sakd.teacher.placement.load_teacher` (model.teacher*),
+:func:`sakd.objective.aux_terms.build_aux_terms` (distillation.feature/attention/contrastive) and
+:func:`sakd.training.stages.stage_optimizer` (optimization).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sakd.align.setup import Alignment
+from sakd.config import ModelConfig, RunConfig, TrainingConfig
+from sakd.data import BatchPlan
+from sakd.errors import ConfigError, DataError, SetupError
+from sakd.losses import VocabBridge
+from sakd.models import load_model, load_tokenizer
+from sakd.models.loading import check_model_source, default_tokenizer_spec
+from sakd.models.zero import built_whole
+from sakd.objective.aux_terms import AuxTerms
+from sakd.objective.composite import Objective
+from sakd.training.ema import EMA_FILE, StudentEMA
+
+log = logging.getLogger(__name__)
+
+
+def needs_teacher(cfg: RunConfig) -> bool:
+    """Whether any term of the objective uses the teacher: KD (``alpha > 0``) or an auxiliary term."""
+    d = cfg.distillation
+    return d.loss.alpha > 0 or d.feature.weight > 0 or d.attention.weight > 0 or d.contrastive.weight > 0
+
+
+def build_tokenizers(mcfg: ModelConfig, *, use_teacher: bool) -> tuple[Any, Any | None]:
+    """The student's tokenizer, and the teacher's (the same object when both come from one place; None
+    without a teacher). Model sources are checked first so a typo names the model, not its tokenizer."""
+    check_model_source(mcfg.student, "student")
+    if use_teacher:
+        check_model_source(mcfg.teacher, "teacher")
+    spec = default_tokenizer_spec(mcfg.student, mcfg.tokenizer)
+    if spec is None:
+        raise SetupError(f"student preset '{mcfg.student}' needs model.tokenizer (a tokenizer directory)")
+    student_tok = load_tokenizer(spec, trust_remote_code=mcfg.trust_remote_code)
+    if not use_teacher:
+        return student_tok, None
+    teacher_spec = default_tokenizer_spec(mcfg.teacher, mcfg.teacher_tokenizer) or spec
+    if teacher_spec == spec:
+        return student_tok, student_tok
+    return student_tok, load_tokenizer(teacher_spec, trust_remote_code=mcfg.trust_remote_code)
+
+
+def build_student(mcfg: ModelConfig, tokenizer: Any, accelerator: Any, *, seed: int) -> Any:
+    """The student as a Hugging Face model, whole on every rank (the ZeRO engine partitions it later)."""
+    with built_whole(accelerator):
+        student = load_model(
+            mcfg.student,
+            tokenizer=tokenizer,
+            dtype=mcfg.student_dtype,
+            trust_remote_code=mcfg.trust_remote_code,
+            seed=seed,
+            attn_implementation=mcfg.attn_implementation,
+        )
+    if mcfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    student.config.use_cache = False
+    rows = student.get_output_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise SetupError(
+            f"student has {rows} output rows but the tokenizer has {len(tokenizer)} tokens; "
+            "resize the student's embeddings"
+        )
+    return student
+
+
+def build_batch_plan(tcfg: TrainingConfig, num_blocks: int, world_size: int) -> BatchPlan:
+    """Which blocks each rank reads at each optimizer step; at least one full step must fit."""
+    plan = BatchPlan(
+        num_blocks=num_blocks,
+        micro_batch=tcfg.batch_size,
+        accumulation=tcfg.gradient_accumulation_steps,
+        world_size=world_size,
+        seed=tcfg.seed,
+    )
+    if plan.steps_per_epoch == 0:
+        raise DataError(
+            f"{num_blocks} training blocks cannot fill one optimizer step of {plan.blocks_per_step} "
+            "blocks; lower training.batch_size / gradient_accumulation_steps or add data"
+        )
+    return plan
+
+
+def build_objective(cfg: RunConfig, vocab_size: int, alignment: Alignment, aux: AuxTerms | None) -> Objective:
+    """The objective of ``distillation.*`` between this student vocabulary and the paired teacher's."""
+    teacher_tok = alignment.teacher_tokenizer
+    return Objective(
+        cfg.distillation.loss,
+        vocab_size=vocab_size,
+        teacher_vocab_size=len(teacher_tok) if teacher_tok is not None else None,
+        bridge=VocabBridge(vocab_map=alignment.vocab_map, teacher_to_student=alignment.teacher_to_student),
+        distillation=cfg.distillation,
+        aux=aux,
+    )
+
+
+def build_ema(
+    tcfg: TrainingConfig, student: torch.nn.Module, resume_from: Path | None, zero: int
+) -> StudentEMA | None:
+    """The EMA of the student (``training.ema``): from the checkpoint resumed from, else the current weights."""
+    if not tcfg.ema:
+        return None
+    if zero == 3:
+        raise ConfigError("training.ema needs whole parameters on every rank; it does not support ZeRO-3")
+    ema = StudentEMA(student, tcfg.ema_decay, tcfg.ema_warmup_steps)
+    if resume_from is not None:
+        if (resume_from / EMA_FILE).is_file():
+            ema.load(resume_from / EMA_FILE)
+        else:
+            log.warning("%s has no %s: the EMA starts from the resumed weights", resume_from, EMA_FILE)
+    return ema

@@ -1,0 +1,66 @@
+"""The end of a run: ``final/`` (the exported student) and ``summary.json`` -- written last, its presence
+marks the run finished."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sakd.config import TrainingConfig
+from sakd.training.export import export_run, save_model_dir
+from sakd.training.state import TrainerState
+
+
+def run_summary(
+    state: TrainerState,
+    tcfg: TrainingConfig,
+    final_eval: dict[str, float],
+    final_dir: Path,
+    *,
+    use_ema: bool,
+    alignment_stats: dict[str, Any],
+) -> dict[str, Any]:
+    """``summary.json``: the run's length, the last evaluation, where the student is, why it stopped.
+
+    With early stopping, ``final/`` is the best evaluated checkpoint; ``eval_*`` are still those of the
+    last evaluation (the best one's loss is ``best_eval_loss``).
+    """
+    summary: dict[str, Any] = {
+        "steps": state.step,
+        "tokens_seen": state.tokens_seen,
+        "train_seconds": round(state.train_seconds, 3),
+        "eval_loss": final_eval["loss"],
+        "eval_ppl": final_eval["ppl"],
+        "final_dir": str(final_dir),
+        "final_weights": "ema" if use_ema else "raw",
+        "stop_reason": state.stop_reason or "max_steps",
+    }
+    if tcfg.early_stopping_patience and state.best_step is not None:
+        summary.update(best_step=state.best_step, best_eval_loss=state.best_eval_loss)
+    if "agreement" in final_eval:
+        summary["teacher_agreement"] = final_eval["agreement"]
+    if alignment_stats:
+        summary["alignment"] = dict(alignment_stats)
+        if "teacher_mass_mapped" in final_eval:
+            summary["alignment"]["teacher_mass_mapped"] = final_eval["teacher_mass_mapped"]
+    return summary
+
+
+def write_final(
+    run_dir: Path,
+    summary: dict[str, Any],
+    *,
+    best_step: int | None,
+    model: Any,
+    tokenizer: Any,
+    state_dict: Any,
+) -> None:
+    """Main process only: ``final/`` (the best checkpoint's export with early stopping, else ``model`` with
+    ``state_dict``), then ``summary.json``."""
+    final_dir = Path(summary["final_dir"])
+    if best_step is not None:  # the checkpoint's EMA or raw weights, as export_ema says
+        export_run(run_dir, final_dir, step=best_step)
+    else:
+        save_model_dir(model, tokenizer, final_dir, state_dict=state_dict)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

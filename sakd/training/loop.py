@@ -1,0 +1,250 @@
+"""The loop around the optimizer step: progress, metrics, periodic evaluation and checkpoints, early
+stopping, stop signals, non-finite bookkeeping, and the end of the run (``final/`` and ``summary.json``).
+
+:class:`RunLoop` is the half of :class:`sakd.training.trainer.Distiller` that runs a built run; the other
+half builds it and owns :meth:`~sakd.training.trainer.Distiller.train_step`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sakd.errors import TrainingError
+from sakd.evaluation.heldout import cross_tokenizer_agreement, evaluate
+from sakd.models.student import student_state
+from sakd.training import checkpoint
+from sakd.training.finish import run_summary, write_final
+from sakd.training.state import memory_metrics
+from sakd.training.stop_signals import TrainingStopped
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(TrainingError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm (one line)."""
+
+
+class RunLoop:
+    """Runs a built run: :meth:`train` calls ``train_step`` until the run's last step, evaluating,
+    checkpointing and logging along the way. The attributes it reads (accelerator, cfg, state, plan,
+    student, ema, data, ...) are those :class:`~sakd.training.trainer.Distiller` builds."""
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss of the student (or of its EMA with training.eval_with_ema), and agreement with
+        the teacher (on one vocabulary at every position; across tokenizers at the anchors)."""
+        model, unwrapped = self.student, self.hf_student
+        if self.ema is not None and self.cfg.training.eval_with_ema:
+            model = unwrapped = self.ema.module
+        al, chunk = self.alignment, self.cfg.distillation.loss.chunk_size
+        batch_size = self.cfg.training.eval_batch_size
+        out = evaluate(
+            model,
+            self.data.eval,
+            batch_size=batch_size,
+            accelerator=self.accelerator,
+            unwrapped=unwrapped,
+            vocab_size=self.vocab_size,
+            teacher=None if al.differ else self.teacher,  # agreement needs one vocabulary
+            chunk_size=chunk,
+        )
+        if self.teacher is not None and al.differ and al.vocab_map is not None:
+            cross = cross_tokenizer_agreement(
+                model,
+                self.teacher,
+                self.data,
+                al.vocab_map,
+                batch_size=batch_size,
+                vocab_size=self.vocab_size,
+                teacher_vocab_size=len(al.teacher_tokenizer),
+                chunk_size=chunk,
+                accelerator=self.accelerator,
+            )
+            out["agreement"] = cross["agreement"]
+            out["teacher_mass_mapped"] = cross["teacher_mass_mapped"]
+        return out
+
+    def save_checkpoint(self) -> Path:
+        protect = [self.resumed_from] if self.resumed_from is not None else []
+        if self.state.best_step is not None:  # early stopping exports it: never pruned
+            protect.append(self.run_dir / "checkpoints" / checkpoint.checkpoint_name(self.state.best_step))
+        return checkpoint.save(
+            self.accelerator,
+            self.run_dir / "checkpoints",
+            self.state.step,
+            vars(self.state),
+            self.cfg.training.keep_last_n,
+            protect=protect,
+            write_extra=self.ema.save if self.ema is not None else None,
+        )
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            with (self.run_dir / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if self.cfg.logging.report_to != "none":
+            self.accelerator.log(
+                {k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"]
+            )
+
+    def _skipped(self, sample_ids: list[int]) -> None:
+        """Record a step skipped for a non-finite loss/gradient; stop after too many in a row."""
+        s, limit = self.state, self.cfg.training.max_consecutive_skips
+        s.skipped_steps += 1
+        s.consecutive_skips += 1
+        self._log({"step": s.step, "skipped_steps": s.skipped_steps, "sample_ids": sample_ids})
+        log.warning("step %d skipped: non-finite loss or gradient norm (samples %s)", s.step, sample_ids)
+        if s.consecutive_skips >= limit:
+            raise NonFiniteError(
+                f"{limit} optimizer steps in a row had a non-finite loss or gradient norm (last: step {s.step}); "
+                "stopped without saving -- the newest checkpoint holds the last good weights "
+                "(lower optimization.learning_rate or check the data)"
+            )
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal (all ranks must stop at the same step)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self._signals.signum is not None
+        flag = torch.tensor(self._signals.signum or 0, device=acc.device)
+        return int(acc.reduce(flag, reduction="max").item()) != 0
+
+    def _stop(self, saved_step: int | None) -> None:
+        """Checkpoint (unless this step already is) and raise :class:`TrainingStopped`."""
+        s = self.state
+        ckpt = self.run_dir / "checkpoints" / checkpoint.checkpoint_name(s.step)
+        if saved_step != s.step:
+            ckpt = self.save_checkpoint()
+        signum = self._signals.signum or signal.SIGTERM  # another rank's signal when ours is unset
+        self._log({"step": s.step, "stopped": signal.Signals(signum).name})
+        raise TrainingStopped(signum, s.step, ckpt)
+
+    def train(self) -> dict[str, Any]:
+        """Train to the end and :meth:`finish`; on SIGTERM/SIGINT, checkpoint and raise TrainingStopped."""
+        with self._signals:
+            return self._train()
+
+    def _evaluate_and_track(self) -> bool:
+        """A periodic evaluation; True when it is the best so far (early stopping keeps that checkpoint)."""
+        s, tcfg = self.state, self.cfg.training
+        evaluation = self.evaluate()
+        self._log({"step": s.step, **{f"eval_{k}": v for k, v in evaluation.items()}})
+        best = s.track_best(evaluation["loss"], tcfg.early_stopping_patience, tcfg.early_stopping_min_delta)
+        if tcfg.early_stopping_patience and s.evals_without_improvement >= tcfg.early_stopping_patience:
+            s.stop_reason = "early_stopping"  # saved with the final checkpoint
+            log.warning(
+                "early stopping at step %d: no improvement in %d evaluations (best: step %d, loss %.4f)",
+                s.step,
+                s.evals_without_improvement,
+                s.best_step,
+                s.best_eval_loss,
+            )
+        return best
+
+    def _train(self) -> dict[str, Any]:
+        acc, tcfg, s = self.accelerator, self.cfg.training, self.state
+        saved_step = None
+        bar = tqdm(
+            total=self.total_steps,
+            initial=s.step,
+            disable=not (acc.is_main_process and self.cfg.logging.progress_bar),
+            desc="distill" if self.teacher is not None else "train",
+            dynamic_ncols=True,
+        )
+        t_window, tok_window = time.perf_counter(), 0
+        while s.step < self.total_steps and s.stop_reason is None:
+            self._enter_stage_if_due()
+            t0 = time.perf_counter()
+            metrics = self.train_step(self._micro_batches())
+            s.advance(
+                metrics.pop("micro_batches"),
+                self.plan.steps_per_epoch,
+                metrics["tokens"],
+                time.perf_counter() - t0,
+            )
+            tok_window += metrics["tokens"]
+            bar.update(1)
+            skipped = "skipped_sample_ids" in metrics
+            s.scaler_skipped_steps += metrics.pop("scaler_skipped")
+            if skipped:
+                self._skipped(metrics["skipped_sample_ids"])
+            else:
+                s.consecutive_skips = 0
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            if not skipped and (s.step % self.cfg.logging.log_every == 0 or s.step == self.total_steps):
+                now = time.perf_counter()
+                record = {
+                    "step": s.step,
+                    "epoch": s.epoch,
+                    "stage": s.stage,
+                    **metrics,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "tokens_per_s": tok_window / max(now - t_window, 1e-9),
+                    "tokens_seen": s.tokens_seen,
+                    "skipped_steps": s.skipped_steps,
+                    "scaler_skipped_steps": s.scaler_skipped_steps,
+                    **memory_metrics(acc.device),
+                }
+                t_window, tok_window = now, 0
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                self._log(record)
+            best = bool(tcfg.eval_every and s.step % tcfg.eval_every == 0 and s.step < self.total_steps)
+            best = best and self._evaluate_and_track()
+            if best or (tcfg.save_every and s.step % tcfg.save_every == 0 and s.step < self.total_steps):
+                self.save_checkpoint()
+                saved_step = s.step
+            if s.stop_reason is not None:
+                break
+            if self._stop_requested():
+                bar.close()
+                self._stop(saved_step)
+        bar.close()
+        final_eval = self.evaluate()
+        self._log({"step": s.step, **{f"eval_{k}": v for k, v in final_eval.items()}})
+        if s.stop_reason is None:  # the last step may be the best
+            s.track_best(final_eval["loss"], tcfg.early_stopping_patience, tcfg.early_stopping_min_delta)
+        self.save_checkpoint()
+        if self._stop_requested():  # the run is trained and saved but not finished: resuming finishes it
+            self._stop(s.step)
+        return self.finish(final_eval)
+
+    def finish(self, final_eval: dict[str, float]) -> dict[str, Any]:
+        """Export ``final/`` and write ``summary.json`` (last: its presence marks the run finished)."""
+        acc, tcfg = self.accelerator, self.cfg.training
+        use_ema = self.ema is not None and tcfg.export_ema
+        # all ranks take part (ZeRO-3 gathers the shards); only the main process gets the tensors
+        state_dict = None if use_ema else acc.get_state_dict(self.student)
+        state_dict = student_state(state_dict) if state_dict is not None else None
+        summary = run_summary(
+            self.state,
+            tcfg,
+            final_eval,
+            self.run_dir / "final",
+            use_ema=use_ema,
+            alignment_stats=self.alignment.stats,
+        )
+        if acc.is_main_process:
+            write_final(
+                self.run_dir,
+                summary,
+                best_step=summary.get("best_step"),
+                model=self.ema.module if use_ema else self.hf_student,
+                tokenizer=self.tokenizer,
+                state_dict=state_dict,
+            )
+        acc.wait_for_everyone()
+        # Trackers only: accelerator.end_training() would also destroy the process group, and with gloo a
+        # rank that tears it down right after the last barrier can reset the other rank's connection while
+        # that one is still reading the barrier's reply (seen in CI: "Connection reset by peer").
+        for tracker in acc.trackers:
+            tracker.finish()
+        return summary

@@ -1,0 +1,62 @@
+"""The few private APIs of our dependencies that sakd relies on, each behind one documented helper.
+
+Each helper says what it touches and why no public API does the job; ``tests/test_upstream.py`` checks
+each against the installed version, so an upstream change fails loudly there instead of silently in a run.
+
+=========================  ===============================================================================
+helper                     private API
+=========================  ===============================================================================
+:func:`forget_prepared`    accelerate ``Accelerator._optimizers`` / ``_schedulers`` (lists of what
+                           ``prepare`` returned, which ``save_state`` checkpoints)
+:func:`set_process_world`  accelerate ``PartialState._shared_state`` / ``AcceleratorState._shared_state``
+:func:`attn_implementation` transformers ``PretrainedConfig._attn_implementation``
+:func:`zero3_gathered`     DeepSpeed ``param.ds_status`` / ``ZeroParamStatus`` (``ds_id`` marks a ZeRO-3 param)
+=========================  ===============================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def forget_prepared(accelerator: Any, optimizer: Any, scheduler: Any) -> None:
+    """Drop an optimizer and its scheduler from what ``accelerator.save_state`` checkpoints.
+
+    Multi-stage training replaces both at a stage start; Accelerate has no public way to un-prepare
+    them, and without this every later checkpoint would also hold the finished stages' states.
+    """
+    accelerator._optimizers.remove(optimizer)
+    accelerator._schedulers.remove(scheduler)
+
+
+def set_process_world(num_processes: int, process_index: int, local_process_index: int) -> None:
+    """Make Accelerate's shared process state report this world (the CPU DeepSpeed repair).
+
+    Accelerate keeps rank/world in class-level shared dicts (Borg pattern) and offers no setter.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+        shared.update(
+            num_processes=num_processes, process_index=process_index, local_process_index=local_process_index
+        )
+
+
+def attn_implementation(config: Any) -> str | None:
+    """The attention kernel a transformers config selects (``sdpa``, ``eager``, a registered name).
+
+    transformers 5.x stores it as ``config._attn_implementation``; its public setter is
+    ``model.set_attn_implementation`` but there is no public getter.
+    """
+    return getattr(config, "_attn_implementation", None)
+
+
+def zero3_gathered(param: torch.Tensor) -> bool:
+    """Whether a parameter is whole on this rank: not a ZeRO-3 parameter, or one gathered right now."""
+    if not hasattr(param, "ds_id"):
+        return True
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return param.ds_status == ZeroParamStatus.AVAILABLE
