@@ -25,8 +25,8 @@ mkdir -p "$OUT"
 "$PY" - "$OUT" <<'PY'
 import sys
 from pathlib import Path
-from sakd.corpus import write_corpus
-from sakd.demo import train_tokenizer
+from sakd.data.synthetic import write_corpus
+from sakd.commands.demo import train_tokenizer
 out = Path(sys.argv[1])
 corpus = write_corpus(out / "corpus.txt", num_docs=500)
 if not (out / "tokenizer" / "tokenizer.json").is_file():
