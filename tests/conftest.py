@@ -43,7 +43,8 @@ def tiny_run_config_module(
 def _tiny_recipe(corpus: Path, tokenizer_dir: Path, tmp_path: Path) -> dict:
     return {
         "model": {"teacher": "tiny-moe", "student": "tiny-dense", "tokenizer": str(tokenizer_dir)},
-        "data": {"train": str(corpus), "block_size": 32, "max_eval_blocks": 8},
+        # the generated corpus holds one document per line
+        "data": {"train": str(corpus), "sample_by": "line", "block_size": 32, "max_eval_blocks": 8},
         "distillation": {"loss": {"alpha": 0.5, "temperature": 2.0, "chunk_size": 40}},
         "optimization": {"learning_rate": 1e-3, "warmup_steps": 1},
         "training": {

@@ -60,3 +60,16 @@ def test_zero3_gathered_tracks_deepspeed_parameter_status():
     assert not upstream.zero3_gathered(fake)
     fake.ds_status = ZeroParamStatus.AVAILABLE
     assert upstream.zero3_gathered(fake)
+
+
+def test_dataset_fingerprint_follows_content_and_transforms(tmp_path):
+    import datasets
+
+    a = datasets.Dataset.from_dict({"text": ["x", "y"]})
+    b = datasets.Dataset.from_dict({"text": ["x", "y"]})
+    assert isinstance(upstream.dataset_fingerprint(a), str)
+    assert upstream.dataset_fingerprint(a) == upstream.dataset_fingerprint(b)  # same content, same hash
+    c = a.map(lambda r: {"text": r["text"] * 2})
+    assert upstream.dataset_fingerprint(c) != upstream.dataset_fingerprint(a)
+    d = a.map(lambda r: r, new_fingerprint="chosen")  # what the packing relies on: its own key sticks
+    assert upstream.dataset_fingerprint(d) == "chosen"

@@ -270,6 +270,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             "distillation.loss.temperature_schedule needs distillation.loss.min_temperature (the final temperature)"
         )
+    if cfg.data.eval_stride is not None and cfg.data.eval_stride > cfg.data.block_size:
+        raise ConfigError(
+            f"data.eval_stride={cfg.data.eval_stride} is larger than data.block_size={cfg.data.block_size}: "
+            "tokens between windows would never be scored; lower it"
+        )
     if cfg.distillation.contrastive.weight > 0 and cfg.training.batch_size < 2:
         raise ConfigError(
             "distillation.contrastive needs training.batch_size >= 2: its negatives are the other sequences "

@@ -75,8 +75,15 @@ class ModelConfig:
 class DataConfig:
     train: str | None = _f(
         None,
-        "Training text: a local .txt (one document per line), .jsonl/.json or .parquet file, or a "
-        "datasets hub name (loaded with datasets.load_dataset).",
+        "Training text: a local .txt (documents as `sample_by` says), .jsonl/.json or .parquet file (one "
+        "document per record), or a datasets hub name (loaded with datasets.load_dataset).",
+    )
+    sample_by: str = _f(
+        "document",
+        "What one document of a .txt file is (datasets' text loader option): document = the whole file, "
+        "paragraph = blank-line separated, line = each line. Line breaks inside a document are kept; EOS "
+        "goes only after a document. .jsonl/.parquet/hub records are always one document each.",
+        choices=["document", "paragraph", "line"],
     )
     dataset_config: str | None = _f(None, "Hub dataset configuration name (e.g. wikitext-2-raw-v1).")
     split: str = _f("train", "Split of `train` to read.")
@@ -91,6 +98,18 @@ class DataConfig:
     block_size: int = _f(256, "Tokens per packed training block (the seed's `max_length`).", min=8)
     max_train_blocks: int | None = _f(None, "Use at most this many training blocks (None: all).", min=1)
     max_eval_blocks: int | None = _f(256, "Evaluate on at most this many held-out blocks.", min=1)
+    eval_stride: int | None = _f(
+        None,
+        "Held-out scoring: None = blocked (each block alone); N = strided (sliding windows of block_size "
+        "tokens advanced N at a time, each token scored once with >= block_size - N tokens of context; "
+        "block_size/N times the forwards). Must be <= block_size.",
+        min=1,
+    )
+    num_proc: int = _f(
+        1,
+        "Processes for tokenizing and packing (datasets.map num_proc); results are cached on disk either way.",
+        min=1,
+    )
 
 
 @dataclass

@@ -49,8 +49,10 @@ class RunLoop:
         batch_size = self.cfg.training.eval_batch_size
         out = evaluate(
             model,
-            self.data.eval,
+            self.data.heldout(),
             batch_size=batch_size,
+            window=self.cfg.data.block_size,
+            stride=self.cfg.data.eval_stride,
             accelerator=self.accelerator,
             unwrapped=unwrapped,
             vocab_size=self.vocab_size,
