@@ -30,8 +30,9 @@ BLOCKS_PER_MAP_BATCH = 256
 
 
 def _flat(table: pa.Table, column: str) -> np.ndarray:
-    """The concatenated list entries of ``column`` (zero copy where Arrow allows)."""
-    return pc.list_flatten(table.column(column)).to_numpy().astype(np.int64, copy=False)
+    """The concatenated list entries of ``column``: a zero-copy view of the memory-mapped rows where
+    Arrow allows (slice it before converting: a long document spans many map batches)."""
+    return pc.list_flatten(table.column(column)).to_numpy()
 
 
 class _Stream:
@@ -154,7 +155,7 @@ def pack_pair(
         d0, d1 = stream.docs(max(lo - 1, 0), hi)  # from the token before the first block: its end
         table = stream.table[d0:d1]
         lengths = np.diff(stream.starts[d0 : d1 + 1])
-        s_ends = _flat(table, "ends") + np.repeat(char_base[d0:d1], lengths)
+        s_ends = _flat(table, "ends") + np.repeat(char_base[d0:d1], lengths)  # global, non-decreasing
         t_ids = _flat(table, "teacher_input_ids")
         t_ends = _flat(table, "teacher_ends") + np.repeat(char_base[d0:d1], t_lengths[d0:d1])
         s_ids = _flat(table, "input_ids")
