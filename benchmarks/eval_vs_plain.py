@@ -3,10 +3,12 @@
 for each ``sample_by`` mode and both scoring methods; they must agree within rounding.
 
     python benchmarks/eval_vs_plain.py MODEL_DIR TEXT_FILE [--tail-chars 50000] [--max-length 1024]
-        [--stride 512] [--modes document paragraph line] [--out DIR]
+        [--stride 512] [--modes document paragraph line] [--wrap COLS] [--blocked-only] [--out DIR]
 
 The held-out text is the last ``--tail-chars`` characters of TEXT_FILE, advanced to the next paragraph
-start (so it begins at a paragraph), written to ``DIR/heldout.txt``. Each number comes from its own
+start (so it begins at a paragraph), written to ``DIR/heldout.txt``. With ``--wrap COLS`` each paragraph is
+hard-wrapped at COLS columns first (``textwrap.fill``), as ordinary prose files are: the text that a
+`line` reading turns into one document per line. Each number comes from its own
 process (``python -m sakd.cli eval ...`` and ``python benchmarks/plain_ppl.py ...``); the table and
 ``DIR/results.json`` hold both.
 """
@@ -17,6 +19,7 @@ import argparse
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,18 +50,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
     ap.add_argument("--modes", nargs="+", default=["document", "paragraph", "line"])
+    ap.add_argument("--wrap", type=int, default=None, help="hard-wrap each paragraph at this many columns")
+    ap.add_argument("--blocked-only", action="store_true", help="skip the strided runs")
     ap.add_argument("--out", default="runs/eval_vs_plain")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     held = out / "heldout.txt"
-    held.write_text(
-        tail_text(Path(args.text_file).read_text(encoding="utf-8"), args.tail_chars), encoding="utf-8"
-    )
+    text = tail_text(Path(args.text_file).read_text(encoding="utf-8"), args.tail_chars)
+    if args.wrap:
+        text = "\n\n".join(textwrap.fill(p, args.wrap) for p in text.split("\n\n") if p.strip()) + "\n"
+    held.write_text(text, encoding="utf-8")
     rows = []
     for mode in args.modes:
-        for stride in (None, args.stride):
+        for stride in (None,) if args.blocked_only else (None, args.stride):
             extra = [] if stride is None else ["--stride", str(stride)]
             sakd = _json_run(
                 [sys.executable, "-m", "sakd.cli", "eval", args.model_dir, "--data", str(held), "--sample-by", mode,

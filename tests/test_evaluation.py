@@ -153,3 +153,31 @@ def test_strided_loss_of_a_trained_model_is_at_most_its_blocked_loss(tok, corpus
     strided = evaluate(model, held, batch_size=8, window=16, stride=4)  # every token sees >= 12
     assert strided["tokens"] > blocked["tokens"]
     assert strided["loss"] < blocked["loss"] and strided["bpb"] < blocked["bpb"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stride", [None, 8])
+def test_the_run_summary_states_bits_per_byte_and_the_method(make_distiller, tiny_run_config, stride):
+    import copy
+
+    raw = copy.deepcopy(tiny_run_config)
+    raw["distillation"]["loss"]["alpha"] = 0.0  # no teacher needed
+    raw["data"]["eval_stride"] = stride
+    d = make_distiller(raw, max_steps=1)
+    summary = d.train()
+    assert summary["eval_method"] == ("blocked" if stride is None else "strided")
+    assert summary["eval_bytes"] > summary["eval_tokens"] > 0
+    expected = summary["eval_loss"] * summary["eval_tokens"] / summary["eval_bytes"] / math.log(2)
+    assert summary["eval_bpb"] == pytest.approx(expected)
+    n = 8 * 32  # max_eval_blocks x block_size, every target but each block's first (or the first) and EOS
+    assert summary["eval_tokens"] < (n - 8 if stride is None else n - 1)
+
+
+def test_a_stride_longer_than_the_block_is_refused(tiny_run_config):
+    from sakd.config import load_config
+    from sakd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.eval_stride=64 is larger than data.block_size=32"):
+        load_config(tiny_run_config, ["data.eval_stride=64"])
+    with pytest.raises(ConfigError, match="sample_by"):
+        load_config(tiny_run_config, ["data.sample_by=sentence"])
