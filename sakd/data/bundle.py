@@ -91,13 +91,11 @@ def make_batch(
 
 def _split_one_document(text: str, fraction: float) -> tuple[str, str]:
     """A single document split in two by characters: the held-out part is its last ``fraction``, starting
-    at a line start (or a word start) so no word is cut; both tokenizers of a pair see the same split."""
+    after the last line break or space before that point (no word is cut); both tokenizers of a pair see
+    the same split."""
     cut = int(len(text) * (1 - fraction))
-    for sep in ("\n", " "):
-        at = text.rfind(sep, 0, cut)
-        if at > 0:
-            return text[: at + 1], text[at + 1 :]
-    return text[:cut], text[cut:]
+    at = max(text.rfind("\n", 0, cut), text.rfind(" ", 0, cut))
+    return (text[: at + 1], text[at + 1 :]) if at > 0 else (text[:cut], text[cut:])
 
 
 def split_documents(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
