@@ -35,6 +35,7 @@ class DataBundle:
     teacher_block_size: int | None = None
     teacher_pad_id: int = 0
     eos_id: int | None = None
+    documents: tuple[int, int] = (0, 0)  # training and held-out documents the blocks were cut from
 
     @property
     def aligned(self) -> bool:
@@ -148,11 +149,9 @@ def prepare_data(
         train = train.select(range(min(cfg.max_train_blocks, len(train))))
     if cfg.max_eval_blocks:
         evalset = evalset.select(range(min(cfg.max_eval_blocks, len(evalset))))
-    eos = tokenizer.eos_token_id
+    common = {"eos_id": tokenizer.eos_token_id, "documents": (len(train_docs), len(eval_docs))}
     if teacher_tokenizer is None:
-        return DataBundle(
-            train.with_format("torch"), evalset.with_format("torch"), cfg.block_size, eos_id=eos
-        )
+        return DataBundle(train.with_format("torch"), evalset.with_format("torch"), cfg.block_size, **common)
     longest = max(max(part[:]["teacher_length"]) for part in (train, evalset))
     pad = teacher_tokenizer.pad_token_id
     pad = teacher_tokenizer.eos_token_id if pad is None else pad
@@ -162,5 +161,5 @@ def prepare_data(
         cfg.block_size,
         teacher_block_size=max(longest, 1),
         teacher_pad_id=pad or 0,
-        eos_id=eos,
+        **common,
     )

@@ -134,6 +134,11 @@ class Distiller(RunLoop):
                 self.cfg.training.seed,
                 al.teacher_tokenizer if al.aligned else None,
             )
+        dcfg = self.cfg.data
+        acc.print(
+            f"data: {data.documents[0]:,} training / {data.documents[1]:,} held-out documents "
+            f"(data.sample_by={dcfg.sample_by}), {len(data.train):,} training blocks of {dcfg.block_size} tokens"
+        )
         if al.aligned:
             al.stats.update(alignment_coverage(data.train))
             acc.print(
