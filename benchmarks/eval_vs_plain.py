@@ -76,7 +76,16 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             rows.append({"sample_by": mode, "sakd": sakd, "plain": plain})
             print(json.dumps(rows[-1]), flush=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    old = None
+    if (
+        args.wrap and "line" in args.modes
+    ):  # what sakd did before issue 17: one line = one document, EOS scored
+        old = _json_run(
+            [sys.executable, str(HERE / "plain_ppl.py"), args.model_dir, str(held), "--sample-by", "line",
+             "--max-length", str(args.max_length), "--score-eos"]
+        )  # fmt: skip
+        print(json.dumps({"old_default": old}), flush=True)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "old_default": old}, indent=1))
     print(f"\nheld-out text: {held} ({held.stat().st_size:,} bytes)\n")
     print(
         "| sample_by | documents | method | tokens scored | bytes scored | sakd ppl | plain ppl | sakd bpb | plain bpb |"
@@ -88,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {r['sample_by']} | {s['documents']} | {s['method']} ({s['window']}/{s['stride']}) | {s['tokens']:,} "
             f"| {s['bytes']:,} | {s['ppl']:.4f} | {p['ppl']:.4f} | {s['bpb']:.5f} | {p['bpb']:.5f} |"
+        )
+    if old:
+        print(
+            f"| line, EOS scored (before issue 17) | {old['documents']} | {old['method']} | {old['tokens']:,} "
+            f"| {old['bytes']:,} | -- | {old['ppl']:.4f} | -- | {old['bpb']:.5f} |"
         )
     return 0
 

@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-by", choices=["document", "paragraph", "line"], default="document")
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=None, help="default: blocked (stride = max length)")
+    ap.add_argument(
+        "--score-eos",
+        action="store_true",
+        help="also score the EOS after each document (what sakd did before issue 17; not text)",
+    )
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)
 
@@ -95,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     assert sum(nbytes) == sum(len(d.encode("utf-8")) for d in docs)
     ids_t = torch.tensor(ids)
     stride = args.stride or args.max_length
-    nll, count, positions = score(model, ids_t, ids_t != tok.eos_token_id, args.max_length, stride)
+    targets = torch.ones_like(ids_t, dtype=torch.bool) if args.score_eos else ids_t != tok.eos_token_id
+    nll, count, positions = score(model, ids_t, targets, args.max_length, stride)
     scored_bytes = sum(nbytes[p] for p in positions)
     mean = nll / count
     out = {
         "tool": "plain transformers",
         "sample_by": args.sample_by,
+        "eos_scored": args.score_eos,
         "documents": len(docs),
         "method": "blocked" if stride == args.max_length else "strided",
         "window": args.max_length,
