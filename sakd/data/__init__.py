@@ -3,7 +3,7 @@ packing for two tokenizers), :mod:`.bundle` (the run's train/held-out blocks and
 :mod:`.batch_plan` (which blocks each rank reads at each step), :mod:`.synthetic` (the demo corpus)."""
 
 from sakd.data.batch_plan import BatchPlan
-from sakd.data.bundle import DataBundle, make_batch, prepare_data
+from sakd.data.bundle import DataBundle, make_batch, prepare_data, split_documents
 from sakd.data.packing import pack, pack_pair
 from sakd.data.text import LOCAL_BUILDERS, load_text_dataset
 from sakd.errors import DataError
@@ -18,4 +18,5 @@ __all__ = [
     "pack",
     "pack_pair",
     "prepare_data",
+    "split_documents",
 ]

@@ -73,6 +73,28 @@ def make_batch(input_ids: torch.Tensor, sample_ids: list[int] | torch.Tensor) ->
     }
 
 
+def split_documents(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The training and held-out documents of ``cfg`` (a ``text`` column each): ``data.eval`` when given,
+    else ``eval_fraction`` of the documents, drawn with ``seed``. An offline teacher cache covers exactly
+    the training documents, so it calls this too."""
+    if not cfg.train:
+        raise DataError("no training data: set data.train to a .txt/.jsonl/.parquet file or a dataset name")
+    docs = load_text_dataset(
+        cfg.train, split=cfg.split, text_field=cfg.text_field, dataset_config=cfg.dataset_config
+    )
+    if len(docs) == 0:
+        raise DataError(f"data {cfg.train} holds no non-empty documents")
+    if cfg.eval:
+        eval_docs = load_text_dataset(
+            cfg.eval, split=cfg.eval_split, text_field=cfg.text_field, dataset_config=cfg.dataset_config
+        )
+        return docs, eval_docs
+    if len(docs) < 2:
+        raise DataError(f"data {cfg.train} has 1 document; a held-out split needs more (or set data.eval)")
+    split = docs.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True)
+    return split["train"], split["test"]
+
+
 def prepare_data(
     cfg: DataConfig,
     tokenizer: PreTrainedTokenizerBase,
@@ -83,25 +105,7 @@ def prepare_data(
 
     With ``teacher_tokenizer`` the blocks also carry the teacher's tokens and the alignment.
     """
-    if not cfg.train:
-        raise DataError("no training data: set data.train to a .txt/.jsonl/.parquet file or a dataset name")
-    docs = load_text_dataset(
-        cfg.train, split=cfg.split, text_field=cfg.text_field, dataset_config=cfg.dataset_config
-    )
-    if len(docs) == 0:
-        raise DataError(f"data {cfg.train} holds no non-empty documents")
-    if cfg.eval:
-        train_docs = docs
-        eval_docs = load_text_dataset(
-            cfg.eval, split=cfg.eval_split, text_field=cfg.text_field, dataset_config=cfg.dataset_config
-        )
-    else:
-        if len(docs) < 2:
-            raise DataError(
-                f"data {cfg.train} has 1 document; a held-out split needs more (or set data.eval)"
-            )
-        split = docs.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True)
-        train_docs, eval_docs = split["train"], split["test"]
+    train_docs, eval_docs = split_documents(cfg, seed)
     if teacher_tokenizer is None:
         train = pack(train_docs, tokenizer, cfg.block_size)
         evalset = pack(eval_docs, tokenizer, cfg.block_size)
