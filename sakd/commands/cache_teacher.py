@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
             "bytes": result["totals"]["bytes"],
             "bytes_per_token": result["totals"]["bytes_per_token"],
             "computed_positions": computed,
+            "computed_per_rank": result["per_rank"],
             "seconds": seconds,
             "tokens_per_s": round(computed / seconds, 1) if seconds else None,
         }

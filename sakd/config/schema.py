@@ -198,10 +198,7 @@ class CacheConfig:
     )
     top_k: int = _f(64, "k of the topk / topk_tail modes.", min=1)
     num_samples: int = _f(
-        16,
-        "Draws per position of the sampled mode (repeated ids are stored once, with a count).",
-        min=1,
-        max=65535,
+        16, "Draws per position, sampled mode (a repeated id is stored once).", min=1, max=65535
     )
     temperature: float | None = _f(
         None,
@@ -210,18 +207,10 @@ class CacheConfig:
         gt=0,
     )
     values_dtype: str = _f(
-        "float16",
-        "Storage dtype of the log-probabilities (float32 for exact comparisons).",
-        choices=["float16", "bfloat16", "float32"],
+        "float16", "Storage dtype of the log-probabilities.", choices=["float16", "bfloat16", "float32"]
     )
-    router: bool = _f(
-        False, "Also store the MoE teacher's router probabilities (layers x experts per position)."
-    )
-    blocks_per_shard: int = _f(
-        256,
-        "Teacher blocks (of data.block_size tokens) per shard file; a shard is the unit of resume.",
-        min=1,
-    )
+    router: bool = _f(False, "Also store the MoE teacher's router probabilities (layers x experts).")
+    blocks_per_shard: int = _f(256, "Teacher blocks per shard file (the unit of resume).", min=1)
     batch_size: int | None = _f(None, "Blocks per teacher forward (None: training.batch_size).", min=1)
     seed: int | None = _f(None, "Seed of the sampled mode's draws (None: training.seed).")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from sakd.align.positions import alignment_coverage
 from sakd.config import RunConfig
 from sakd.data import split_documents
@@ -70,38 +72,38 @@ def check_loss_settings(cfg: RunConfig, spec: SignalSpec) -> list[str]:
 
 
 def open_teacher_cache(cfg: RunConfig) -> tuple[CacheReader, list[str]]:
-    """The reader of ``distillation.teacher_cache`` once the loss settings fit it and every shard is there."""
+    """The reader of ``distillation.teacher_cache`` once the loss settings fit it and every shard verifies."""
     root = cfg.distillation.teacher_cache
     reader = CacheReader(root, read_manifest(root))
     notes = check_loss_settings(cfg, reader.spec)
-    reader.check_files()
+    reader.verify()
     return reader, notes
 
 
 def _check_teacher(cfg: RunConfig, reader: CacheReader, teacher_tok: Any) -> None:
+    """The teacher, then its tokenizer (a preset's config follows its tokenizer), then its config and seed."""
     root, m = reader.root, reader.manifest
     found = teacher_identity(cfg.model, teacher_tok, seed=cfg.training.seed + 1)
-    diff = first_difference(m["teacher"], found)
-    if diff == "source":
+    head = f"teacher cache {root} does not match this recipe:"
+    if found["source"] != m["teacher"]["source"]:
         raise SetupError(
-            f"teacher cache {root} does not match this recipe: model.teacher differs "
-            f"(cache: {m['teacher']['source']}, recipe: {found['source']})"
-        )
-    if diff == "config_sha256":
-        raise SetupError(
-            f"teacher cache {root} does not match this recipe: the teacher's config differs from the one the "
-            f"cache was made with (model.teacher {found['source']}); regenerate the cache"
-        )
-    if diff == "preset_seed":
-        raise SetupError(
-            f"teacher cache {root} does not match this recipe: the preset teacher was initialised with seed "
-            f"{m['teacher']['preset_seed']} (training.seed={m['teacher']['preset_seed'] - 1}), this run's is "
-            f"{found['preset_seed']}; use that training.seed or regenerate the cache"
+            f"{head} model.teacher differs (cache: {m['teacher']['source']}, recipe: {found['source']})"
         )
     if tokenizer_sha256(teacher_tok) != m["tokenizer"]["sha256"]:
         raise SetupError(
-            f"teacher cache {root} does not match this recipe: the teacher tokenizer differs from the cache's "
-            f"({m['tokenizer']['source']}); check model.teacher_tokenizer"
+            f"{head} the teacher tokenizer differs from the cache's ({m['tokenizer']['source']}); "
+            "check model.teacher_tokenizer"
+        )
+    if found["config_sha256"] != m["teacher"]["config_sha256"]:
+        raise SetupError(
+            f"{head} the teacher's config differs from the one the cache was made with "
+            f"(model.teacher {found['source']}); regenerate the cache"
+        )
+    if found["preset_seed"] != m["teacher"]["preset_seed"]:
+        seed = m["teacher"]["preset_seed"]
+        raise SetupError(
+            f"{head} the preset teacher was initialised with seed {seed} (training.seed={seed - 1}), this run's "
+            f"with {found['preset_seed']}; use training.seed={seed - 1} or regenerate the cache"
         )
 
 
@@ -173,7 +175,7 @@ def _aligned(
         index = aligned_index(docs, student_tok, cfg.data.block_size, reader, key)
     n = len(train_blocks)
     same_tokens = len(index) >= n and all(
-        bool((index[i : i + 256]["input_ids"] == train_blocks[i : i + 256]["input_ids"]).all())
+        torch.equal(index[i : min(i + 256, n)]["input_ids"], train_blocks[i : min(i + 256, n)]["input_ids"])
         for i in range(0, n, 256)
     )
     if not same_tokens:

@@ -319,7 +319,7 @@ def generate_cache(cfg: RunConfig, output: str | Path, accelerator: Any, *, over
     job = build_job(cfg, accelerator)
     if prepare_output(root, job.header, accelerator, overwrite=overwrite):
         accelerator.print(f"{root} already holds this cache (complete); nothing to do")
-        return {**read_manifest(root), "seconds": 0.0, "computed_positions": 0}
+        return {**read_manifest(root), "seconds": 0.0, "computed_positions": 0, "per_rank": []}
     plugin = accelerator.state.deepspeed_plugin
     ds_config = plugin.deepspeed_config if plugin else None
     model, placement = load_teacher(
@@ -333,10 +333,15 @@ def generate_cache(cfg: RunConfig, output: str | Path, accelerator: Any, *, over
     )
     start = time.perf_counter()
     computed = _run_shards(job, root, teacher, accelerator, lockstep=placement == "zero3")
-    computed = int(accelerator.reduce(torch.tensor(computed, device=accelerator.device), reduction="sum"))
+    per_rank = accelerator.gather(torch.tensor([computed], device=accelerator.device)).tolist()
     seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()
     manifest = finish_manifest(job, root) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     manifest = manifest or read_manifest(root)
-    return {**manifest, "seconds": round(seconds, 3), "computed_positions": computed}
+    return {
+        **manifest,
+        "seconds": round(seconds, 3),
+        "computed_positions": sum(per_rank),
+        "per_rank": per_rank,
+    }

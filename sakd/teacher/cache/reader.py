@@ -1,7 +1,7 @@
 """Reading a teacher cache lazily: a block (or a range of positions) at a time, from shards opened with
 ``safetensors.safe_open`` (memory-mapped; only the ranges asked for are read). A shard is checked against
-its manifest record (size and SHA-256) the first time this process opens it, and refused in one line if
-it does not match.
+its manifest record (size and SHA-256) before a run reads it (:meth:`CacheReader.verify` at start, or the
+first time this process opens it), and refused in one line if it does not match.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class CacheReader:
         self._handles: dict[int, Any] = {}
         self._recent: OrderedDict[int, BlockSignal] = OrderedDict()
         self._bounds: dict[str, Tensor] | None = None
+        self._verified: set[int] = set()
 
     def _refuse(self, problem: str) -> DataError:
         return DataError(
@@ -40,16 +41,21 @@ class CacheReader:
             f"`sakd cache-teacher --verify {self.root}` lists every bad shard (regenerate them)"
         )
 
-    def check_files(self) -> None:
-        """Cheap check of every shard (present, recorded size) before a run starts."""
-        for record in self.manifest["shards"]:
-            problem = shard_problem(self.root, record, hash_it=False)
-            if problem:
-                raise self._refuse(problem)
+    def verify(self) -> None:
+        """Check every shard (present, recorded size, SHA-256) before a run starts: the sizes of all first
+        (a truncated shard is named at once), then the hashes."""
+        for hash_it in (False, True):
+            for record in self.manifest["shards"]:
+                problem = shard_problem(self.root, record, hash_it=hash_it)
+                if problem:
+                    raise self._refuse(problem)
+        self._verified = set(range(len(self.manifest["shards"])))
 
     def _handle(self, shard: int) -> Any:
         if shard not in self._handles:
-            problem = shard_problem(self.root, self.manifest["shards"][shard])
+            problem = (
+                None if shard in self._verified else shard_problem(self.root, self.manifest["shards"][shard])
+            )
             if problem:
                 raise self._refuse(problem)
             self._handles[shard] = safe_open(str(self.root / self.manifest["shards"][shard]["file"]), "pt")

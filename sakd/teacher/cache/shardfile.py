@@ -34,6 +34,7 @@ Log-probs are ``log_softmax(z / T)`` of the full teacher logits z at the cache t
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +91,8 @@ def encode_shard(blocks: list[BlockSignal], spec: SignalSpec) -> tuple[dict[str,
             out["tail"] = _cat(blocks, "tail").to(torch.float32)
     if spec.router_shape is not None:
         out["router"] = _cat(blocks, "router").to(vd)
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "mode": spec.mode}
+    # one metadata key: safetensors writes its metadata map in no fixed order, which would change the bytes
+    meta = {"sakd": json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "mode": spec.mode})}
     return {k: v.contiguous() for k, v in out.items()}, meta
 
 
