@@ -16,7 +16,7 @@ things. Every run goes through the ``sakd`` command (``python -m sakd.cli``), as
   SmolLM tokenizer, random init, fp32).
 * quality -- held-out bits per character of a tiny student (``tiny-dense`` with SmolLM2's tokenizer)
   distilled from the real SmolLM2-135M-Instruct on KJV text: online KD vs top-k 8 / 64, top-k + tail,
-  sampled at the storage of top-k 8, CE only; several seeds.
+  sampled with 12 draws (about top-k 8's storage) and 24 draws (about 60 B/token), CE only; several seeds.
 
 KJV.txt: one chapter per line, blank lines between (see ``benchmarks/real_assets.py``).
 """
@@ -34,12 +34,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's sakd, whatever is installed
 
 
 def sakd(*args: str, threads: int = 2) -> str:
     """Run ``python -m sakd.cli ARGS`` (from this checkout); returns stdout, raises on failure."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "sakd.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "sakd.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT
+    )
     if proc.returncode != 0:
         raise SystemExit(f"sakd {' '.join(args[:2])} failed:\n{proc.stderr[-4000:]}")
     return proc.stdout
@@ -82,26 +90,51 @@ def storage(args: argparse.Namespace) -> dict:
     train = write_text(out / "train.txt", take_chars(chapters(args.kjv), 400_000))
     recipe = {
         "model": {"teacher": "tiny-moe", "student": "tiny-dense", "tokenizer": str(args.qwen_tokenizer)},
-        "data": {"train": str(train), "block_size": 256, "eval_fraction": 0.02, "max_train_blocks": args.blocks},
-        "distillation": {"loss": {"temperature": 1.0}, "cache": {"blocks_per_shard": args.blocks, "batch_size": 4}},
+        "data": {
+            "train": str(train),
+            "block_size": 256,
+            "eval_fraction": 0.02,
+            "max_train_blocks": args.blocks,
+        },
+        "distillation": {
+            "loss": {"temperature": 1.0},
+            "cache": {"blocks_per_shard": args.blocks, "batch_size": 4},
+        },
         "logging": {"progress_bar": False},
     }
     path = out / "recipe.json"
     path.write_text(json.dumps(recipe))
     rows = []
-    cases = [(m, k) for m in ("topk", "topk_tail") for k in (8, 32, 64, 256)] + [("sampled", n) for n in (8, 16, 32, 64)]
+    cases = [(m, k) for m in ("topk", "topk_tail") for k in (8, 32, 64, 256)] + [
+        ("sampled", n) for n in (8, 16, 32, 64)
+    ]
     for mode, k in cases:
         cache = out / f"{mode}-{k}"
         key = "num_samples" if mode == "sampled" else "top_k"
-        sakd("cache-teacher", "--config", str(path), "--output", str(cache), f"distillation.cache.mode={mode}",
-             f"distillation.cache.{key}={k}", "--overwrite")
+        sakd(
+            "cache-teacher",
+            "--config",
+            str(path),
+            "--output",
+            str(cache),
+            f"distillation.cache.mode={mode}",
+            f"distillation.cache.{key}={k}",
+            "--overwrite",
+        )
         m = json.loads((cache / "manifest.json").read_text())
         entries = sum(s["entries"] for s in m["shards"])
-        rows.append({
-            "mode": mode, "k_or_n": k, "positions": m["layout"]["positions"], "bytes": m["totals"]["bytes"],
-            "bytes_per_token": m["totals"]["bytes_per_token"], "ids_per_position": entries / m["layout"]["positions"],
-            "index_bits": m["signal"]["index_bits"], "target_6k_plus_8": 6 * k + 8 if mode != "sampled" else None,
-        })
+        rows.append(
+            {
+                "mode": mode,
+                "k_or_n": k,
+                "positions": m["layout"]["positions"],
+                "bytes": m["totals"]["bytes"],
+                "bytes_per_token": m["totals"]["bytes_per_token"],
+                "ids_per_position": entries / m["layout"]["positions"],
+                "index_bits": m["signal"]["index_bits"],
+                "target_6k_plus_8": 6 * k + 8 if mode != "sampled" else None,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return {"vocab": m["signal"]["vocab_size"], "rows": rows}
 
@@ -118,12 +151,23 @@ def throughput(args: argparse.Namespace) -> dict:
     steps = args.warmup + args.steps
     student_blocks = steps * args.batch
     recipe = {
-        "model": {"teacher": "huihui-moe-1.2b", "student": "smollm-135m", "tokenizer": str(args.smollm),
-                  "teacher_tokenizer": str(args.qwen_tokenizer)},
-        "data": {"train": str(train), "eval": str(evalf), "block_size": args.block, "max_train_blocks": student_blocks,
-                 "max_eval_blocks": 1},
-        "distillation": {"loss": {"alpha": 0.5, "temperature": 1.0, "chunk_size": 256},
-                         "cache": {"mode": "topk_tail", "top_k": args.k, "batch_size": args.batch}},
+        "model": {
+            "teacher": "huihui-moe-1.2b",
+            "student": "smollm-135m",
+            "tokenizer": str(args.smollm),
+            "teacher_tokenizer": str(args.qwen_tokenizer),
+        },
+        "data": {
+            "train": str(train),
+            "eval": str(evalf),
+            "block_size": args.block,
+            "max_train_blocks": student_blocks,
+            "max_eval_blocks": 1,
+        },
+        "distillation": {
+            "loss": {"alpha": 0.5, "temperature": 1.0, "chunk_size": 256},
+            "cache": {"mode": "topk_tail", "top_k": args.k, "batch_size": args.batch},
+        },
         "training": {"batch_size": args.batch, "max_steps": steps, "eval_every": 0, "seed": 0},
         "logging": {"log_every": 1, "progress_bar": False},
     }
@@ -132,8 +176,17 @@ def throughput(args: argparse.Namespace) -> dict:
     result: dict = {}
     t = time.perf_counter()
     # the teacher's text for the student's blocks (same order of tokens per character: a few blocks more)
-    gen = last_json(sakd("cache-teacher", "--config", str(path), "--output", str(out / "cache"),
-                         f"data.max_train_blocks={student_blocks + 2}", "--overwrite"))
+    gen = last_json(
+        sakd(
+            "cache-teacher",
+            "--config",
+            str(path),
+            "--output",
+            str(out / "cache"),
+            f"data.max_train_blocks={student_blocks + 2}",
+            "--overwrite",
+        )
+    )
     result["cache"] = {**gen, "wall_seconds": round(time.perf_counter() - t, 1)}
     for name, extra in (("online", []), ("cached", [f"distillation.teacher_cache={out / 'cache'}"])):
         run = out / name
@@ -150,7 +203,9 @@ def throughput(args: argparse.Namespace) -> dict:
             "wall_seconds": round(time.perf_counter() - t, 1),
         }
         print(name, json.dumps(result[name]), flush=True)
-    result["speedup"] = round(result["cached"]["student_tokens_per_s"] / result["online"]["student_tokens_per_s"], 3)
+    result["speedup"] = round(
+        result["cached"]["student_tokens_per_s"] / result["online"]["student_tokens_per_s"], 3
+    )
     return result
 
 
@@ -178,9 +233,16 @@ def quality(args: argparse.Namespace) -> dict:
     evalf = write_text(out / "eval.txt", held)
     base = {
         "model": {"teacher": str(args.smollm), "student": "tiny-dense", "tokenizer": str(args.smollm)},
-        "data": {"train": str(train), "eval": str(evalf), "block_size": args.block, "max_eval_blocks": 10_000},
-        "distillation": {"loss": {"alpha": 0.5, "temperature": 1.0, "chunk_size": 256},
-                         "cache": {"batch_size": 8, "blocks_per_shard": 64}},
+        "data": {
+            "train": str(train),
+            "eval": str(evalf),
+            "block_size": args.block,
+            "max_eval_blocks": 10_000,
+        },
+        "distillation": {
+            "loss": {"alpha": 0.5, "temperature": 1.0, "chunk_size": 256},
+            "cache": {"batch_size": 8, "blocks_per_shard": 64},
+        },
         "optimization": {"learning_rate": args.lr, "warmup_steps": 5},
         "training": {"batch_size": args.batch, "num_epochs": args.epochs, "eval_every": 0},
         "logging": {"log_every": 10, "progress_bar": False},
@@ -193,11 +255,14 @@ def quality(args: argparse.Namespace) -> dict:
     t = last_json(sakd("eval", str(args.smollm), "--data", str(evalf), "--block-size", str(args.block)))
     result["teacher"] = {**t, "bits_per_char": t["loss"] * t["tokens"] / chars / math.log(2)}
     print("teacher", json.dumps(result["teacher"]), flush=True)
-    caches = {"topk_tail64": ["distillation.cache.mode=topk_tail", "distillation.cache.top_k=64"],
-              "sampled": ["distillation.cache.mode=sampled", f"distillation.cache.num_samples={args.samples}"]}
+    caches = {"topk_tail64": ["distillation.cache.mode=topk_tail", "distillation.cache.top_k=64"]}
+    for n in args.samples:
+        caches[f"sampled{n}"] = ["distillation.cache.mode=sampled", f"distillation.cache.num_samples={n}"]
     for name, extra in caches.items():
         t0 = time.perf_counter()
-        gen = last_json(sakd("cache-teacher", "--config", str(recipe), "--output", str(out / name), *extra, "--overwrite"))
+        gen = last_json(
+            sakd("cache-teacher", "--config", str(recipe), "--output", str(out / name), *extra, "--overwrite")
+        )
         m = json.loads((out / name / "manifest.json").read_text())
         gen["ids_per_position"] = sum(s["entries"] for s in m["shards"]) / m["layout"]["positions"]
         gen["wall_seconds"] = round(time.perf_counter() - t0, 1)
@@ -206,32 +271,59 @@ def quality(args: argparse.Namespace) -> dict:
     variants = {
         "ce_only": ["distillation.loss.alpha=0"],
         "online_full_kd": [],
-        "topk8": [f"distillation.teacher_cache={out / 'topk_tail64'}", "distillation.loss.sparse=subset",
-                  "distillation.loss.kd_top_k=8"],
-        "topk64": [f"distillation.teacher_cache={out / 'topk_tail64'}", "distillation.loss.sparse=subset",
-                   "distillation.loss.kd_top_k=64"],
-        "topk8_tail": [f"distillation.teacher_cache={out / 'topk_tail64'}", "distillation.loss.sparse=topk_tail",
-                       "distillation.loss.kd_top_k=8"],
-        "topk64_tail": [f"distillation.teacher_cache={out / 'topk_tail64'}", "distillation.loss.sparse=topk_tail",
-                        "distillation.loss.kd_top_k=64"],
-        "sampled": [f"distillation.teacher_cache={out / 'sampled'}"],
+        "topk8": [
+            f"distillation.teacher_cache={out / 'topk_tail64'}",
+            "distillation.loss.sparse=subset",
+            "distillation.loss.kd_top_k=8",
+        ],
+        "topk64": [
+            f"distillation.teacher_cache={out / 'topk_tail64'}",
+            "distillation.loss.sparse=subset",
+            "distillation.loss.kd_top_k=64",
+        ],
+        "topk8_tail": [
+            f"distillation.teacher_cache={out / 'topk_tail64'}",
+            "distillation.loss.sparse=topk_tail",
+            "distillation.loss.kd_top_k=8",
+        ],
     }
+    for n in args.samples:
+        variants[f"sampled{n}"] = [f"distillation.teacher_cache={out / f'sampled{n}'}"]
     for seed in args.seeds:
         for name, extra in variants.items():
             run = out / f"{name}-s{seed}"
             t0 = time.perf_counter()
-            summary = last_json(sakd("distill", "--config", str(recipe), f"training.output_dir={run}",
-                                     f"training.seed={seed}", *extra, "--overwrite"))
+            summary = last_json(
+                sakd(
+                    "distill",
+                    "--config",
+                    str(recipe),
+                    f"training.output_dir={run}",
+                    f"training.seed={seed}",
+                    *extra,
+                    "--overwrite",
+                )
+            )
             final = [m for m in metrics(run) if "eval_loss" in m][-1]
-            row = {"variant": name, "seed": seed, "eval_loss": summary["eval_loss"], "eval_tokens": final["eval_tokens"],
-                   "bits_per_char": summary["eval_loss"] * final["eval_tokens"] / chars / math.log(2),
-                   "train_seconds": summary["train_seconds"], "wall_seconds": round(time.perf_counter() - t0, 1)}
+            row = {
+                "variant": name,
+                "seed": seed,
+                "eval_loss": summary["eval_loss"],
+                "eval_tokens": final["eval_tokens"],
+                "bits_per_char": summary["eval_loss"] * final["eval_tokens"] / chars / math.log(2),
+                "train_seconds": summary["train_seconds"],
+                "wall_seconds": round(time.perf_counter() - t0, 1),
+            }
             result["runs"].append(row)
             print(json.dumps(row), flush=True)
     table = {}
     for name in variants:
         bpc = [r["bits_per_char"] for r in result["runs"] if r["variant"] == name]
-        table[name] = {"mean": statistics.mean(bpc), "std": statistics.stdev(bpc) if len(bpc) > 1 else 0.0, "n": len(bpc)}
+        table[name] = {
+            "mean": statistics.mean(bpc),
+            "std": statistics.stdev(bpc) if len(bpc) > 1 else 0.0,
+            "n": len(bpc),
+        }
     result["table"] = table
     return result
 
@@ -250,9 +342,15 @@ def main() -> None:
     p.add_argument("--block", type=int, default=256, help="tokens per block")
     p.add_argument("--k", type=int, default=64, help="throughput: top-k of the cache")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--train-chars", type=int, default=150_000)
+    p.add_argument("--train-chars", type=int, default=100_000)
     p.add_argument("--eval-chars", type=int, default=30_000)
-    p.add_argument("--samples", type=int, default=8, help="quality: draws per position of the sampled cache")
+    p.add_argument(
+        "--samples",
+        type=int,
+        nargs="+",
+        default=[12, 24],
+        help="quality: draws per position of each sampled cache",
+    )
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=3e-3)
     args = p.parse_args()
