@@ -82,10 +82,12 @@ def _block(spec: SignalSpec, index: int, g: torch.Generator) -> BlockSignal:
     )
 
 
+@pytest.mark.parametrize("values_dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("mode", ["topk", "topk_tail", "sampled"])
-def test_shard_round_trip(mode, tmp_path):
+def test_shard_round_trip(mode, values_dtype, tmp_path):
     """write -> read gives the written tensors (values at the storage dtype's precision)."""
-    spec = _spec(mode)
+    spec = _spec(mode, values_dtype=values_dtype)
+    low = {"float16": torch.float16, "bfloat16": torch.bfloat16}[values_dtype]
     g = torch.Generator().manual_seed(0)
     blocks = [_block(spec, i, g) for i in range(3)]
     tensors, meta = encode_shard(blocks, spec)
@@ -98,19 +100,19 @@ def test_shard_round_trip(mode, tmp_path):
             assert got.index == want.index and got.char_base == want.char_base
             assert got.follows_previous == want.follows_previous
             assert torch.equal(got.token_ids, want.token_ids) and torch.equal(got.char_end, want.char_end)
-            assert torch.equal(got.next_logprob, want.next_logprob.half().float())
-            assert torch.equal(got.router, want.router.half().float())
+            assert torch.equal(got.next_logprob, want.next_logprob.to(low).float())
+            assert torch.equal(got.router, want.router.to(low).float())
             if mode == "sampled":  # stored once per distinct id, count-0 padding dropped and restored
                 keep = want.counts > 0
                 for r in range(spec.block_size):
                     k = int(keep[r].sum())
                     assert torch.equal(got.indices[r, :k], want.indices[r][keep[r]])
                     assert torch.equal(got.counts[r, :k], want.counts[r][keep[r]])
-                    assert torch.equal(got.logprobs[r, :k], want.logprobs[r][keep[r]].half().float())
+                    assert torch.equal(got.logprobs[r, :k], want.logprobs[r][keep[r]].to(low).float())
                     assert (got.counts[r, k:] == 0).all()
             else:
                 assert torch.equal(got.indices, want.indices)
-                assert torch.equal(got.logprobs, want.logprobs.half().float())
+                assert torch.equal(got.logprobs, want.logprobs.to(low).float())
                 if mode == "topk_tail":
                     assert torch.equal(got.tail, want.tail.float())
 

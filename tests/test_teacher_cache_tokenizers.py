@@ -54,9 +54,19 @@ def base(tiny_run_config_module, tmp_path_factory) -> dict:
     return raw
 
 
-def test_cross_tokenizer_training_from_a_cache_equals_online(
-    base, permuted_tokenizer_dir, make_distiller, tmp_path
+@pytest.fixture(scope="module")
+def other_tokenizer_dir(corpus, tmp_path_factory) -> Path:
+    from sakd.commands.demo import train_tokenizer
+
+    return train_tokenizer(corpus, tmp_path_factory.mktemp("tok300") / "tokenizer", 300)
+
+
+def test_one_cache_serves_students_with_several_tokenizers(
+    base, permuted_tokenizer_dir, other_tokenizer_dir, make_distiller, tmp_path
 ):
+    """Training from a k = V cache equals online cross-tokenizer KD for a student whose tokenizer cuts like
+    the teacher's but numbers tokens differently; the same cache then trains students with the teacher's
+    own tokenizer and with one that cuts the text differently."""
     raw = copy.deepcopy(base)
     vocab = len(json.loads((permuted_tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
     cache = _cache(
@@ -84,16 +94,26 @@ def test_cross_tokenizer_training_from_a_cache_equals_online(
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["kd"] == pytest.approx(a["kd"], rel=1e-5)
     for k, v in runs["online"][1].items():
         torch.testing.assert_close(runs["cached"][1][k], v, rtol=0, atol=2e-6)
+    # the same cache serves a student with the teacher's own tokenizer (its blocks) and one that cuts the
+    # text differently (a 300-token vocabulary: aligned by character ends)
+    for name, tokenizer in (("same", base["model"]["tokenizer"]), ("other", str(other_tokenizer_dir))):
+        r = copy.deepcopy(raw)
+        r["model"]["tokenizer"] = tokenizer
+        r["distillation"]["teacher_cache"] = str(cache)
+        d = make_distiller(r, output_dir=str(tmp_path / name), max_steps=2)
+        assert (d.teacher_signal.index is None) == (name == "same") and d.teacher is None
+        d.train()
+        steps = _metrics(tmp_path / name)
+        assert len(steps) == 2 and all(s["kd"] > 0 for s in steps)
+        assert ("kd_positions" in steps[0]) == (name == "other")
 
 
 @pytest.fixture(scope="module")
-def coarse_student(base, tokenizer_dir, corpus, tmp_path_factory):
+def coarse_student(base, other_tokenizer_dir, tmp_path_factory):
     """Teacher with a 300-token vocabulary (its tokens are shorter), student with the 384-token one; the
     cache's teacher blocks are 128 tokens long, the student's 32."""
-    from sakd.commands.demo import train_tokenizer
-
     tmp = tmp_path_factory.mktemp("coarse")
-    teacher_tok = train_tokenizer(corpus, tmp / "teacher_tok", 300)
+    teacher_tok = other_tokenizer_dir
     raw = copy.deepcopy(base)
     raw["model"]["teacher_tokenizer"] = str(teacher_tok)
     raw["data"].update(block_size=128, max_train_blocks=24)
