@@ -148,6 +148,11 @@ def cached_teacher(
             f"{reader.manifest['data']['max_train_blocks']}); this run reads {len(train_blocks)}: lower "
             "data.max_train_blocks or regenerate the cache"
         )
+    if same and not torch.equal(train_blocks[0]["input_ids"].cpu(), reader.block(0).token_ids):
+        raise DataError(
+            f"teacher cache {reader.root} does not match this recipe: its first block holds other tokens than "
+            "the run's (the data or its packing changed); regenerate the cache"
+        )
     if not same:
         index = _aligned(cfg, reader, student_tok, docs, train_blocks, accelerator, alignment)
     loss = cfg.distillation.loss
