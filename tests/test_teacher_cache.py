@@ -192,3 +192,38 @@ def test_training_from_a_cache_is_split_invariant_and_resumes_exactly(
     again = load_file(str(resumed / "final" / "model.safetensors"))
     for k in full:
         assert torch.equal(again[k], full[k]), k
+
+
+@pytest.mark.slow
+def test_a_killed_generation_resumes_to_the_same_cache(recipe, tmp_path):
+    """SIGKILL once the first shards are on disk, rerun: the cache equals an uninterrupted one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = copy.deepcopy(recipe)
+    raw["distillation"]["cache"] = {"blocks_per_shard": 2, "batch_size": 1}
+    path = _write(raw, tmp_path / "recipe.json")
+    assert _cache_cli(path, tmp_path / "whole") == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "sakd.cli",
+        "cache-teacher",
+        "--config",
+        str(path),
+        "--output",
+        str(tmp_path / "killed"),
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((tmp_path / "killed" / "shards").glob("*.json"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / MANIFEST_FILE).exists()
+    assert _cache_cli(path, tmp_path / "killed") == 0
+    assert read_manifest(tmp_path / "killed")["shards"] == read_manifest(tmp_path / "whole")["shards"]

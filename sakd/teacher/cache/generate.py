@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from sakd.config import RunConfig
 from sakd.data import split_documents
-from sakd.errors import ConfigError, RunDirError
+from sakd.errors import ConfigError, DataError, RunDirError
 from sakd.models import load_tokenizer
 from sakd.teacher.cache.bitpack import bits_for
 from sakd.teacher.cache.extract import block_signals
@@ -134,7 +134,7 @@ def build_job(cfg: RunConfig, accelerator: Any) -> CacheJob:
         docs, _ = split_documents(cfg.data, seed)
         blocks = token_blocks(docs, tokenizer, cfg.data.block_size)
     if len(blocks) == 0:
-        raise ConfigError(
+        raise DataError(
             f"the training text is shorter than one block of {cfg.data.block_size} teacher tokens"
         )
     if cfg.data.max_train_blocks:
