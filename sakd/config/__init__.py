@@ -6,6 +6,7 @@ from sakd.config.loader import dump_config, load_config, parse_override, read_co
 from sakd.config.schema import (
     AlignmentConfig,
     AttentionConfig,
+    CacheConfig,
     ContrastiveConfig,
     DataConfig,
     DistillationConfig,
@@ -24,6 +25,7 @@ from sakd.errors import ConfigError
 __all__ = [
     "AlignmentConfig",
     "AttentionConfig",
+    "CacheConfig",
     "ConfigError",
     "ContrastiveConfig",
     "DataConfig",

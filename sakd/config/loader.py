@@ -258,9 +258,14 @@ def validate(cfg: RunConfig) -> None:
         if stage.steps is None and stage.epochs is None:
             raise ConfigError(f"optimization.stages[{i}] needs steps or epochs")
         _check_rules(f"optimization.stages[{i}].lr_multipliers", stage.lr_multipliers or {})
-    if loss.sparse in ("subset", "topk_tail") and loss.kd_top_k is None:
+    if (
+        loss.sparse in ("subset", "topk_tail")
+        and loss.kd_top_k is None
+        and not cfg.distillation.teacher_cache
+    ):
         raise ConfigError(
-            f"distillation.loss.sparse={loss.sparse} needs distillation.loss.kd_top_k (e.g. 256)"
+            f"distillation.loss.sparse={loss.sparse} needs distillation.loss.kd_top_k (e.g. 256) "
+            "or a distillation.teacher_cache (whose k it then uses)"
         )
     if cfg.training.early_stopping_patience and not cfg.training.eval_every:
         raise ConfigError(

@@ -207,6 +207,34 @@ class ContrastiveConfig:
 
 
 @dataclass
+class CacheConfig:
+    mode: str = _f(
+        "topk_tail",
+        "What `sakd cache-teacher` stores per teacher position: topk (the k most likely ids and their "
+        "log-probs), topk_tail (plus the exact log-mass of the rest), sampled (ids drawn from the teacher at "
+        "the cache temperature, with counts: unbiased sampled KD, Anshumann et al. 2025).",
+        choices=["topk", "topk_tail", "sampled"],
+    )
+    top_k: int = _f(64, "k of the topk / topk_tail modes.", min=1)
+    num_samples: int = _f(
+        16, "Draws per position, sampled mode (a repeated id is stored once).", min=1, max=65535
+    )
+    temperature: float | None = _f(
+        None,
+        "Temperature the stored distribution is computed at (None: distillation.loss.temperature); training "
+        "from the cache must use the same one.",
+        gt=0,
+    )
+    values_dtype: str = _f(
+        "float16", "Storage dtype of the log-probabilities.", choices=["float16", "bfloat16", "float32"]
+    )
+    router: bool = _f(False, "Also store the MoE teacher's router probabilities (layers x experts).")
+    blocks_per_shard: int = _f(256, "Teacher blocks per shard file (the unit of resume).", min=1)
+    batch_size: int | None = _f(None, "Blocks per teacher forward (None: training.batch_size).", min=1)
+    seed: int | None = _f(None, "Seed of the sampled mode's draws (None: training.seed).")
+
+
+@dataclass
 class DistillationConfig:
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The distillation objective."})
     alignment: AlignmentConfig = field(
@@ -218,6 +246,15 @@ class DistillationConfig:
     )
     contrastive: ContrastiveConfig = field(
         default_factory=ContrastiveConfig, metadata={"help": "Sequence-level contrastive loss."}
+    )
+    teacher_cache: str | None = _f(
+        None,
+        "Train from this offline teacher cache (a directory written by `sakd cache-teacher`) instead of "
+        "running the teacher: it is never loaded. The cache must match the recipe's teacher, teacher "
+        "tokenizer and training documents; the student may use another tokenizer.",
+    )
+    cache: CacheConfig = field(
+        default_factory=CacheConfig, metadata={"help": "What `sakd cache-teacher` stores."}
     )
 
 

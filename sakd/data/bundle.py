@@ -101,7 +101,8 @@ def _split_one_document(text: str, fraction: float) -> tuple[str, str]:
 
 def split_documents(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """The training and held-out documents of ``cfg``: ``data.eval``, else ``eval_fraction`` of the
-    documents (shuffled with ``seed``), else -- a corpus of one document -- its last ``eval_fraction``."""
+    documents (shuffled with ``seed``), else -- a corpus of one document -- its last ``eval_fraction``.
+    An offline teacher cache covers exactly the training documents, so it calls this too."""
     if not cfg.train:
         raise DataError("no training data: set data.train to a .txt/.jsonl/.parquet file or a dataset name")
     opts = {"text_field": cfg.text_field, "dataset_config": cfg.dataset_config, "sample_by": cfg.sample_by}

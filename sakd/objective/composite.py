@@ -37,6 +37,7 @@ from sakd.losses import (
 )
 from sakd.models.forward import HiddenAndHead
 from sakd.objective.aux_terms import AuxTerms
+from sakd.teacher.signal import StoredSignal
 
 IGNORE_INDEX = -100
 
@@ -118,7 +119,7 @@ class Objective:
     def __call__(
         self,
         student: HiddenAndHead,
-        teacher: HiddenAndHead | None,
+        teacher: HiddenAndHead | StoredSignal | None,
         labels: torch.Tensor,
         *,
         temperature: float,
@@ -135,6 +136,8 @@ class Objective:
         n = int((targets != IGNORE_INDEX).sum())
         if teacher is None or self.cfg.alpha == 0:
             out = self._ce_only(student, targets, n)
+        elif isinstance(teacher, StoredSignal):  # an offline cache: the sparse losses on the stored tensors
+            return self._distill_stored(student, teacher, targets, n, temperature)
         else:
             out = self._distill(student, teacher, targets, n, temperature, batch)
         if teacher is None or self.aux is None:
@@ -241,6 +244,33 @@ class Objective:
             )
         sums = {"loss": res.loss.detach(), "kd": res.kd, "ce": res.ce}
         if aligned:
+            sums["kd_positions"] = (kd_mask & (targets != IGNORE_INDEX)).sum().double()
+        return ObjectiveOutput(res.loss, sums, n)
+
+    def _distill_stored(
+        self, student: HiddenAndHead, teacher: StoredSignal, targets: torch.Tensor, n: int, temperature: float
+    ) -> ObjectiveOutput:
+        """KD from a cached teacher: the stored signal at each student position, projected onto the student
+        vocabulary through the same bridge as online cross-tokenizer KD, masked where no anchor exists."""
+        sparse = teacher.sparse.rows((slice(None), slice(None, -1))).reshape(-1)
+        kd_mask = None if teacher.kd_mask is None else teacher.kd_mask[:, :-1].reshape(-1)
+        chain = teacher.target_logprob
+        crosses = self.bridge.crosses
+        if chain is not None and self.dcfg.alignment.chain_rule and crosses:
+            chain = chain[:, :-1].reshape(-1)
+        else:
+            chain = None
+        bridge = self.bridge
+        if bridge.teacher_to_student is not None:
+            bridge = VocabBridge(teacher_to_student=bridge.teacher_to_student)
+        rows = self._student_rows(student)
+        spec = self.spec.at_temperature(temperature)
+        if not self.cfg.fused:
+            spec = _with_chunk(spec, max(1, rows.hidden.shape[0]))
+        positions = Targets(labels=targets, kd_mask=kd_mask, target_logprob=chain)
+        res = fused_distill(rows, sparse, spec, positions, bridge)
+        sums = {"loss": res.loss.detach(), "kd": res.kd, "ce": res.ce}
+        if kd_mask is not None:
             sums["kd_positions"] = (kd_mask & (targets != IGNORE_INDEX)).sum().double()
         return ObjectiveOutput(res.loss, sums, n)
 

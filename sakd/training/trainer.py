@@ -44,6 +44,7 @@ from sakd.models.student import TrainableStudent
 from sakd.models.zero import register_external_parameters
 from sakd.objective.aux_terms import build_aux_terms
 from sakd.objective.schedules import temperature_at
+from sakd.teacher.cache.attach import cached_teacher, open_teacher_cache
 from sakd.teacher.placement import load_teacher
 from sakd.teacher.signal import OnlineTeacher
 from sakd.training import checkpoint, rundir
@@ -82,6 +83,11 @@ class Distiller(RunLoop):
         set_seed(tcfg.seed)
 
         use_teacher = needs_teacher(cfg)
+        self.cache = None  # an offline teacher cache replaces the teacher (distillation.teacher_cache)
+        if use_teacher and cfg.distillation.teacher_cache:
+            self.cache, notes = open_teacher_cache(cfg)
+            for note in notes:
+                acc.print(f"note: {note}")
         self.tokenizer, teacher_tok = build_tokenizers(mcfg, use_teacher=use_teacher)
         self.alignment = (
             setup_alignment(cfg.distillation.alignment, self.tokenizer, teacher_tok, acc)
@@ -92,13 +98,17 @@ class Distiller(RunLoop):
         student = build_student(mcfg, self.tokenizer, acc, seed=tcfg.seed)
         self.vocab_size = len(self.tokenizer)
         self.teacher, self.teacher_placement = None, None
-        if use_teacher:
+        if use_teacher and self.cache is None:
             self.teacher, self.teacher_placement = load_teacher(
                 mcfg, self.alignment.teacher_tokenizer, acc, self.ds_config, seed=tcfg.seed + 1
             )
         self.aux_terms = build_aux_terms(cfg.distillation, student, self.teacher, self.alignment.differ)
         self.aux = None if self.aux_terms is None else self.aux_terms.heads  # trainable projections
         self.teacher_signal = None if self.teacher is None else self._online_teacher()
+        if self.cache is not None:
+            self.teacher_signal = cached_teacher(
+                cfg, self.cache, self.tokenizer, self.alignment, self.data.train, acc
+            )
 
         self.plan = build_batch_plan(tcfg, len(self.data.train), acc.num_processes)
         self.stage_ends = stage_ends(cfg.optimization, tcfg, self.plan.steps_per_epoch)
@@ -127,19 +137,22 @@ class Distiller(RunLoop):
 
     def _prepare_data(self) -> DataBundle:
         acc, al = self.accelerator, self.alignment
+        paired = (
+            al.aligned and self.cache is None
+        )  # a cache brings its own alignment (teacher/cache/lookup.py)
         with acc.main_process_first():
             data = prepare_data(
                 self.cfg.data,
                 self.tokenizer,
                 self.cfg.training.seed,
-                al.teacher_tokenizer if al.aligned else None,
+                al.teacher_tokenizer if paired else None,
             )
         dcfg = self.cfg.data
         acc.print(
             f"data: {data.documents[0]:,} training / {data.documents[1]:,} held-out documents "
             f"(data.sample_by={dcfg.sample_by}), {len(data.train):,} training blocks of {dcfg.block_size} tokens"
         )
-        if al.aligned:
+        if paired:
             al.stats.update(alignment_coverage(data.train))
             acc.print(
                 "alignment: {mapped}/{student_vocab} student tokens map to the teacher vocabulary "
