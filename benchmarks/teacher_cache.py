@@ -217,7 +217,7 @@ def eval_chars(eval_file: Path, tokenizer: str, block: int) -> int:
     import datasets
 
     from sakd.models import load_tokenizer
-    from sakd.teacher.cache.windows import token_blocks
+    from sakd.teacher.cache.blocks import token_blocks
 
     docs = datasets.Dataset.from_dict({"text": chapters(eval_file)})
     blocks = token_blocks(docs, load_tokenizer(tokenizer), block)

@@ -18,9 +18,9 @@ from sakd.config import load_config
 from sakd.data import pack
 from sakd.data.text import load_text_dataset
 from sakd.models import load_model, load_tokenizer
+from sakd.teacher.cache.blocks import token_blocks
 from sakd.teacher.cache.manifest import MANIFEST_FILE, PLAN_FILE, read_manifest, shard_record_file
 from sakd.teacher.cache.reader import CacheReader
-from sakd.teacher.cache.windows import token_blocks
 from sakd.training.trainer import Distiller
 
 pytestmark = pytest.mark.integration
@@ -67,7 +67,9 @@ def test_the_cache_holds_the_teachers_distribution(full_cache, recipe, tokenizer
     reader = CacheReader(full_cache, manifest)
     tok = load_tokenizer(str(tokenizer_dir))
     teacher = load_model("tiny-moe", tokenizer=tok, seed=recipe["training"]["seed"] + 1).eval()
-    docs = load_text_dataset(str(corpus)).train_test_split(test_size=0.05, seed=0, shuffle=True)["train"]
+    docs = load_text_dataset(str(corpus), sample_by="line").train_test_split(
+        test_size=0.05, seed=0, shuffle=True
+    )["train"]
     packed = pack(docs, tok, 32)
     for b in (0, 17, BLOCKS - 1):
         blk = reader.block(b)
@@ -98,18 +100,27 @@ def test_the_cache_holds_the_teachers_distribution(full_cache, recipe, tokenizer
 
 
 def test_token_blocks_are_the_packed_blocks_across_map_batches(tokenizer_dir, tmp_path):
-    """More documents than one datasets.map batch (2,000): the blocks (and dropped remainders) are pack's."""
+    """More documents and blocks than one datasets.map batch: the blocks are pack's (one stream, only its
+    last < block_size tokens left out), each continues the previous one's text and tokens."""
     import datasets
 
     tok = load_tokenizer(str(tokenizer_dir))
-    docs = datasets.Dataset.from_dict(
-        {"text": [f"doc {i} says hello to {i % 7} friends" for i in range(4500)]}
-    )
+    texts = [f"doc {i} says hello to {i % 7} friends" for i in range(4500)]
+    docs = datasets.Dataset.from_dict({"text": texts})
     ours, theirs = token_blocks(docs, tok, 16), pack(docs, tok, 16)
     assert ours["input_ids"] == theirs["input_ids"]
-    assert sum(not f for f in ours["follows_previous"]) == 3  # one break per map batch
+    stream = [i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert len(ours) == len(stream) // 16
+    assert ours["follows_previous"] == [False] + [True] * (len(ours) - 1)
+    assert ours["next_id"] == [
+        stream[16 * (k + 1)] if 16 * (k + 1) < len(stream) else -1 for k in range(len(ours))
+    ]
     ends = [e for row in ours["char_end"] for e in row]
     assert ends == sorted(ends)
+    assert ours["char_base"][1:] == [row[-1] for row in ours["char_end"][:-1]]
+    # the last token of the last document's EOS ends one virtual character after the text before it
+    eos_at = [k for k, i in enumerate(stream[: 16 * len(ours)]) if i == tok.eos_token_id]
+    assert ends[eos_at[0]] == len(texts[0]) + 1 and ends[eos_at[1]] == len(texts[0]) + len(texts[1]) + 2
 
 
 def test_resume_of_an_interrupted_generation(full_cache, recipe, vocab, tmp_path):

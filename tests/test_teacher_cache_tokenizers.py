@@ -24,9 +24,9 @@ from sakd.cli import main
 from sakd.data import split_documents
 from sakd.models import load_model
 from sakd.models.forward import hidden_and_head
+from sakd.teacher.cache.blocks import token_blocks
 from sakd.teacher.cache.manifest import read_manifest
 from sakd.teacher.cache.reader import CacheReader
-from sakd.teacher.cache.windows import token_blocks
 from sakd.teacher.signal import OnlineTeacher
 from sakd.training.builders import build_objective
 

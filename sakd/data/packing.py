@@ -29,13 +29,13 @@ from sakd.upstream import dataset_fingerprint
 BLOCKS_PER_MAP_BATCH = 256
 
 
-def _flat(table: pa.Table, column: str) -> np.ndarray:
+def flat_column(table: pa.Table, column: str) -> np.ndarray:
     """The concatenated list entries of ``column``: a zero-copy view of the memory-mapped rows where
     Arrow allows (slice it before converting: a long document spans many map batches)."""
     return pc.list_flatten(table.column(column)).to_numpy()
 
 
-class _Stream:
+class DocumentStream:
     """The per-document token rows as one stream: where each document starts, and read access to the
     stretch of documents that holds a range of stream positions."""
 
@@ -57,9 +57,21 @@ class _Stream:
         d1 = int(np.searchsorted(self.starts, hi - 1, side="right"))
         return d0, d1
 
+    def span(
+        self, lo: int, hi: int, column: str = "input_ids", offsets: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Stream positions ``[lo, hi)`` of ``column``; with ``offsets`` (one per document) each value plus
+        its document's offset (character ends made global)."""
+        d0, d1 = self.docs(lo, hi)
+        values = flat_column(self.table[d0:d1], column).astype(np.int64)
+        if offsets is not None:
+            values = values + np.repeat(offsets[d0:d1], np.diff(self.starts[d0 : d1 + 1]))
+        skip = lo - int(self.starts[d0])
+        return values[skip : skip + hi - lo]
+
 
 def _blocks(
-    stream: _Stream,
+    stream: DocumentStream,
     block_size: int,
     build: Callable[[int, int], dict[str, Any]],
     features: datasets.Features,
@@ -98,7 +110,7 @@ def pack(
     """Tokenize documents (EOS after each), concatenate, cut into ``block_size`` blocks (``input_ids``;
     with ``with_bytes`` also ``byte_counts``, the UTF-8 bytes each token covers)."""
     rows = tokenize_documents(ds, tokenizer, with_bytes=with_bytes, num_proc=num_proc)
-    stream = _Stream(rows)
+    stream = DocumentStream(rows)
     columns = ["input_ids"] + (["byte_counts"] if with_bytes else [])
 
     def build(k0: int, k1: int) -> dict[str, Any]:
@@ -106,7 +118,7 @@ def pack(
         d0, d1 = stream.docs(lo, hi)
         table = stream.table[d0:d1]
         skip = lo - int(stream.starts[d0])
-        return {c: _flat(table, c)[skip : skip + hi - lo].reshape(k1 - k0, block_size) for c in columns}
+        return {c: flat_column(table, c)[skip : skip + hi - lo].reshape(k1 - k0, block_size) for c in columns}
 
     features = datasets.Features({c: IDS for c in columns})
     key = cache_key("pack", dataset_fingerprint(rows), block_size)
@@ -143,7 +155,7 @@ def pack_pair(
     rows = tokenize_documents(
         ds, tokenizer, teacher_tokenizer=teacher_tokenizer, with_bytes=with_bytes, num_proc=num_proc
     )
-    stream = _Stream(rows)
+    stream = DocumentStream(rows)
     # document d covers the global characters [char_base[d], char_base[d + 1]) (its text, then its EOS)
     n_chars = stream.table["n_chars"].to_numpy(zero_copy_only=False).astype(np.int64)
     char_base = np.concatenate([[0], np.cumsum(n_chars + 1)])
@@ -155,13 +167,13 @@ def pack_pair(
         d0, d1 = stream.docs(max(lo - 1, 0), hi)  # from the token before the first block: its end
         table = stream.table[d0:d1]
         lengths = np.diff(stream.starts[d0 : d1 + 1])
-        s_ends = _flat(table, "ends") + np.repeat(char_base[d0:d1], lengths)  # global, non-decreasing
-        t_ids = _flat(table, "teacher_input_ids")
-        t_ends = _flat(table, "teacher_ends") + np.repeat(char_base[d0:d1], t_lengths[d0:d1])
-        s_ids = _flat(table, "input_ids")
+        s_ends = flat_column(table, "ends") + np.repeat(char_base[d0:d1], lengths)  # global, non-decreasing
+        t_ids = flat_column(table, "teacher_input_ids")
+        t_ends = flat_column(table, "teacher_ends") + np.repeat(char_base[d0:d1], t_lengths[d0:d1])
+        s_ids = flat_column(table, "input_ids")
         skip = int(stream.starts[d0])
         out: dict[str, list] = {c: [] for c in [*PAIR_FEATURES, *extra]}
-        flats = {c: _flat(table, c) for c in extra}
+        flats = {c: flat_column(table, c) for c in extra}
         for k in range(k0, k1):
             a, b = k * block_size - skip, (k + 1) * block_size - skip
             lo_char = int(s_ends[a - 1]) if k > 0 else 0

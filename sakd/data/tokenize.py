@@ -10,7 +10,8 @@ A row holds ``input_ids`` and, when asked for, what the later stages need:
   ``len(text.encode("utf-8"))`` exactly, and the EOS covers 0 bytes: it is not text.
 - ``ends``, ``n_chars``, ``teacher_input_ids``, ``teacher_ends`` (with a ``teacher_tokenizer``): the
   character end offsets of both tokenizations of the same text (made non-decreasing), which the paired
-  packing aligns. Each EOS covers one virtual character after its document (``n_chars + 1``), so both
+  packing aligns; ``ends`` and ``n_chars`` alone with ``with_ends`` (the offline teacher cache aligns
+  its blocks with a student's later). Each EOS covers one virtual character after its document (``n_chars + 1``), so both
   tokenizers' EOS tokens share a boundary.
 """
 
@@ -80,12 +81,14 @@ def _then(values: np.ndarray, last: int | None) -> np.ndarray:
     return values if last is None else np.append(values, np.int64(last))
 
 
-def _features(with_bytes: bool, paired: bool) -> datasets.Features:
+def _features(with_bytes: bool, with_ends: bool, paired: bool) -> datasets.Features:
     cols: dict[str, Any] = {"input_ids": IDS}
     if with_bytes:
         cols["byte_counts"] = IDS
+    if with_ends or paired:
+        cols.update(ends=IDS, n_chars=datasets.Value("int64"))
     if paired:
-        cols.update(ends=IDS, n_chars=datasets.Value("int64"), teacher_input_ids=IDS, teacher_ends=IDS)
+        cols.update(teacher_input_ids=IDS, teacher_ends=IDS)
     return datasets.Features(cols)
 
 
@@ -108,10 +111,14 @@ def tokenize_documents(
     *,
     teacher_tokenizer: PreTrainedTokenizerBase | None = None,
     with_bytes: bool = False,
+    with_ends: bool = False,
     num_proc: int = 1,
 ) -> datasets.Dataset:
     """One row per document of ``docs`` (a ``text`` column): see the module docstring for the columns."""
     paired = teacher_tokenizer is not None
+    with_ends = with_ends or paired
+    if with_ends:
+        _require_fast(tokenizer, "student", "character alignment")
     if paired:
         _require_fast(tokenizer, "student", "cross-tokenizer alignment")
         _require_fast(teacher_tokenizer, "teacher", "cross-tokenizer alignment")
@@ -119,7 +126,7 @@ def tokenize_documents(
         _require_fast(tokenizer, "student", "bits per byte")
     eos = tokenizer.eos_token_id
     t_eos = teacher_tokenizer.eos_token_id if paired else None
-    offsets = paired or with_bytes
+    offsets = with_ends or with_bytes
 
     def encode(batch: dict[str, list[str]]) -> dict[str, list]:
         texts = batch["text"]
@@ -131,12 +138,13 @@ def tokenize_documents(
         if with_bytes:
             zero = None if eos is None else 0
             out["byte_counts"] = [_then(token_bytes(t, e), zero) for t, e in zip(texts, ends, strict=True)]
-        if paired:
-            t_ids, t_offs = _encode(teacher_tokenizer, texts, True)
+        if with_ends:
             out["n_chars"] = [len(t) for t in texts]
             out["ends"] = [
                 _then(e, None if eos is None else len(t) + 1) for t, e in zip(texts, ends, strict=True)
             ]
+        if paired:
+            t_ids, t_offs = _encode(teacher_tokenizer, texts, True)
             out["teacher_input_ids"] = [seq + [t_eos] if t_eos is not None else seq for seq in t_ids]
             out["teacher_ends"] = [
                 _then(monotone_ends(o, len(t)), None if t_eos is None else len(t) + 1)
@@ -150,6 +158,7 @@ def tokenize_documents(
         tokenizer_fingerprint(tokenizer),
         tokenizer_fingerprint(teacher_tokenizer) if paired else "-",
         with_bytes,
+        with_ends,
     )
     return docs.map(
         encode,
@@ -157,7 +166,7 @@ def tokenize_documents(
         batch_size=1000,
         num_proc=num_proc if num_proc > 1 else None,
         remove_columns=docs.column_names,
-        features=_features(with_bytes, paired),
+        features=_features(with_bytes, with_ends, paired),
         new_fingerprint=key,
         desc="tokenizing",
     )

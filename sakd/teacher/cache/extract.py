@@ -48,7 +48,7 @@ def _rows(lp: Tensor, spec: SignalSpec, generator: torch.Generator | None) -> di
 def block_signals(out: HiddenAndHead, blocks: dict[str, Tensor], spec: SignalSpec) -> list[BlockSignal]:
     """The :class:`BlockSignal` of each sequence of one teacher forward.
 
-    ``blocks``: the batch of :func:`~sakd.teacher.cache.windows.token_blocks` rows as tensors
+    ``blocks``: the batch of :func:`~sakd.teacher.cache.blocks.token_blocks` rows as tensors
     (``input_ids`` / ``char_end`` ``[b, L]``, ``char_base`` / ``follows_previous`` / ``next_id`` /
     ``block_index`` ``[b]``).
     """

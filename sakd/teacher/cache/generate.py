@@ -1,7 +1,7 @@
 """``sakd cache-teacher``: run the frozen teacher once over a recipe's training documents and store its
 signal, sharded, resumable, on any number of ranks.
 
-* The teacher reads its own packed blocks (:mod:`~sakd.teacher.cache.windows`: what ``sakd distill``
+* The teacher reads its own packed blocks (:mod:`~sakd.teacher.cache.blocks`: what ``sakd distill``
   would feed it for a student with its tokenizer), placed as in ``sakd distill``
   (:func:`sakd.teacher.placement.load_teacher`: dtype, ZeRO-3 partitioning, offload, 8/4-bit on GPU).
 * Blocks are grouped into shards of ``distillation.cache.blocks_per_shard``; shard ``s`` belongs to rank
@@ -34,6 +34,7 @@ from sakd.data import split_documents
 from sakd.errors import ConfigError, DataError, RunDirError
 from sakd.models import load_tokenizer
 from sakd.teacher.cache.bitpack import bits_for
+from sakd.teacher.cache.blocks import token_blocks
 from sakd.teacher.cache.extract import block_signals
 from sakd.teacher.cache.fingerprint import (
     data_settings,
@@ -57,7 +58,6 @@ from sakd.teacher.cache.manifest import (
 )
 from sakd.teacher.cache.shardfile import encode_shard
 from sakd.teacher.cache.verify import file_sha256
-from sakd.teacher.cache.windows import token_blocks
 from sakd.teacher.placement import load_teacher
 from sakd.teacher.signal import OnlineTeacher
 

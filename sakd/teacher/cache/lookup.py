@@ -31,8 +31,8 @@ from torch import Tensor
 from sakd.align.positions import align_spans, span_logprob
 from sakd.errors import DataError
 from sakd.losses import SparseTeacher
+from sakd.teacher.cache.blocks import BlockStream
 from sakd.teacher.cache.reader import CacheReader
-from sakd.teacher.cache.windows import PACK_BATCH_DOCUMENTS, BlockCutter, document_starts
 
 
 def _truncate(sparse: SparseTeacher, k: int | None) -> SparseTeacher:
@@ -76,12 +76,11 @@ def same_block_fields(reader: CacheReader, sample_ids: Tensor, input_ids: Tensor
 
 
 class BlockAligner:
-    """``datasets.map`` function over the student's documents: its blocks (as ``pack`` cuts them) and, per
-    block, the cached teacher positions ``[cache_lo, cache_hi)`` whose tokens end inside the block's text,
-    with ``anchor`` / ``span_end`` relative to ``cache_lo`` (see :mod:`sakd.align.positions`)."""
+    """Per student block (as ``pack`` cuts them), the cached teacher positions ``[cache_lo, cache_hi)``
+    whose tokens end inside the block's text, with ``anchor`` / ``span_end`` relative to ``cache_lo`` (see
+    :mod:`sakd.align.positions`): the function :meth:`BlockStream.map_blocks` maps."""
 
-    def __init__(self, tokenizer: Any, block_size: int, starts: np.ndarray, reader: CacheReader) -> None:
-        self.cutter = BlockCutter(tokenizer, block_size, starts)
+    def __init__(self, reader: CacheReader) -> None:
         self.reader = reader
         b = reader.bounds()
         self.char_base, self.char_last = b["char_base"].tolist(), b["char_last"].tolist()
@@ -89,7 +88,8 @@ class BlockAligner:
 
     def teacher_positions(self, lo_char: int, hi_char: int) -> tuple[int, list[int], set[int]]:
         """First cached position whose token ends in ``(lo_char, hi_char]``, the character ends of all of
-        them, and the relative indices ``k`` after which the token stream breaks (a dropped remainder)."""
+        them, and the relative indices ``k`` after which the token stream breaks (between cache blocks
+        that do not follow each other)."""
         n = self.reader.spec.block_size
         first, ends, breaks = -1, [], set()
         w = bisect.bisect_right(self.char_last, lo_char)
@@ -105,24 +105,20 @@ class BlockAligner:
             w += 1
         return max(first, 0), ends, breaks
 
-    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        ids, ends, first, count = self.cutter.blocks(batch, indices)
-        bs = self.cutter.block_size
+    def __call__(self, blocks: list[dict[str, Any]]) -> dict[str, list]:
         out: dict[str, list] = {k: [] for k in ("input_ids", "cache_lo", "cache_hi", "anchor", "span_end")}
-        lo_char = first
-        for i in range(count):
-            s_ends = ends[i * bs : (i + 1) * bs]
-            start, t_ends, breaks = self.teacher_positions(lo_char, s_ends[-1])
+        for blk in blocks:
+            s_ends = blk["char_end"].tolist()
+            start, t_ends, breaks = self.teacher_positions(blk["char_base"], s_ends[-1])
             al = align_spans([(0, e) for e in s_ends], [(0, e) for e in t_ends])
             anchor, span_end = al.anchor, al.span_end
             for k in breaks:  # the teacher tokens of a span must be one unbroken stretch of its stream
                 span_end = torch.where((anchor <= k) & (span_end > k), -1, span_end)
-            out["input_ids"].append(ids[i * bs : (i + 1) * bs])
+            out["input_ids"].append(blk["input_ids"])
             out["cache_lo"].append(start)
             out["cache_hi"].append(start + len(t_ends))
             out["anchor"].append(anchor.tolist())
             out["span_end"].append(span_end.tolist())
-            lo_char = s_ends[-1]
         return out
 
 
@@ -134,14 +130,7 @@ def aligned_index(
     fingerprint = hashlib.sha256(
         f"sakd-cache-align:{key}:{block_size}:{docs._fingerprint}".encode()
     ).hexdigest()
-    index = docs.map(
-        BlockAligner(tokenizer, block_size, document_starts(docs), reader),
-        batched=True,
-        batch_size=PACK_BATCH_DOCUMENTS,
-        with_indices=True,
-        remove_columns=docs.column_names,
-        new_fingerprint=fingerprint[:32],
-    )
+    index = BlockStream(docs, tokenizer, block_size).map_blocks(BlockAligner(reader), fingerprint[:32])
     return index.with_format("torch")
 
 
