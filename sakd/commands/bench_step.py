@@ -19,7 +19,8 @@ median is reported.
 Cases: ``same`` (the teacher built with the student's tokenizer), ``cross`` (each model its own tokenizer:
 aligned positions, vocabulary map, chain rule), each also ``+aux`` (a hidden-state feature loss on top).
 The models need tokenizers (presets take their vocabulary size from them): ``--student-tokenizer`` and
-``--teacher-tokenizer`` (BENCHMARKS.md uses the real SmolLM2 and Qwen tokenizers, 49,152 and 151,646 tokens).
+``--teacher-tokenizer`` (BENCHMARKS.md uses the real SmolLM2 and Qwen tokenizers, 49,152 and 151,646 tokens),
+by default generated ones of those sizes (:mod:`sakd.commands.bench_assets`).
 ``--reduced`` runs the tiny presets with tokenizers trained on the spot (a fast check that the benchmark
 works; its numbers mean nothing).
 """
@@ -238,12 +239,26 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _full_setup(args: argparse.Namespace, work: Path) -> StepSetup:
+    """The real-size presets with the given tokenizers, or generated ones of the real sizes
+    (:mod:`sakd.commands.bench_assets`)."""
+    from sakd.commands.bench_assets import QWEN_VOCAB, SMOLLM_VOCAB, sized_tokenizer
+    from sakd.data.synthetic import write_corpus
+
+    data = args.data or str(write_corpus(work / "corpus.txt", num_docs=400))
+    s_tok = args.student_tokenizer or str(sized_tokenizer(Path(data), work / "student_tok", SMOLLM_VOCAB))
+    t_tok = args.teacher_tokenizer or str(
+        sized_tokenizer(Path(data), work / "teacher_tok", QWEN_VOCAB, trained=3000)
+    )
+    return StepSetup(s_tok, t_tok, data, args.teacher, args.student)
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point: ``sakd bench step [--student-tokenizer DIR --teacher-tokenizer DIR --data FILE]``."""
     parser = argparse.ArgumentParser(prog="sakd bench step", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--student-tokenizer", help="student tokenizer directory (e.g. SmolLM2's)")
+    parser.add_argument("--student-tokenizer", help="default: a generated one of 49,152 tokens")
     parser.add_argument(
-        "--teacher-tokenizer", help="teacher tokenizer directory for the cross cases (Qwen's)"
+        "--teacher-tokenizer", help="for the cross cases; default: a generated one of 151,646 tokens"
     )
     parser.add_argument("--data", help="training text (.txt/.jsonl); default: a generated corpus")
     parser.add_argument("--teacher", default="huihui-moe-1.2b")
@@ -268,18 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.reduced:
             setup = reduced_setup(Path(work))
         else:
-            if not (args.student_tokenizer and args.teacher_tokenizer):
-                raise ValueError(
-                    "sakd bench step needs --student-tokenizer and --teacher-tokenizer (or --reduced)"
-                )
-            data = args.data
-            if data is None:
-                from sakd.data.synthetic import write_corpus
-
-                data = str(write_corpus(Path(work) / "corpus.txt", num_docs=400))
-            setup = StepSetup(
-                args.student_tokenizer, args.teacher_tokenizer, data, args.teacher, args.student
-            )
+            setup = _full_setup(args, Path(work))
         setup = replace(
             setup,
             batch=args.batch if not args.reduced else setup.batch,
