@@ -23,7 +23,10 @@ floors is 0, so the dense closed forms stay finite and give the values of the re
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -33,6 +36,23 @@ from .spec import KDSpec, VocabBridge
 
 FLOOR = -1e30
 """log 0 in the closed-form path: finite, so that ``FLOOR − FLOOR = 0`` and ``exp(FLOOR) = 0`` exactly."""
+
+_T = TypeVar("_T")
+_PER_TENSOR: dict[int, tuple[weakref.ref, dict[Any, Any]]] = {}
+
+
+def per_tensor(tensor: Tensor, key: Any, build: Callable[[], _T]) -> _T:
+    """``build()`` once per (tensor, key) while ``tensor`` lives: what a run derives from its vocabulary maps
+    (checks, index tensors) is computed at its first micro-batch, not at every one (the maps are built once
+    per run and never modified; the derivations need host synchronisations on a GPU)."""
+    entry = _PER_TENSOR.get(id(tensor))
+    if entry is None or entry[0]() is not tensor:
+        for stale in [k for k, (ref, _) in _PER_TENSOR.items() if ref() is None]:
+            del _PER_TENSOR[stale]
+        entry = _PER_TENSOR[id(tensor)] = (weakref.ref(tensor), {})
+    if key not in entry[1]:
+        entry[1][key] = build()
+    return entry[1][key]
 
 
 def logsumexp_(x: Tensor) -> Tensor:
@@ -192,6 +212,16 @@ class BridgeIndex:
             student_ids, bucket_of, ~mapped, teacher_rest,
             bool((~mapped).any()) and teacher_rest.numel() > 0, teacher_ids=teacher_ids,
         )  # fmt: skip
+
+    @staticmethod
+    def cached(bridge: VocabBridge, student_vocab: int, teacher_vocab: int) -> BridgeIndex:
+        """:meth:`build`, once per map tensor (:func:`per_tensor`)."""
+        key_tensor = bridge.teacher_to_student if bridge.teacher_to_student is not None else bridge.vocab_map
+        return per_tensor(
+            key_tensor,
+            ("bridge", bridge.teacher_to_student is not None, student_vocab, teacher_vocab),
+            lambda: BridgeIndex.build(bridge, student_vocab, teacher_vocab),
+        )
 
     @property
     def size(self) -> int:

@@ -89,7 +89,7 @@ class _Workspace:
         block = block_rows(rows, widest)
         bridge = None
         if plan.crosses:
-            bridge = BridgeIndex.build(VocabBridge(plan.vocab_map, plan.teacher_to_student), vocab, t_vocab)
+            bridge = BridgeIndex.cached(VocabBridge(plan.vocab_map, plan.teacher_to_student), vocab, t_vocab)
         return _Workspace(
             student=torch.empty(rows, vocab, dtype=dtype, device=device),
             teacher=None if t_weight is None else torch.empty(rows, t_vocab, dtype=dtype, device=device),
@@ -256,9 +256,14 @@ class FusedLinearKD(torch.autograd.Function):
         kd_total = ce_total = blended_total = torch.zeros(
             (), dtype=compute_dtype(s_hidden.dtype), device=s_hidden.device
         )
-        for start in range(0, n_tokens, plan.chunk_size):
+        starts = range(0, n_tokens, plan.chunk_size)
+        # chunks without a valid position are skipped; decided for all chunks with one host sync
+        nonempty = torch.stack(
+            [plan.valid[start : start + plan.chunk_size].any() for start in starts]
+        ).tolist()
+        for start, has_valid in zip(starts, nonempty, strict=True):
             rows = slice(start, start + plan.chunk_size)
-            if plan.valid[rows].any():
+            if has_valid:
                 kd_sum, ce_sum, blended_sum = _process_chunk(
                     rows, (s_hidden, s_weight, s_bias), (t_hidden, t_weight, t_bias), grads, workspace, plan
                 )

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .blend import DistillOutput, check_blend, valid_positions
+from .bucket_grads import per_tensor
 from .chunk_loop import ChunkPlan, FusedLinearKD
 from .chunk_size import resolve_chunk_size
 from .chunked import Head
@@ -56,11 +57,11 @@ def _check_teacher(
             raise ValueError("a SparseTeacher needs a sparse mode (sparse='subset'|'topk_tail'|'sampled')")
         return
     vs, vt = student_vocab, _rows(teacher.head)
-    if bridge.vocab_map is not None:
-        check_vocab_map(bridge.vocab_map, vs, vt)
+    if bridge.vocab_map is not None:  # checked once per map tensor (a run passes the same one every time)
+        per_tensor(bridge.vocab_map, ("checked", vs, vt), lambda: check_vocab_map(bridge.vocab_map, vs, vt))
     elif bridge.teacher_to_student is not None:
         t2s = bridge.teacher_to_student
-        if t2s.shape != (vt,) or int(t2s.max()) >= vs:
+        if t2s.shape != (vt,) or per_tensor(t2s, "max", lambda: int(t2s.max())) >= vs:
             raise ValueError(f"teacher_to_student must be [{vt}] student ids in [0, {vs}) or -1")
     elif vs != vt:
         raise ValueError(
