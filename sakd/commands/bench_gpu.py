@@ -11,9 +11,9 @@ in a fresh process (its own CUDA context, memory cap and peak counters), a few o
   estimate of the same setup, tokens/s;
 - ``bf16``: bf16 tokens/s and MFU = tokens/s x (2·N_teacher_active + 6·N_student) / the GPU's peak
   dense bf16 FLOP/s (N counts every parameter a token uses, the output heads included);
-- ``bf16_compile``: the same with both models' decoders under ``torch.compile``;
+- ``bf16_adamw_8bit`` / ``bf16_paged_adamw_8bit``: bitsandbytes' 8-bit optimizers;
 - ``bf16_teacher_8bit`` / ``bf16_teacher_4bit``: a bitsandbytes-quantized teacher;
-- ``bf16_adamw_8bit`` / ``bf16_paged_adamw_8bit``: bitsandbytes' 8-bit optimizers.
+- ``bf16_compile``: ``bf16`` with both models' decoders under ``torch.compile`` (last: the slowest to start).
 
 A variant that fails records its error and the run goes on; the JSON is rewritten after every variant, so
 a run stopped by its time budget (``--budget``, default 450 s) still leaves the finished ones. Tokenizers:
@@ -48,11 +48,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "cap_gib": 16,
     },
     "bf16": BF16,
-    "bf16_compile": {**BF16, "compile": True},
-    "bf16_teacher_8bit": {**BF16, "teacher_quantization": "8bit"},
-    "bf16_teacher_4bit": {**BF16, "teacher_quantization": "4bit"},
     "bf16_adamw_8bit": {**BF16, "optimizer": "adamw_8bit"},
     "bf16_paged_adamw_8bit": {**BF16, "optimizer": "paged_adamw_8bit"},
+    "bf16_teacher_8bit": {**BF16, "teacher_quantization": "8bit"},
+    "bf16_teacher_4bit": {**BF16, "teacher_quantization": "4bit"},
+    "bf16_compile": {**BF16, "compile": True},  # last: compiling takes the longest
 }
 REDUCED_VARIANTS = {"fp32": {}, "fp32_adamw_8bit": {"optimizer": "adamw_8bit"}}
 """What ``--reduced`` runs on a CPU (the CUDA variants are listed as skipped)."""
@@ -211,7 +211,7 @@ def _in_subprocess(
     except subprocess.TimeoutExpired:
         return {"variant": name, "error": f"did not finish within {timeout:.0f} s"}
     if done.returncode != 0:
-        return {"variant": name, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+        return {"variant": name, "error": " | ".join(done.stderr.strip().splitlines()[-3:]) or "?"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
