@@ -92,9 +92,12 @@ class Buckets:
         """The columns that may be empty in some rows (own and tail)."""
         return slice(self.ids.shape[-1], width)
 
-    def _own_rows(self) -> tuple[Tensor, Tensor]:
-        rows = (self.own >= 0).nonzero().squeeze(-1)
-        return rows, self.own[rows]
+    def _set_own(self, x: Tensor, value: Tensor) -> None:
+        """``x[r, own[r]] = value[r]`` in the rows with an own bucket (a scatter: no host sync)."""
+        index = self.own.clamp_min(0).unsqueeze(-1)
+        x.scatter_(
+            -1, index, torch.where(self.own.unsqueeze(-1) >= 0, value.unsqueeze(-1), x.gather(-1, index))
+        )
 
     def logits(self, u: Tensor) -> tuple[Tensor, Tensor | None]:
         """``[b, B]`` bucket logits of ``u`` ``[b, V]`` (not modified) and the tail column (kept apart:
@@ -118,8 +121,7 @@ class Buckets:
             if self.tail_rest:
                 rest.scatter_(-1, self.ids, float("-inf"))
             if self.own is not None:
-                rows, own = self._own_rows()
-                rest[rows, own] = float("-inf")
+                self._set_own(rest, torch.full_like(self.own, float("-inf"), dtype=rest.dtype))
             tail = logsumexp_(rest)
             x[:, -1] = tail
         return x, tail
@@ -140,11 +142,8 @@ class Buckets:
             u.index_add_(-1, self.ids, grad[:, :n])
         else:
             u.scatter_add_(-1, self.ids, grad[:, :n])
-        if self.own is not None:
-            rows, own = self._own_rows()
-            if self.has_tail:
-                u[rows, own] = 0.0
-            u[rows, own] += grad[rows, n]
+        if self.own is not None:  # the own id is in no other bucket: its gradient is its column's
+            self._set_own(u, grad[:, n])
         return u
 
 
@@ -273,12 +272,13 @@ def bridge_buckets(
         )
         t = sums[:, :width]
         t[:, :m].clamp_min_(torch.finfo(t.dtype).tiny).log_()
-    if chain is not None:
-        mapped_y = has & (bucket >= 0)
-        rows = mapped_y.nonzero().squeeze(-1)
-        cols = bucket[rows]
-        t[rows, cols] = torch.logaddexp(t[rows, cols], chain[rows].to(t.dtype))
-        t[:, m] = torch.where(own >= 0, chain.to(t.dtype), FLOOR)
+    if chain is not None:  # a mapped target: the multi-token path adds to its bucket (no host sync)
+        chain = chain.to(t.dtype)
+        col = bucket.clamp_min(0).unsqueeze(-1)
+        current = t.gather(-1, col).squeeze(-1)
+        both = torch.logaddexp(current, torch.where(has, chain, float("-inf")))
+        t.scatter_(-1, col, torch.where(has & (bucket >= 0), both, current).unsqueeze(-1))
+        t[:, m] = torch.where(own >= 0, chain, FLOOR)
     if tail is not None:
         t[:, -1] = tail
     return buckets, x, t, x_tail
