@@ -20,7 +20,9 @@ Cases (the shapes of the seed recipe: SmolLM-135M student, Huihui-MoE-1.2B teach
   its text begins with): 95 % of the teacher ids spread over 90 % of the student ids, the rest unmapped on
   both sides (a shared tail bucket); the naive path projects with :func:`project_many_to_one`.
 
-``--chunk-sizes`` takes numbers and ``auto`` (the default: :func:`sakd.losses.auto_chunk_size`).
+``--chunk-sizes`` takes numbers and ``auto`` (the default: :func:`sakd.losses.auto_chunk_size`);
+``--impls autograd`` adds rows of the fused chunk loop with autograd on each chunk (the fallback path of the
+combinations without closed form, and what the vocab-mapped and sparse paths paid before them).
 """
 
 from __future__ import annotations
@@ -130,6 +132,10 @@ def _rss_kib(field: str) -> int:
 
 def _measure_here(case: Case, impl: str, chunk_size: int | str, repeats: int) -> dict:
     """Measure one implementation in this process (called in a fresh subprocess)."""
+    if impl == "autograd":  # the fused loop with autograd on each chunk: the fallback path, and the old one
+        from sakd.losses.chunk_loop import ChunkPlan
+
+        ChunkPlan.closed_form = property(lambda self: False)
     x = _inputs(case)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     baseline = _rss_kib("VmRSS")
@@ -145,14 +151,14 @@ def _measure_here(case: Case, impl: str, chunk_size: int | str, repeats: int) ->
     return {
         "case": case.name,
         "impl": impl,
-        "chunk_size": chunk_size if impl == "fused" else None,
+        "chunk_size": chunk_size if impl != "naive" else None,
         "chunk_rows": resolve_chunk_size(
             chunk_size,
             case.n_tokens,
             (case.student_vocab, case.teacher_vocab),
             (case.student_hidden, case.teacher_hidden),
         )
-        if impl == "fused"
+        if impl != "naive"
         else None,
         "loss": loss,
         "time_s": min(times),
@@ -177,28 +183,32 @@ def run(
     chunk_sizes: tuple[int | str, ...] = ("auto",),
     repeats: int = 3,
     n_tokens: int = 2048,
+    impls: tuple[str, ...] = ("fused",),
 ) -> list[dict]:
     """Measure naive vs fused for each case and chunk size; returns one row per measurement.
 
-    Fused rows carry ``mem_vs_naive``, ``time_vs_naive`` and ``loss_rel_diff`` against the
-    naive row of the same case.
+    ``impls``: ``fused`` (closed-form gradients where they exist) and/or ``autograd`` (the same chunk loop
+    with autograd on each chunk: what the fallback combinations pay, and what every vocab-mapped and sparse
+    path paid before the closed forms). Their rows carry ``mem_vs_naive``, ``time_vs_naive`` and
+    ``loss_rel_diff`` against the naive row of the same case.
     """
     rows = []
     for name in cases:
         case = Case(**{**asdict(CASES[name]), "n_tokens": n_tokens})
         naive = _measure(case, "naive", 0, repeats)
         rows.append(naive)
-        for chunk_size in chunk_sizes:
-            fused = _measure(case, "fused", chunk_size, repeats)
-            fused["mem_vs_naive"] = fused["peak_extra_mib"] / naive["peak_extra_mib"]
-            fused["time_vs_naive"] = fused["time_s"] / naive["time_s"]
-            fused["loss_rel_diff"] = abs(fused["loss"] - naive["loss"]) / abs(naive["loss"])
-            rows.append(fused)
+        for impl in impls:
+            for chunk_size in chunk_sizes:
+                fused = _measure(case, impl, chunk_size, repeats)
+                fused["mem_vs_naive"] = fused["peak_extra_mib"] / naive["peak_extra_mib"]
+                fused["time_vs_naive"] = fused["time_s"] / naive["time_s"]
+                fused["loss_rel_diff"] = abs(fused["loss"] - naive["loss"]) / abs(naive["loss"])
+                rows.append(fused)
     return rows
 
 
 def _chunk_text(row: dict) -> str:
-    if row["impl"] != "fused":
+    if row["impl"] == "naive":
         return "—"
     return f"auto → {row['chunk_rows']}" if row["chunk_size"] == "auto" else str(row["chunk_rows"])
 
@@ -211,7 +221,7 @@ def to_markdown(rows: list[dict]) -> str:
     ]
     for r in rows:
         ratios = ("—", "—", "—")
-        if r["impl"] == "fused":
+        if r["impl"] != "naive":
             ratios = (f"{r['mem_vs_naive']:.3f}", f"{r['time_vs_naive']:.2f}", f"{r['loss_rel_diff']:.1e}")
         lines.append(
             f"| {r['case']} | {r['impl']} | {_chunk_text(r)} | {r['loss']:.6f} | {r['time_s']:.2f} "
@@ -233,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up run")
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument(
+        "--impls", nargs="+", default=["fused"], choices=["fused", "autograd"], help="see run()'s docstring"
+    )
     parser.add_argument("--json", action="store_true", help="print rows as JSON instead of Markdown")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -242,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
             json.dumps(_measure_here(Case(**spec["case"]), spec["impl"], spec["chunk_size"], spec["repeats"]))
         )
         return
-    rows = run(tuple(args.cases), tuple(args.chunk_sizes), args.repeats, args.tokens)
+    rows = run(tuple(args.cases), tuple(args.chunk_sizes), args.repeats, args.tokens, tuple(args.impls))
     if args.json:
         print(json.dumps(rows, indent=2))
         return
