@@ -13,8 +13,9 @@ case and times, on the *same* micro-batch:
 and reports tokens/s (student tokens), the peak extra memory of each part (process high-water mark during the
 part minus the resident set before it, after ``malloc_trim``) and the overhead ratios ``c / (a + b)`` (the
 issue's measure) and ``c / (a + b + d)`` (the step's own overhead, the optimizer being unavoidable). Each case
-runs in a fresh subprocess; each part runs ``warmup`` untimed and ``steps`` timed repetitions, and the
-median is reported.
+runs in a fresh subprocess; each part runs ``warmup`` times untimed, then ``steps`` timed rounds run the
+parts in turn (interleaved: a slow spell of a shared machine hits every part alike), and the medians are
+reported.
 
 Cases: ``same`` (the teacher built with the student's tokenizer), ``cross`` (each model its own tokenizer:
 aligned positions, vocabulary map, chain rule), each also ``+aux`` (a hidden-state feature loss on top).
@@ -55,7 +56,7 @@ class StepSetup:
     student: str = "smollm-135m"
     batch: int = 2
     seq: int = 128
-    steps: int = 3
+    steps: int = 5
     warmup: int = 1
     chunk_size: str = "auto"
     overrides: tuple[str, ...] = field(default_factory=tuple)
@@ -74,20 +75,25 @@ def _reset_peak() -> int:
     return _rss_kib("VmRSS")
 
 
-def _timed(fn: Callable[[], Any], setup: StepSetup) -> dict[str, float]:
-    """Median and fastest seconds of ``setup.steps`` runs of ``fn`` after ``setup.warmup`` runs, and the
-    peak extra memory (MiB) over all of them."""
-    base = _reset_peak()
-    times = []
-    for i in range(setup.warmup + setup.steps):
-        start = time.perf_counter()
-        fn()
-        if i >= setup.warmup:
-            times.append(time.perf_counter() - start)
+def _timed(parts: dict[str, Callable[[], Any]], setup: StepSetup) -> dict[str, dict[str, float]]:
+    """Each part ``setup.warmup`` times, then ``setup.steps`` rounds of every part in turn (interleaved, so
+    a slow spell of a shared machine hits all parts alike): per part the median and fastest seconds and
+    the peak extra memory (MiB) of its runs."""
+    for fn in parts.values():
+        for _ in range(setup.warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    peaks = dict.fromkeys(parts, 0.0)
+    for _ in range(setup.steps):
+        for name, fn in parts.items():
+            base = _reset_peak()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks[name], (_rss_kib("VmHWM") - base) / 1024)
     return {
-        "seconds": statistics.median(times),
-        "seconds_min": min(times),
-        "peak_extra_mib": (_rss_kib("VmHWM") - base) / 1024,
+        name: {"seconds": statistics.median(t), "seconds_min": min(t), "peak_extra_mib": peaks[name]}
+        for name, t in times.items()
     }
 
 
@@ -155,12 +161,15 @@ def _measure_case(setup: StepSetup, case: str) -> dict[str, Any]:
         def kd_step() -> None:
             distiller.train_step(micro_batches)
 
-        parts = {
-            "teacher_forward": _timed(teacher_forward, setup),
-            "student_fwd_bwd": _timed(student_fwd_bwd, setup),
-            "optimizer_step": _timed(optimizer_step, setup),
-            "kd_step": _timed(kd_step, setup),
-        }
+        parts = _timed(
+            {
+                "teacher_forward": teacher_forward,
+                "student_fwd_bwd": student_fwd_bwd,
+                "optimizer_step": optimizer_step,
+                "kd_step": kd_step,
+            },
+            setup,
+        )
         tokens = int(mb["input_ids"].numel())
         a, b = parts["teacher_forward"]["seconds"], parts["student_fwd_bwd"]["seconds"]
         c, d = parts["kd_step"]["seconds"], parts["optimizer_step"]["seconds"]
@@ -266,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128, help="student tokens per block")
-    parser.add_argument("--steps", type=int, default=3, help="timed repetitions of each part")
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds over the parts")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--chunk-size", default="auto", help="distillation.loss.chunk_size")
     parser.add_argument("--reduced", action="store_true", help="tiny models: checks the benchmark runs")
