@@ -59,9 +59,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from sakd.commands import bench_losses
+    import importlib
 
-    bench_losses.main(args.bench_args)
+    importlib.import_module(f"sakd.commands.bench_{args.suite}").main(args.bench_args)
     return 0
 
 
@@ -144,10 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="benchmarks (results and commands in BENCHMARKS.md)",
-        description="sakd bench losses [--chunk-sizes 128 256] [--cases same_vocab cross_vocab]: "
-        "naive vs fused distillation loss, peak memory and time, each row in a fresh process.",
+        description="sakd bench losses: naive vs fused distillation loss, peak memory and time; "
+        "sakd bench step: one KD step of the real-size pair against its parts (teacher forward, student "
+        "forward+backward), the overhead ratio; sakd bench gpu: the GPU check (fp16 under 16 GB, bf16 "
+        "MFU, quantized teachers, 8-bit optimizers, torch.compile), one JSON. `--help` after the suite.",
     )
-    b.add_argument("suite", choices=["losses"], help="which benchmark")
+    b.add_argument("suite", choices=["losses", "step", "gpu"], help="which benchmark")
     b.add_argument(
         "bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help after the suite)"
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sakd.config import ConfigError, RunConfig, load_config
+from sakd.losses.chunk_size import resolve_chunk_size
 from sakd.planner.estimate import (
     COMPONENTS,
     DEFAULT_MICRO_BATCHES,
@@ -216,7 +217,11 @@ def _chunk_hint(best: Estimate, student: ModelNumbers, teacher: ModelNumbers | N
     """Point at distillation.loss.chunk_size when the fused loss's workspace is a large share: a
     smaller chunk costs little speed (each chunk is still a large matmul) and frees memory for a larger
     micro-batch."""
-    if best.components["loss"] < best.total / 5 or work.chunk_size < 256:
+    if (
+        not isinstance(work.chunk_size, int)
+        or best.components["loss"] < best.total / 5
+        or work.chunk_size < 256
+    ):
         return
     smaller = replace(work, chunk_size=work.chunk_size // 4)
     then = estimate(student, teacher, best.setup, smaller).components["loss"]
@@ -224,6 +229,16 @@ def _chunk_hint(best: Estimate, student: ModelNumbers, teacher: ModelNumbers | N
         f"  hint: the fused loss takes {best.components['loss'] / GIB:.2f} GiB; "
         f"distillation.loss.chunk_size={smaller.chunk_size} would make it {then / GIB:.2f} GiB"
     )
+
+
+def _chunk_text(student: ModelNumbers, teacher: ModelNumbers | None, work: Workload) -> str:
+    if work.chunk_size != "auto":
+        return str(work.chunk_size)
+    sizes = (
+        (student.vocab, teacher.vocab if teacher else 0),
+        (student.hidden, teacher.hidden if teacher else 0),
+    )
+    return f"auto ({resolve_chunk_size('auto', work.seq_len, *sizes)} tokens at micro-batch 1)"
 
 
 def _print_table(
@@ -247,7 +262,7 @@ def _print_table(
         print(f"teacher {describe(teacher)}")
     print(
         f"{work.num_gpus} GPU(s) x {memory / GIB:.2f} GiB, plans must fit in {budget / GIB:.2f} GiB; seq {work.seq_len}, mixed precision "
-        f"{work.mixed_precision}, teacher {work.teacher_dtype}, loss chunk {work.chunk_size}"
+        f"{work.mixed_precision}, teacher {work.teacher_dtype}, loss chunk {_chunk_text(student, teacher, work)}"
         f"{' (vocab-mapped)' if work.aligned else ''}\n"
     )
     print(_header())

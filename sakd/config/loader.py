@@ -61,7 +61,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(key, value, args[0])
+        for tp_arg in args[:-1]:  # e.g. int | str: a number, else the word (checked by validate)
+            try:
+                return _coerce(key, value, tp_arg)
+            except ConfigError:
+                continue
+        return _coerce(key, value, args[-1])
     if value is None:
         raise ConfigError(f"config key '{key}' may not be null")
     if tp is bool:
@@ -258,6 +263,10 @@ def validate(cfg: RunConfig) -> None:
         if stage.steps is None and stage.epochs is None:
             raise ConfigError(f"optimization.stages[{i}] needs steps or epochs")
         _check_rules(f"optimization.stages[{i}].lr_multipliers", stage.lr_multipliers or {})
+    if loss.chunk_size != "auto" and (not isinstance(loss.chunk_size, int) or loss.chunk_size < 1):
+        raise ConfigError(
+            f"distillation.loss.chunk_size must be auto or an integer >= 1, got {loss.chunk_size!r}"
+        )
     if (
         loss.sparse in ("subset", "topk_tail")
         and loss.kd_top_k is None

@@ -151,7 +151,12 @@ class LossConfig:
     fused: bool = _f(
         True, "Compute the loss from hidden states chunk by chunk, never building [batch, seq, vocab] logits."
     )
-    chunk_size: int = _f(1024, "Tokens per chunk of the fused loss.", min=1)
+    chunk_size: int | str = _f(
+        "auto",
+        "Tokens per chunk of the fused loss, or auto: chunks whose logits are about as large as the hidden "
+        "states (Liger-Kernel's rule, at least 128 tokens), so the loss's memory stays a small fixed share "
+        "of materialized logits at any batch size (README, Fused loss).",
+    )
 
 
 @dataclass

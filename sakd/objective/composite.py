@@ -34,6 +34,7 @@ from sakd.losses import (
     distill_loss,
     fused_distill,
     over_chunks,
+    resolve_chunk_size,
 )
 from sakd.models.forward import HiddenAndHead
 from sakd.objective.aux_terms import AuxTerms
@@ -46,7 +47,7 @@ IGNORE_INDEX = -100
 class ObjectiveOutput:
     loss_sum: torch.Tensor  # differentiable sum over valid tokens
     component_sums: dict[str, torch.Tensor]  # detached sums: loss, kd, ce, aux terms
-    num_tokens: int
+    num_tokens: torch.Tensor  # int64 count of the predicted positions (a tensor: no host sync)
 
 
 def objective_spec(cfg: LossConfig) -> ObjectiveSpec:
@@ -133,7 +134,7 @@ class Objective:
         """
         batch = batch or {}
         targets = labels[:, 1:].reshape(-1)
-        n = int((targets != IGNORE_INDEX).sum())
+        n = (targets != IGNORE_INDEX).sum()
         if teacher is None or self.cfg.alpha == 0:
             out = self._ce_only(student, targets, n)
         elif isinstance(teacher, StoredSignal):  # an offline cache: the sparse losses on the stored tensors
@@ -150,7 +151,7 @@ class Objective:
         hidden = student.hidden[:, :-1].reshape(-1, student.hidden.shape[-1])
         return HeadInput(hidden, Head(student.head_weight, student.head_bias, self.vocab_size))
 
-    def _ce_only(self, student: HiddenAndHead, targets: torch.Tensor, n: int) -> ObjectiveOutput:
+    def _ce_only(self, student: HiddenAndHead, targets: torch.Tensor, n: torch.Tensor) -> ObjectiveOutput:
         """Summed CE, one chunk of logits at a time (recomputed in backward: O(chunk x V) extra memory)."""
         rows = self._student_rows(student)
 
@@ -164,34 +165,44 @@ class Objective:
             )
 
         recompute = torch.is_grad_enabled() and rows.hidden.requires_grad
-        ce = over_chunks(chunk_ce, rows.hidden.shape[0], self.cfg.chunk_size, recompute=recompute)
+        n_rows, width = rows.hidden.shape
+        chunk = resolve_chunk_size(self.cfg.chunk_size, n_rows, (self.vocab_size, 0), (width, 0))
+        ce = over_chunks(chunk_ce, n_rows, chunk, recompute=recompute)
         ce = ce.float() if ce.dtype != torch.float64 else ce
         d = ce.detach()
         return ObjectiveOutput(ce, {"loss": d, "ce": d}, n)
 
     def _teacher_token_logprobs(
-        self, teacher: HiddenAndHead, teacher_ids: torch.Tensor, temperature: float
+        self, teacher: HiddenAndHead, teacher_ids: torch.Tensor, temperature: float, needed: torch.Tensor
     ) -> torch.Tensor:
-        """``[B, Lt]``: log p_T(teacher token j+1 | prefix) at temperature T, chunk by chunk (no grad)."""
+        """``[B, Lt]``: log p_T(teacher token j+1 | prefix) at temperature T where ``needed`` ``[B, Lt]`` (0
+        elsewhere), chunk by chunk, no grad. Only the positions inside a multi-token span are scored: the
+        others would repeat the teacher-head matmul of the KD term for nothing."""
         head = Head(teacher.head_weight, teacher.head_bias, self.teacher_vocab_size)
-        hidden = teacher.hidden.reshape(-1, teacher.hidden.shape[-1])
-        nxt = torch.cat([teacher_ids[:, 1:], teacher_ids[:, -1:]], 1).reshape(-1)
+        width = teacher.hidden.shape[-1]
+        rows = needed.reshape(-1).nonzero().squeeze(-1)
+        hidden = teacher.hidden.reshape(-1, width).index_select(0, rows)
+        nxt = torch.cat([teacher_ids[:, 1:], teacher_ids[:, -1:]], 1).reshape(-1).index_select(0, rows)
 
         def chunk(r: slice) -> torch.Tensor:
             lp = torch.log_softmax(head.logits(hidden[r], upcast=True) / temperature, dim=-1)
             return lp.gather(1, nxt[r, None]).squeeze(1)
 
+        chunk_rows = resolve_chunk_size(
+            self.cfg.chunk_size, rows.numel(), (self.teacher_vocab_size, 0), (width, 0)
+        )
+        dtype = torch.promote_types(teacher.hidden.dtype, torch.float32)
+        out = torch.zeros(teacher_ids.numel(), dtype=dtype, device=teacher_ids.device)
         with torch.no_grad():
-            return over_chunks(chunk, hidden.shape[0], self.cfg.chunk_size, combine="cat").reshape(
-                teacher_ids.shape
-            )
+            out[rows] = over_chunks(chunk, rows.numel(), chunk_rows, combine="cat").to(out.dtype)
+        return out.reshape(teacher_ids.shape)
 
     def _distill(
         self,
         student: HiddenAndHead,
         teacher: HiddenAndHead,
         targets: torch.Tensor,
-        n: int,
+        n: torch.Tensor,
         temperature: float,
         batch: dict[str, torch.Tensor],
     ) -> ObjectiveOutput:
@@ -205,11 +216,10 @@ class Objective:
             if self.dcfg.alignment.chain_rule and crosses:
                 span_end = batch["span_end"][:, :-1]
                 multi = (span_end > anchor + 1) & (anchor >= 0)
-                if bool(multi.any()):
-                    tok_lp = self._teacher_token_logprobs(teacher, batch["teacher_input_ids"], temperature)
-                    target_logprob = span_logprob(tok_lp, anchor, torch.where(multi, span_end, -1)).reshape(
-                        -1
-                    )
+                teacher_ids = batch["teacher_input_ids"]
+                needed = _inside_spans(anchor, span_end, multi, teacher_ids.shape[1])
+                tok_lp = self._teacher_token_logprobs(teacher, teacher_ids, temperature, needed)
+                target_logprob = span_logprob(tok_lp, anchor, torch.where(multi, span_end, -1)).reshape(-1)
         else:
             t_hidden = teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1])
         spec = self.spec.at_temperature(temperature)
@@ -273,6 +283,18 @@ class Objective:
         if kd_mask is not None:
             sums["kd_positions"] = (kd_mask & (targets != IGNORE_INDEX)).sum().double()
         return ObjectiveOutput(res.loss, sums, n)
+
+
+def _inside_spans(
+    anchor: torch.Tensor, span_end: torch.Tensor, multi: torch.Tensor, length: int
+) -> torch.Tensor:
+    """``[B, length]`` bool: teacher positions ``j`` with ``anchor <= j < span_end`` for some student position
+    where ``multi`` (the positions :func:`sakd.align.positions.span_logprob` sums over)."""
+    edges = torch.zeros(anchor.shape[0], length + 1, dtype=torch.long, device=anchor.device)
+    sink = torch.full_like(anchor, length)  # unused spans open and close in the extra column
+    edges.scatter_add_(1, torch.where(multi, anchor, sink), torch.ones_like(anchor))
+    edges.scatter_add_(1, torch.where(multi, span_end, sink), -torch.ones_like(anchor))
+    return edges.cumsum(1)[:, :length] > 0
 
 
 def _with_uld(spec: ObjectiveSpec, weight: float) -> ObjectiveSpec:

@@ -37,7 +37,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sakd.config import RunConfig
-from sakd.losses.logit_grads import BLOCK_ELEMENTS
+from sakd.losses.chunk_size import resolve_chunk_size
+from sakd.losses.logit_grads import block_rows
 from sakd.planner.sizes import ModelNumbers
 
 GIB = 1024**3
@@ -53,13 +54,11 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 QUANT_BYTES = {"8bit": 1.0, "4bit": 0.5}
 DEFAULT_MICRO_BATCHES = (1, 2, 4, 8, 16)
 
-ALIGNED_LOSS_ROWS = (5, 6)
-"""``[chunk, V]`` fp32 tensors alive at once in the fused loss's autograd path (different tokenizers:
-many-to-one projection, chain rule), per student and per teacher vocabulary entry. Measured (peak RSS
-of :func:`sakd.losses.fused_linear_divergence` on CPU, four vocabulary pairs, within 3 %): student
-logits, tempered and CE log-probabilities, projected distribution and gradients; teacher logits,
-tempered logits, log-probabilities, probabilities and the projection's scatter buffers. The closed-form
-path (one tokenizer) keeps one of each plus two scratch blocks."""
+BRIDGE_BLOCK_ROWS = 4
+"""``[block, Vs]`` fp32 temporaries alive at once in a block of the closed-form KD across vocabularies
+(:mod:`sakd.losses.bucket_grads`): the student's bucket logits, the teacher's bucket log-probabilities,
+the divergence's scratch and the tail's masked copy, on top of the preallocated ``[block, max(Vs, Vt)]``
+scratch (and the ``[block, Vs]`` CE one with labels). ``tests/test_plan.py`` measures it."""
 
 CHECKPOINTING_COST = 4 / 3
 """Gradient checkpointing recomputes the forward in backward: forward+backward ≈ 3 forward units
@@ -131,8 +130,8 @@ class Workload:
     teacher_quantization: str = "none"
     teacher_placement: str = "auto"  # auto | replicated | zero3
     teacher_offload: bool = False
-    chunk_size: int = 1024
-    aligned: bool = False  # different tokenizers: the fused loss's autograd path
+    chunk_size: int | str = "auto"
+    aligned: bool = False  # different tokenizers: the vocabulary-bridged closed form
     with_labels: bool = True  # alpha < 1: the CE term needs its own scratch block
     overhead: int = OVERHEAD_BYTES
 
@@ -255,16 +254,19 @@ def loss_bytes(
 ) -> tuple[int, int]:
     """The fused KD loss (:mod:`sakd.losses.fused`): (its transient workspace, the gradients it keeps).
 
-    The workspace is fp32 ``[chunk, V]`` logits, student and teacher side, plus the closed-form path's
-    two scratch blocks of :data:`~sakd.losses.logit_grads.BLOCK_ELEMENTS` (see :data:`ALIGNED_LOSS_ROWS`
-    for the vocab-mapped path). The gradients are computed in the forward pass and kept until backward:
-    ``[tokens, Hs]`` for the hidden states and ``[Vs, Hs]`` for the head, in the head's dtype."""
-    rows = min(w.chunk_size, tokens)
+    The workspace is fp32 ``[chunk, V]`` logits, student and teacher side (the chunk as the loss resolves
+    ``chunk_size``, :func:`sakd.losses.chunk_size.resolve_chunk_size`), plus the scratch blocks of the
+    closed forms (:func:`sakd.losses.logit_grads.block_rows` rows each): one ``[block, max(Vs, Vt)]``, one
+    ``[block, Vs]`` for the CE gradient with labels, and :data:`BRIDGE_BLOCK_ROWS` more across
+    vocabularies. The gradients are computed in the forward pass and kept until backward: ``[tokens, Hs]``
+    for the hidden states and ``[Vs, Hs]`` for the head, in the head's dtype."""
     vs, vt = student.vocab, teacher.vocab if teacher else 0
-    if w.aligned:
-        workspace = rows * (ALIGNED_LOSS_ROWS[0] * vs + ALIGNED_LOSS_ROWS[1] * vt) * 4
-    else:
-        workspace = rows * (vs + vt) * 4 + (2 if w.with_labels else 1) * BLOCK_ELEMENTS * 4
+    ht = teacher.hidden if teacher else 0
+    rows = min(resolve_chunk_size(w.chunk_size, tokens, (vs, vt), (student.hidden, ht)), tokens)
+    widest = max(vs, vt)
+    block = block_rows(rows, widest)
+    blocks = block * (widest + (vs if w.with_labels else 0) + (BRIDGE_BLOCK_ROWS * vs if w.aligned else 0))
+    workspace = (rows * (vs + vt) + blocks) * 4
     return workspace, (tokens + student.vocab) * student.hidden * head_bytes
 
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from sakd.errors import TrainingError
 from sakd.evaluation.heldout import cross_tokenizer_agreement, evaluate
+from sakd.losses import resolve_chunk_size
 from sakd.models.student import student_state
 from sakd.training import checkpoint
 from sakd.training.finish import run_summary, write_final
@@ -45,8 +46,8 @@ class RunLoop:
         model, unwrapped = self.student, self.hf_student
         if self.ema is not None and self.cfg.training.eval_with_ema:
             model = unwrapped = self.ema.module
-        al, chunk = self.alignment, self.cfg.distillation.loss.chunk_size
-        batch_size = self.cfg.training.eval_batch_size
+        al, batch_size = self.alignment, self.cfg.training.eval_batch_size
+        chunk = self._eval_chunk_size(batch_size)
         out = evaluate(
             model,
             self.data.heldout(),
@@ -74,6 +75,24 @@ class RunLoop:
             out["agreement"] = cross["agreement"]
             out["teacher_mass_mapped"] = cross["teacher_mass_mapped"]
         return out
+
+    def _eval_chunk_size(self, batch_size: int) -> int:
+        """Rows per chunk of held-out logits: distillation.loss.chunk_size, resolved for an eval batch."""
+
+        def sizes(model: Any, vocab: int) -> tuple[int, int]:
+            config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+            return vocab, int(getattr(config, "hidden_size", 0) or 0)
+
+        s_vocab, s_hidden = sizes(self.hf_student, self.vocab_size)
+        t_vocab, t_hidden = (0, 0) if self.teacher is None else sizes(self.teacher, self.vocab_size)
+        if self.alignment.teacher_tokenizer is not None and self.teacher is not None:
+            t_vocab = len(self.alignment.teacher_tokenizer)
+        return resolve_chunk_size(
+            self.cfg.distillation.loss.chunk_size,
+            batch_size * self.cfg.data.block_size,
+            (s_vocab, t_vocab),
+            (s_hidden, t_hidden),
+        )
 
     def save_checkpoint(self) -> Path:
         protect = [self.resumed_from] if self.resumed_from is not None else []

@@ -9,8 +9,10 @@ trains it. One optimizer step, read top to bottom in :meth:`Distiller.train_step
 3. for each micro-batch: the teacher signal (frozen, no grad) -> the student forward and the objective
    as a *sum* over tokens, scaled by ``accumulation * world / global_tokens`` (Accelerate/DeepSpeed
    divide by ``accumulation`` and DDP averages over ranks: the net gradient is that of the mean loss over
-   every valid token of the step, however it is split); before its backward every rank learns whether
-   any rank's loss is non-finite, and if so the step is skipped on all of them;
+   every valid token of the step, however it is split); before the step's last backward (the one that
+   synchronises gradients, and inside which DeepSpeed steps) every rank learns whether any rank had a
+   non-finite loss in any micro-batch of the step, and if so the step is skipped on all of them -- one
+   agreement per step, not one host sync per micro-batch;
 4. if nothing was skipped and the pre-clip gradient norm is finite: clip, step the optimizer, step the
    LR schedule (defined in optimizer steps), update the EMA; either way, zero the grads.
 
@@ -223,22 +225,24 @@ class Distiller(RunLoop):
         self.accelerator.sync_gradients = last
         return contextlib.nullcontext() if last else self.accelerator.no_sync(self.student)
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every rank (all ranks then take the same branch)."""
-        ok = torch.tensor(float(torch.isfinite(loss.detach()).all()), device=self.accelerator.device)
-        return bool(self.accelerator.reduce(ok, reduction="sum").item() == self.accelerator.num_processes)
+    def _all_finite(self, non_finite: torch.Tensor) -> bool:
+        """Whether no rank counted a non-finite micro-batch loss (all ranks then take the same branch)."""
+        return bool(self.accelerator.reduce(non_finite, reduction="sum").item() == 0)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches; returns step metrics (global means)."""
         acc = self.accelerator
         temperature = temperature_at(self.cfg.distillation.loss, self.state.step, self.total_steps)
-        local_tokens = sum(int(self.objective.valid_mask(mb["labels"]).sum()) for mb in micro_batches)
-        global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum").item())
+        local_tokens = torch.stack(
+            [self.objective.valid_mask(mb["labels"]).sum() for mb in micro_batches]
+        ).sum()
+        global_tokens = int(acc.reduce(local_tokens.to(acc.device), reduction="sum").item())
         if global_tokens == 0:
             raise RuntimeError("an optimizer step has no valid target tokens")
         scale = acc.gradient_accumulation_steps * acc.num_processes / global_tokens
         sums: dict[str, torch.Tensor] = {}
         finite = True
+        non_finite = torch.zeros((), device=acc.device)  # micro-batches of this rank with a non-finite loss
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with self._accumulating(last):
@@ -251,7 +255,10 @@ class Distiller(RunLoop):
                 )
                 for k, v in out.component_sums.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().double()
-                if not self._all_finite(out.loss_sum):  # decided before backward, on every rank alike
+                non_finite = non_finite + (~torch.isfinite(out.loss_sum.detach())).any().float()
+                # decided before the synchronising backward, on every rank alike; a non-finite gradient
+                # of an earlier micro-batch only sits in the accumulation the dropped step discards
+                if last and not self._all_finite(non_finite):
                     finite = False
                     self._drop_step(out.loss_sum, scale)
                     break
