@@ -19,6 +19,7 @@ from sakd.config.schema import (
     TrainingConfig,
     all_keys,
 )
+from sakd.config.student_aware import CurriculumConfig, MoEConfig, TokenRouterConfig
 from sakd.errors import ConfigError
 
 __all__ = [
@@ -26,15 +27,18 @@ __all__ = [
     "AttentionConfig",
     "ConfigError",
     "ContrastiveConfig",
+    "CurriculumConfig",
     "DataConfig",
     "DistillationConfig",
     "FeatureConfig",
     "LoggingConfig",
     "LossConfig",
+    "MoEConfig",
     "ModelConfig",
     "OptimizationConfig",
     "RunConfig",
     "StageConfig",
+    "TokenRouterConfig",
     "TrainingConfig",
     "all_keys",
     "dump_config",

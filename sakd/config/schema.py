@@ -12,12 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def _f(default: Any, help: str, **checks: Any) -> Any:
-    """A dataclass field with a help string and optional range checks."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **checks})
-    return field(default=default, metadata={"help": help, **checks})
+from sakd.config.fields import documented as _f
+from sakd.config.student_aware import CurriculumConfig, MoEConfig, TokenRouterConfig
 
 
 @dataclass
@@ -199,6 +195,15 @@ class DistillationConfig:
     )
     contrastive: ContrastiveConfig = field(
         default_factory=ContrastiveConfig, metadata={"help": "Sequence-level contrastive loss."}
+    )
+    moe: MoEConfig = field(
+        default_factory=MoEConfig, metadata={"help": "MoE-aware teacher signals (Kim et al. 2025)."}
+    )
+    router: TokenRouterConfig = field(
+        default_factory=TokenRouterConfig, metadata={"help": "The student-aware token router."}
+    )
+    curriculum: CurriculumConfig = field(
+        default_factory=CurriculumConfig, metadata={"help": "Loss phases and magnitude balancing."}
     )
 
 

@@ -25,6 +25,7 @@ from torch.autograd.function import once_differentiable
 from .blend import kd_per_position
 from .cross_entropy import cross_entropy_per_position
 from .logit_grads import blended_rows_and_grad_, block_rows
+from .mixture import mixture_logits
 from .reduction import compute_dtype
 from .sparse import SparseTeacher
 from .spec import KDSpec
@@ -51,6 +52,7 @@ class ChunkPlan:
     target_logprob: Tensor | None
     generator: torch.Generator | None
     needs_grad: tuple[bool, bool, bool]
+    kd_weights: Tensor | None = None  # per-position multipliers of the KD term only
 
     @property
     def closed_form(self) -> bool:
@@ -94,6 +96,19 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None) 
         return F.linear(x, weight, bias).to(compute_dtype(x.dtype))
     out = out[: x.shape[0]]
     return torch.mm(x, weight.T, out=out) if bias is None else torch.addmm(bias, x, weight.T, out=out)
+
+
+def _teacher_logits(
+    t_hidden: Tensor, t_weight: Tensor, t_bias: Tensor | None, out: Tensor | None, spec: KDSpec
+) -> Tensor:
+    """A chunk's teacher logits; ``[c, M, H]`` hidden states (M samples) give their mixture's logits."""
+    if t_hidden.dim() == 2:
+        return (
+            F.linear(t_hidden, t_weight, t_bias) if out is None else _linear(t_hidden, t_weight, t_bias, out)
+        )
+    return mixture_logits(
+        F.linear(t_hidden, t_weight, t_bias).to(compute_dtype(t_hidden.dtype)), spec.temperature
+    )
 
 
 ChunkResult = tuple[Tensor, Tensor | None, Tensor | None]
@@ -156,6 +171,8 @@ def _process_chunk(
     kd_weights = weights if plan.kd_valid is None else torch.where(plan.kd_valid[rows], weights, 0.0)
     # Where the KD term is masked out (no teacher signal at that position), CE takes the whole weight.
     ce_weights = weights * (1.0 - plan.alpha) if plan.kd_valid is None else weights - plan.alpha * kd_weights
+    if plan.kd_weights is not None:  # after the CE weights: they stay what they were
+        kd_weights = kd_weights * plan.kd_weights[rows].to(dtype)
     coefs = (
         kd_weights * (plan.alpha * plan.kd_scale / plan.denominator),
         ce_weights / plan.denominator
@@ -167,7 +184,8 @@ def _process_chunk(
     labels = None if plan.labels is None else plan.labels[rows]
     if workspace is not None:
         t_hidden, t_weight, t_bias = teacher
-        teacher_logits = _linear(t_hidden[rows], t_weight, t_bias, workspace.teacher).to(logits.dtype)
+        teacher_logits = _teacher_logits(t_hidden[rows], t_weight, t_bias, workspace.teacher, plan.spec)
+        teacher_logits = teacher_logits.to(logits.dtype)
         kd, ce = blended_rows_and_grad_(
             logits,
             teacher_logits,
@@ -184,7 +202,7 @@ def _process_chunk(
         chunk_teacher = (
             plan.sparse_teacher.rows(rows)
             if plan.sparse_teacher is not None
-            else F.linear(t_hidden[rows], t_weight, t_bias)
+            else _teacher_logits(t_hidden[rows], t_weight, t_bias, None, plan.spec)
         )
         chunk_target = None if plan.target_logprob is None else plan.target_logprob[rows]
         kd, ce, grad_logits = _chunk_autograd(logits, chunk_teacher, labels, valid, coefs, plan, chunk_target)
