@@ -43,7 +43,7 @@ from sakd.models.forward import hidden_and_head
 from sakd.models.student import TrainableStudent
 from sakd.models.zero import register_external_parameters
 from sakd.objective.aux_terms import build_aux_terms
-from sakd.objective.schedules import temperature_at
+from sakd.objective.curriculum import temperature_at
 from sakd.teacher.placement import load_teacher
 from sakd.teacher.signal import OnlineTeacher
 from sakd.training import checkpoint, rundir
