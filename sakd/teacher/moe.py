@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sakd.config import MoEConfig
 from sakd.errors import SetupError
 from sakd.models.capture import RouterSignal
 from sakd.models.forward import HiddenAndHead, hidden_and_head
@@ -51,7 +52,7 @@ def is_router(module: nn.Module) -> bool:
     )
 
 
-def _bare(model: nn.Module) -> nn.Module:
+def bare_model(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DeepSpeed engines
         model = model.module
     return model
@@ -59,14 +60,14 @@ def _bare(model: nn.Module) -> nn.Module:
 
 def routers(model: nn.Module) -> list[nn.Module]:
     """The router modules of ``model``, in layer order (empty for a dense model)."""
-    return [m for m in _bare(model).modules() if is_router(m)]
+    return [m for m in bare_model(model).modules() if is_router(m)]
 
 
 def require_moe(model: nn.Module, key: str) -> list[nn.Module]:
     """The routers of ``model``, or a one-line error naming ``key`` for a dense teacher."""
     found = routers(model)
     if not found:
-        name = type(_bare(model)).__name__
+        name = type(bare_model(model)).__name__
         raise SetupError(
             f"{key} needs a Mixture-of-Experts teacher with router modules (transformers 5.x, e.g. "
             f"Qwen3-MoE); the teacher is a dense {name}: turn {key} off"
@@ -235,3 +236,69 @@ def augmented_forward(
         attentions={i: t.reshape(samples, b, *t.shape[1:]).mean(0) for i, t in out.attentions.items()},
         samples=stacked if keep_samples else None,
     )
+
+
+class RoutedTeacher:
+    """The frozen MoE teacher as a teacher signal (``signal(batch) -> HiddenAndHead``, like
+    :class:`sakd.teacher.signal.OnlineTeacher`) with its routing decided from outside: Knowledge
+    Augmentation (``augment``: ``distillation.moe`` with ``augment_samples > 0``; ``keep_samples`` keeps the M
+    final hidden states for a forward-KL mixture) or all experts through the Student-Aware Router's
+    learned logits (``sar``, a :class:`sakd.teacher.moe_router.StudentAwareRouter`). ``step`` (set by the
+    trainer before each step) seeds KA's draws together with ``seed`` and each block's sample id."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        aligned: bool,
+        hidden_layers: list[int],
+        attention_layers: list[int],
+        seed: int,
+        augment: MoEConfig | None = None,
+        keep_samples: bool = False,
+        sar: object | None = None,
+    ) -> None:
+        require_moe(model, "distillation.moe")
+        self.model, self.aligned, self.seed, self.step = model, aligned, seed, 0
+        self.hidden_layers, self.attention_layers = list(hidden_layers), sorted(set(attention_layers))
+        self.augment, self.keep_samples, self.sar = augment, keep_samples, sar
+
+    def inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's own tokens of ``batch`` (its tokenization when the tokenizers differ)."""
+        if self.aligned:
+            return batch["teacher_input_ids"], batch["teacher_attention_mask"]
+        return batch["input_ids"], batch["attention_mask"]
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> HiddenAndHead:
+        ids, mask = self.inputs(batch)
+        if self.sar is not None:
+            with torch.no_grad(), override_routing(self.model, self.sar.routing()):
+                return hidden_and_head(
+                    self.model,
+                    self.model,
+                    ids,
+                    mask,
+                    router=True,
+                    hidden_layers=self.hidden_layers,
+                    attention_layers=self.attention_layers,
+                )
+        samples = self.augment.augment_samples
+        sample_ids = (
+            batch["sample_ids"].reshape(-1).tolist() if "sample_ids" in batch else list(range(len(ids)))
+        )
+        spec = RoutingSpec(
+            "ka",
+            k=self.augment.augment_experts,
+            sampling_prob=self.augment.augment_sampling_prob,
+            generators=block_generators(self.seed, self.step, sample_ids, samples, ids.device),
+        )
+        return augmented_forward(
+            self.model,
+            ids,
+            mask,
+            spec,
+            samples,
+            keep_samples=self.keep_samples,
+            hidden_layers=self.hidden_layers,
+            attention_layers=self.attention_layers,
+        )

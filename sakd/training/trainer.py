@@ -39,19 +39,18 @@ from sakd.align.setup import Alignment, setup_alignment
 from sakd.config import RunConfig, dump_config
 from sakd.config.deepspeed import zero_stage
 from sakd.data import DataBundle, prepare_data
-from sakd.models.forward import hidden_and_head
+from sakd.models.forward import HiddenAndHead, hidden_and_head
 from sakd.models.student import TrainableStudent
 from sakd.models.zero import register_external_parameters
 from sakd.objective.aux_terms import build_aux_terms
-from sakd.objective.curriculum import temperature_at
 from sakd.teacher.placement import load_teacher
-from sakd.teacher.signal import OnlineTeacher
 from sakd.training import checkpoint, rundir
 from sakd.training.builders import (
     build_batch_plan,
     build_ema,
     build_objective,
     build_student,
+    build_teacher_signal,
     build_tokenizers,
     needs_teacher,
 )
@@ -61,6 +60,7 @@ from sakd.training.loop import RunLoop
 from sakd.training.stages import check_stages, stage_ends, stage_optimizer
 from sakd.training.state import TrainerState, tracker_config
 from sakd.training.stop_signals import StopSignals
+from sakd.training.student_aware import StudentAware
 from sakd.upstream import forget_prepared
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,11 @@ class Distiller(RunLoop):
             )
         self.aux_terms = build_aux_terms(cfg.distillation, student, self.teacher, self.alignment.differ)
         self.aux = None if self.aux_terms is None else self.aux_terms.heads  # trainable projections
-        self.teacher_signal = None if self.teacher is None else self._online_teacher()
+        self.teacher_signal, sar = None, None
+        if self.teacher is not None:
+            self.teacher_signal, sar = build_teacher_signal(
+                cfg, self.teacher, self.alignment, self.aux_terms, acc.device
+            )
 
         self.plan = build_batch_plan(tcfg, len(self.data.train), acc.num_processes)
         self.stage_ends = stage_ends(cfg.optimization, tcfg, self.plan.steps_per_epoch)
@@ -113,7 +117,17 @@ class Distiller(RunLoop):
         if self.zero_stage == 3:
             register_external_parameters(trainable, student.get_output_embeddings(), self.aux)
         self.objective = build_objective(cfg, self.vocab_size, self.alignment, self.aux_terms)
+        self.aware = StudentAware(
+            cfg,
+            objective=self.objective,
+            accelerator=acc,
+            signal=self.teacher_signal,
+            sar=sar,
+            vocab_size=self.vocab_size,
+        )
         self.state = self._restore_state()
+        if self.resumed_from is not None:
+            self.aware.load(self.resumed_from)
         self.ema = build_ema(tcfg, self.hf_student, self.resumed_from, self.zero_stage)
         skips = getattr(self.student, "skipped_steps", None)  # a DeepSpeed engine's (restored) count
         self._engine_skips = skips if isinstance(skips, int) else 0
@@ -142,15 +156,6 @@ class Distiller(RunLoop):
                 "{multi_token:.1%} are spelt by several teacher tokens".format(**al.stats)
             )
         return data
-
-    def _online_teacher(self) -> OnlineTeacher:
-        aux = self.aux_terms
-        return OnlineTeacher(
-            self.teacher,
-            aligned=self.alignment.aligned,
-            hidden_layers=[t for t, _ in aux.heads.feature_layers] if aux else [],
-            attention_layers=[t for _, t in aux.attention_pairs] if aux else [],
-        )
 
     def _restore_state(self) -> TrainerState:
         if self.resumed_from is None:
@@ -183,9 +188,15 @@ class Distiller(RunLoop):
         return [{k: v.to(self.accelerator.device) for k, v in self.data.train_batch(i).items()} for i in idx]
 
     def _student_loss(
-        self, student: TrainableStudent, mb: dict[str, torch.Tensor], teacher_out: Any, temperature: float
+        self,
+        student: TrainableStudent,
+        mb: dict[str, torch.Tensor],
+        teacher_out: Any,
+        temperature: float,
+        **objective_kwargs: Any,
     ) -> Any:
-        """Student forward + objective; runs as ``TrainableStudent.forward(loss_fn=...)``."""
+        """Student forward + objective; runs as ``TrainableStudent.forward(loss_fn=...)``
+        (``objective_kwargs``: the token router's KD weights and the curriculum's multipliers)."""
         aux = self.aux_terms
         student_out = hidden_and_head(
             student.module,
@@ -195,7 +206,21 @@ class Distiller(RunLoop):
             hidden_layers=[s for _, s in aux.heads.feature_layers] if aux else [],
             attention_layers=sorted({s for s, _ in aux.attention_pairs}) if aux else [],
         )
-        return self.objective(student_out, teacher_out, mb["labels"], temperature=temperature, batch=mb)
+        return self.objective(
+            student_out, teacher_out, mb["labels"], temperature=temperature, batch=mb, **objective_kwargs
+        )
+
+    def _student_detached(self, mb: dict[str, torch.Tensor]) -> HiddenAndHead:
+        """The student's hidden states and head for ``mb`` without gradients (the student-aware router and
+        token router read them; under ZeRO-3 :func:`~sakd.models.forward.output_head` copies the head)."""
+
+        def forward(student: TrainableStudent) -> HiddenAndHead:
+            out = hidden_and_head(student.module, student.module, mb["input_ids"], mb["attention_mask"])
+            bias = None if out.head_bias is None else out.head_bias.detach()
+            return HiddenAndHead(out.hidden.detach(), out.head_weight.detach(), bias)
+
+        with torch.no_grad():
+            return self.student(loss_fn=forward)
 
     def _accumulating(self, last: bool) -> Any:
         """The context of one micro-batch's backward: gradients are synchronised (and DeepSpeed steps)
@@ -213,22 +238,39 @@ class Distiller(RunLoop):
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches; returns step metrics (global means)."""
         acc = self.accelerator
-        temperature = temperature_at(self.cfg.distillation.loss, self.state.step, self.total_steps)
+        schedule = self.aware.schedule(self.state.step, self.total_steps)
+        temperature = schedule.temperature
         local_tokens = sum(int(self.objective.valid_mask(mb["labels"]).sum()) for mb in micro_batches)
         global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum").item())
         if global_tokens == 0:
             raise RuntimeError("an optimizer step has no valid target tokens")
+        # the student-aware router's update, and the token weights over the whole step (cached signals)
+        extras = self.aware.before_step(
+            self.state.step, micro_batches, schedule, global_tokens, self._student_detached
+        )
+        objective_kwargs: dict[str, Any] = {}
+        if schedule.multipliers:
+            objective_kwargs["multipliers"] = schedule.multipliers
         scale = acc.gradient_accumulation_steps * acc.num_processes / global_tokens
         sums: dict[str, torch.Tensor] = {}
         finite = True
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with self._accumulating(last):
-                teacher_out = None if self.teacher_signal is None else self.teacher_signal(mb)
+                if extras.teacher_outs is not None:
+                    teacher_out = extras.teacher_outs[i]
+                else:
+                    teacher_out = None if self.teacher_signal is None else self.teacher_signal(mb)
+                if extras.kd_weights is not None:
+                    objective_kwargs["kd_weights"] = extras.kd_weights[i]
                 # the student forward and the loss run inside the wrapped module (module docstring)
                 out = self.student(
                     loss_fn=partial(
-                        self._student_loss, mb=mb, teacher_out=teacher_out, temperature=temperature
+                        self._student_loss,
+                        mb=mb,
+                        teacher_out=teacher_out,
+                        temperature=temperature,
+                        **objective_kwargs,
                     )
                 )
                 for k, v in out.component_sums.items():
@@ -261,6 +303,9 @@ class Distiller(RunLoop):
         metrics: dict[str, Any] = {
             k: float(v) / global_tokens for k, v in zip(keys, totals.tolist(), strict=True)
         }
+        if finite and not scaler_skipped:
+            self.aware.after_step(metrics)
+        metrics.update(extras.metrics)
         metrics.update(temperature=temperature, tokens=global_tokens, scaler_skipped=scaler_skipped)
         metrics.update(grad_norm=grad_norm, micro_batches=len(micro_batches))
         if not finite:
