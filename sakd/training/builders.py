@@ -143,7 +143,7 @@ def build_teacher_signal(
         attention_layers=attention,
         seed=cfg.training.seed,
         augment=moe if moe.augment_samples else None,
-        keep_samples=cfg.distillation.loss.kind == "fkl",
+        keep_samples=cfg.distillation.loss.kind == "fkl" and moe.augment_samples > 1,
         sar=sar,
     )
     return signal, sar
