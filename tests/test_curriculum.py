@@ -19,6 +19,7 @@ from sakd.objective.curriculum import (
     sharpness_at,
     temperature_at,
 )
+from sakd.training.student_aware import detached_student
 
 
 def test_schedules_at_start_middle_and_end():
@@ -88,7 +89,7 @@ def test_multipliers_scale_kd_and_ce_apart(make_distiller, tiny_run_config, cros
     teacher = d.teacher_signal(mb)
     mult = {"kd": 2.5, "ce": 0.4}
     with torch.no_grad():
-        student = d._student_detached(mb)
+        student = detached_student(d.student, mb)
         base = d.objective(student, teacher, mb["labels"], temperature=2.0, batch=mb)
         scaled = d.objective(student, teacher, mb["labels"], temperature=2.0, batch=mb, multipliers=mult)
     alpha = d.cfg.distillation.loss.alpha

@@ -2,6 +2,7 @@
 overrides, validation, dump), :mod:`.legacy_keys` (the old system's flat keys), :mod:`.deepspeed`
 (DeepSpeed JSON configs filled from ours) and :mod:`.reference` (the README table)."""
 
+from sakd.config.aware_schema import CurriculumConfig, MoEConfig, TokenRouterConfig
 from sakd.config.loader import dump_config, load_config, parse_override, read_config_file, to_dict, validate
 from sakd.config.schema import (
     AlignmentConfig,
@@ -19,7 +20,6 @@ from sakd.config.schema import (
     TrainingConfig,
     all_keys,
 )
-from sakd.config.student_aware import CurriculumConfig, MoEConfig, TokenRouterConfig
 from sakd.errors import ConfigError
 
 __all__ = [

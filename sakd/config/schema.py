@@ -12,8 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from sakd.config.aware_schema import CurriculumConfig, MoEConfig, TokenRouterConfig
 from sakd.config.fields import documented as _f
-from sakd.config.student_aware import CurriculumConfig, MoEConfig, TokenRouterConfig
 
 
 @dataclass

@@ -154,6 +154,9 @@ class Objective:
         n = int((targets != IGNORE_INDEX).sum())
         if teacher is None or self.cfg.alpha == 0:
             out = self._ce_only(student, targets, n)
+            if multipliers and multipliers.get("ce", 1.0) != 1.0:
+                out.loss_sum = out.loss_sum * multipliers["ce"]
+                out.component_sums["loss"] = out.loss_sum.detach()
         else:
             out = self._distill(
                 student, teacher, targets, n, temperature, batch, kd_weights, multipliers or {}

@@ -43,7 +43,36 @@ class StepExtras:
 
     teacher_outs: list[HiddenAndHead] | None = None
     kd_weights: list[torch.Tensor] | None = None
+    multipliers: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+
+    def teacher_out(self, i: int, mb: Batch, signal: Callable[[Batch], HiddenAndHead] | None) -> Any:
+        """Micro-batch ``i``'s teacher signal: the one kept for the step, else a fresh one (None: no teacher)."""
+        if self.teacher_outs is not None:
+            return self.teacher_outs[i]
+        return None if signal is None else signal(mb)
+
+    def objective_kwargs(self, i: int) -> dict[str, Any]:
+        """What the objective of micro-batch ``i`` gets besides the tensors (nothing when all is off)."""
+        kwargs: dict[str, Any] = {}
+        if self.multipliers:
+            kwargs["multipliers"] = self.multipliers
+        if self.kd_weights is not None:
+            kwargs["kd_weights"] = self.kd_weights[i]
+        return kwargs
+
+
+def detached_student(student: Any, mb: Batch) -> HiddenAndHead:
+    """The student's hidden states and head for ``mb`` without gradients, through the prepared (DDP /
+    DeepSpeed) module (under ZeRO-3 :func:`~sakd.models.forward.output_head` copies the gathered head)."""
+
+    def forward(module: Any) -> HiddenAndHead:
+        out = hidden_and_head(module.module, module.module, mb["input_ids"], mb["attention_mask"])
+        bias = None if out.head_bias is None else out.head_bias.detach()
+        return HiddenAndHead(out.hidden.detach(), out.head_weight.detach(), bias)
+
+    with torch.no_grad():
+        return student(loss_fn=forward)
 
 
 def component_weights(cfg: RunConfig) -> dict[str, float]:
@@ -64,7 +93,6 @@ class StudentAware:
     def __init__(
         self,
         cfg: RunConfig,
-        *,
         objective: Objective,
         accelerator: Any,
         signal: Any,
@@ -97,7 +125,7 @@ class StudentAware:
         student_out: Callable[[Batch], HiddenAndHead],
     ) -> StepExtras:
         """The router update and the step's token weights (see the module docstring)."""
-        extras = StepExtras()
+        extras = StepExtras(multipliers=schedule.multipliers)
         if isinstance(self.signal, RoutedTeacher):
             self.signal.step = step
         students = None

@@ -39,7 +39,7 @@ from sakd.align.setup import Alignment, setup_alignment
 from sakd.config import RunConfig, dump_config
 from sakd.config.deepspeed import zero_stage
 from sakd.data import DataBundle, prepare_data
-from sakd.models.forward import HiddenAndHead, hidden_and_head
+from sakd.models.forward import hidden_and_head
 from sakd.models.student import TrainableStudent
 from sakd.models.zero import register_external_parameters
 from sakd.objective.aux_terms import build_aux_terms
@@ -60,7 +60,7 @@ from sakd.training.loop import RunLoop
 from sakd.training.stages import check_stages, stage_ends, stage_optimizer
 from sakd.training.state import TrainerState, tracker_config
 from sakd.training.stop_signals import StopSignals
-from sakd.training.student_aware import StudentAware
+from sakd.training.student_aware import StudentAware, detached_student
 from sakd.upstream import forget_prepared
 
 log = logging.getLogger(__name__)
@@ -117,14 +117,7 @@ class Distiller(RunLoop):
         if self.zero_stage == 3:
             register_external_parameters(trainable, student.get_output_embeddings(), self.aux)
         self.objective = build_objective(cfg, self.vocab_size, self.alignment, self.aux_terms)
-        self.aware = StudentAware(
-            cfg,
-            objective=self.objective,
-            accelerator=acc,
-            signal=self.teacher_signal,
-            sar=sar,
-            vocab_size=self.vocab_size,
-        )
+        self.aware = StudentAware(cfg, self.objective, acc, self.teacher_signal, sar, self.vocab_size)
         self.state = self._restore_state()
         if self.resumed_from is not None:
             self.aware.load(self.resumed_from)
@@ -210,18 +203,6 @@ class Distiller(RunLoop):
             student_out, teacher_out, mb["labels"], temperature=temperature, batch=mb, **objective_kwargs
         )
 
-    def _student_detached(self, mb: dict[str, torch.Tensor]) -> HiddenAndHead:
-        """The student's hidden states and head for ``mb`` without gradients (the student-aware router and
-        token router read them; under ZeRO-3 :func:`~sakd.models.forward.output_head` copies the head)."""
-
-        def forward(student: TrainableStudent) -> HiddenAndHead:
-            out = hidden_and_head(student.module, student.module, mb["input_ids"], mb["attention_mask"])
-            bias = None if out.head_bias is None else out.head_bias.detach()
-            return HiddenAndHead(out.hidden.detach(), out.head_weight.detach(), bias)
-
-        with torch.no_grad():
-            return self.student(loss_fn=forward)
-
     def _accumulating(self, last: bool) -> Any:
         """The context of one micro-batch's backward: gradients are synchronised (and DeepSpeed steps)
         only after the step's last one."""
@@ -246,31 +227,20 @@ class Distiller(RunLoop):
             raise RuntimeError("an optimizer step has no valid target tokens")
         # the student-aware router's update, and the token weights over the whole step (cached signals)
         extras = self.aware.before_step(
-            self.state.step, micro_batches, schedule, global_tokens, self._student_detached
+            self.state.step, micro_batches, schedule, global_tokens, partial(detached_student, self.student)
         )
-        objective_kwargs: dict[str, Any] = {}
-        if schedule.multipliers:
-            objective_kwargs["multipliers"] = schedule.multipliers
         scale = acc.gradient_accumulation_steps * acc.num_processes / global_tokens
         sums: dict[str, torch.Tensor] = {}
         finite = True
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with self._accumulating(last):
-                if extras.teacher_outs is not None:
-                    teacher_out = extras.teacher_outs[i]
-                else:
-                    teacher_out = None if self.teacher_signal is None else self.teacher_signal(mb)
-                if extras.kd_weights is not None:
-                    objective_kwargs["kd_weights"] = extras.kd_weights[i]
+                teacher_out = extras.teacher_out(i, mb, self.teacher_signal)
                 # the student forward and the loss run inside the wrapped module (module docstring)
+                kwargs = extras.objective_kwargs(i)
                 out = self.student(
                     loss_fn=partial(
-                        self._student_loss,
-                        mb=mb,
-                        teacher_out=teacher_out,
-                        temperature=temperature,
-                        **objective_kwargs,
+                        self._student_loss, mb=mb, teacher_out=teacher_out, temperature=temperature, **kwargs
                     )
                 )
                 for k, v in out.component_sums.items():
