@@ -122,9 +122,10 @@ def _bisect_offset(scores: list[Tensor], valid: list[Tensor], lo: float, hi: flo
         if bool(m.any()):
             ext = torch.maximum(ext, torch.stack([x[m].max(), -x[m].min(), ext.new_zeros(())]))
     top, neg_bottom, _ = reduce(ext, "max").tolist()
-    count = float(
-        reduce(torch.tensor(float(sum(int(m.sum()) for m in valid)), dtype=torch.float64, device=dev), "sum")
-    )
+    local = torch.tensor(float(sum(int(m.sum()) for m in valid)), dtype=torch.float64, device=dev)
+    count = float(reduce(local, "sum"))
+    if count == 0:  # no KD token anywhere in the step: nothing to weigh
+        return 0.0
     low, high = math.log(lo) - top, math.log(hi) + neg_bottom
     for _ in range(_BISECTIONS):
         mid = 0.5 * (low + high)
@@ -239,9 +240,7 @@ def weight_stats(weights: list[Tensor], signals: list[TokenSignals], reduce: Red
         "sum",
     )
     n, total, wlogw = sums.tolist()
-    big = torch.tensor(
-        [flat.max() if flat.numel() else -math.inf, -flat.min() if flat.numel() else -math.inf], device=dev
-    )
+    big = torch.stack([flat.max(), -flat.min()]) if flat.numel() else torch.full((2,), -math.inf, device=dev)
     top, neg_low = reduce(big.double(), "max").tolist()
     out: dict[str, object] = {
         "router_w_mean": total / max(n, 1.0),

@@ -100,13 +100,8 @@ class StudentAware:
         vocab_size: int,
     ) -> None:
         d = cfg.distillation
-        self.cfg, self.objective, self.accelerator, self.signal, self.sar = (
-            cfg,
-            objective,
-            accelerator,
-            signal,
-            sar,
-        )
+        self.cfg, self.objective, self.accelerator = cfg, objective, accelerator
+        self.signal, self.sar = signal, sar  # the teacher signal; the Student-Aware Router or None
         self.curriculum = Curriculum(d.loss, d.curriculum, d.router, component_weights(cfg))
         self.router = TokenRouter(d.router, vocab_size) if d.router.enabled and signal is not None else None
 
