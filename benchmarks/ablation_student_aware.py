@@ -17,7 +17,9 @@ bits per byte beat KD's on both corpora (KD itself when none does).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import fcntl
 import json
 import math
 import os
@@ -258,6 +260,21 @@ def best_arm(summary: dict, corpora: list[str]) -> dict[str, Any]:
     return merged
 
 
+@contextlib.contextmanager
+def locked(path: Path | None):
+    """Hold an exclusive lock on ``path`` (a machine-wide lock for timed work) for one run at a time, so a
+    long ablation measures every run alone without keeping other heavy jobs waiting for hours."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
@@ -269,6 +286,7 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=600)
     parser.add_argument("--kjv-docs", type=int, default=None, help="use only the first N chapters of the KJV")
     parser.add_argument("--arms", nargs="*", default=list(ARMS))
+    parser.add_argument("--lock", type=Path, default=None, help="take this file lock around each run")
     args = parser.parse_args()
     import datasets
 
@@ -276,11 +294,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("SAKD_CACHE_DIR", str(args.out / "cache"))
     torch.manual_seed(0)
-    corpora = {"demo": prepare_corpus("demo", None, args.out, None, args.teacher_steps)}
-    if args.kjv is not None:
-        corpora["kjv"] = prepare_corpus("kjv", args.kjv, args.out, args.kjv_docs, args.teacher_steps)
-    for corpus in corpora.values():
-        corpus["eval"] = agreement_setup(corpus)
+    with locked(args.lock):
+        corpora = {"demo": prepare_corpus("demo", None, args.out, None, args.teacher_steps)}
+        if args.kjv is not None:
+            corpora["kjv"] = prepare_corpus("kjv", args.kjv, args.out, args.kjv_docs, args.teacher_steps)
+        for corpus in corpora.values():
+            corpus["eval"] = agreement_setup(corpus)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else []
     done = {(r["corpus"], r["arm"], r["seed"]) for r in results}
@@ -289,7 +308,8 @@ def main() -> None:
         if (corpus, arm, seed) in done:
             return
         raw = recipe(corpora[corpus], args.out / corpus / "runs" / f"{arm}-s{seed}", arm, seed, args.steps)
-        metrics = train_arm(raw, corpora[corpus])
+        with locked(args.lock):
+            metrics = train_arm(raw, corpora[corpus])
         record = {"corpus": corpus, "arm": arm, "seed": seed, **metrics, "config": raw["distillation"]}
         results.append(record)
         results_path.write_text(json.dumps(results, indent=1))
@@ -306,7 +326,8 @@ def main() -> None:
         for seed in range(args.seeds):
             run(corpus, "best", seed)
     summary = summarise(results)
-    teachers = {c: teacher_quality(corpora[c]) for c in corpora}
+    with locked(args.lock):
+        teachers = {c: teacher_quality(corpora[c]) for c in corpora}
     text = table(summary, names, [*args.arms, "best"])
     text += "\nbest = " + json.dumps(ARMS["best"]) + "\n"
     text += "".join(
