@@ -2,6 +2,7 @@
 overrides, validation, dump), :mod:`.legacy_keys` (the old system's flat keys), :mod:`.deepspeed`
 (DeepSpeed JSON configs filled from ours) and :mod:`.reference` (the README table)."""
 
+from sakd.config.aware_schema import CurriculumConfig, MoEConfig, TokenRouterConfig
 from sakd.config.loader import dump_config, load_config, parse_override, read_config_file, to_dict, validate
 from sakd.config.schema import (
     AlignmentConfig,
@@ -28,15 +29,18 @@ __all__ = [
     "CacheConfig",
     "ConfigError",
     "ContrastiveConfig",
+    "CurriculumConfig",
     "DataConfig",
     "DistillationConfig",
     "FeatureConfig",
     "LoggingConfig",
     "LossConfig",
+    "MoEConfig",
     "ModelConfig",
     "OptimizationConfig",
     "RunConfig",
     "StageConfig",
+    "TokenRouterConfig",
     "TrainingConfig",
     "all_keys",
     "dump_config",

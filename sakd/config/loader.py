@@ -289,10 +289,48 @@ def validate(cfg: RunConfig) -> None:
             f"data.eval_stride={cfg.data.eval_stride} is larger than data.block_size={cfg.data.block_size}: "
             "tokens between windows would never be scored; lower it"
         )
+    _validate_student_aware(cfg)
     if cfg.distillation.contrastive.weight > 0 and cfg.training.batch_size < 2:
         raise ConfigError(
             "distillation.contrastive needs training.batch_size >= 2: its negatives are the other sequences "
             "of each micro-batch (a batch of one has none and the term would silently be 0)"
+        )
+
+
+def _validate_student_aware(cfg: RunConfig) -> None:
+    """The MoE signals, the token router and the curriculum: what they need from the rest of the config."""
+    d = cfg.distillation
+    moe, router, cur = d.moe, d.router, d.curriculum
+    needs_kd = [
+        (moe.augment_samples > 0, "distillation.moe.augment_samples"),
+        (moe.student_aware_router, "distillation.moe.student_aware_router"),
+        (router.enabled, "distillation.router.enabled"),
+    ]
+    for on, key in needs_kd:
+        if on and d.loss.alpha == 0:
+            raise ConfigError(f"{key} acts on the KD term: it needs distillation.loss.alpha > 0")
+    if moe.augment_samples > 0 and moe.student_aware_router:
+        raise ConfigError(
+            "distillation.moe.augment_samples and student_aware_router exclude each other (the router uses "
+            "every expert; the paper never combines them): turn one off"
+        )
+    if moe.augment_samples > 0 and d.loss.kind not in ("fkl", "rkl"):
+        raise ConfigError(
+            f"distillation.moe.augment_samples needs distillation.loss.kind fkl or rkl (got {d.loss.kind}): "
+            "only for these is one KD term against the combined teacher the mean of the M KD terms"
+        )
+    live = needs_kd + [(cur.phases or cur.balance, "distillation.curriculum")]
+    for on, key in live:
+        if on and d.teacher_cache:
+            raise ConfigError(
+                f"{key} needs the live teacher and the online KD path; it does not work from "
+                "distillation.teacher_cache yet: turn one of them off"
+            )
+    if router.sharpen_end < router.sharpen_start:
+        raise ConfigError("distillation.router.sharpen_end must be >= distillation.router.sharpen_start")
+    if cur.all_start < cur.structure_start:
+        raise ConfigError(
+            "distillation.curriculum.all_start must be >= distillation.curriculum.structure_start"
         )
 
 

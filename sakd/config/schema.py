@@ -12,12 +12,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def _f(default: Any, help: str, **checks: Any) -> Any:
-    """A dataclass field with a help string and optional range checks."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **checks})
-    return field(default=default, metadata={"help": help, **checks})
+from sakd.config.aware_schema import CurriculumConfig, MoEConfig, TokenRouterConfig
+from sakd.config.cache_schema import CacheConfig
+from sakd.config.fields import documented as _f
 
 
 @dataclass
@@ -212,34 +209,6 @@ class ContrastiveConfig:
 
 
 @dataclass
-class CacheConfig:
-    mode: str = _f(
-        "topk_tail",
-        "What `sakd cache-teacher` stores per teacher position: topk (the k most likely ids and their "
-        "log-probs), topk_tail (plus the exact log-mass of the rest), sampled (ids drawn from the teacher at "
-        "the cache temperature, with counts: unbiased sampled KD, Anshumann et al. 2025).",
-        choices=["topk", "topk_tail", "sampled"],
-    )
-    top_k: int = _f(64, "k of the topk / topk_tail modes.", min=1)
-    num_samples: int = _f(
-        16, "Draws per position, sampled mode (a repeated id is stored once).", min=1, max=65535
-    )
-    temperature: float | None = _f(
-        None,
-        "Temperature the stored distribution is computed at (None: distillation.loss.temperature); training "
-        "from the cache must use the same one.",
-        gt=0,
-    )
-    values_dtype: str = _f(
-        "float16", "Storage dtype of the log-probabilities.", choices=["float16", "bfloat16", "float32"]
-    )
-    router: bool = _f(False, "Also store the MoE teacher's router probabilities (layers x experts).")
-    blocks_per_shard: int = _f(256, "Teacher blocks per shard file (the unit of resume).", min=1)
-    batch_size: int | None = _f(None, "Blocks per teacher forward (None: training.batch_size).", min=1)
-    seed: int | None = _f(None, "Seed of the sampled mode's draws (None: training.seed).")
-
-
-@dataclass
 class DistillationConfig:
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The distillation objective."})
     alignment: AlignmentConfig = field(
@@ -260,6 +229,15 @@ class DistillationConfig:
     )
     cache: CacheConfig = field(
         default_factory=CacheConfig, metadata={"help": "What `sakd cache-teacher` stores."}
+    )
+    moe: MoEConfig = field(
+        default_factory=MoEConfig, metadata={"help": "MoE-aware teacher signals (Kim et al. 2025)."}
+    )
+    router: TokenRouterConfig = field(
+        default_factory=TokenRouterConfig, metadata={"help": "The student-aware token router."}
+    )
+    curriculum: CurriculumConfig = field(
+        default_factory=CurriculumConfig, metadata={"help": "Loss phases and magnitude balancing."}
     )
 
 

@@ -41,6 +41,13 @@ class DataBundle:
     def aligned(self) -> bool:
         return self.teacher_block_size is not None
 
+    def describe(self, sample_by: str) -> str:
+        """One line on how the text was split, for the run's log."""
+        return (
+            f"data: {self.documents[0]:,} training / {self.documents[1]:,} held-out documents "
+            f"(data.sample_by={sample_by}), {len(self.train):,} training blocks of {self.block_size} tokens"
+        )
+
     def batch(self, blocks: datasets.Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
         rows = blocks[indices]
         out = make_batch(rows["input_ids"], indices, eos_id=self.eos_id)

@@ -9,6 +9,7 @@ build_tokenizers      model.tokenizer / teacher_tok.   the student's and the tea
 build_student         model.student, dtype, ...        the Hugging Face student (whole, not ZeRO-split)
 build_batch_plan      training.batch_size / accum.     which blocks each rank reads at each step
 build_objective       distillation.*                   the objective (logit loss + auxiliary terms)
+build_teacher_signal  distillation.moe                 the teacher signal (plain, KA, or SAR-routed)
 build_ema             training.ema*                    the EMA of the student's weights, or None
 ====================  ===============================  ==============================================
 
@@ -37,6 +38,9 @@ from sakd.models.loading import check_model_source, default_tokenizer_spec
 from sakd.models.zero import built_whole
 from sakd.objective.aux_terms import AuxTerms
 from sakd.objective.composite import Objective
+from sakd.teacher.moe import RoutedTeacher
+from sakd.teacher.moe_router import StudentAwareRouter
+from sakd.teacher.signal import OnlineTeacher
 from sakd.training.ema import EMA_FILE, StudentEMA
 
 log = logging.getLogger(__name__)
@@ -117,6 +121,32 @@ def build_objective(cfg: RunConfig, vocab_size: int, alignment: Alignment, aux: 
         distillation=cfg.distillation,
         aux=aux,
     )
+
+
+def build_teacher_signal(
+    cfg: RunConfig, teacher: Any, alignment: Alignment, aux: AuxTerms | None, device: torch.device
+) -> tuple[Any, StudentAwareRouter | None]:
+    """The teacher signal (``distillation.moe``): the plain frozen teacher, or an MoE teacher routed from
+    outside -- Knowledge Augmentation, or all experts through a Student-Aware Router (returned too)."""
+    hidden = [t for t, _ in aux.heads.feature_layers] if aux else []
+    attention = [t for _, t in aux.attention_pairs] if aux else []
+    moe = cfg.distillation.moe
+    if not (moe.augment_samples or moe.student_aware_router):
+        return OnlineTeacher(
+            teacher, aligned=alignment.aligned, hidden_layers=hidden, attention_layers=attention
+        ), None
+    sar = StudentAwareRouter(teacher, moe, device) if moe.student_aware_router else None
+    signal = RoutedTeacher(
+        teacher,
+        aligned=alignment.aligned,
+        hidden_layers=hidden,
+        attention_layers=attention,
+        seed=cfg.training.seed,
+        augment=moe if moe.augment_samples else None,
+        keep_samples=cfg.distillation.loss.kind == "fkl" and moe.augment_samples > 1,
+        sar=sar,
+    )
+    return signal, sar
 
 
 def build_ema(

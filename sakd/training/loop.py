@@ -105,8 +105,14 @@ class RunLoop:
             vars(self.state),
             self.cfg.training.keep_last_n,
             protect=protect,
-            write_extra=self.ema.save if self.ema is not None else None,
+            write_extra=self._write_checkpoint_extras,
         )
+
+    def _write_checkpoint_extras(self, directory: Path) -> None:
+        """Our own files in a checkpoint: the EMA weights, the student-aware parts' state."""
+        if self.ema is not None:
+            self.ema.save(directory)
+        self.aware.save(directory)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:

@@ -45,16 +45,15 @@ from sakd.models.forward import hidden_and_head
 from sakd.models.student import TrainableStudent
 from sakd.models.zero import register_external_parameters
 from sakd.objective.aux_terms import build_aux_terms
-from sakd.objective.schedules import temperature_at
 from sakd.teacher.cache.attach import cached_teacher, open_teacher_cache
 from sakd.teacher.placement import load_teacher
-from sakd.teacher.signal import OnlineTeacher
 from sakd.training import checkpoint, rundir
 from sakd.training.builders import (
     build_batch_plan,
     build_ema,
     build_objective,
     build_student,
+    build_teacher_signal,
     build_tokenizers,
     needs_teacher,
 )
@@ -64,6 +63,7 @@ from sakd.training.loop import RunLoop
 from sakd.training.stages import check_stages, stage_ends, stage_optimizer
 from sakd.training.state import TrainerState, tracker_config
 from sakd.training.stop_signals import StopSignals
+from sakd.training.student_aware import StudentAware, detached_student
 from sakd.upstream import forget_prepared
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,11 @@ class Distiller(RunLoop):
             )
         self.aux_terms = build_aux_terms(cfg.distillation, student, self.teacher, self.alignment.differ)
         self.aux = None if self.aux_terms is None else self.aux_terms.heads  # trainable projections
-        self.teacher_signal = None if self.teacher is None else self._online_teacher()
+        self.teacher_signal, sar = None, None
+        if self.teacher is not None:
+            self.teacher_signal, sar = build_teacher_signal(
+                cfg, self.teacher, self.alignment, self.aux_terms, acc.device
+            )
         if self.cache is not None:
             self.teacher_signal = cached_teacher(
                 cfg, self.cache, self.tokenizer, self.alignment, self.data.train, acc
@@ -125,7 +129,10 @@ class Distiller(RunLoop):
         if self.zero_stage == 3:
             register_external_parameters(trainable, student.get_output_embeddings(), self.aux)
         self.objective = build_objective(cfg, self.vocab_size, self.alignment, self.aux_terms)
+        self.aware = StudentAware(cfg, self.objective, acc, self.teacher_signal, sar, self.vocab_size)
         self.state = self._restore_state()
+        if self.resumed_from is not None:
+            self.aware.load(self.resumed_from)
         self.ema = build_ema(tcfg, self.hf_student, self.resumed_from, self.zero_stage)
         skips = getattr(self.student, "skipped_steps", None)  # a DeepSpeed engine's (restored) count
         self._engine_skips = skips if isinstance(skips, int) else 0
@@ -139,9 +146,7 @@ class Distiller(RunLoop):
 
     def _prepare_data(self) -> DataBundle:
         acc, al = self.accelerator, self.alignment
-        paired = (
-            al.aligned and self.cache is None
-        )  # a cache brings its own alignment (teacher/cache/lookup.py)
+        paired = al.aligned and self.cache is None  # a cache brings its own (teacher/cache/lookup.py)
         with acc.main_process_first():
             data = prepare_data(
                 self.cfg.data,
@@ -149,11 +154,7 @@ class Distiller(RunLoop):
                 self.cfg.training.seed,
                 al.teacher_tokenizer if paired else None,
             )
-        dcfg = self.cfg.data
-        acc.print(
-            f"data: {data.documents[0]:,} training / {data.documents[1]:,} held-out documents "
-            f"(data.sample_by={dcfg.sample_by}), {len(data.train):,} training blocks of {dcfg.block_size} tokens"
-        )
+        acc.print(data.describe(self.cfg.data.sample_by))
         if paired:
             al.stats.update(alignment_coverage(data.train))
             acc.print(
@@ -162,15 +163,6 @@ class Distiller(RunLoop):
                 "{multi_token:.1%} are spelt by several teacher tokens".format(**al.stats)
             )
         return data
-
-    def _online_teacher(self) -> OnlineTeacher:
-        aux = self.aux_terms
-        return OnlineTeacher(
-            self.teacher,
-            aligned=self.alignment.aligned,
-            hidden_layers=[t for t, _ in aux.heads.feature_layers] if aux else [],
-            attention_layers=[t for _, t in aux.attention_pairs] if aux else [],
-        )
 
     def _restore_state(self) -> TrainerState:
         if self.resumed_from is None:
@@ -203,9 +195,15 @@ class Distiller(RunLoop):
         return [{k: v.to(self.accelerator.device) for k, v in self.data.train_batch(i).items()} for i in idx]
 
     def _student_loss(
-        self, student: TrainableStudent, mb: dict[str, torch.Tensor], teacher_out: Any, temperature: float
+        self,
+        student: TrainableStudent,
+        mb: dict[str, torch.Tensor],
+        teacher_out: Any,
+        temperature: float,
+        **objective_kwargs: Any,
     ) -> Any:
-        """Student forward + objective; runs as ``TrainableStudent.forward(loss_fn=...)``."""
+        """Student forward + objective; runs as ``TrainableStudent.forward(loss_fn=...)``
+        (``objective_kwargs``: the token router's KD weights and the curriculum's multipliers)."""
         aux = self.aux_terms
         student_out = hidden_and_head(
             student.module,
@@ -215,7 +213,9 @@ class Distiller(RunLoop):
             hidden_layers=[s for _, s in aux.heads.feature_layers] if aux else [],
             attention_layers=sorted({s for s, _ in aux.attention_pairs}) if aux else [],
         )
-        return self.objective(student_out, teacher_out, mb["labels"], temperature=temperature, batch=mb)
+        return self.objective(
+            student_out, teacher_out, mb["labels"], temperature=temperature, batch=mb, **objective_kwargs
+        )
 
     def _accumulating(self, last: bool) -> Any:
         """The context of one micro-batch's backward: gradients are synchronised (and DeepSpeed steps)
@@ -232,13 +232,18 @@ class Distiller(RunLoop):
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches; returns step metrics (global means)."""
         acc = self.accelerator
-        temperature = temperature_at(self.cfg.distillation.loss, self.state.step, self.total_steps)
+        schedule = self.aware.schedule(self.state.step, self.total_steps)
+        temperature = schedule.temperature
         local_tokens = torch.stack(
             [self.objective.valid_mask(mb["labels"]).sum() for mb in micro_batches]
         ).sum()
         global_tokens = int(acc.reduce(local_tokens.to(acc.device), reduction="sum").item())
         if global_tokens == 0:
             raise RuntimeError("an optimizer step has no valid target tokens")
+        # the student-aware router's update, and the token weights over the whole step (cached signals)
+        extras = self.aware.before_step(
+            self.state.step, micro_batches, schedule, global_tokens, partial(detached_student, self.student)
+        )
         scale = acc.gradient_accumulation_steps * acc.num_processes / global_tokens
         sums: dict[str, torch.Tensor] = {}
         finite = True
@@ -246,11 +251,12 @@ class Distiller(RunLoop):
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with self._accumulating(last):
-                teacher_out = None if self.teacher_signal is None else self.teacher_signal(mb)
+                teacher_out = extras.teacher_out(i, mb, self.teacher_signal)
                 # the student forward and the loss run inside the wrapped module (module docstring)
+                kwargs = extras.objective_kwargs(i)
                 out = self.student(
                     loss_fn=partial(
-                        self._student_loss, mb=mb, teacher_out=teacher_out, temperature=temperature
+                        self._student_loss, mb=mb, teacher_out=teacher_out, temperature=temperature, **kwargs
                     )
                 )
                 for k, v in out.component_sums.items():
@@ -286,6 +292,9 @@ class Distiller(RunLoop):
         metrics: dict[str, Any] = {
             k: float(v) / global_tokens for k, v in zip(keys, totals.tolist(), strict=True)
         }
+        if finite and not scaler_skipped:
+            self.aware.after_step(metrics)
+        metrics.update(extras.metrics)
         metrics.update(temperature=temperature, tokens=global_tokens, scaler_skipped=scaler_skipped)
         metrics.update(grad_norm=grad_norm, micro_batches=len(micro_batches))
         if not finite:
