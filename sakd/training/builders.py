@@ -6,7 +6,7 @@ calls them in order; nothing here runs a training step.
 builder               config                           builds
 ====================  ===============================  ==============================================
 build_tokenizers      model.tokenizer / teacher_tok.   the student's and the teacher's tokenizers
-build_student         model.student, dtype, ...        the Hugging Face student (whole, not ZeRO-split)
+build_student         model.student, dtype, peft, ...  the Hugging Face student (whole, not ZeRO-split)
 build_batch_plan      training.batch_size / accum.     which blocks each rank reads at each step
 build_objective       distillation.*                   the objective (logit loss + auxiliary terms)
 build_ema             training.ema*                    the EMA of the student's weights, or None
@@ -29,11 +29,13 @@ import torch
 
 from sakd.align.setup import Alignment
 from sakd.config import ModelConfig, RunConfig, TrainingConfig
+from sakd.config.deepspeed import zero_stage
 from sakd.data import BatchPlan
 from sakd.errors import ConfigError, DataError, SetupError
 from sakd.losses import VocabBridge
 from sakd.models import load_model, load_tokenizer
 from sakd.models.loading import check_model_source, default_tokenizer_spec
+from sakd.models.peft import wrap_student
 from sakd.models.zero import built_whole
 from sakd.objective.aux_terms import AuxTerms
 from sakd.objective.composite import Objective
@@ -67,7 +69,11 @@ def build_tokenizers(mcfg: ModelConfig, *, use_teacher: bool) -> tuple[Any, Any 
 
 
 def build_student(mcfg: ModelConfig, tokenizer: Any, accelerator: Any, *, seed: int) -> Any:
-    """The student as a Hugging Face model, whole on every rank (the ZeRO engine partitions it later)."""
+    """The student as a Hugging Face model, whole on every rank (the ZeRO engine partitions it later);
+    with ``model.peft`` a ``peft`` model whose adapters are its only trainable parameters."""
+    qlora = mcfg.peft.method != "none" and mcfg.peft.quantize_base != "none"
+    if qlora:
+        check_qlora(accelerator)
     with built_whole(accelerator):
         student = load_model(
             mcfg.student,
@@ -76,10 +82,14 @@ def build_student(mcfg: ModelConfig, tokenizer: Any, accelerator: Any, *, seed: 
             trust_remote_code=mcfg.trust_remote_code,
             seed=seed,
             attn_implementation=mcfg.attn_implementation,
+            quantization=mcfg.peft.quantize_base if qlora else "none",
+            device=accelerator.device,
         )
     if mcfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     student.config.use_cache = False
+    if mcfg.peft.method != "none":
+        student = wrap_student(student, mcfg.peft, gradient_checkpointing=mcfg.gradient_checkpointing)
     rows = student.get_output_embeddings().weight.shape[0]
     if rows < len(tokenizer):
         raise SetupError(
@@ -87,6 +97,18 @@ def build_student(mcfg: ModelConfig, tokenizer: Any, accelerator: Any, *, seed: 
             "resize the student's embeddings"
         )
     return student
+
+
+def check_qlora(accelerator: Any) -> None:
+    """QLoRA's 4-bit base needs bitsandbytes' CUDA kernels, and cannot be partitioned by ZeRO-3."""
+    if accelerator.device.type != "cuda":
+        raise ConfigError(
+            "model.peft.quantize_base=4bit (QLoRA) needs a CUDA GPU (bitsandbytes 4-bit); use "
+            "model.peft.quantize_base=none on this machine"
+        )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and zero_stage(plugin.deepspeed_config) == 3:
+        raise ConfigError("model.peft.quantize_base=4bit cannot be partitioned by ZeRO-3; use ZeRO-2 or DDP")
 
 
 def build_batch_plan(tcfg: TrainingConfig, num_blocks: int, world_size: int) -> BatchPlan:

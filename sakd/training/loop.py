@@ -21,6 +21,7 @@ from sakd.errors import TrainingError
 from sakd.evaluation.heldout import cross_tokenizer_agreement, evaluate
 from sakd.models.student import student_state
 from sakd.training import checkpoint
+from sakd.training.export import student_to_save
 from sakd.training.finish import run_summary, write_final
 from sakd.training.state import memory_metrics
 from sakd.training.stop_signals import TrainingStopped
@@ -233,11 +234,15 @@ class RunLoop:
             alignment_stats=self.alignment.stats,
         )
         if acc.is_main_process:
+            # a PEFT student is written with its adapters merged (into a copy)
+            model, state_dict = student_to_save(
+                self.ema.module if use_ema else self.hf_student, state_dict, self.cfg, self.tokenizer
+            )
             write_final(
                 self.run_dir,
                 summary,
                 best_step=summary.get("best_step"),
-                model=self.ema.module if use_ema else self.hf_student,
+                model=model,
                 tokenizer=self.tokenizer,
                 state_dict=state_dict,
             )
