@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from sakd.errors import TrainingError
 from sakd.evaluation.heldout import cross_tokenizer_agreement, evaluate
 from sakd.models.student import student_state
+from sakd.models.zero import built_whole
 from sakd.training import checkpoint
 from sakd.training.export import student_to_save
 from sakd.training.finish import run_summary, write_final
@@ -234,10 +235,11 @@ class RunLoop:
             alignment_stats=self.alignment.stats,
         )
         if acc.is_main_process:
-            # a PEFT student is written with its adapters merged (into a copy)
-            model, state_dict = student_to_save(
-                self.ema.module if use_ema else self.hf_student, state_dict, self.cfg, self.tokenizer
-            )
+            # a PEFT student is written with its adapters merged, into a copy built whole (not by zero.Init)
+            with built_whole(acc):
+                model, state_dict = student_to_save(
+                    self.ema.module if use_ema else self.hf_student, state_dict, self.cfg, self.tokenizer
+                )
             write_final(
                 self.run_dir,
                 summary,
