@@ -154,16 +154,18 @@ def base_from_config(config: PretrainedConfig) -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(config)
 
 
-def count_trainable(config: PretrainedConfig, pcfg: PeftConfig) -> int:
-    """Parameters a PEFT student of ``config`` trains, counted on the meta device (no memory)."""
+def adapter_counts(config: PretrainedConfig, pcfg: PeftConfig) -> tuple[int, int]:
+    """(parameters a PEFT student of ``config`` trains, linear layers that get an adapter), counted on the
+    meta device (no memory, no initialisation)."""
     from peft import get_peft_model
 
     with torch.device("meta"):
         model = get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(pcfg))
     seen: set[int] = set()
-    total = 0
+    trainable = 0
     for p in model.parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
-            total += p.numel()
-    return total
+            trainable += p.numel()
+    adapted = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
+    return trainable, adapted

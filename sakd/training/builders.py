@@ -29,7 +29,6 @@ import torch
 
 from sakd.align.setup import Alignment
 from sakd.config import ModelConfig, RunConfig, TrainingConfig
-from sakd.config.deepspeed import zero_stage
 from sakd.data import BatchPlan
 from sakd.errors import ConfigError, DataError, SetupError
 from sakd.losses import VocabBridge
@@ -100,15 +99,16 @@ def build_student(mcfg: ModelConfig, tokenizer: Any, accelerator: Any, *, seed: 
 
 
 def check_qlora(accelerator: Any) -> None:
-    """QLoRA's 4-bit base needs bitsandbytes' CUDA kernels, and cannot be partitioned by ZeRO-3."""
+    """QLoRA's 4-bit base needs bitsandbytes' CUDA kernels; DeepSpeed's engines do not handle it."""
     if accelerator.device.type != "cuda":
         raise ConfigError(
             "model.peft.quantize_base=4bit (QLoRA) needs a CUDA GPU (bitsandbytes 4-bit); use "
             "model.peft.quantize_base=none on this machine"
         )
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and zero_stage(plugin.deepspeed_config) == 3:
-        raise ConfigError("model.peft.quantize_base=4bit cannot be partitioned by ZeRO-3; use ZeRO-2 or DDP")
+    if accelerator.state.deepspeed_plugin is not None:
+        raise ConfigError(
+            "model.peft.quantize_base=4bit runs without DeepSpeed (one process or DDP); unset training.deepspeed"
+        )
 
 
 def build_batch_plan(tcfg: TrainingConfig, num_blocks: int, world_size: int) -> BatchPlan:
