@@ -9,6 +9,7 @@ build_tokenizers      model.tokenizer / teacher_tok.   the student's and the tea
 build_student         model.student, dtype, peft, ...  the Hugging Face student (whole, not ZeRO-split)
 build_batch_plan      training.batch_size / accum.     which blocks each rank reads at each step
 build_objective       distillation.*                   the objective (logit loss + auxiliary terms)
+build_teacher_signal  (the objective's needs)          the frozen teacher's per-batch signal
 build_ema             training.ema*                    the EMA of the student's weights, or None
 ====================  ===============================  ==============================================
 
@@ -38,6 +39,7 @@ from sakd.models.peft import wrap_student
 from sakd.models.zero import built_whole
 from sakd.objective.aux_terms import AuxTerms
 from sakd.objective.composite import Objective
+from sakd.teacher.signal import OnlineTeacher
 from sakd.training.ema import EMA_FILE, StudentEMA
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,19 @@ def build_objective(cfg: RunConfig, vocab_size: int, alignment: Alignment, aux: 
         bridge=VocabBridge(vocab_map=alignment.vocab_map, teacher_to_student=alignment.teacher_to_student),
         distillation=cfg.distillation,
         aux=aux,
+    )
+
+
+def build_teacher_signal(teacher: Any, alignment: Alignment, aux: AuxTerms | None) -> OnlineTeacher | None:
+    """The frozen teacher run on every batch (on its own tokens when aligned), returning what the objective
+    and its auxiliary terms read; None without a teacher."""
+    if teacher is None:
+        return None
+    return OnlineTeacher(
+        teacher,
+        aligned=alignment.aligned,
+        hidden_layers=[t for t, _ in aux.heads.feature_layers] if aux else [],
+        attention_layers=[t for _, t in aux.attention_pairs] if aux else [],
     )
 
 

@@ -39,19 +39,18 @@ from sakd.align.setup import Alignment, setup_alignment
 from sakd.config import RunConfig, dump_config
 from sakd.config.deepspeed import zero_stage
 from sakd.data import DataBundle, prepare_data
-from sakd.models.forward import hidden_and_head
 from sakd.models.student import TrainableStudent
 from sakd.models.zero import register_external_parameters
 from sakd.objective.aux_terms import build_aux_terms
 from sakd.objective.schedules import temperature_at
 from sakd.teacher.placement import load_teacher
-from sakd.teacher.signal import OnlineTeacher
 from sakd.training import checkpoint, rundir
 from sakd.training.builders import (
     build_batch_plan,
     build_ema,
     build_objective,
     build_student,
+    build_teacher_signal,
     build_tokenizers,
     needs_teacher,
 )
@@ -98,7 +97,7 @@ class Distiller(RunLoop):
             )
         self.aux_terms = build_aux_terms(cfg.distillation, student, self.teacher, self.alignment.differ)
         self.aux = None if self.aux_terms is None else self.aux_terms.heads  # trainable projections
-        self.teacher_signal = None if self.teacher is None else self._online_teacher()
+        self.teacher_signal = build_teacher_signal(self.teacher, self.alignment, self.aux_terms)
 
         self.plan = build_batch_plan(tcfg, len(self.data.train), acc.num_processes)
         self.stage_ends = stage_ends(cfg.optimization, tcfg, self.plan.steps_per_epoch)
@@ -143,15 +142,6 @@ class Distiller(RunLoop):
             )
         return data
 
-    def _online_teacher(self) -> OnlineTeacher:
-        aux = self.aux_terms
-        return OnlineTeacher(
-            self.teacher,
-            aligned=self.alignment.aligned,
-            hidden_layers=[t for t, _ in aux.heads.feature_layers] if aux else [],
-            attention_layers=[t for _, t in aux.attention_pairs] if aux else [],
-        )
-
     def _restore_state(self) -> TrainerState:
         if self.resumed_from is None:
             return TrainerState()
@@ -186,16 +176,7 @@ class Distiller(RunLoop):
         self, student: TrainableStudent, mb: dict[str, torch.Tensor], teacher_out: Any, temperature: float
     ) -> Any:
         """Student forward + objective; runs as ``TrainableStudent.forward(loss_fn=...)``."""
-        aux = self.aux_terms
-        student_out = hidden_and_head(
-            student.module,
-            student.module,
-            mb["input_ids"],
-            mb["attention_mask"],
-            hidden_layers=[s for _, s in aux.heads.feature_layers] if aux else [],
-            attention_layers=sorted({s for s, _ in aux.attention_pairs}) if aux else [],
-        )
-        return self.objective(student_out, teacher_out, mb["labels"], temperature=temperature, batch=mb)
+        return self.objective.student_loss(student.module, mb, teacher_out, temperature=temperature)
 
     def _accumulating(self, last: bool) -> Any:
         """The context of one micro-batch's backward: gradients are synchronised (and DeepSpeed steps)
