@@ -196,9 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--output", help="PNG to write (default: RUN_DIR/report.png)")
     rp.set_defaults(func=_cmd_report)
 
+    from sakd.commands import assets
     from sakd.commands import plan as plan_cli
 
     plan_cli.register(sub)
+    assets.register(sub)
 
     r = sub.add_parser(
         "config-reference", help="print every config key with its default and meaning (Markdown)"

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from sakd.config import PeftConfig
 from sakd.errors import ConfigError
+from sakd.models.gguf import gguf_config, is_gguf
 from sakd.models.peft import adapter_counts
 from sakd.models.presets import build_preset_config, is_preset
 
@@ -58,6 +59,11 @@ def model_config(
     local directory / cached hub id (read with AutoConfig, no weights)."""
     if is_preset(spec):
         return build_preset_config(spec, vocab_size=vocab_size)
+    if is_gguf(spec):
+        config = gguf_config(spec)
+        if vocab_size is not None:
+            config.vocab_size = vocab_size
+        return config
     source = str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
