@@ -110,6 +110,10 @@ class DistillationTrainer(Trainer):
         self.distillation = distillation_config(distillation)
         self.lr_multipliers = dict(lr_multipliers or {})
         tokenizer = kwargs.get("processing_class")
+        if teacher_tokenizer is not None and tokenizer is None:
+            raise ConfigError(
+                "teacher_tokenizer needs processing_class: the student's tokenizer to align it with"
+            )
         self.alignment = setup_alignment(
             self.distillation.alignment,
             tokenizer,
@@ -156,8 +160,8 @@ class DistillationTrainer(Trainer):
     def _place(self, teacher: nn.Module) -> Any:
         """Under ZeRO-3 an inference-only engine partitions the frozen teacher; otherwise it moves to the
         training device."""
-        if self._zero_stage() != 3:
-            return teacher.to(self.args.device)
+        if self._zero_stage() != 3:  # a bitsandbytes-quantized teacher is already placed (and cannot move)
+            return teacher if getattr(teacher, "is_quantized", False) else teacher.to(self.args.device)
         batch = {
             "train_micro_batch_size_per_gpu": self.args.per_device_train_batch_size,
             "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
