@@ -88,12 +88,16 @@ def _reference(make_distiller, raw: dict) -> dict:
     }
 
 
-@pytest.mark.parametrize("cross", [False, True], ids=["same-tokenizer", "cross-tokenizer"])
+@pytest.mark.parametrize(
+    ("cross", "sparse"), [(False, None), (False, "topk_tail"), (True, None)], ids=["same", "sparse", "cross"]
+)
 def test_trainer_repeats_sakd_distill(
-    tiny_run_config, make_distiller, tokenizer_dir, teacher_tokenizer_dir, tmp_path, cross
+    tiny_run_config, make_distiller, tokenizer_dir, teacher_tokenizer_dir, tmp_path, cross, sparse
 ):
     raw = copy.deepcopy(tiny_run_config)
     raw["distillation"]["feature"] = {"weight": 0.5}
+    if sparse:
+        raw["distillation"]["loss"].update(sparse=sparse, kd_top_k=16)
     if cross:
         raw["model"]["teacher_tokenizer"] = str(teacher_tokenizer_dir)
         raw["distillation"]["alignment"] = {"cache_dir": str(tmp_path / "vocab_maps")}
