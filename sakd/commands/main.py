@@ -53,7 +53,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from sakd.training.export import export_run
 
-    out = export_run(args.run_dir, args.output, step=args.step, raw=args.raw)
+    out = export_run(args.run_dir, args.output, step=args.step, raw=args.raw, adapter=args.adapter)
     print(f"exported student to {out}")
     return 0
 
@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--raw", action="store_true", help="export the trained weights, not the EMA (runs with training.ema)"
     )
+    e.add_argument(
+        "--adapter",
+        action="store_true",
+        help="PEFT students (model.peft): write the adapter alone (adapter_config.json, adapter_model.safetensors) "
+        "instead of the model with the adapter merged",
+    )
     e.set_defaults(func=_cmd_export)
 
     from sakd.commands import evaluate as eval_cli
@@ -160,11 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--output", help="PNG to write (default: RUN_DIR/report.png)")
     rp.set_defaults(func=_cmd_report)
 
-    from sakd.commands import cache_teacher
+    from sakd.commands import assets, cache_teacher
     from sakd.commands import plan as plan_cli
 
     plan_cli.register(sub)
     cache_teacher.register(sub)
+    assets.register(sub)
 
     r = sub.add_parser(
         "config-reference", help="print every config key with its default and meaning (Markdown)"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ from sakd.losses import (
     over_chunks,
     resolve_chunk_size,
 )
-from sakd.models.forward import HiddenAndHead
+from sakd.models.forward import HiddenAndHead, hidden_and_head
 from sakd.objective.aux_terms import AuxTerms
 from sakd.teacher.signal import StoredSignal
 
@@ -127,6 +128,30 @@ class Objective:
         self.bridge = bridge or VocabBridge()
         self.dcfg = distillation or DistillationConfig(loss=cfg)
         self.aux = aux
+
+    def student_loss(
+        self,
+        student: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        teacher: HiddenAndHead | None,
+        *,
+        temperature: float,
+        **objective_kwargs: Any,
+    ) -> ObjectiveOutput:
+        """The student's forward (final hidden states and head, plus the internals the auxiliary terms
+        compare) and the objective of one micro-batch: what a trainer runs inside the prepared module's
+        forward (``sakd distill`` and :class:`sakd.integrations.DistillationTrainer` alike);
+        ``objective_kwargs``: the token router's KD weights and the curriculum's multipliers."""
+        aux = self.aux
+        out = hidden_and_head(
+            student,
+            student,
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            hidden_layers=[s for _, s in aux.heads.feature_layers] if aux else [],
+            attention_layers=sorted({s for s, _ in aux.attention_pairs}) if aux else [],
+        )
+        return self(out, teacher, batch["labels"], temperature=temperature, batch=batch, **objective_kwargs)
 
     @staticmethod
     def valid_mask(labels: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,10 @@ Accounting (``P`` student parameters, ``N`` GPUs, ``m`` bytes of the master dtyp
   step; AdamW ``8·P/N``, 8-bit ``2·P/N``. Optimizer offload moves master, fp32 gradients and states
   to the CPU; ZeRO-3 parameter offload leaves only the gathered layers on the GPU. Without mixed
   precision DeepSpeed trains in fp32: weights ``4·P``, gradients ``4·P``, no master copy.
+* a PEFT student (``model.peft``): the formulas above with ``P`` for the weights but the trained
+  parameters ``P_a`` (its adapters) for everything that exists only for trained ones -- autocast's
+  copies, gradients, master copies, optimizer states -- and no output-head gradient in the loss;
+  QLoRA keeps the base's linear layers at 0.5 byte per parameter.
 * teacher: ``P_t`` × its dtype (bitsandbytes 8/4-bit: 1 / 0.5 bytes for the linear layers); a ZeRO-3
   teacher holds ``1/N`` plus its gathered layers, an offloaded one only the gathered layers.
 * activations: see :func:`layer_activation_bytes` and :func:`student_activation_bytes`; teacher
@@ -130,6 +134,7 @@ class Workload:
     teacher_quantization: str = "none"
     teacher_placement: str = "auto"  # auto | replicated | zero3
     teacher_offload: bool = False
+    student_quantization: str = "none"  # QLoRA: the frozen base in 4-bit (model.peft.quantize_base)
     chunk_size: int | str = "auto"
     aligned: bool = False  # different tokenizers: the vocabulary-bridged closed form
     with_labels: bool = True  # alpha < 1: the CE term needs its own scratch block
@@ -147,6 +152,7 @@ class Workload:
             teacher_quantization=m.teacher_quantization,
             teacher_placement=m.teacher_placement,
             teacher_offload=m.teacher_offload,
+            student_quantization=m.peft.quantize_base if m.peft.method != "none" else "none",
             chunk_size=loss.chunk_size,
             aligned=aligned,
             with_labels=loss.alpha < 1,
@@ -214,7 +220,7 @@ def layer_activation_bytes(m: ModelNumbers, act_bytes: int) -> int:
         mlp = m.experts_per_token * (2 * m.hidden + 4 * m.ffn) + 2 * m.experts
     else:
         mlp = 4 * m.ffn
-    return NORM_ELEMENTS * m.hidden * 4 + (attention + mlp) * act_bytes
+    return NORM_ELEMENTS * m.hidden * 4 + (attention + mlp + m.adapter_elements) * act_bytes
 
 
 def student_activation_bytes(
@@ -267,7 +273,8 @@ def loss_bytes(
     block = block_rows(rows, widest)
     blocks = block * (widest + (vs if w.with_labels else 0) + (BRIDGE_BLOCK_ROWS * vs if w.aligned else 0))
     workspace = (rows * (vs + vt) + blocks) * 4
-    return workspace, (tokens + student.vocab) * student.hidden * head_bytes
+    head_rows = student.vocab if student.head_trainable else 0  # a frozen head (PEFT) gets no gradient
+    return workspace, (tokens + head_rows) * student.hidden * head_bytes
 
 
 def _teacher_weight_bytes(t: ModelNumbers, w: Workload, stage: int) -> tuple[int, int]:
@@ -288,26 +295,31 @@ def _teacher_weight_bytes(t: ModelNumbers, w: Workload, stage: int) -> tuple[int
 def estimate(student: ModelNumbers, teacher: ModelNumbers | None, setup: Setup, w: Workload) -> Estimate:
     """Per-GPU memory of one setup, by component (see the module docstring for the accounting)."""
     p, n, s = student.total_params, w.num_gpus, setup.stage
+    t = student.trained  # gradients, master copies and optimizer states exist for these only
     master = DTYPE_BYTES[w.student_dtype]
     mixed = w.mixed_precision in ("fp16", "bf16")
     state_bytes = 2 if setup.optimizer == "adamw_8bit" else 2 * master  # two Adam moments
     if s == 0:
-        weights = p * master + (2 * p if mixed else 0)
-        grads = p * master * (2 if n > 1 else 1)
-        optimizer = p * state_bytes
+        # autocast caches 16-bit copies of the weights that require grad (a frozen base is re-cast per use)
+        weights = p * master + (2 * t if mixed else 0)
+        if w.student_quantization in QUANT_BYTES:  # QLoRA: linear layers in 4 bits, adapters in fp32
+            linear = p - student.embedding_params - t
+            weights = int(linear * QUANT_BYTES[w.student_quantization]) + (p - linear) * master
+        grads = t * master * (2 if n > 1 else 1)
+        optimizer = t * state_bytes
         head_bytes = master
     else:
         model_bytes = 2 if mixed else master
         gathered = 2 * student.layer_params * model_bytes  # ZeRO-3: the layer in use and the prefetched one
         sharded = gathered + (0 if setup.offload_params else p * model_bytes // n)
         weights = (sharded if s == 3 else p * model_bytes) + (
-            0 if setup.offload_optimizer or not mixed else 4 * p // n
+            0 if setup.offload_optimizer or not mixed else 4 * t // n
         )
         bucket = 2 * REDUCE_BUCKET_ELEMENTS * model_bytes
-        grads = p * model_bytes if s == 1 else p * model_bytes // n + bucket
+        grads = t * model_bytes if s == 1 else t * model_bytes // n + bucket
         if mixed and not setup.offload_optimizer:
-            grads += 4 * p // n  # the fp32 gradient partition of the step
-        optimizer = 0 if setup.offload_optimizer else p * (2 if setup.optimizer == "adamw_8bit" else 8) // n
+            grads += 4 * t // n  # the fp32 gradient partition of the step
+        optimizer = 0 if setup.offload_optimizer else t * (2 if setup.optimizer == "adamw_8bit" else 8) // n
         head_bytes = model_bytes
     act_bytes = 2 if mixed else master
     stream_bytes = master if s == 0 else act_bytes  # autocast keeps the residual stream in fp32

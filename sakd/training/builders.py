@@ -6,7 +6,7 @@ calls them in order; nothing here runs a training step.
 builder               config                           builds
 ====================  ===============================  ==============================================
 build_tokenizers      model.tokenizer / teacher_tok.   the student's and the teacher's tokenizers
-build_student         model.student, dtype, ...        the Hugging Face student (whole, not ZeRO-split)
+build_student         model.student, dtype, peft, ...  the Hugging Face student (whole, not ZeRO-split)
 build_batch_plan      training.batch_size / accum.     which blocks each rank reads at each step
 build_objective       distillation.*                   the objective (logit loss + auxiliary terms)
 build_teacher_signal  distillation.moe                 the teacher signal (plain, KA, or SAR-routed)
@@ -35,6 +35,7 @@ from sakd.errors import ConfigError, DataError, SetupError
 from sakd.losses import VocabBridge
 from sakd.models import load_model, load_tokenizer
 from sakd.models.loading import check_model_source, default_tokenizer_spec
+from sakd.models.peft import wrap_student
 from sakd.models.zero import built_whole
 from sakd.objective.aux_terms import AuxTerms
 from sakd.objective.composite import Objective
@@ -71,7 +72,11 @@ def build_tokenizers(mcfg: ModelConfig, *, use_teacher: bool) -> tuple[Any, Any 
 
 
 def build_student(mcfg: ModelConfig, tokenizer: Any, accelerator: Any, *, seed: int) -> Any:
-    """The student as a Hugging Face model, whole on every rank (the ZeRO engine partitions it later)."""
+    """The student as a Hugging Face model, whole on every rank (the ZeRO engine partitions it later);
+    with ``model.peft`` a ``peft`` model whose adapters are its only trainable parameters."""
+    qlora = mcfg.peft.method != "none" and mcfg.peft.quantize_base != "none"
+    if qlora:
+        check_qlora(accelerator)
     with built_whole(accelerator):
         student = load_model(
             mcfg.student,
@@ -80,10 +85,14 @@ def build_student(mcfg: ModelConfig, tokenizer: Any, accelerator: Any, *, seed: 
             trust_remote_code=mcfg.trust_remote_code,
             seed=seed,
             attn_implementation=mcfg.attn_implementation,
+            quantization=mcfg.peft.quantize_base if qlora else "none",
+            device=accelerator.device,
         )
     if mcfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     student.config.use_cache = False
+    if mcfg.peft.method != "none":
+        student = wrap_student(student, mcfg.peft, gradient_checkpointing=mcfg.gradient_checkpointing)
     rows = student.get_output_embeddings().weight.shape[0]
     if rows < len(tokenizer):
         raise SetupError(
@@ -91,6 +100,19 @@ def build_student(mcfg: ModelConfig, tokenizer: Any, accelerator: Any, *, seed: 
             "resize the student's embeddings"
         )
     return student
+
+
+def check_qlora(accelerator: Any) -> None:
+    """QLoRA's 4-bit base needs bitsandbytes' CUDA kernels; DeepSpeed's engines do not handle it."""
+    if accelerator.device.type != "cuda":
+        raise ConfigError(
+            "model.peft.quantize_base=4bit (QLoRA) needs a CUDA GPU (bitsandbytes 4-bit); use "
+            "model.peft.quantize_base=none on this machine"
+        )
+    if accelerator.state.deepspeed_plugin is not None:
+        raise ConfigError(
+            "model.peft.quantize_base=4bit runs without DeepSpeed (one process or DDP); unset training.deepspeed"
+        )
 
 
 def build_batch_plan(tcfg: TrainingConfig, num_blocks: int, world_size: int) -> BatchPlan:

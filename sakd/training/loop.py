@@ -21,7 +21,9 @@ from sakd.errors import TrainingError
 from sakd.evaluation.heldout import cross_tokenizer_agreement, evaluate
 from sakd.losses import resolve_chunk_size
 from sakd.models.student import student_state
+from sakd.models.zero import built_whole
 from sakd.training import checkpoint
+from sakd.training.export import student_to_save
 from sakd.training.finish import run_summary, write_final
 from sakd.training.state import memory_metrics
 from sakd.training.stop_signals import TrainingStopped
@@ -260,11 +262,16 @@ class RunLoop:
             alignment_stats=self.alignment.stats,
         )
         if acc.is_main_process:
+            # a PEFT student is written with its adapters merged, into a copy built whole (not by zero.Init)
+            with built_whole(acc):
+                model, state_dict = student_to_save(
+                    self.ema.module if use_ema else self.hf_student, state_dict, self.cfg, self.tokenizer
+                )
             write_final(
                 self.run_dir,
                 summary,
                 best_step=summary.get("best_step"),
-                model=self.ema.module if use_ema else self.hf_student,
+                model=model,
                 tokenizer=self.tokenizer,
                 state_dict=state_dict,
             )

@@ -41,7 +41,6 @@ from sakd.align.setup import Alignment, setup_alignment
 from sakd.config import RunConfig, dump_config
 from sakd.config.deepspeed import zero_stage
 from sakd.data import DataBundle, prepare_data
-from sakd.models.forward import hidden_and_head
 from sakd.models.student import TrainableStudent
 from sakd.models.zero import register_external_parameters
 from sakd.objective.aux_terms import build_aux_terms
@@ -61,7 +60,7 @@ from sakd.training.distributed import build_accelerator, check_cuda_arch
 from sakd.training.export import save_model_dir
 from sakd.training.loop import RunLoop
 from sakd.training.stages import check_stages, stage_ends, stage_optimizer
-from sakd.training.state import TrainerState, tracker_config
+from sakd.training.state import TrainerState, tracker_config, tracker_init_kwargs
 from sakd.training.stop_signals import StopSignals
 from sakd.training.student_aware import StudentAware, detached_student
 from sakd.upstream import forget_prepared
@@ -140,7 +139,11 @@ class Distiller(RunLoop):
             dump_config(cfg, self.run_dir / "config.yaml")
             save_model_dir(self.hf_student, self.tokenizer, self.run_dir / "student_config", weights=False)
         if cfg.logging.report_to != "none":
-            acc.init_trackers(cfg.logging.project, config=tracker_config(cfg))
+            acc.init_trackers(
+                cfg.logging.project,
+                config=tracker_config(cfg),
+                init_kwargs=tracker_init_kwargs(cfg.logging.report_to, self.run_dir),
+            )
 
     # ------------------------------------------------------------------------------ building
 
@@ -204,17 +207,8 @@ class Distiller(RunLoop):
     ) -> Any:
         """Student forward + objective; runs as ``TrainableStudent.forward(loss_fn=...)``
         (``objective_kwargs``: the token router's KD weights and the curriculum's multipliers)."""
-        aux = self.aux_terms
-        student_out = hidden_and_head(
-            student.module,
-            student.module,
-            mb["input_ids"],
-            mb["attention_mask"],
-            hidden_layers=[s for _, s in aux.heads.feature_layers] if aux else [],
-            attention_layers=sorted({s for s, _ in aux.attention_pairs}) if aux else [],
-        )
-        return self.objective(
-            student_out, teacher_out, mb["labels"], temperature=temperature, batch=mb, **objective_kwargs
+        return self.objective.student_loss(
+            student.module, mb, teacher_out, temperature=temperature, **objective_kwargs
         )
 
     def _accumulating(self, last: bool) -> Any:
