@@ -17,7 +17,7 @@ LAYERS = [
     {"models"},
     {"teacher"},
     {"objective"},
-    {"evaluation"},
+    {"evaluation", "policy"},
     {"training", "planner"},
     {"commands", "cli", "__init__"},
 ]

@@ -2,6 +2,7 @@
 overrides, validation, dump), :mod:`.legacy_keys` (the old system's flat keys), :mod:`.deepspeed`
 (DeepSpeed JSON configs filled from ours) and :mod:`.reference` (the README table)."""
 
+from sakd.config.generation import POLICIES, GenerationConfig
 from sakd.config.loader import dump_config, load_config, parse_override, read_config_file, to_dict, validate
 from sakd.config.schema import (
     AlignmentConfig,
@@ -29,10 +30,12 @@ __all__ = [
     "DataConfig",
     "DistillationConfig",
     "FeatureConfig",
+    "GenerationConfig",
     "LoggingConfig",
     "LossConfig",
     "ModelConfig",
     "OptimizationConfig",
+    "POLICIES",
     "RunConfig",
     "StageConfig",
     "TrainingConfig",

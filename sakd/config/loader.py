@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from sakd.config.generation import check_generation
 from sakd.config.legacy_keys import SEED_EXTRA_KEYS, SEED_KEY_MAP, SEED_KEYS_NOT_YET_SUPPORTED, seed_key_value
 from sakd.config.schema import SECTIONS, RunConfig, all_keys, field_types, is_dataclass_type
 from sakd.errors import ConfigError
@@ -270,6 +271,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             "distillation.loss.temperature_schedule needs distillation.loss.min_temperature (the final temperature)"
         )
+    check_generation(cfg.distillation.policy, cfg.distillation.generation, cfg.data.block_size)
     if cfg.distillation.contrastive.weight > 0 and cfg.training.batch_size < 2:
         raise ConfigError(
             "distillation.contrastive needs training.batch_size >= 2: its negatives are the other sequences "

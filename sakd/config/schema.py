@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from sakd.config.generation import POLICIES, GenerationConfig
+
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
     """A dataclass field with a help string and optional range checks."""
@@ -199,6 +201,18 @@ class DistillationConfig:
     )
     contrastive: ContrastiveConfig = field(
         default_factory=ContrastiveConfig, metadata={"help": "Sequence-level contrastive loss."}
+    )
+    policy: str = _f(
+        "off",
+        "Whose text the student learns on: off (the data: off-policy KD), on (its own samples of prompts, "
+        "scored by the teacher: on-policy KD, the divergence on the generated tokens only), mixed (a share "
+        "generation.fraction of steps on-policy: GKD), sequence (the teacher's samples: sequence-level KD). "
+        "See distillation.generation.",
+        choices=list(POLICIES),
+    )
+    generation: GenerationConfig = field(
+        default_factory=GenerationConfig,
+        metadata={"help": "Sampling, prompts and evaluation of on-policy / sequence-level distillation."},
     )
 
 

@@ -209,6 +209,7 @@ class RunLoop:
                 self._stop(saved_step)
         bar.close()
         final_eval = self.evaluate()
+        final_eval.update(self.score_continuations())  # the teacher on what the student writes (sakd/policy)
         self._log({"step": s.step, **{f"eval_{k}": v for k, v in final_eval.items()}})
         if s.stop_reason is None:  # the last step may be the best
             s.track_best(final_eval["loss"], tcfg.early_stopping_patience, tcfg.early_stopping_min_delta)

@@ -44,6 +44,7 @@ from sakd.models.student import TrainableStudent
 from sakd.models.zero import register_external_parameters
 from sakd.objective.aux_terms import build_aux_terms
 from sakd.objective.schedules import temperature_at
+from sakd.policy import Models, build_continuations, build_policy
 from sakd.teacher.placement import load_teacher
 from sakd.teacher.signal import OnlineTeacher
 from sakd.training import checkpoint, rundir
@@ -113,6 +114,11 @@ class Distiller(RunLoop):
         if self.zero_stage == 3:
             register_external_parameters(trainable, student.get_output_embeddings(), self.aux)
         self.objective = build_objective(cfg, self.vocab_size, self.alignment, self.aux_terms)
+        models = Models.of_run(
+            self
+        )  # distillation.policy: on-policy / sequence-level steps, their evaluation
+        self.policy = build_policy(cfg, self.objective, models, self.plan, acc)
+        self.continuations = build_continuations(cfg, models, self.data.eval, acc)
         self.state = self._restore_state()
         self.ema = build_ema(tcfg, self.hf_student, self.resumed_from, self.zero_stage)
         skips = getattr(self.student, "skipped_steps", None)  # a DeepSpeed engine's (restored) count
@@ -152,6 +158,14 @@ class Distiller(RunLoop):
             attention_layers=[t for _, t in aux.attention_pairs] if aux else [],
         )
 
+    def score_continuations(self) -> dict[str, float]:
+        """The teacher's loss on the student's own continuations of held-out prompts (sakd/policy); the EMA's
+        with training.eval_with_ema; empty when generation.eval_prompts resolves to 0."""
+        if self.continuations is None:
+            return {}
+        use_ema = self.ema is not None and self.cfg.training.eval_with_ema
+        return self.continuations(self.ema.module if use_ema else None)
+
     def _restore_state(self) -> TrainerState:
         if self.resumed_from is None:
             return TrainerState()
@@ -183,9 +197,16 @@ class Distiller(RunLoop):
         return [{k: v.to(self.accelerator.device) for k, v in self.data.train_batch(i).items()} for i in idx]
 
     def _student_loss(
-        self, student: TrainableStudent, mb: dict[str, torch.Tensor], teacher_out: Any, temperature: float
+        self,
+        student: TrainableStudent,
+        mb: dict[str, torch.Tensor],
+        teacher_out: Any,
+        temperature: float,
+        objective: Any = None,
     ) -> Any:
-        """Student forward + objective; runs as ``TrainableStudent.forward(loss_fn=...)``."""
+        """Student forward + objective (the run's, or an on-policy step's); runs as
+        ``TrainableStudent.forward(loss_fn=...)``."""
+        objective = objective or self.objective
         aux = self.aux_terms
         student_out = hidden_and_head(
             student.module,
@@ -195,7 +216,7 @@ class Distiller(RunLoop):
             hidden_layers=[s for _, s in aux.heads.feature_layers] if aux else [],
             attention_layers=sorted({s for s, _ in aux.attention_pairs}) if aux else [],
         )
-        return self.objective(student_out, teacher_out, mb["labels"], temperature=temperature, batch=mb)
+        return objective(student_out, teacher_out, mb["labels"], temperature=temperature, batch=mb)
 
     def _accumulating(self, last: bool) -> Any:
         """The context of one micro-batch's backward: gradients are synchronised (and DeepSpeed steps)
@@ -214,7 +235,15 @@ class Distiller(RunLoop):
         """One optimizer step over this rank's micro-batches; returns step metrics (global means)."""
         acc = self.accelerator
         temperature = temperature_at(self.cfg.distillation.loss, self.state.step, self.total_steps)
-        local_tokens = sum(int(self.objective.valid_mask(mb["labels"]).sum()) for mb in micro_batches)
+        # distillation.policy (sakd/policy): on an on-policy / sequence-level step the blocks' prompts are
+        # continued by the student / the teacher and the step trains on that text, with the step's objective
+        rollout = None if self.policy is None else self.policy.rollout(micro_batches, self.state.step)
+        objective, use_teacher, extra = self.objective, self.teacher_signal is not None, {}
+        if rollout is not None:
+            micro_batches, objective, extra = rollout.micro_batches, rollout.objective, rollout.metrics
+            use_teacher = use_teacher and rollout.teacher_needed
+            self.state.count_generation(extra)
+        local_tokens = sum(int(objective.valid_mask(mb["labels"]).sum()) for mb in micro_batches)
         global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum").item())
         if global_tokens == 0:
             raise RuntimeError("an optimizer step has no valid target tokens")
@@ -224,13 +253,12 @@ class Distiller(RunLoop):
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with self._accumulating(last):
-                teacher_out = None if self.teacher_signal is None else self.teacher_signal(mb)
+                teacher_out = self.teacher_signal(mb) if use_teacher else None
                 # the student forward and the loss run inside the wrapped module (module docstring)
-                out = self.student(
-                    loss_fn=partial(
-                        self._student_loss, mb=mb, teacher_out=teacher_out, temperature=temperature
-                    )
-                )
+                loss_fn = partial(self._student_loss, mb=mb, teacher_out=teacher_out, temperature=temperature)
+                if rollout is not None:
+                    loss_fn = partial(loss_fn, objective=objective)
+                out = self.student(loss_fn=loss_fn)
                 for k, v in out.component_sums.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().double()
                 if not self._all_finite(out.loss_sum):  # decided before backward, on every rank alike
@@ -262,7 +290,7 @@ class Distiller(RunLoop):
             k: float(v) / global_tokens for k, v in zip(keys, totals.tolist(), strict=True)
         }
         metrics.update(temperature=temperature, tokens=global_tokens, scaler_skipped=scaler_skipped)
-        metrics.update(grad_norm=grad_norm, micro_batches=len(micro_batches))
+        metrics.update(grad_norm=grad_norm, micro_batches=len(micro_batches), **extra)
         if not finite:
             ids = torch.cat([mb["sample_ids"].reshape(-1) for mb in micro_batches if "sample_ids" in mb])
             metrics["skipped_sample_ids"] = acc.gather(ids).tolist() if len(ids) else []
