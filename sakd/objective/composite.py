@@ -36,6 +36,7 @@ from sakd.losses import (
     over_chunks,
 )
 from sakd.models.forward import HiddenAndHead
+from sakd.models.zero import is_partitioned
 from sakd.objective.aux_terms import AuxTerms
 
 IGNORE_INDEX = -100
@@ -160,7 +161,11 @@ class Objective:
                 reduction="sum",
             )
 
-        recompute = torch.is_grad_enabled() and rows.hidden.requires_grad
+        # a ZeRO-3 head is released after the forward and not gathered again for a recomputation in backward
+        # (the prepared module returns no tensors DeepSpeed could hook): keep the chunks' logits instead
+        recompute = (
+            torch.is_grad_enabled() and rows.hidden.requires_grad and not is_partitioned(rows.head.weight)
+        )
         ce = over_chunks(chunk_ce, rows.hidden.shape[0], self.cfg.chunk_size, recompute=recompute)
         ce = ce.float() if ce.dtype != torch.float64 else ce
         d = ce.detach()

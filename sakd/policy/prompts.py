@@ -45,7 +45,7 @@ class Prompts:
         self.file_ids: list[list[int]] | None = None
         self.plan: BatchPlan | None = None
         if gcfg.prompts != "train":
-            texts = load_text_dataset(gcfg.prompts, text_field=gcfg.prompt_field)["text"]
+            texts = list(load_text_dataset(gcfg.prompts, text_field=gcfg.prompt_field)["text"])
             enc = generator_tokenizer(texts, add_special_tokens=False)["input_ids"]
             self.file_ids = [ids[-self.length :] for ids in enc if ids]
             self.plan = BatchPlan(
