@@ -17,8 +17,10 @@ pytestmark = pytest.mark.multiprocess
 STEPS, MICRO = 3, 2
 
 
-def _recipe(tiny_run_config: dict, out, policy: str = "on", **training) -> dict:
+def _recipe(tiny_run_config: dict, out, policy: str = "on", teacher_tokenizer=None, **training) -> dict:
     raw = copy.deepcopy(tiny_run_config)
+    if teacher_tokenizer is not None:
+        raw["model"]["teacher_tokenizer"] = str(teacher_tokenizer)
     raw["optimization"]["learning_rate"] = 3e-3
     raw["distillation"]["loss"].update(kind="jsd", beta=0.5, temperature=1.0)
     raw["distillation"]["policy"] = policy
@@ -38,9 +40,26 @@ def _single(raw: dict, out) -> dict:
 
 
 @pytest.fixture(scope="module")
+def teacher_tokenizer(corpus, tmp_path_factory):
+    from sakd.commands.demo import train_tokenizer
+
+    return train_tokenizer(corpus, tmp_path_factory.mktemp("ttok") / "teacher", 700)
+
+
+@pytest.fixture(scope="module")
 def reference(tiny_run_config_module, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     return _single(_recipe(tiny_run_config_module, out, gradient_accumulation_steps=2), out)
+
+
+@pytest.fixture(scope="module")
+def cross_reference(tiny_run_config_module, teacher_tokenizer, tmp_path_factory):
+    """One process, the teacher with its own tokenizer: the student's samples re-tokenized and aligned."""
+    out = tmp_path_factory.mktemp("single_cross")
+    raw = _recipe(
+        tiny_run_config_module, out, teacher_tokenizer=teacher_tokenizer, gradient_accumulation_steps=2
+    )
+    return _single(raw, out)
 
 
 def _check(ranks: list[dict], reference: dict, run, atol: float) -> None:
@@ -61,28 +80,46 @@ def _check(ranks: list[dict], reference: dict, run, atol: float) -> None:
     assert got["greedy"]["teacher_nll"] == pytest.approx(ref["greedy"]["teacher_nll"], rel=1e-4)
 
 
-def test_on_policy_ddp_two_cpu_ranks(tiny_run_config_module, reference, tmp_path):
-    ranks = _launch(_recipe(tiny_run_config_module, tmp_path), tmp_path)
+def test_on_policy_ddp_two_cpu_ranks_across_tokenizers(
+    tiny_run_config_module, teacher_tokenizer, cross_reference, tmp_path
+):
+    ranks = _launch(_recipe(tiny_run_config_module, tmp_path, teacher_tokenizer=teacher_tokenizer), tmp_path)
     assert ranks[0]["zero_stage"] == -1
-    _check(ranks, reference, tmp_path / "run", atol=1e-6)
+    assert (
+        ranks[0]["summary"]["alignment"]["student_vocab"] != ranks[0]["summary"]["alignment"]["teacher_vocab"]
+    )
+    _check(ranks, cross_reference, tmp_path / "run", atol=1e-6)
 
 
-def test_on_policy_zero3_two_cpu_ranks(tiny_run_config_module, reference, tmp_path):
-    raw = _recipe(tiny_run_config_module, tmp_path, deepspeed=str(ROOT / "ds_configs/zero3.json"))
+@pytest.mark.slow  # the ZeRO-2 student generates unwrapped, as under DDP (tested above in the default tier)
+def test_on_policy_zero2_two_cpu_ranks(tiny_run_config_module, reference, tmp_path):
+    raw = _recipe(tiny_run_config_module, tmp_path, deepspeed=str(ROOT / "ds_configs/zero2.json"))
+    ranks = _launch(raw, tmp_path)
+    assert ranks[0]["zero_stage"] == 2
+    _check(ranks, reference, tmp_path / "run", atol=1e-5)
+
+
+def test_on_policy_zero3_two_cpu_ranks_across_tokenizers(
+    tiny_run_config_module, teacher_tokenizer, cross_reference, tmp_path
+):
+    raw = _recipe(
+        tiny_run_config_module,
+        tmp_path,
+        teacher_tokenizer=teacher_tokenizer,
+        deepspeed=str(ROOT / "ds_configs/zero3.json"),
+    )
     ranks = _launch(raw, tmp_path)
     assert ranks[0]["zero_stage"] == 3 and ranks[0]["teacher_placement"] == "zero3"
     (m0, full), (m1, _) = ranks[0]["student_held"], ranks[1]["student_held"]
     assert m0 < 0.6 * full and m1 < 0.6 * full  # partitioned again after each gathered generation
-    _check(ranks, reference, tmp_path / "run", atol=1e-5)
+    _check(ranks, cross_reference, tmp_path / "run", atol=1e-5)
 
 
-@pytest.mark.slow
 def test_sequence_level_zero3_teacher_writes_with_synced_ranks(tiny_run_config_module, tmp_path):
-    """The ZeRO-3 teacher engine writes (each of its forwards a collective, ranks kept in step)."""
-    single = _single(
-        _recipe(tiny_run_config_module, tmp_path / "one", "sequence", gradient_accumulation_steps=2),
-        tmp_path / "one",
-    )
+    """The ZeRO-3 teacher engine writes (each of its forwards a collective, ranks kept in step); the student
+    learns on it with CE only (alpha = 0 under ZeRO-3)."""
+    one = tmp_path / "one"
+    single = _single(_recipe(tiny_run_config_module, one, "sequence", gradient_accumulation_steps=2), one)
     raw = _recipe(tiny_run_config_module, tmp_path, "sequence", deepspeed=str(ROOT / "ds_configs/zero3.json"))
     ranks = _launch(raw, tmp_path)
     assert ranks[0]["teacher_placement"] == "zero3"

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from sakd.errors import SakdError
 
@@ -72,20 +73,42 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
     if args.max_blocks:
         blocks = blocks.select(range(min(args.max_blocks, len(blocks))))
-    teacher = None
+    teacher = teacher_tok = None
     if args.teacher:
-        teacher = load_model(args.teacher, tokenizer=tokenizer).eval()
-        if load_tokenizer(args.teacher).get_vocab() != tokenizer.get_vocab():
-            raise ValueError("teacher agreement needs the teacher to share the student's tokenizer")
+        teacher_tok = load_tokenizer(args.teacher)
+        teacher = load_model(args.teacher, tokenizer=teacher_tok).eval()
+    same_vocab = teacher_tok is not None and teacher_tok.get_vocab() == tokenizer.get_vocab()
     result = evaluate(
         model.eval(),
         blocks.with_format("torch"),
         batch_size=args.batch_size,
-        teacher=teacher,
+        teacher=teacher if same_vocab else None,  # top-1 agreement needs one vocabulary
         vocab_size=len(tokenizer),
     )
+    if teacher is not None and args.prompts:  # the teacher on what the student writes (sakd/policy)
+        result.update(
+            _continuations(args, model, teacher, tokenizer, None if same_vocab else teacher_tok, blocks)
+        )
     print(json.dumps(result, indent=1))
     return 0
+
+
+def _continuations(
+    args: argparse.Namespace, model: Any, teacher: Any, tokenizer: Any, teacher_tok: Any, blocks: Any
+) -> dict[str, float]:
+    from sakd.policy import ContinuationSpec, heldout_prompts, score_continuations
+
+    spec = ContinuationSpec(
+        heldout_prompts(blocks["input_ids"], args.prompts, args.prompt_tokens),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    return score_continuations(
+        model, teacher, spec, student_tokenizer=tokenizer, teacher_tokenizer=teacher_tok
+    )
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -163,10 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.set_defaults(func=_cmd_export)
 
-    v = sub.add_parser("eval", help="held-out perplexity of a model directory (and agreement with a teacher)")
+    v = sub.add_parser(
+        "eval",
+        help="held-out perplexity of a model directory (and, with a teacher, its loss on the model's own text)",
+        description="Held-out loss and perplexity. With --teacher: top-1 agreement (same tokenizer) and the "
+        "teacher's loss on the model's greedy and sampled continuations of held-out prompts (cont_*; any "
+        "tokenizer: the text is re-tokenized for the teacher).",
+    )
     v.add_argument("model_dir", help="a Hugging Face model directory (with tokenizer files)")
     v.add_argument("--data", required=True, help="text file (.txt/.jsonl/.parquet)")
-    v.add_argument("--teacher", help="teacher directory sharing the tokenizer: adds top-1 agreement")
+    v.add_argument("--teacher", help="teacher model directory (with its tokenizer)")
+    v.add_argument(
+        "--prompts", type=int, default=16, help="held-out prompts to continue (0: skip; default 16)"
+    )
+    v.add_argument("--prompt-tokens", type=int, default=32, help="prompt length: a block's first tokens")
+    v.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
+    v.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of cont_sampled_*")
+    v.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of cont_sampled_*")
+    v.add_argument("--seed", type=int, default=0, help="seed of the sampled continuations")
     v.add_argument("--text-field", default="text")
     v.add_argument("--block-size", type=int, default=256)
     v.add_argument("--batch-size", type=int, default=8)
