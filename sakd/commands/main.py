@@ -132,6 +132,32 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval_parser(sub: Any) -> None:
+    v = sub.add_parser(
+        "eval",
+        help="held-out perplexity of a model directory (and, with a teacher, its loss on the model's own text)",
+        description="Held-out loss and perplexity. With --teacher: top-1 agreement (same tokenizer) and the "
+        "teacher's loss on the model's greedy and sampled continuations of held-out prompts (cont_*; any "
+        "tokenizer: the text is re-tokenized for the teacher).",
+    )
+    v.add_argument("model_dir", help="a Hugging Face model directory (with tokenizer files)")
+    v.add_argument("--data", required=True, help="text file (.txt/.jsonl/.parquet)")
+    v.add_argument("--teacher", help="teacher model directory (with its tokenizer)")
+    v.add_argument(
+        "--prompts", type=int, default=16, help="held-out prompts to continue (0: skip; default 16)"
+    )
+    v.add_argument("--prompt-tokens", type=int, default=32, help="prompt length: a block's first tokens")
+    v.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
+    v.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of cont_sampled_*")
+    v.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of cont_sampled_*")
+    v.add_argument("--seed", type=int, default=0, help="seed of the sampled continuations")
+    v.add_argument("--text-field", default="text")
+    v.add_argument("--block-size", type=int, default=256)
+    v.add_argument("--batch-size", type=int, default=8)
+    v.add_argument("--max-blocks", type=int, default=None)
+    v.set_defaults(func=_cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sakd",
@@ -186,29 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.set_defaults(func=_cmd_export)
 
-    v = sub.add_parser(
-        "eval",
-        help="held-out perplexity of a model directory (and, with a teacher, its loss on the model's own text)",
-        description="Held-out loss and perplexity. With --teacher: top-1 agreement (same tokenizer) and the "
-        "teacher's loss on the model's greedy and sampled continuations of held-out prompts (cont_*; any "
-        "tokenizer: the text is re-tokenized for the teacher).",
-    )
-    v.add_argument("model_dir", help="a Hugging Face model directory (with tokenizer files)")
-    v.add_argument("--data", required=True, help="text file (.txt/.jsonl/.parquet)")
-    v.add_argument("--teacher", help="teacher model directory (with its tokenizer)")
-    v.add_argument(
-        "--prompts", type=int, default=16, help="held-out prompts to continue (0: skip; default 16)"
-    )
-    v.add_argument("--prompt-tokens", type=int, default=32, help="prompt length: a block's first tokens")
-    v.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
-    v.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of cont_sampled_*")
-    v.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of cont_sampled_*")
-    v.add_argument("--seed", type=int, default=0, help="seed of the sampled continuations")
-    v.add_argument("--text-field", default="text")
-    v.add_argument("--block-size", type=int, default=256)
-    v.add_argument("--batch-size", type=int, default=8)
-    v.add_argument("--max-blocks", type=int, default=None)
-    v.set_defaults(func=_cmd_eval)
+    _add_eval_parser(sub)
 
     b = sub.add_parser(
         "bench",
