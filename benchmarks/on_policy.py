@@ -177,17 +177,9 @@ def heldout_bpb(model_dir: str, setup: dict[str, Any], tokenizer_dir: str) -> fl
     return nats / math.log(2) / total
 
 
-def _rates(run: Path) -> dict[str, float]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r]
-    gen = [r for r in steps if r.get("policy_step")]
-    return {
-        "policy_steps": len(gen),
-        "gen_tokens_per_s": statistics.fmean(r["gen_tokens_per_s"] for r in gen) if gen else 0.0,
-    }
-
-
-def run_method(setup, method, seeds, budget_s, out) -> list[dict[str, Any]]:
+def run_method(
+    setup: dict[str, Any], method: str, seeds: list[int], budget_s: float, out: Path
+) -> list[dict[str, Any]]:
     pilot = train(recipe(setup, method, seeds[0], 12, out / f"{method}-pilot"))
     per_step = pilot["train_seconds"] / pilot["steps"]
     steps = max(20, int(budget_s / per_step))
@@ -212,7 +204,10 @@ def run_method(setup, method, seeds, budget_s, out) -> list[dict[str, Any]]:
                 "greedy_tokens": cont["greedy"]["tokens"],
                 "sampled_teacher_nll": cont["sampled"]["teacher_nll"],
                 "sampled_teacher_bpb": cont["sampled"]["teacher_bpb"],
-                **_rates(run),
+                "gen_tokens_per_s": summary.get("generated_tokens", 0)
+                / max(summary.get("generation_seconds", 0), 1e-9),
+                "gen_share": summary.get("generation_seconds", 0.0) / summary["train_seconds"],
+                "seconds_per_step": summary["train_seconds"] / summary["steps"],
             }
         )
         print(json.dumps(results[-1]), flush=True)
@@ -220,26 +215,48 @@ def run_method(setup, method, seeds, budget_s, out) -> list[dict[str, Any]]:
     return results
 
 
-def _mean_sd(values: list[float]) -> str:
+def teacher_reference(setup: dict[str, Any]) -> dict[str, float]:
+    """The teacher scoring its own continuations of the held-out prompts (in its own tokens): the floor the
+    students' ``teacher_bpb`` is read against."""
+    from transformers import AutoModelForCausalLM
+
+    from sakd.policy import ContinuationSpec, heldout_prompts, score_continuations
+
+    tok = load_tokenizer(setup["teacher_tokenizer"])
+    cfg, _ = load_config({"data": {"train": setup["heldout"], "eval": setup["heldout"], "block_size": 128}})
+    blocks = prepare_data(cfg.data, tok, 0).eval
+    spec = ContinuationSpec(
+        heldout_prompts(blocks["input_ids"], GENERATION["eval_prompts"], GENERATION["prompt_tokens"]),
+        max_new_tokens=GENERATION["max_new_tokens"],
+        temperature=GENERATION["temperature"],
+        batch_size=BUDGET["batch_size"],
+    )
+    teacher = AutoModelForCausalLM.from_pretrained(setup["teacher"]).eval()
+    return score_continuations(teacher, teacher, spec, student_tokenizer=tok)
+
+
+def _mean_sd(values: list[float], digits: int = 3) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def table(results: list[dict[str, Any]]) -> str:
     cols = [
-        ("heldout_bpb", "held-out bits/byte"),
-        ("greedy_teacher_nll", "teacher NLL, greedy (nats/token)"),
-        ("sampled_teacher_nll", "teacher NLL, sampled (nats/token)"),
-        ("steps", "steps"),
-        ("train_seconds", "train s"),
-        ("loss_tokens_per_s", "trained tok/s"),
-        ("gen_tokens_per_s", "generated tok/s"),
+        ("heldout_bpb", "held-out bits/byte", 3),
+        ("greedy_teacher_nll", "teacher NLL on greedy (nats/token)", 3),
+        ("sampled_teacher_nll", "teacher NLL on samples (nats/token)", 3),
+        ("greedy_tokens", "greedy length", 1),
+        ("steps", "steps", 0),
+        ("seconds_per_step", "s/step", 3),
+        ("loss_tokens_per_s", "trained tok/s", 0),
+        ("gen_tokens_per_s", "generated tok/s", 0),
+        ("gen_share", "share of time generating", 2),
     ]
-    lines = ["| method | " + " | ".join(c for _, c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines = ["| method | " + " | ".join(c for _, c, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
     for method in METHODS:
         rows = [r for r in results if r["method"] == method]
         if rows:
-            cells = [_mean_sd([float(r[k]) for r in rows]) for k, _ in cols]
+            cells = [_mean_sd([float(r[k]) for r in rows], d) for k, _, d in cols]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -261,6 +278,7 @@ def main() -> None:
     t0 = time.perf_counter()
     setup = prepare(args.out, args.corpus)
     setup["teacher_heldout_bpb"] = heldout_bpb(setup["teacher"], setup, setup["teacher_tokenizer"])
+    setup["teacher_own_continuations"] = teacher_reference(setup)
     print(json.dumps(setup), flush=True)
     results = []
     for method in args.methods:
