@@ -124,3 +124,43 @@ def test_sequence_level_zero3_teacher_writes_with_synced_ranks(tiny_run_config_m
     ranks = _launch(raw, tmp_path)
     assert ranks[0]["teacher_placement"] == "zero3"
     _check(ranks, single, tmp_path / "run", atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "launcher,zero",
+    [("deepspeed", "3"), pytest.param("accelerate", "2", marks=pytest.mark.slow)],
+    ids=["ds-zero3", "acc-zero2"],
+)
+def test_launch_script_switches_to_on_policy_with_one_key(corpus, tokenizer_dir, tmp_path, launcher, zero):
+    """launch/multi_gpu.sh as shipped, the recipe switched by `distillation.policy=on` alone."""
+    import os
+    import subprocess
+    import sys
+
+    from test_launch_runs import _free_port, _tiny
+
+    run = tmp_path / "run"
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "RECIPE": "sakd/recipes/demo.yaml",
+        "ZERO": zero,
+        "LAUNCHER": launcher,
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
+    keys = ["distillation.policy=on", "distillation.generation.prompt_tokens=8"]
+    keys += ["distillation.generation.max_new_tokens=8", "distillation.generation.eval_prompts=2"]
+    proc = subprocess.run(
+        [str(ROOT / "launch" / "multi_gpu.sh"), "2", str(run), *_tiny(corpus, tokenizer_dir), *keys],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    # 2 steps x 2 ranks x 2 prompts x at most 8 generated tokens, every one of them carrying the loss
+    assert summary["steps"] == 2 and 0 < summary["generated_tokens"] <= 2 * 2 * 2 * 8
+    assert summary["tokens_seen"] == summary["generated_tokens"]  # one tokenizer: each written token is a target
+    assert summary["student_continuations"]["prompts"] == 2
