@@ -205,7 +205,8 @@ class DistillationConfig:
     policy: str = _f(
         "off",
         "Whose text the student learns on: off (the data: off-policy KD), on (its own samples of prompts, "
-        "scored by the teacher: on-policy KD, the divergence on the generated tokens only), mixed (a share "
+        "scored by the teacher: on-policy KD, the divergence of distillation.loss on the generated tokens "
+        "only, with alpha = 1 on those steps), mixed (a share "
         "generation.fraction of steps on-policy: GKD), sequence (the teacher's samples: sequence-level KD). "
         "See distillation.generation.",
         choices=list(POLICIES),
