@@ -17,8 +17,9 @@ LAYERS = [
     {"models"},
     {"teacher"},
     {"objective"},
-    {"evaluation"},
+    {"evaluation", "policy"},
     {"training", "planner"},
+    {"integrations"},
     {"commands", "cli", "__init__"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}

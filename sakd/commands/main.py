@@ -40,11 +40,11 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sakd.commands.demo import run_demo
 
-    summary = run_demo(args.output_dir, args.data)
+    summary = run_demo(args.output_dir, args.data, sample_by=args.sample_by)
     print(json.dumps(summary, indent=1))
     print(
-        f"sakd demo: {summary['verdict']} (teacher ppl {summary['teacher_ppl']:.2f}, KD student "
-        f"{summary['kd_student_ppl']:.2f}, CE student {summary['ce_student_ppl']:.2f}); "
+        f"sakd demo: {summary['verdict']} (held-out bits per byte: teacher {summary['teacher_bpb']:.3f}, KD "
+        f"student {summary['kd_student_bpb']:.3f}, CE student {summary['ce_student_bpb']:.3f}); "
         f"{summary['total_seconds']:.0f} s; student at {summary['student_dir']}"
     )
     return 0
@@ -53,38 +53,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from sakd.training.export import export_run
 
-    out = export_run(args.run_dir, args.output, step=args.step, raw=args.raw)
+    out = export_run(args.run_dir, args.output, step=args.step, raw=args.raw, adapter=args.adapter)
     print(f"exported student to {out}")
-    return 0
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from sakd.data import DataError, load_text_dataset, pack
-    from sakd.evaluation.heldout import evaluate
-    from sakd.models import load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(args.model_dir)
-    model = load_model(args.model_dir, tokenizer=tokenizer)
-    blocks = pack(load_text_dataset(args.data, text_field=args.text_field), tokenizer, args.block_size)
-    if len(blocks) == 0:
-        raise DataError(
-            f"{args.data} is shorter than one block of {args.block_size} tokens; lower --block-size"
-        )
-    if args.max_blocks:
-        blocks = blocks.select(range(min(args.max_blocks, len(blocks))))
-    teacher = None
-    if args.teacher:
-        teacher = load_model(args.teacher, tokenizer=tokenizer).eval()
-        if load_tokenizer(args.teacher).get_vocab() != tokenizer.get_vocab():
-            raise ValueError("teacher agreement needs the teacher to share the student's tokenizer")
-    result = evaluate(
-        model.eval(),
-        blocks.with_format("torch"),
-        batch_size=args.batch_size,
-        teacher=teacher,
-        vocab_size=len(tokenizer),
-    )
-    print(json.dumps(result, indent=1))
     return 0
 
 
@@ -144,8 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a corpus, train a tokenizer, pretrain a tiny MoE teacher (cached), "
         "distill a tiny dense student and a CE-only baseline, report perplexities.",
     )
+    m.add_argument("--data", help="use this local text file instead of the generated corpus")
     m.add_argument(
-        "--data", help="use this local text file (one document per line) instead of the generated corpus"
+        "--sample-by",
+        choices=["document", "paragraph", "line"],
+        help="what one document of --data is (default: document, as data.sample_by; the generated "
+        "corpus is one document per line)",
     )
     m.add_argument(
         "--output-dir", default="runs/demo", help="where the demo writes its runs (default: runs/demo)"
@@ -161,17 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--raw", action="store_true", help="export the trained weights, not the EMA (runs with training.ema)"
     )
+    e.add_argument(
+        "--adapter",
+        action="store_true",
+        help="PEFT students (model.peft): write the adapter alone (adapter_config.json, adapter_model.safetensors) "
+        "instead of the model with the adapter merged",
+    )
     e.set_defaults(func=_cmd_export)
 
-    v = sub.add_parser("eval", help="held-out perplexity of a model directory (and agreement with a teacher)")
-    v.add_argument("model_dir", help="a Hugging Face model directory (with tokenizer files)")
-    v.add_argument("--data", required=True, help="text file (.txt/.jsonl/.parquet)")
-    v.add_argument("--teacher", help="teacher directory sharing the tokenizer: adds top-1 agreement")
-    v.add_argument("--text-field", default="text")
-    v.add_argument("--block-size", type=int, default=256)
-    v.add_argument("--batch-size", type=int, default=8)
-    v.add_argument("--max-blocks", type=int, default=None)
-    v.set_defaults(func=_cmd_eval)
+    from sakd.commands import evaluate as eval_cli
+
+    eval_cli.register(sub)
 
     b = sub.add_parser(
         "bench",
@@ -194,9 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--output", help="PNG to write (default: RUN_DIR/report.png)")
     rp.set_defaults(func=_cmd_report)
 
+    from sakd.commands import assets, cache_teacher
     from sakd.commands import plan as plan_cli
 
     plan_cli.register(sub)
+    cache_teacher.register(sub)
+    assets.register(sub)
 
     r = sub.add_parser(
         "config-reference", help="print every config key with its default and meaning (Markdown)"

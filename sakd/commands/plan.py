@@ -24,7 +24,7 @@ from sakd.planner.estimate import (
     estimate,
     rank,
 )
-from sakd.planner.sizes import ModelNumbers, model_numbers
+from sakd.planner.sizes import ModelNumbers, model_config, model_numbers, with_adapters
 
 
 def parse_memory(text: str) -> int:
@@ -135,7 +135,7 @@ def _row(label: str, e: Estimate, budget: int) -> str:
 
 
 def _header() -> str:
-    short = ("teach_w", "stud_w", "grads", "optim", "act", "t_act", "loss", "ovhd")
+    short = ("teach_w", "stud_w", "grads", "optim", "act", "t_act", "loss", "gen", "ovhd")
     return f"{'plan (GiB per GPU)':<44}" + "".join(f"{s:>8}" for s in short) + f"{'total':>8}  fits  time"
 
 
@@ -164,16 +164,20 @@ def run(args: argparse.Namespace) -> int:
     cfg, _notes = load_config(args.config, args.overrides)
     m = cfg.model
     student = model_numbers(m.student, args.student_vocab, trust_remote_code=m.trust_remote_code)
+    if m.peft.method != "none":
+        config = model_config(m.student, args.student_vocab, trust_remote_code=m.trust_remote_code)
+        student = with_adapters(student, config, m.peft)
     teacher = None
-    if cfg.distillation.loss.alpha > 0:
+    if cfg.distillation.loss.alpha > 0 or cfg.distillation.policy != "off":
         teacher = model_numbers(m.teacher, args.teacher_vocab, trust_remote_code=m.trust_remote_code)
     aligned = teacher is not None and (
         cfg.distillation.alignment.mode == "always" or teacher.vocab != student.vocab
     )
     work = Workload.from_config(cfg, args.num_gpus, aligned)
-    estimates = [
-        estimate(student, teacher, s, work) for s in candidate_setups(sorted(set(args.micro_batches)))
-    ]
+    setups = candidate_setups(sorted(set(args.micro_batches)))
+    if work.student_quantization != "none":  # QLoRA runs without DeepSpeed
+        setups = [s for s in setups if s.stage == 0]
+    estimates = [estimate(student, teacher, s, work) for s in setups]
     fitting = rank(estimates, budget)
     configured = estimate(student, teacher, _as_configured(cfg), work)
     if args.json:
@@ -251,8 +255,9 @@ def _print_table(
 ) -> None:
     def describe(m: ModelNumbers) -> str:
         moe = f", {m.experts} experts / {m.experts_per_token} active" if m.experts else ""
+        trained = f", {m.trained / 1e6:.2f}M trained (adapters)" if m.trained != m.total_params else ""
         return (
-            f"{m.name}: {m.total_params / 1e6:.1f}M params ({m.active_params / 1e6:.1f}M active), "
+            f"{m.name}: {m.total_params / 1e6:.1f}M params ({m.active_params / 1e6:.1f}M active{trained}), "
             f"{m.layers} layers, hidden {m.hidden}, vocab {m.vocab}{moe}"
         )
 

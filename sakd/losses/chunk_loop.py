@@ -28,6 +28,7 @@ from .blend import kd_per_position
 from .bucket_grads import BridgeIndex
 from .cross_entropy import cross_entropy_per_position
 from .logit_grads import blended_rows_and_grad_, block_rows
+from .mixture import mixture_logits
 from .reduction import compute_dtype
 from .sparse import SparseTeacher, sample_teacher
 from .sparse_grads import kd_block_for
@@ -55,6 +56,7 @@ class ChunkPlan:
     target_logprob: Tensor | None
     generator: torch.Generator | None
     needs_grad: tuple[bool, bool, bool]
+    kd_weights: Tensor | None = None  # per-position multipliers of the KD term only
 
     @property
     def crosses(self) -> bool:
@@ -111,6 +113,19 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None) 
     return torch.mm(x, weight.T, out=out) if bias is None else torch.addmm(bias, x, weight.T, out=out)
 
 
+def _teacher_logits(
+    t_hidden: Tensor, t_weight: Tensor, t_bias: Tensor | None, out: Tensor | None, spec: KDSpec
+) -> Tensor:
+    """A chunk's teacher logits; ``[c, M, H]`` hidden states (M samples) give their mixture's logits."""
+    if t_hidden.dim() == 2:
+        return (
+            F.linear(t_hidden, t_weight, t_bias) if out is None else _linear(t_hidden, t_weight, t_bias, out)
+        )
+    return mixture_logits(
+        F.linear(t_hidden, t_weight, t_bias).to(compute_dtype(t_hidden.dtype)), spec.temperature
+    )
+
+
 ChunkResult = tuple[Tensor, Tensor | None, Tensor | None]
 """Per-position KD ``[c]``, CE ``[c]`` (or None), ∂(chunk loss)/∂logits ``[c, V]`` (or None)."""
 
@@ -161,7 +176,7 @@ def _closed_form_kd(
         chunk_teacher: Tensor | SparseTeacher = plan.sparse_teacher.rows(rows)
     else:
         t_hidden, t_weight, t_bias = teacher
-        chunk_teacher = _linear(t_hidden[rows], t_weight, t_bias, workspace.teacher)
+        chunk_teacher = _teacher_logits(t_hidden[rows], t_weight, t_bias, workspace.teacher, spec)
         chunk_teacher = chunk_teacher.to(workspace.student.dtype)
         if spec.sparse == "sampled":  # one draw per chunk, as the autograd path (and its tests) make
             chunk_teacher = sample_teacher(
@@ -199,6 +214,8 @@ def _process_chunk(
     kd_weights = weights if plan.kd_valid is None else torch.where(plan.kd_valid[rows], weights, 0.0)
     # Where the KD term is masked out (no teacher signal at that position), CE takes the whole weight.
     ce_weights = weights * (1.0 - plan.alpha) if plan.kd_valid is None else weights - plan.alpha * kd_weights
+    if plan.kd_weights is not None:  # after the CE weights: they stay what they were
+        kd_weights = kd_weights * plan.kd_weights[rows].to(dtype)
     coefs = (
         kd_weights * (plan.alpha * plan.kd_scale / plan.denominator),
         ce_weights / plan.denominator
@@ -225,7 +242,7 @@ def _process_chunk(
         chunk_teacher = (
             plan.sparse_teacher.rows(rows)
             if plan.sparse_teacher is not None
-            else F.linear(t_hidden[rows], t_weight, t_bias)
+            else _teacher_logits(t_hidden[rows], t_weight, t_bias, None, plan.spec)
         )
         chunk_target = None if plan.target_logprob is None else plan.target_logprob[rows]
         kd, ce, grad_logits = _chunk_autograd(logits, chunk_teacher, labels, valid, coefs, plan, chunk_target)

@@ -43,10 +43,13 @@ class HeadInput:
 
     ``hidden``: ``[N, H]`` or ``[B, L, H]``; ``head``: weight ``[V, H]`` (the embedding matrix when tied:
     its gradient then simply adds to the embedding gradient), optional bias; ``head.vocab`` keeps only the
-    first rows (a head padded past its tokenizer)."""
+    first rows (a head padded past its tokenizer). A teacher with ``mixture`` has ``hidden`` ``[N, M, H]``
+    (or ``[B, L, M, H]``): M samples per position, and the KD term is taken against the equal mixture of
+    their distributions at the KD temperature (:func:`sakd.losses.mixture.mixture_logits`)."""
 
     hidden: Tensor
     head: Head
+    mixture: bool = False  # teacher only: hidden is [N, M, H], M samples whose distributions are mixed
 
 
 def _check_teacher(
@@ -67,6 +70,13 @@ def _check_teacher(
         raise ValueError(
             f"student vocab {vs} != teacher vocab {vt}; pass a vocab_map to distill across tokenizers"
         )
+
+
+def _teacher_rows(teacher: HeadInput) -> Tensor:
+    """The teacher's hidden states as ``[N, H]``, or ``[N, M, H]`` for a mixture of M samples."""
+    if teacher.mixture:
+        return teacher.hidden.reshape(-1, *teacher.hidden.shape[-2:])
+    return _flatten(teacher.hidden, 1)
 
 
 def _rows(head: Head) -> int:
@@ -127,7 +137,7 @@ def fused_distill(
     hidden = _flatten(student.hidden, 1)
     n_tokens = hidden.shape[0]
     stored = teacher.reshape(-1) if isinstance(teacher, SparseTeacher) else None
-    n_teacher = stored.indices.shape[0] if stored is not None else _flatten(teacher.hidden, 1).shape[0]
+    n_teacher = stored.indices.shape[0] if stored is not None else _teacher_rows(teacher).shape[0]
     if n_teacher != n_tokens:
         raise ValueError(f"student has {n_tokens} positions but the teacher signal has {n_teacher}")
     labels = _flatten(targets.labels, 0)
@@ -156,6 +166,7 @@ def fused_distill(
         teacher_to_student=bridge.teacher_to_student,
         kd_valid=None if targets.kd_mask is None else _flatten(targets.kd_mask, 0).bool(),
         target_logprob=_flatten(targets.target_logprob, 0),
+        kd_weights=_flatten(targets.kd_weights, 0),
         generator=generator,
         needs_grad=tuple(grad_on and t is not None and t.requires_grad for t in (hidden, s_weight, s_bias)),
     )
@@ -163,7 +174,7 @@ def fused_distill(
     if stored is None:
         with torch.no_grad():
             t_weight, t_bias = (None if x is None else x.detach() for x in _sliced(teacher.head))
-            t_hidden = _flatten(teacher.hidden, 1).detach()
+            t_hidden = _teacher_rows(teacher).detach()
     loss, kd, ce = FusedLinearKD.apply(hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, plan)
     return DistillOutput(loss=loss, kd=kd, ce=None if labels is None else ce, num_tokens=num_tokens)
 

@@ -133,6 +133,8 @@ class Targets:
             elsewhere. The normalizer stays the number of valid positions.
         target_logprob: the teacher's chain-rule log-probability (at temperature T) of each label's
             text, or NaN (cross-tokenizer, with labels).
+        kd_weights: float per-position multipliers of the KD term only (a token router's weights); CE
+            keeps its own weight. None: every position weighs 1 (bitwise today's loss).
     """
 
     labels: Tensor | None = None
@@ -140,3 +142,4 @@ class Targets:
     weights: Tensor | None = None
     kd_mask: Tensor | None = None
     target_logprob: Tensor | None = None
+    kd_weights: Tensor | None = None

@@ -33,9 +33,8 @@ class TrainableStudent(nn.Module):
     def forward(
         self, *args: Any, loss_fn: Callable[[TrainableStudent], Any] | None = None, **kwargs: Any
     ) -> Any:
-        """The student's forward, or with ``loss_fn`` whatever ``loss_fn(self)`` computes: the trainer runs
-        the student *and* its loss inside this forward, so DDP and DeepSpeed wrap one forward and ZeRO-3
-        keeps the parameters the loss uses directly (registered as external) gathered for it."""
+        """The student's forward, or with ``loss_fn`` whatever ``loss_fn(self)`` computes (the trainer runs the
+        student *and* its loss here -- why: the module docstring of :mod:`sakd.training.trainer`)."""
         if loss_fn is not None:
             return loss_fn(self)
         return self.module(*args, **kwargs)

@@ -18,10 +18,19 @@ Accounting (``P`` student parameters, ``N`` GPUs, ``m`` bytes of the master dtyp
   step; AdamW ``8·P/N``, 8-bit ``2·P/N``. Optimizer offload moves master, fp32 gradients and states
   to the CPU; ZeRO-3 parameter offload leaves only the gathered layers on the GPU. Without mixed
   precision DeepSpeed trains in fp32: weights ``4·P``, gradients ``4·P``, no master copy.
+* a PEFT student (``model.peft``): the formulas above with ``P`` for the weights but the trained
+  parameters ``P_a`` (its adapters) for everything that exists only for trained ones -- autocast's
+  copies, gradients, master copies, optimizer states -- and no output-head gradient in the loss;
+  QLoRA keeps the base's linear layers at 0.5 byte per parameter.
 * teacher: ``P_t`` × its dtype (bitsandbytes 8/4-bit: 1 / 0.5 bytes for the linear layers); a ZeRO-3
   teacher holds ``1/N`` plus its gathered layers, an offloaded one only the gathered layers.
 * activations: see :func:`layer_activation_bytes` and :func:`student_activation_bytes`; teacher
   forward (no grad) in :func:`teacher_activation_bytes`; the fused loss in :func:`loss_bytes`.
+* generation (``distillation.policy`` on / mixed / sequence), before the step's forward: the KV cache of
+  the model that writes (:func:`kv_cache_bytes`), the last position's logits, and under ZeRO-3 the rest
+  of the student gathered whole for the generation (:func:`generation_bytes`); it counts only where it
+  exceeds the training step's own transients (activations, teacher activations, the loss), which it
+  never coexists with.
 * a fixed :data:`OVERHEAD_BYTES` for the CUDA context, cuBLAS/NCCL workspaces and allocator slack.
 
 The estimate is the sum of the components at the moment of the peak: the end of the student's
@@ -130,16 +139,20 @@ class Workload:
     teacher_quantization: str = "none"
     teacher_placement: str = "auto"  # auto | replicated | zero3
     teacher_offload: bool = False
+    student_quantization: str = "none"  # QLoRA: the frozen base in 4-bit (model.peft.quantize_base)
     chunk_size: int | str = "auto"
     aligned: bool = False  # different tokenizers: the vocabulary-bridged closed form
     with_labels: bool = True  # alpha < 1: the CE term needs its own scratch block
+    generated_seq_len: int = 0  # distillation.policy: prompt + new tokens per generated sequence (0: none)
+    teacher_writes: bool = False  # sequence-level KD: the teacher generates (and holds the KV cache)
     overhead: int = OVERHEAD_BYTES
 
     @classmethod
     def from_config(cls, cfg: RunConfig, num_gpus: int, aligned: bool) -> Workload:
-        m, loss = cfg.model, cfg.distillation.loss
+        m, loss, d = cfg.model, cfg.distillation.loss, cfg.distillation
+        generated = 0 if d.policy == "off" else d.generation.prompt_tokens + d.generation.max_new_tokens
         return cls(
-            seq_len=cfg.data.block_size,
+            seq_len=max(cfg.data.block_size, generated),
             num_gpus=num_gpus,
             mixed_precision=cfg.training.mixed_precision,
             student_dtype=m.student_dtype,
@@ -147,9 +160,12 @@ class Workload:
             teacher_quantization=m.teacher_quantization,
             teacher_placement=m.teacher_placement,
             teacher_offload=m.teacher_offload,
+            student_quantization=m.peft.quantize_base if m.peft.method != "none" else "none",
             chunk_size=loss.chunk_size,
             aligned=aligned,
             with_labels=loss.alpha < 1,
+            generated_seq_len=generated,
+            teacher_writes=d.policy == "sequence",
         )
 
 
@@ -161,6 +177,7 @@ COMPONENTS = (
     "activations",
     "teacher_activations",
     "loss",
+    "generation",
     "overhead",
 )
 
@@ -214,7 +231,7 @@ def layer_activation_bytes(m: ModelNumbers, act_bytes: int) -> int:
         mlp = m.experts_per_token * (2 * m.hidden + 4 * m.ffn) + 2 * m.experts
     else:
         mlp = 4 * m.ffn
-    return NORM_ELEMENTS * m.hidden * 4 + (attention + mlp) * act_bytes
+    return NORM_ELEMENTS * m.hidden * 4 + (attention + mlp + m.adapter_elements) * act_bytes
 
 
 def student_activation_bytes(
@@ -267,7 +284,35 @@ def loss_bytes(
     block = block_rows(rows, widest)
     blocks = block * (widest + (vs if w.with_labels else 0) + (BRIDGE_BLOCK_ROWS * vs if w.aligned else 0))
     workspace = (rows * (vs + vt) + blocks) * 4
-    return workspace, (tokens + student.vocab) * student.hidden * head_bytes
+    head_rows = student.vocab if student.head_trainable else 0  # a frozen head (PEFT) gets no gradient
+    return workspace, (tokens + head_rows) * student.hidden * head_bytes
+
+
+def kv_cache_bytes(m: ModelNumbers, sequences: int, tokens: int, dtype_bytes: int) -> int:
+    """The KV cache of ``sequences`` sequences of ``tokens`` tokens (prompt + generated): a key and a value
+    vector of ``kv_heads · head_dim`` per layer and token (transformers' ``DynamicCache``; checked against
+    the cache ``generate`` builds in ``tests/test_plan.py``)."""
+    return 2 * m.layers * m.kv_heads * m.head_dim * sequences * tokens * dtype_bytes
+
+
+def generation_bytes(
+    student: ModelNumbers, teacher: ModelNumbers | None, setup: Setup, w: Workload, act_bytes: int
+) -> int:
+    """Generation's working set beyond what the step keeps anyway: the writer's KV cache for the
+    micro-batch, its last-position logits (fp32, a few copies through the logits processors), and under
+    ZeRO-3 the student's parameters gathered whole (:mod:`sakd.policy.engines`) beyond its own partition."""
+    if not w.generated_seq_len:
+        return 0
+    teacher_writes = w.teacher_writes and teacher is not None
+    writer = teacher if teacher_writes else student
+    cache_dtype = DTYPE_BYTES[w.teacher_dtype] if teacher_writes else act_bytes
+    cache = kv_cache_bytes(writer, setup.micro_batch, w.generated_seq_len, cache_dtype)
+    logits = 3 * setup.micro_batch * writer.vocab * 4
+    gathered = 0
+    if setup.stage == 3 and not teacher_writes:
+        model_bytes = 2 if w.mixed_precision in ("fp16", "bf16") else DTYPE_BYTES[w.student_dtype]
+        gathered = student.total_params * model_bytes * (w.num_gpus - 1) // w.num_gpus
+    return cache + logits + gathered
 
 
 def _teacher_weight_bytes(t: ModelNumbers, w: Workload, stage: int) -> tuple[int, int]:
@@ -288,26 +333,31 @@ def _teacher_weight_bytes(t: ModelNumbers, w: Workload, stage: int) -> tuple[int
 def estimate(student: ModelNumbers, teacher: ModelNumbers | None, setup: Setup, w: Workload) -> Estimate:
     """Per-GPU memory of one setup, by component (see the module docstring for the accounting)."""
     p, n, s = student.total_params, w.num_gpus, setup.stage
+    t = student.trained  # gradients, master copies and optimizer states exist for these only
     master = DTYPE_BYTES[w.student_dtype]
     mixed = w.mixed_precision in ("fp16", "bf16")
     state_bytes = 2 if setup.optimizer == "adamw_8bit" else 2 * master  # two Adam moments
     if s == 0:
-        weights = p * master + (2 * p if mixed else 0)
-        grads = p * master * (2 if n > 1 else 1)
-        optimizer = p * state_bytes
+        # autocast caches 16-bit copies of the weights that require grad (a frozen base is re-cast per use)
+        weights = p * master + (2 * t if mixed else 0)
+        if w.student_quantization in QUANT_BYTES:  # QLoRA: linear layers in 4 bits, adapters in fp32
+            linear = p - student.embedding_params - t
+            weights = int(linear * QUANT_BYTES[w.student_quantization]) + (p - linear) * master
+        grads = t * master * (2 if n > 1 else 1)
+        optimizer = t * state_bytes
         head_bytes = master
     else:
         model_bytes = 2 if mixed else master
         gathered = 2 * student.layer_params * model_bytes  # ZeRO-3: the layer in use and the prefetched one
         sharded = gathered + (0 if setup.offload_params else p * model_bytes // n)
         weights = (sharded if s == 3 else p * model_bytes) + (
-            0 if setup.offload_optimizer or not mixed else 4 * p // n
+            0 if setup.offload_optimizer or not mixed else 4 * t // n
         )
         bucket = 2 * REDUCE_BUCKET_ELEMENTS * model_bytes
-        grads = p * model_bytes if s == 1 else p * model_bytes // n + bucket
+        grads = t * model_bytes if s == 1 else t * model_bytes // n + bucket
         if mixed and not setup.offload_optimizer:
-            grads += 4 * p // n  # the fp32 gradient partition of the step
-        optimizer = 0 if setup.offload_optimizer else p * (2 if setup.optimizer == "adamw_8bit" else 8) // n
+            grads += 4 * t // n  # the fp32 gradient partition of the step
+        optimizer = 0 if setup.offload_optimizer else t * (2 if setup.optimizer == "adamw_8bit" else 8) // n
         head_bytes = model_bytes
     act_bytes = 2 if mixed else master
     stream_bytes = master if s == 0 else act_bytes  # autocast keeps the residual stream in fp32
@@ -333,6 +383,8 @@ def estimate(student: ModelNumbers, teacher: ModelNumbers | None, setup: Setup, 
         "loss": workspace + loss_grads,
         "overhead": w.overhead,
     }
+    transients = components["activations"] + components["teacher_activations"] + components["loss"]
+    components["generation"] = max(0, generation_bytes(student, teacher, setup, w, act_bytes) - transients)
     return Estimate(setup, components)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sakd.config import TrainingConfig
+from sakd.policy import continuation_summary
 from sakd.training.export import export_run, save_model_dir
 from sakd.training.state import TrainerState
 
@@ -32,6 +33,11 @@ def run_summary(
         "train_seconds": round(state.train_seconds, 3),
         "eval_loss": final_eval["loss"],
         "eval_ppl": final_eval["ppl"],
+        # bits per byte: the held-out NLL per UTF-8 byte of the scored text, comparable across tokenizers
+        "eval_bpb": final_eval.get("bpb"),
+        "eval_tokens": final_eval.get("tokens"),
+        "eval_bytes": final_eval.get("bytes"),
+        "eval_method": final_eval.get("method"),
         "final_dir": str(final_dir),
         "final_weights": "ema" if use_ema else "raw",
         "stop_reason": state.stop_reason or "max_steps",
@@ -40,6 +46,11 @@ def run_summary(
         summary.update(best_step=state.best_step, best_eval_loss=state.best_eval_loss)
     if "agreement" in final_eval:
         summary["teacher_agreement"] = final_eval["agreement"]
+    if state.generated_tokens:  # distillation.policy: the cost of writing the training text
+        summary.update(
+            generated_tokens=state.generated_tokens, generation_seconds=round(state.generation_seconds, 3)
+        )
+    summary.update(continuation_summary(final_eval))
     if alignment_stats:
         summary["alignment"] = dict(alignment_stats)
         if "teacher_mass_mapped" in final_eval:

@@ -4,7 +4,9 @@ step exactly, the early-stopping bookkeeping, and the per-record metrics."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -30,6 +32,13 @@ class TrainerState:
     evals_without_improvement: int = 0
     stage: int = 0  # optimization.stages: the stage the optimizer and schedule belong to
     stop_reason: str | None = None  # "early_stopping" once it fired: resuming such a run only finishes it
+    generated_tokens: int = 0  # distillation.policy: tokens the student / teacher wrote for training
+    generation_seconds: float = 0.0
+
+    def count_generation(self, metrics: dict[str, Any]) -> None:
+        """Add an on-policy / sequence-level step's generation to the run's totals."""
+        self.generated_tokens += int(metrics.get("gen_tokens", 0))
+        self.generation_seconds += float(metrics.get("gen_seconds", 0.0))
 
     def advance(self, micro_batches: int, steps_per_epoch: int, tokens: int, seconds: float) -> None:
         """Count one optimizer step (taken or skipped: either way its batches are consumed)."""
@@ -90,3 +99,14 @@ def tracker_config(cfg: Any) -> dict[str, Any]:
 
     walk("", json.loads(json.dumps(cfg, default=vars)))
     return flat
+
+
+def tracker_init_kwargs(report_to: str, run_dir: Path) -> dict[str, Any]:
+    """Per-tracker ``init_trackers`` arguments: a W&B run is named after the run directory and keeps its
+    files there (``run_dir/wandb``, offline runs included) unless ``WANDB_DIR`` says otherwise."""
+    if report_to != "wandb":
+        return {}
+    kwargs: dict[str, Any] = {"name": run_dir.name}
+    if not os.environ.get("WANDB_DIR"):
+        kwargs["dir"] = str(run_dir)
+    return {"wandb": kwargs}
