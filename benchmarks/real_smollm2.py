@@ -54,7 +54,12 @@ def assets(args: argparse.Namespace, work: Path) -> tuple[str, str]:
 def _recipe(args: argparse.Namespace, out: Path, **model: Any) -> dict[str, Any]:
     return {
         "model": model,
-        "data": {"train": args.data, "block_size": args.block_size, "max_eval_blocks": args.eval_blocks},
+        "data": {
+            "train": args.data,
+            "sample_by": "line",
+            "block_size": args.block_size,
+            "max_eval_blocks": args.eval_blocks,
+        },
         "distillation": {"loss": {"alpha": args.alpha, "temperature": 1.0, "chunk_size": 128}},
         "optimization": {"learning_rate": args.lr, "warmup_steps": 2, "weight_decay": 0.0},
         "training": {
