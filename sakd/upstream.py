@@ -11,6 +11,7 @@ helper                     private API
 :func:`set_process_world`  accelerate ``PartialState._shared_state`` / ``AcceleratorState._shared_state``
 :func:`attn_implementation` transformers ``PretrainedConfig._attn_implementation``
 :func:`zero3_gathered`     DeepSpeed ``param.ds_status`` / ``ZeroParamStatus`` (``ds_id`` marks a ZeRO-3 param)
+:func:`dataset_fingerprint` datasets ``Dataset._fingerprint`` (the content hash its cache files are named by)
 :func:`zero3_whole_for_generation` DeepSpeed ``deepspeed.runtime.zero.stage3.unwrap_model_for_generation``
                            (not exported at the top level; it removes and re-registers the engine's hooks)
 =========================  ===============================================================================
@@ -64,6 +65,14 @@ def zero3_gathered(param: torch.Tensor) -> bool:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     return param.ds_status == ZeroParamStatus.AVAILABLE
+
+
+def dataset_fingerprint(ds: Any) -> str:
+    """The fingerprint `datasets` keeps for a dataset: a hash of where it came from and every transform
+    applied since (file contents for a loaded file). The packing names its own cache entries from it
+    (``map(new_fingerprint=...)``), so a second run on the same text reuses them; `datasets` exposes it
+    only as ``Dataset._fingerprint``."""
+    return ds._fingerprint
 
 
 @contextlib.contextmanager

@@ -43,7 +43,8 @@ def tiny_run_config_module(
 def _tiny_recipe(corpus: Path, tokenizer_dir: Path, tmp_path: Path) -> dict:
     return {
         "model": {"teacher": "tiny-moe", "student": "tiny-dense", "tokenizer": str(tokenizer_dir)},
-        "data": {"train": str(corpus), "block_size": 32, "max_eval_blocks": 8},
+        # the generated corpus holds one document per line
+        "data": {"train": str(corpus), "sample_by": "line", "block_size": 32, "max_eval_blocks": 8},
         "distillation": {"loss": {"alpha": 0.5, "temperature": 2.0, "chunk_size": 40}},
         "optimization": {"learning_rate": 1e-3, "warmup_steps": 1},
         "training": {
@@ -72,3 +73,22 @@ def make_distiller():
         return Distiller(cfg, resume="none", overwrite=True)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def permuted_tokenizer_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`tokenizer_dir` with the ids of its non-special tokens reversed: it cuts every text exactly as
+    the original does (same strings, same merges), but its vocabulary differs -- a second tokenizer whose
+    cross-tokenizer alignment is the identity, so cross-tokenizer results can be compared exactly."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("permuted") / "tokenizer"
+    shutil.copytree(tokenizer_dir, out)
+    spec = json.loads((out / "tokenizer.json").read_text())
+    specials = {t["id"] for t in spec["added_tokens"]}
+    others = sorted(set(spec["model"]["vocab"].values()) - specials)
+    new_id = dict(zip(others, reversed(others), strict=True))
+    spec["model"]["vocab"] = {tok: new_id.get(i, i) for tok, i in spec["model"]["vocab"].items()}
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    return out

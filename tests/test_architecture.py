@@ -19,6 +19,7 @@ LAYERS = [
     {"objective"},
     {"evaluation", "policy"},
     {"training", "planner"},
+    {"integrations"},
     {"commands", "cli", "__init__"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 
 from sakd.cli import main
 from sakd.commands.demo import train_tokenizer
+from sakd.models import load_tokenizer
 
 
 def _recipe(tmp_path, raw) -> str:
@@ -82,8 +84,6 @@ def test_export_of_non_run(capsys, tmp_path):
 def test_tokenizer_without_pad_token_is_handled(tmp_path, corpus):
     from transformers import AutoTokenizer
 
-    from sakd.models import load_tokenizer
-
     tok_dir = train_tokenizer(corpus, tmp_path / "tok", 300)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     tok.pad_token = None
@@ -136,6 +136,25 @@ def test_eval_command(capsys, tmp_path, tiny_run_config, corpus):
     )
     result = json.loads(capsys.readouterr().out)
     assert result["agreement"] == 1.0 and result["tokens"] == 4 * 31 and result["ppl"] > 1
+    # the .txt file is one document by default; blocked scoring, its bytes and bits per byte reported
+    assert result["documents"] == 1 and result["sample_by"] == "document" and result["method"] == "blocked"
+    assert result["bpb"] == pytest.approx(result["loss"] * result["tokens"] / result["bytes"] / math.log(2))
+    args = ["eval", str(final), "--data", str(corpus), "--block-size", "32", "--max-blocks", "4"]
+    assert main([*args, "--stride", "8", "--sample-by", "line"]) == 0
+    strided = json.loads(capsys.readouterr().out)
+    assert strided["method"] == "strided" and strided["stride"] == 8 and strided["documents"] == 400
+    tok = load_tokenizer(str(final))
+    stream = []
+    for line in corpus.read_text().splitlines()[:60]:
+        stream += tok(line, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # every token of the first 128 but the first, except the EOS after each line (never a target)
+    assert strided["tokens"] == sum(1 for t in stream[1:128] if t != tok.eos_token_id) < 127
+    _fails(capsys, [*args, "--stride", "64"], "--stride 64 must be between 1 and --block-size 32")
+    _fails(
+        capsys,
+        [*args, "--sample-by", "paragraph", "--data", str(tmp_path / "recipe.json")],
+        "applies to .txt files",
+    )
     # the teacher (here the model itself) on the model's own continuations of 4 held-out prompts
     assert result["cont_prompts"] == 4 and 0 < result["cont_greedy_teacher_nll"] < result["loss"] + 5
     assert 0 < result["cont_greedy_tokens"] <= 64 and result["cont_sampled_teacher_bpb"] > 0

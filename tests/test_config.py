@@ -129,7 +129,8 @@ def test_seed_config_maps_and_reports_unsupported(tmp_path):
     reported = {n.split("'")[1] for n in notes}
     assert reported == {k for k in SEED_IMPROVED_CONFIG if k in SEED_KEYS_NOT_YET_SUPPORTED}
     assert (cfg.training.early_stopping_patience, cfg.training.early_stopping_min_delta) == (10, 0.001)
-    assert reported == {"use_curriculum", "memory_threshold", "attention_layers"}
+    assert reported == {"memory_threshold", "attention_layers"}
+    assert cfg.distillation.curriculum.phases is True  # use_curriculum
 
 
 def test_seed_keys_target_real_fields():

@@ -27,6 +27,10 @@ CONTRACT = {
     "kd_student_agreement",
     "train_seconds",
     "student_dir",
+    "teacher_bpb",
+    "kd_student_bpb",
+    "ce_student_bpb",
+    "kd_gap_closed",
 }
 
 
@@ -38,6 +42,14 @@ def test_demo_tiny_budget(tmp_path, monkeypatch, capsys):
     assert on_disk == summary
     assert all(1 < summary[k] < 1e6 for k in ("teacher_ppl", "kd_student_ppl", "ce_student_ppl"))
     assert 0 <= summary["kd_student_agreement"] <= 1
+    # bits per byte: all three models scored on the same held-out text (strided), each in its own tokens
+    assert summary["sample_by"] == "line" and summary["eval_method"] == "strided"
+    assert summary["teacher_eval_tokens"] != summary["eval_tokens"]  # different tokenizers
+    assert abs(summary["teacher_eval_bytes"] - summary["eval_bytes"]) <= 8  # the same text (but token 0)
+    for who in ("teacher", "kd_student", "ce_student"):
+        assert 0 < summary[f"{who}_bpb"] < 10
+    t, kd, ce = (summary[k] for k in ("teacher_bpb", "kd_student_bpb", "ce_student_bpb"))
+    assert summary["kd_gap_closed"] == pytest.approx((ce - kd) / (ce - t))
     # teacher and student tokenize differently: the default path goes through the alignment
     assert summary["student_vocab"] != summary["teacher_vocab"]
     assert 0 < summary["alignment"]["anchored"] <= 1 and 0 < summary["alignment"]["student_coverage"] <= 1

@@ -177,3 +177,51 @@ def test_zero2_with_bitsandbytes_8bit_adamw(tiny_run_config_module, tmp_path):
     assert ranks[0]["zero_stage"] == 2
     losses = [m["loss"] for m in _metrics(tmp_path / "run")]
     assert len(losses) == STEPS and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+
+
+def _student_aware(raw: dict) -> dict:
+    """The Student-Aware Router (its own optimizer, gradients all-reduced), the token router (weights
+    normalised over the whole step, across ranks) and balancing (magnitudes from global means)."""
+    raw = copy.deepcopy(raw)
+    raw["distillation"]["moe"] = {"student_aware_router": True, "router_lr": 1e-2, "router_anchor_coef": 0.1}
+    raw["distillation"]["router"] = {"enabled": True, "sharpen_end": 0.0}
+    raw["distillation"]["curriculum"] = {"balance": True}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def aware_reference(tiny_run_config_module, tmp_path_factory):
+    from sakd.config import load_config
+    from sakd.training.trainer import Distiller
+
+    out = tmp_path_factory.mktemp("aware_single")
+    cfg, _ = load_config(_student_aware(_recipe(tiny_run_config_module, out, gradient_accumulation_steps=2)))
+    d = Distiller(cfg, resume="none", overwrite=True)
+    steps = [[sorted(i for mb in d.plan.micro_batches(0, s, 0) for i in mb)] for s in range(STEPS)]
+    d.train()
+    return {
+        "steps": steps,
+        "final": load_file(str(out / "run" / "final" / "model.safetensors")),
+        "metrics": _metrics(out / "run"),
+        "router": load_file(str(out / "run" / "checkpoints" / "step-00000004" / "sar_router.safetensors")),
+    }
+
+
+@pytest.mark.parametrize("zero", ["ddp", "zero3"])
+def test_student_aware_parts_on_two_ranks_equal_one_process(
+    tiny_run_config_module, aware_reference, tmp_path, zero
+):
+    """SAR + token router + balancing: 2 ranks (DDP; ZeRO-3 with the teacher partitioned by its own engine)
+    give the single-process losses, router statistics, student weights and router offsets."""
+    training = {} if zero == "ddp" else {"deepspeed": str(ROOT / "ds_configs/zero3.json")}
+    ranks = _launch(_student_aware(_recipe(tiny_run_config_module, tmp_path, **training)), tmp_path)
+    atol = 1e-6 if zero == "ddp" else 1e-5
+    run = tmp_path / "run"
+    _check_common(ranks, aware_reference, run, atol=atol)
+    for got, ref in zip(_metrics(run), aware_reference["metrics"], strict=True):
+        for key in ("sar_kd", "sar_drift", "router_w_max", "router_w_entropy", "mult_kd", "mult_ce"):
+            assert got[key] == pytest.approx(ref[key], rel=10 * atol, abs=10 * atol), key
+    router = load_file(str(run / "checkpoints" / "step-00000004" / "sar_router.safetensors"))
+    assert router.keys() == aware_reference["router"].keys()
+    for k in router:
+        torch.testing.assert_close(router[k], aware_reference["router"][k], rtol=0, atol=atol, msg=k)

@@ -55,8 +55,8 @@ def test_evaluation_uses_the_ema_when_configured(make_distiller, tiny_run_config
     for _ in range(2):
         d.train_step(d._micro_batches())
     student = d.hf_student
-    kw = {"batch_size": 8, "vocab_size": d.vocab_size, "teacher": d.teacher, "chunk_size": 40}
-    of_ema, of_raw = evaluate(d.ema.module, d.data.eval, **kw), evaluate(student, d.data.eval, **kw)
+    kw = {"batch_size": 8, "vocab_size": d.vocab_size, "teacher": d.teacher, "chunk_size": 40, "window": 32}
+    of_ema, of_raw = evaluate(d.ema.module, d.data.heldout(), **kw), evaluate(student, d.data.heldout(), **kw)
     assert of_ema["loss"] != of_raw["loss"]
     assert d.cfg.training.eval_with_ema  # the default
     assert d.evaluate()["loss"] == pytest.approx(of_ema["loss"], rel=1e-6)

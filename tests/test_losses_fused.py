@@ -375,7 +375,7 @@ def test_row_blocks_inside_a_chunk(kind, monkeypatch):
 def test_block_rows_split_evenly_under_the_element_budget():
     from sakd.losses.logit_grads import BLOCK_ELEMENTS, block_rows
 
-    assert block_rows(128, 49_152) == 32  # 42 rows fit; 4 equal blocks instead of 42+42+42+2
+    assert block_rows(128, 49_152) == 19  # 21 rows fit: 7 equal blocks of 19 instead of 6 x 21 + 2
     assert block_rows(37, 13) == 37
     assert block_rows(5, 10 * BLOCK_ELEMENTS) == 1
     assert all(block_rows(r, 151_936) * 151_936 <= BLOCK_ELEMENTS for r in (1, 100, 1024))

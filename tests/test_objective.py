@@ -8,7 +8,7 @@ from sakd.config import LossConfig
 from sakd.evaluation.heldout import safe_perplexity
 from sakd.models.forward import HiddenAndHead
 from sakd.objective.composite import Objective
-from sakd.objective.schedules import temperature_at
+from sakd.objective.curriculum import temperature_at
 
 
 def _inputs(seed=0, B=3, L=9, Hs=6, Ht=10, V=23):

@@ -56,3 +56,26 @@ def test_frozen_embeddings_do_not_move(tiny_run_config):
     assert not torch.equal(
         before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"]
     )
+
+
+def test_adamw_is_the_fused_kernel_with_the_loop_update():
+    """The default optimizer is PyTorch's fused AdamW (one kernel for all tensors): its update equals the
+    per-tensor reference implementation's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5))
+    reference = copy.deepcopy(model)
+    cfg = OptimizationConfig(learning_rate=1e-2, weight_decay=0.1)
+    fused = build_optimizer(model, cfg)
+    assert fused.defaults["fused"] is True
+    loop = torch.optim.AdamW(
+        [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in param_groups(reference, 0.1, 1e-2, {})],
+        lr=1e-2, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, foreach=False,
+    )  # fmt: skip
+    for _ in range(3):
+        x = torch.randn(4, 7)
+        for m, opt in ((model, fused), (reference, loop)):
+            opt.zero_grad()
+            m(x).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

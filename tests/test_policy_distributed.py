@@ -162,5 +162,7 @@ def test_launch_script_switches_to_on_policy_with_one_key(corpus, tokenizer_dir,
     summary = json.loads((run / "summary.json").read_text())
     # 2 steps x 2 ranks x 2 prompts x at most 8 generated tokens, every one of them carrying the loss
     assert summary["steps"] == 2 and 0 < summary["generated_tokens"] <= 2 * 2 * 2 * 8
-    assert summary["tokens_seen"] == summary["generated_tokens"]  # one tokenizer: each written token is a target
+    assert (
+        summary["tokens_seen"] == summary["generated_tokens"]
+    )  # one tokenizer: each written token is a target
     assert summary["student_continuations"]["prompts"] == 2

@@ -42,12 +42,23 @@ _SLOW_CLI = (
 )
 
 
-def _recipe(tiny_run_config: dict, tmp_path: Path, name: str) -> tuple[dict, Path]:
+# every part with state of its own: the SAR router and its optimizer, the token router's running statistics,
+# the balancer's magnitudes (the phases and a feature term make the balancer see four components)
+STUDENT_AWARE = {
+    "moe": {"student_aware_router": True, "router_lr": 1e-2, "router_anchor_coef": 0.1},
+    "router": {"enabled": True, "sharpen_end": 0.25},
+    "curriculum": {"phases": True, "balance": True, "structure_start": 0.2, "ramp": 0.2},
+    "feature": {"weight": 0.5},
+}
+
+
+def _recipe(tiny_run_config: dict, tmp_path: Path, name: str, **distillation: dict) -> tuple[dict, Path]:
     raw = copy.deepcopy(tiny_run_config)
     raw["training"].update(
         output_dir=str(tmp_path / name), max_steps=8, save_every=2, keep_last_n=3, batch_size=2
     )
     raw["distillation"]["loss"].update(temperature_schedule="linear", min_temperature=1.0)
+    raw["distillation"].update(copy.deepcopy(distillation))
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(raw))
     return raw, path
@@ -92,8 +103,9 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[k], b[k]), k
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tiny_run_config, tmp_path):
-    raw, recipe = _recipe(tiny_run_config, tmp_path, "killed")
+@pytest.mark.parametrize("student_aware", [False, True], ids=["plain", "student_aware"])
+def test_sigkill_then_resume_is_bitwise_identical(tiny_run_config, tmp_path, student_aware):
+    raw, recipe = _recipe(tiny_run_config, tmp_path, "killed", **(STUDENT_AWARE if student_aware else {}))
     run = Path(raw["training"]["output_dir"])
     proc = _start(recipe)
     _wait_for_checkpoint(proc, run)
@@ -114,6 +126,21 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny_run_config, tmp_path):
     assert (run / "summary.json").exists()
     assert _trained_steps(run) == list(range(1, 9))  # steps after the checkpoint were logged once
     _assert_same_weights(load_file(str(run / "final" / "model.safetensors")), _reference(raw, tmp_path))
+    if student_aware:  # the new state, in the last checkpoint of both runs
+        ckpt = Path("checkpoints") / "step-00000008"
+        for name in ("sar_router.safetensors", "token_router.safetensors"):
+            _assert_same_weights(
+                load_file(str(run / ckpt / name)), load_file(str(tmp_path / "reference" / ckpt / name))
+            )
+        state = [
+            json.loads((r / ckpt / "student_aware.json").read_text()) for r in (run, tmp_path / "reference")
+        ]
+        assert state[0] == state[1] and state[0]["balancer"]
+        a, b = (
+            torch.load(r / ckpt / "sar_optimizer.pt", weights_only=True)
+            for r in (run, tmp_path / "reference")
+        )
+        assert all(torch.equal(a["state"][i]["exp_avg"], b["state"][i]["exp_avg"]) for i in a["state"])
 
 
 def test_sigterm_checkpoints_stops_and_resumes_identically(tiny_run_config, tmp_path):

@@ -53,3 +53,37 @@ def test_tensorboard_tracker_gets_the_logged_metrics(tiny_run_config, tmp_path):
     assert sorted(board) == [r["step"] for r in logged]
     assert all(board[r["step"]] == pytest.approx(r["loss"], rel=1e-6) for r in logged)
     assert "eval_loss" in acc.Tags()["scalars"]
+
+
+def test_report_draws_the_student_aware_panels(tmp_path):
+    """The router weights, the expert heatmap, the SAR drift per layer and the curriculum multipliers get
+    panels of their own (from a metrics.jsonl written here, as a run writes it)."""
+    from sakd.commands.report import draw, panels, read_metrics
+
+    lines = []
+    for step in range(1, 6):
+        lines.append(
+            {
+                "step": step,
+                "loss": 3.0 - step * 0.1,
+                "router_w_mean": 1.0,
+                "router_w_min": 0.3,
+                "router_w_max": 2.0 + step * 0.1,
+                "router_w_entropy": 0.95,
+                "router_sharpness": step / 5,
+                "router_w_share": [[1.1, 0.9], [1.0, 1.0]],
+                "sar_drift": 0.01 * step,
+                "sar_drift_layers": [0.005 * step, 0.015 * step],
+                "sar_gate_entropy": 0.9,
+                "mult_kd": 1.0,
+                "mult_feature": step / 5,
+            }
+        )
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    found = dict(panels(read_metrics(tmp_path)))
+    assert set(found["token-router weights"]) == {"router_w_min", "router_w_mean", "router_w_max"}
+    assert set(found["SAR drift KL(original || learned gates)"]) == {"sar_drift", "layers 0", "layers 1"}
+    assert set(found["curriculum multipliers"]) == {"mult_feature", "mult_kd"}
+    assert found["curriculum multipliers"]["mult_feature"][-1] == (5, 1.0)
+    png = draw(tmp_path)
+    assert Image.open(png).size[1] > 500

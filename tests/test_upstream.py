@@ -62,6 +62,19 @@ def test_zero3_gathered_tracks_deepspeed_parameter_status():
     assert upstream.zero3_gathered(fake)
 
 
+def test_dataset_fingerprint_follows_content_and_transforms(tmp_path):
+    import datasets
+
+    a = datasets.Dataset.from_dict({"text": ["x", "y"]})
+    b = datasets.Dataset.from_dict({"text": ["x", "y"]})
+    assert isinstance(upstream.dataset_fingerprint(a), str)
+    assert upstream.dataset_fingerprint(a) == upstream.dataset_fingerprint(b)  # same content, same hash
+    c = a.map(lambda r: {"text": r["text"] * 2})
+    assert upstream.dataset_fingerprint(c) != upstream.dataset_fingerprint(a)
+    d = a.map(lambda r: r, new_fingerprint="chosen")  # what the packing relies on: its own key sticks
+    assert upstream.dataset_fingerprint(d) == "chosen"
+
+
 def test_zero3_whole_for_generation_uses_deepspeeds_hook_attributes():
     """The DeepSpeed helper behind :func:`sakd.upstream.zero3_whole_for_generation` removes the hooks
     ``parameter_offload`` keeps and re-registers them with ``_register_deepspeed_module``; the 2-rank ZeRO-3

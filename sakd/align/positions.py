@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,21 +54,30 @@ class PositionAlignment:
         return float((self.anchor >= 0).float().mean()) if self.anchor.numel() else 0.0
 
 
-def _last_token_ending_at(ends: Sequence[int]) -> dict[int, int]:
-    """character end -> index of the last token ending there (ends are non-decreasing)."""
-    out: dict[int, int] = {}
-    for i, e in enumerate(ends):
-        out[e] = i
-    return out
+def align_ends(
+    student_ends: Sequence[int] | np.ndarray, teacher_ends: Sequence[int] | np.ndarray
+) -> PositionAlignment:
+    """:func:`align_spans` from the tokens' character *end* offsets alone (vectorised with numpy: the
+    packing of a large corpus aligns every block with it).
 
-
-def _monotone_ends(spans: Sequence[Span]) -> list[int]:
-    """Token end offsets made non-decreasing (zero-width or trimmed spans never move a boundary back)."""
-    ends, high = [], 0
-    for _, end in spans:
-        high = max(high, int(end))
-        ends.append(high)
-    return ends
+    Ends are first made non-decreasing (zero-width or trimmed spans never move a boundary back).
+    """
+    s = np.maximum.accumulate(np.asarray(student_ends, dtype=np.int64).reshape(-1))
+    t = np.maximum.accumulate(np.asarray(teacher_ends, dtype=np.int64).reshape(-1))
+    n = s.shape[0]
+    anchor = np.full(n, -1, dtype=np.int64)
+    if n and t.size:
+        # only the last token ending at a character ends there (byte pieces of one character)
+        last = np.ones(n, dtype=bool)
+        last[:-1] = s[:-1] != s[1:]
+        j = np.searchsorted(t, s, side="right") - 1  # the last teacher token ending at or before s
+        hit = (j >= 0) & (t[np.maximum(j, 0)] == s)
+        anchor = np.where(last & hit & (s > 0), j, -1)
+    span_end = np.full(n, -1, dtype=np.int64)
+    if n > 1:
+        cur, nxt = anchor[:-1], anchor[1:]
+        span_end[:-1] = np.where((cur >= 0) & (nxt > cur), nxt, -1)
+    return PositionAlignment(torch.from_numpy(anchor), torch.from_numpy(span_end))
 
 
 def align_spans(student_spans: Sequence[Span], teacher_spans: Sequence[Span]) -> PositionAlignment:
@@ -80,20 +90,7 @@ def align_spans(student_spans: Sequence[Span], teacher_spans: Sequence[Span]) ->
     Returns:
         :class:`PositionAlignment` for the student positions.
     """
-    s_ends = _monotone_ends(student_spans)
-    t_ends = _monotone_ends(teacher_spans)
-    s_last = _last_token_ending_at(s_ends)
-    t_last = _last_token_ending_at(t_ends)
-    n = len(s_ends)
-    anchor = [-1] * n
-    for s, e in enumerate(s_ends):
-        if s_last[e] == s and e > 0:
-            anchor[s] = t_last.get(e, -1)
-    span_end = [-1] * n
-    for s in range(n - 1):
-        if anchor[s] >= 0 and anchor[s + 1] >= 0 and anchor[s + 1] > anchor[s]:
-            span_end[s] = anchor[s + 1]
-    return PositionAlignment(torch.tensor(anchor, dtype=torch.long), torch.tensor(span_end, dtype=torch.long))
+    return align_ends([int(b) for _, b in student_spans], [int(b) for _, b in teacher_spans])
 
 
 def identity_alignment(length: int) -> PositionAlignment:

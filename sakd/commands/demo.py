@@ -1,11 +1,14 @@
 """`sakd demo`: the offline end-to-end demo.
 
-corpus (generated, or --data FILE) -> two byte-level BPE tokenizers trained on it (the student's,
+corpus (generated: one document per line, read with ``sample_by=line``; or --data FILE, read as
+``data.sample_by`` says -- the whole file is one document unless --sample-by says otherwise) -> two
+byte-level BPE tokenizers trained on it (the student's,
 and a larger one for the teacher, so the default path exercises cross-tokenizer alignment) -> a
 ``tiny-moe`` teacher pretrained briefly on it with its own tokenizer (cached: it stands in for "the teacher you already have") ->
 the ``tiny-dense`` student distilled from it (KD) and, as a baseline, the same student trained on
-CE only with the same data order and step budget -> held-out perplexities, top-1 agreement with the
-teacher, a loss-curve PNG, the exported student and ``summary.json``.
+CE only with the same data order and step budget -> held-out perplexities and bits per byte (all three
+models on the same held-out documents, strided scoring), top-1 agreement with the teacher, a loss-curve
+PNG, the exported student and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 import sakd
 from sakd.align import load_or_build_vocab_map
 from sakd.config import load_config
-from sakd.data import prepare_data
+from sakd.data import prepare_data, split_documents, text_stream
 from sakd.data.synthetic import write_corpus
+from sakd.data.tokenize import DATA_FORMAT_VERSION
 from sakd.evaluation.heldout import cross_tokenizer_agreement, evaluate
 from sakd.models import load_tokenizer
 from sakd.training.trainer import Distiller
@@ -42,6 +46,15 @@ DEMO = {
     "teacher_steps": 600,
     "student_steps": 200,
     "batch_size": 16,
+}
+# Held-out scoring of the demo's summary: strided windows of block_size tokens advanced by half a block.
+EVAL_STRIDE_FRACTION = 2
+
+
+_SAMPLE_BY_WORDS = {
+    "line": "one document per line",
+    "paragraph": "one per blank-line separated paragraph",
+    "document": "the whole file as one document",
 }
 
 
@@ -92,6 +105,7 @@ def _run_config(
     alpha: float,
     steps: int,
     lr: float,
+    sample_by: str,
 ) -> dict[str, Any]:
     return {
         "model": {
@@ -100,7 +114,12 @@ def _run_config(
             "tokenizer": str(tokenizer),
             "teacher_tokenizer": None if teacher_tokenizer is None else str(teacher_tokenizer),
         },
-        "data": {"train": str(corpus), "block_size": budget["block_size"], "max_eval_blocks": 128},
+        "data": {
+            "train": str(corpus),
+            "sample_by": sample_by,
+            "block_size": budget["block_size"],
+            "max_eval_blocks": 128,
+        },
         # T=1: on this corpus T=2 made the student worse than CE-only (measured; see README).
         "distillation": {"loss": {"kind": "fkl", "alpha": alpha, "temperature": 1.0, "chunk_size": 1024}},
         "optimization": {
@@ -126,7 +145,7 @@ def _train(raw: dict[str, Any]) -> dict[str, Any]:
     return Distiller(cfg, resume="none", overwrite=True).train()
 
 
-def prepare_teacher(corpus: Path, tokenizer: Path, key: str, budget: dict[str, int]) -> Path:
+def prepare_teacher(corpus: Path, tokenizer: Path, key: str, budget: dict[str, int], sample_by: str) -> Path:
     """Pretrain the ``tiny-moe`` teacher on the corpus once; later demos reuse the cached directory."""
     cached = cache_root() / "demo-teacher" / key
     if (cached / "model.safetensors").is_file():
@@ -144,6 +163,7 @@ def prepare_teacher(corpus: Path, tokenizer: Path, key: str, budget: dict[str, i
         alpha=0.0,
         steps=budget["teacher_steps"],
         lr=2e-3,
+        sample_by=sample_by,
     )
     try:
         _train(raw)
@@ -216,19 +236,25 @@ def _evaluate_all(
     tok_dir: Path,
     teacher_tok_dir: Path,
     teacher_dir: Path,
-) -> dict[str, dict[str, float]]:
-    """Held-out loss/perplexity of the teacher (its own tokens) and both students, and each student's
-    agreement with the teacher at the anchors."""
+) -> dict[str, dict[str, Any]]:
+    """Held-out loss, perplexity (per each model's own tokens) and bits per byte of the teacher and both
+    students -- all three on the same held-out documents, strided -- and each student's agreement with
+    the teacher at the anchors."""
     cfg, _ = load_config(kd_raw)
     tokenizer, teacher_tok = load_tokenizer(str(tok_dir)), load_tokenizer(str(teacher_tok_dir))
+    _, eval_docs = split_documents(cfg.data, cfg.training.seed)
+    window = cfg.data.block_size
+    scoring = {"batch_size": 16, "window": window, "stride": window // EVAL_STRIDE_FRACTION}
     aligned = prepare_data(cfg.data, tokenizer, cfg.training.seed, teacher_tok)
-    teacher_blocks = prepare_data(cfg.data, teacher_tok, cfg.training.seed).eval
     vmap, _ = load_or_build_vocab_map(tokenizer, teacher_tok, cache_root() / "vocab_maps")
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
-    results = {"teacher": evaluate(teacher, teacher_blocks, batch_size=16)}
+    results: dict[str, dict[str, Any]] = {
+        "teacher": evaluate(teacher, text_stream(eval_docs, teacher_tok), **scoring)
+    }
+    student_stream = text_stream(eval_docs, tokenizer)
     for name in ("kd", "ce"):
         student = AutoModelForCausalLM.from_pretrained(runs[name]["final_dir"]).eval()
-        results[name] = evaluate(student, aligned.eval, batch_size=16)
+        results[name] = evaluate(student, student_stream, **scoring)
         results[name].update(
             cross_tokenizer_agreement(
                 student,
@@ -241,13 +267,62 @@ def _evaluate_all(
             )
         )
     results["vocab"] = {"student": len(tokenizer), "teacher": len(teacher_tok)}
+    results["documents"] = {"eval": len(eval_docs)}
     return results
 
 
+def gap_closed(teacher: float, kd: float, ce: float) -> float | None:
+    """The share of the CE-only student's distance to the teacher that KD closed: 1 = KD reached the
+    teacher, 0 = no better than CE-only, < 0 = worse (None when CE-only already matches the teacher)."""
+    return None if ce == teacher else (ce - kd) / (ce - teacher)
+
+
+def _quality(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The summary's held-out figures: perplexities (per each model's own tokens), bits per byte (one
+    scale for all three), the share of the CE-only student's gap to the teacher that KD closed."""
+    kd_beats_ce = results["kd"]["ppl"] < results["ce"]["ppl"]
+    bpb = {name: results[name]["bpb"] for name in ("teacher", "kd", "ce")}
+    return {
+        "teacher_ppl": results["teacher"]["ppl"],
+        "kd_student_ppl": results["kd"]["ppl"],
+        "ce_student_ppl": results["ce"]["ppl"],
+        "teacher_bpb": bpb["teacher"],
+        "kd_student_bpb": bpb["kd"],
+        "ce_student_bpb": bpb["ce"],
+        "kd_gap_closed": gap_closed(bpb["teacher"], bpb["kd"], bpb["ce"]),
+        "kd_student_agreement": results["kd"]["agreement"],
+        "ce_student_agreement": results["ce"]["agreement"],
+        "teacher_loss": results["teacher"]["loss"],
+        "kd_student_loss": results["kd"]["loss"],
+        "ce_student_loss": results["ce"]["loss"],
+        "kd_beats_ce": kd_beats_ce,
+        "verdict": (
+            "KD student beats the CE-only student at equal budget"
+            if kd_beats_ce
+            else "KD did NOT beat the CE-only baseline on this corpus at this budget"
+        ),
+        "eval_method": results["kd"]["method"],
+        "eval_window": results["kd"]["window"],
+        "eval_stride": results["kd"]["stride"],
+        "eval_documents": results["documents"]["eval"],
+        "eval_tokens": results["kd"]["tokens"],
+        "teacher_eval_tokens": results["teacher"]["tokens"],
+        "eval_bytes": results["kd"]["bytes"],
+        "teacher_eval_bytes": results["teacher"]["bytes"],
+    }
+
+
 def run_demo(
-    output_dir: str | Path = "runs/demo", data: str | Path | None = None, budget: dict[str, int] | None = None
+    output_dir: str | Path = "runs/demo",
+    data: str | Path | None = None,
+    budget: dict[str, int] | None = None,
+    sample_by: str | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; ``budget`` overrides entries of :data:`DEMO` (the tests use a tiny one)."""
+    """Run the demo; ``budget`` overrides entries of :data:`DEMO` (the tests use a tiny one).
+
+    ``sample_by`` (what one document of the text is): default ``line`` for the generated corpus (one
+    document per line), ``document`` for ``data`` (as ``data.sample_by``'s default).
+    """
     budget = {**DEMO, **(budget or {})}
     t_start = time.perf_counter()
     out = Path(output_dir)
@@ -255,13 +330,17 @@ def run_demo(
     (out / "summary.json").unlink(missing_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     corpus = _corpus(out, data, budget)
+    sample_by = sample_by or ("line" if data is None else "document")
+    print(f"[demo] documents: data.sample_by={sample_by} ({_SAMPLE_BY_WORDS[sample_by]} of {corpus.name})")
     tok_dir, teacher_tok_dir = _tokenizers(corpus, budget)
+    # the teacher is trained on the packed data: its cache key names everything that shapes that data
     teacher_key = (
         f"{_file_hash(corpus)}-v{budget['teacher_vocab_size']}-s{budget['teacher_steps']}"
-        f"-b{budget['block_size']}x{budget['batch_size']}-sakd{sakd.__version__}"
+        f"-b{budget['block_size']}x{budget['batch_size']}-{sample_by}-d{DATA_FORMAT_VERSION}"
+        f"-sakd{sakd.__version__}"
     )
     t_teacher = time.perf_counter()
-    teacher_dir = prepare_teacher(corpus, teacher_tok_dir, teacher_key, budget)
+    teacher_dir = prepare_teacher(corpus, teacher_tok_dir, teacher_key, budget, sample_by)
     teacher_seconds = time.perf_counter() - t_teacher
 
     raws, runs = {}, {}
@@ -278,6 +357,7 @@ def run_demo(
             alpha=alpha,
             steps=budget["student_steps"],
             lr=3e-3,
+            sample_by=sample_by,
         )
         runs[name] = _train(raws[name])
 
@@ -286,24 +366,9 @@ def run_demo(
     plot = plot_curves(
         out / "loss_curves.png", out / "kd_student", out / "ce_student", results["teacher"]["loss"]
     )
-    kd_beats_ce = results["kd"]["ppl"] < results["ce"]["ppl"]
     summary = {
-        "teacher_ppl": results["teacher"]["ppl"],
-        "kd_student_ppl": results["kd"]["ppl"],
-        "ce_student_ppl": results["ce"]["ppl"],
-        "kd_student_agreement": results["kd"]["agreement"],
-        "ce_student_agreement": results["ce"]["agreement"],
-        "teacher_loss": results["teacher"]["loss"],
-        "kd_student_loss": results["kd"]["loss"],
-        "ce_student_loss": results["ce"]["loss"],
-        "kd_beats_ce": kd_beats_ce,
-        "verdict": (
-            "KD student beats the CE-only student at equal budget"
-            if kd_beats_ce
-            else "KD did NOT beat the CE-only baseline on this corpus at this budget"
-        ),
-        "eval_tokens": results["kd"]["tokens"],
-        "teacher_eval_tokens": results["teacher"]["tokens"],
+        **_quality(results),
+        "sample_by": sample_by,
         "student_vocab": results["vocab"]["student"],
         "teacher_vocab": results["vocab"]["teacher"],
         "alignment": runs["kd"].get("alignment", {}),

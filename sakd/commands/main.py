@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
 
 from sakd.errors import SakdError
 
@@ -41,11 +40,11 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sakd.commands.demo import run_demo
 
-    summary = run_demo(args.output_dir, args.data)
+    summary = run_demo(args.output_dir, args.data, sample_by=args.sample_by)
     print(json.dumps(summary, indent=1))
     print(
-        f"sakd demo: {summary['verdict']} (teacher ppl {summary['teacher_ppl']:.2f}, KD student "
-        f"{summary['kd_student_ppl']:.2f}, CE student {summary['ce_student_ppl']:.2f}); "
+        f"sakd demo: {summary['verdict']} (held-out bits per byte: teacher {summary['teacher_bpb']:.3f}, KD "
+        f"student {summary['kd_student_bpb']:.3f}, CE student {summary['ce_student_bpb']:.3f}); "
         f"{summary['total_seconds']:.0f} s; student at {summary['student_dir']}"
     )
     return 0
@@ -54,67 +53,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from sakd.training.export import export_run
 
-    out = export_run(args.run_dir, args.output, step=args.step, raw=args.raw)
+    out = export_run(args.run_dir, args.output, step=args.step, raw=args.raw, adapter=args.adapter)
     print(f"exported student to {out}")
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from sakd.data import DataError, load_text_dataset, pack
-    from sakd.evaluation.heldout import evaluate
-    from sakd.models import load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(args.model_dir)
-    model = load_model(args.model_dir, tokenizer=tokenizer)
-    blocks = pack(load_text_dataset(args.data, text_field=args.text_field), tokenizer, args.block_size)
-    if len(blocks) == 0:
-        raise DataError(
-            f"{args.data} is shorter than one block of {args.block_size} tokens; lower --block-size"
-        )
-    if args.max_blocks:
-        blocks = blocks.select(range(min(args.max_blocks, len(blocks))))
-    teacher = teacher_tok = None
-    if args.teacher:
-        teacher_tok = load_tokenizer(args.teacher)
-        teacher = load_model(args.teacher, tokenizer=teacher_tok).eval()
-    same_vocab = teacher_tok is not None and teacher_tok.get_vocab() == tokenizer.get_vocab()
-    result = evaluate(
-        model.eval(),
-        blocks.with_format("torch"),
-        batch_size=args.batch_size,
-        teacher=teacher if same_vocab else None,  # top-1 agreement needs one vocabulary
-        vocab_size=len(tokenizer),
-    )
-    if teacher is not None and args.prompts:  # the teacher on what the student writes (sakd/policy)
-        result.update(
-            _continuations(args, model, teacher, tokenizer, None if same_vocab else teacher_tok, blocks)
-        )
-    print(json.dumps(result, indent=1))
-    return 0
-
-
-def _continuations(
-    args: argparse.Namespace, model: Any, teacher: Any, tokenizer: Any, teacher_tok: Any, blocks: Any
-) -> dict[str, float]:
-    from sakd.policy import ContinuationSpec, heldout_prompts, score_continuations
-
-    spec = ContinuationSpec(
-        heldout_prompts(blocks["input_ids"], args.prompts, args.prompt_tokens),
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )
-    return score_continuations(
-        model, teacher, spec, student_tokenizer=tokenizer, teacher_tokenizer=teacher_tok
-    )
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from sakd.commands import bench_losses
+    import importlib
 
-    bench_losses.main(args.bench_args)
+    importlib.import_module(f"sakd.commands.bench_{args.suite}").main(args.bench_args)
     return 0
 
 
@@ -130,32 +77,6 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
 
     print(reference_markdown(), end="")
     return 0
-
-
-def _add_eval_parser(sub: Any) -> None:
-    v = sub.add_parser(
-        "eval",
-        help="held-out perplexity of a model directory (and, with a teacher, its loss on the model's own text)",
-        description="Held-out loss and perplexity. With --teacher: top-1 agreement (same tokenizer) and the "
-        "teacher's loss on the model's greedy and sampled continuations of held-out prompts (cont_*; any "
-        "tokenizer: the text is re-tokenized for the teacher).",
-    )
-    v.add_argument("model_dir", help="a Hugging Face model directory (with tokenizer files)")
-    v.add_argument("--data", required=True, help="text file (.txt/.jsonl/.parquet)")
-    v.add_argument("--teacher", help="teacher model directory (with its tokenizer)")
-    v.add_argument(
-        "--prompts", type=int, default=16, help="held-out prompts to continue (0: skip; default 16)"
-    )
-    v.add_argument("--prompt-tokens", type=int, default=32, help="prompt length: a block's first tokens")
-    v.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
-    v.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of cont_sampled_*")
-    v.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of cont_sampled_*")
-    v.add_argument("--seed", type=int, default=0, help="seed of the sampled continuations")
-    v.add_argument("--text-field", default="text")
-    v.add_argument("--block-size", type=int, default=256)
-    v.add_argument("--batch-size", type=int, default=8)
-    v.add_argument("--max-blocks", type=int, default=None)
-    v.set_defaults(func=_cmd_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,8 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a corpus, train a tokenizer, pretrain a tiny MoE teacher (cached), "
         "distill a tiny dense student and a CE-only baseline, report perplexities.",
     )
+    m.add_argument("--data", help="use this local text file instead of the generated corpus")
     m.add_argument(
-        "--data", help="use this local text file (one document per line) instead of the generated corpus"
+        "--sample-by",
+        choices=["document", "paragraph", "line"],
+        help="what one document of --data is (default: document, as data.sample_by; the generated "
+        "corpus is one document per line)",
     )
     m.add_argument(
         "--output-dir", default="runs/demo", help="where the demo writes its runs (default: runs/demo)"
@@ -210,17 +135,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--raw", action="store_true", help="export the trained weights, not the EMA (runs with training.ema)"
     )
+    e.add_argument(
+        "--adapter",
+        action="store_true",
+        help="PEFT students (model.peft): write the adapter alone (adapter_config.json, adapter_model.safetensors) "
+        "instead of the model with the adapter merged",
+    )
     e.set_defaults(func=_cmd_export)
 
-    _add_eval_parser(sub)
+    from sakd.commands import evaluate as eval_cli
+
+    eval_cli.register(sub)
 
     b = sub.add_parser(
         "bench",
         help="benchmarks (results and commands in BENCHMARKS.md)",
-        description="sakd bench losses [--chunk-sizes 128 256] [--cases same_vocab cross_vocab]: "
-        "naive vs fused distillation loss, peak memory and time, each row in a fresh process.",
+        description="sakd bench losses: naive vs fused distillation loss, peak memory and time; "
+        "sakd bench step: one KD step of the real-size pair against its parts (teacher forward, student "
+        "forward+backward), the overhead ratio; sakd bench gpu: the GPU check (fp16 under 16 GB, bf16 "
+        "MFU, quantized teachers, 8-bit optimizers, torch.compile), one JSON. `--help` after the suite.",
     )
-    b.add_argument("suite", choices=["losses"], help="which benchmark")
+    b.add_argument("suite", choices=["losses", "step", "gpu"], help="which benchmark")
     b.add_argument(
         "bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help after the suite)"
     )
@@ -231,9 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--output", help="PNG to write (default: RUN_DIR/report.png)")
     rp.set_defaults(func=_cmd_report)
 
+    from sakd.commands import assets, cache_teacher
     from sakd.commands import plan as plan_cli
 
     plan_cli.register(sub)
+    cache_teacher.register(sub)
+    assets.register(sub)
 
     r = sub.add_parser(
         "config-reference", help="print every config key with its default and meaning (Markdown)"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sakd.config import ConfigError, RunConfig, load_config
+from sakd.losses.chunk_size import resolve_chunk_size
 from sakd.planner.estimate import (
     COMPONENTS,
     DEFAULT_MICRO_BATCHES,
@@ -23,7 +24,7 @@ from sakd.planner.estimate import (
     estimate,
     rank,
 )
-from sakd.planner.sizes import ModelNumbers, model_numbers
+from sakd.planner.sizes import ModelNumbers, model_config, model_numbers, with_adapters
 
 
 def parse_memory(text: str) -> int:
@@ -163,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
     cfg, _notes = load_config(args.config, args.overrides)
     m = cfg.model
     student = model_numbers(m.student, args.student_vocab, trust_remote_code=m.trust_remote_code)
+    if m.peft.method != "none":
+        config = model_config(m.student, args.student_vocab, trust_remote_code=m.trust_remote_code)
+        student = with_adapters(student, config, m.peft)
     teacher = None
     if cfg.distillation.loss.alpha > 0 or cfg.distillation.policy != "off":
         teacher = model_numbers(m.teacher, args.teacher_vocab, trust_remote_code=m.trust_remote_code)
@@ -170,9 +174,10 @@ def run(args: argparse.Namespace) -> int:
         cfg.distillation.alignment.mode == "always" or teacher.vocab != student.vocab
     )
     work = Workload.from_config(cfg, args.num_gpus, aligned)
-    estimates = [
-        estimate(student, teacher, s, work) for s in candidate_setups(sorted(set(args.micro_batches)))
-    ]
+    setups = candidate_setups(sorted(set(args.micro_batches)))
+    if work.student_quantization != "none":  # QLoRA runs without DeepSpeed
+        setups = [s for s in setups if s.stage == 0]
+    estimates = [estimate(student, teacher, s, work) for s in setups]
     fitting = rank(estimates, budget)
     configured = estimate(student, teacher, _as_configured(cfg), work)
     if args.json:
@@ -216,7 +221,11 @@ def _chunk_hint(best: Estimate, student: ModelNumbers, teacher: ModelNumbers | N
     """Point at distillation.loss.chunk_size when the fused loss's workspace is a large share: a
     smaller chunk costs little speed (each chunk is still a large matmul) and frees memory for a larger
     micro-batch."""
-    if best.components["loss"] < best.total / 5 or work.chunk_size < 256:
+    if (
+        not isinstance(work.chunk_size, int)
+        or best.components["loss"] < best.total / 5
+        or work.chunk_size < 256
+    ):
         return
     smaller = replace(work, chunk_size=work.chunk_size // 4)
     then = estimate(student, teacher, best.setup, smaller).components["loss"]
@@ -224,6 +233,16 @@ def _chunk_hint(best: Estimate, student: ModelNumbers, teacher: ModelNumbers | N
         f"  hint: the fused loss takes {best.components['loss'] / GIB:.2f} GiB; "
         f"distillation.loss.chunk_size={smaller.chunk_size} would make it {then / GIB:.2f} GiB"
     )
+
+
+def _chunk_text(student: ModelNumbers, teacher: ModelNumbers | None, work: Workload) -> str:
+    if work.chunk_size != "auto":
+        return str(work.chunk_size)
+    sizes = (
+        (student.vocab, teacher.vocab if teacher else 0),
+        (student.hidden, teacher.hidden if teacher else 0),
+    )
+    return f"auto ({resolve_chunk_size('auto', work.seq_len, *sizes)} tokens at micro-batch 1)"
 
 
 def _print_table(
@@ -236,8 +255,9 @@ def _print_table(
 ) -> None:
     def describe(m: ModelNumbers) -> str:
         moe = f", {m.experts} experts / {m.experts_per_token} active" if m.experts else ""
+        trained = f", {m.trained / 1e6:.2f}M trained (adapters)" if m.trained != m.total_params else ""
         return (
-            f"{m.name}: {m.total_params / 1e6:.1f}M params ({m.active_params / 1e6:.1f}M active), "
+            f"{m.name}: {m.total_params / 1e6:.1f}M params ({m.active_params / 1e6:.1f}M active{trained}), "
             f"{m.layers} layers, hidden {m.hidden}, vocab {m.vocab}{moe}"
         )
 
@@ -247,7 +267,7 @@ def _print_table(
         print(f"teacher {describe(teacher)}")
     print(
         f"{work.num_gpus} GPU(s) x {memory / GIB:.2f} GiB, plans must fit in {budget / GIB:.2f} GiB; seq {work.seq_len}, mixed precision "
-        f"{work.mixed_precision}, teacher {work.teacher_dtype}, loss chunk {work.chunk_size}"
+        f"{work.mixed_precision}, teacher {work.teacher_dtype}, loss chunk {_chunk_text(student, teacher, work)}"
         f"{' (vocab-mapped)' if work.aligned else ''}\n"
     )
     print(_header())

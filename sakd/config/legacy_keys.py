@@ -29,11 +29,11 @@ SEED_KEY_MAP: dict[str, str] = {
     "ema_decay": "training.ema_decay",
     "early_stopping_patience": "training.early_stopping_patience",
     "early_stopping_min_delta": "training.early_stopping_min_delta",
+    "use_curriculum": "distillation.curriculum.phases",
 }
 
 # Seed keys whose capability has not landed yet: reported on load (see README).
 SEED_KEYS_NOT_YET_SUPPORTED: dict[str, str] = {
-    "use_curriculum": "progressive loss curriculum (auxiliary losses are not implemented yet)",
     "attention_layers": "a count of layers, not mapped: attention transfer is distillation.attention.weight "
     "with an explicit distillation.attention.layers list (e.g. [-2, -1])",
     "memory_threshold": "has no equivalent: use `sakd plan` to choose a configuration that fits",

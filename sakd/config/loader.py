@@ -62,7 +62,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(key, value, args[0])
+        for tp_arg in args[:-1]:  # e.g. int | str: a number, else the word (checked by validate)
+            try:
+                return _coerce(key, value, tp_arg)
+            except ConfigError:
+                continue
+        return _coerce(key, value, args[-1])
     if value is None:
         raise ConfigError(f"config key '{key}' may not be null")
     if tp is bool:
@@ -259,9 +264,18 @@ def validate(cfg: RunConfig) -> None:
         if stage.steps is None and stage.epochs is None:
             raise ConfigError(f"optimization.stages[{i}] needs steps or epochs")
         _check_rules(f"optimization.stages[{i}].lr_multipliers", stage.lr_multipliers or {})
-    if loss.sparse in ("subset", "topk_tail") and loss.kd_top_k is None:
+    if loss.chunk_size != "auto" and (not isinstance(loss.chunk_size, int) or loss.chunk_size < 1):
         raise ConfigError(
-            f"distillation.loss.sparse={loss.sparse} needs distillation.loss.kd_top_k (e.g. 256)"
+            f"distillation.loss.chunk_size must be auto or an integer >= 1, got {loss.chunk_size!r}"
+        )
+    if (
+        loss.sparse in ("subset", "topk_tail")
+        and loss.kd_top_k is None
+        and not cfg.distillation.teacher_cache
+    ):
+        raise ConfigError(
+            f"distillation.loss.sparse={loss.sparse} needs distillation.loss.kd_top_k (e.g. 256) "
+            "or a distillation.teacher_cache (whose k it then uses)"
         )
     if cfg.training.early_stopping_patience and not cfg.training.eval_every:
         raise ConfigError(
@@ -271,11 +285,64 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             "distillation.loss.temperature_schedule needs distillation.loss.min_temperature (the final temperature)"
         )
+    if cfg.data.eval_stride is not None and cfg.data.eval_stride > cfg.data.block_size:
+        raise ConfigError(
+            f"data.eval_stride={cfg.data.eval_stride} is larger than data.block_size={cfg.data.block_size}: "
+            "tokens between windows would never be scored; lower it"
+        )
+    _validate_student_aware(cfg)
     check_generation(cfg.distillation.policy, cfg.distillation.generation, cfg.data.block_size)
     if cfg.distillation.contrastive.weight > 0 and cfg.training.batch_size < 2:
         raise ConfigError(
             "distillation.contrastive needs training.batch_size >= 2: its negatives are the other sequences "
             "of each micro-batch (a batch of one has none and the term would silently be 0)"
+        )
+
+
+def _validate_student_aware(cfg: RunConfig) -> None:
+    """The MoE signals, the token router and the curriculum: what they need from the rest of the config."""
+    d = cfg.distillation
+    moe, router, cur = d.moe, d.router, d.curriculum
+    needs_kd = [
+        (moe.augment_samples > 0, "distillation.moe.augment_samples"),
+        (moe.student_aware_router, "distillation.moe.student_aware_router"),
+        (router.enabled, "distillation.router.enabled"),
+    ]
+    for on, key in needs_kd:
+        if on and d.loss.alpha == 0:
+            raise ConfigError(f"{key} acts on the KD term: it needs distillation.loss.alpha > 0")
+    if moe.augment_samples > 0 and moe.student_aware_router:
+        raise ConfigError(
+            "distillation.moe.augment_samples and student_aware_router exclude each other (the router uses "
+            "every expert; the paper never combines them): turn one off"
+        )
+    if moe.augment_samples > 0 and d.loss.kind not in ("fkl", "rkl"):
+        raise ConfigError(
+            f"distillation.moe.augment_samples needs distillation.loss.kind fkl or rkl (got {d.loss.kind}): "
+            "only for these is one KD term against the combined teacher the mean of the M KD terms"
+        )
+    live = needs_kd + [(cur.phases or cur.balance, "distillation.curriculum")]
+    for on, key in live:
+        if on and d.teacher_cache:
+            raise ConfigError(
+                f"{key} needs the live teacher and the online KD path; it does not work from "
+                "distillation.teacher_cache yet: turn one of them off"
+            )
+        if on and d.policy != "off" and key != "distillation.moe.augment_samples":
+            raise ConfigError(
+                f"{key} is not supported with distillation.policy={d.policy} yet (its statistics are kept "
+                "for the data's tokens): turn one of them off"
+            )
+    if d.policy != "off" and d.teacher_cache:
+        raise ConfigError(
+            f"distillation.policy={d.policy} scores generated text with the live teacher; it cannot read "
+            "distillation.teacher_cache: turn one of them off"
+        )
+    if router.sharpen_end < router.sharpen_start:
+        raise ConfigError("distillation.router.sharpen_end must be >= distillation.router.sharpen_start")
+    if cur.all_start < cur.structure_start:
+        raise ConfigError(
+            "distillation.curriculum.all_start must be >= distillation.curriculum.structure_start"
         )
 
 

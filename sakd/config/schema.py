@@ -12,14 +12,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from sakd.config.aux_schema import AttentionConfig, ContrastiveConfig, FeatureConfig
+from sakd.config.aware_schema import CurriculumConfig, MoEConfig, TokenRouterConfig
+from sakd.config.cache_schema import CacheConfig
+from sakd.config.fields import documented as _f
 from sakd.config.generation import POLICIES, GenerationConfig
-
-
-def _f(default: Any, help: str, **checks: Any) -> Any:
-    """A dataclass field with a help string and optional range checks."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **checks})
-    return field(default=default, metadata={"help": help, **checks})
+from sakd.config.peft_schema import PeftConfig
 
 
 @dataclass
@@ -71,14 +69,24 @@ class ModelConfig:
         False,
         "With a ZeRO-3 teacher: keep its partitioned parameters in CPU memory (slower, less GPU memory).",
     )
+    peft: PeftConfig = field(
+        default_factory=PeftConfig, metadata={"help": "Train the student through adapters (LoRA/DoRA)."}
+    )
 
 
 @dataclass
 class DataConfig:
     train: str | None = _f(
         None,
-        "Training text: a local .txt (one document per line), .jsonl/.json or .parquet file, or a "
-        "datasets hub name (loaded with datasets.load_dataset).",
+        "Training text: a local .txt (documents as `sample_by` says), .jsonl/.json or .parquet file (one "
+        "document per record), or a datasets hub name (loaded with datasets.load_dataset).",
+    )
+    sample_by: str = _f(
+        "document",
+        "What one document of a .txt file is (datasets' text loader option): document = the whole file, "
+        "paragraph = blank-line separated, line = each line. Line breaks inside a document are kept; EOS "
+        "goes only after a document. .jsonl/.parquet/hub records are always one document each.",
+        choices=["document", "paragraph", "line"],
     )
     dataset_config: str | None = _f(None, "Hub dataset configuration name (e.g. wikitext-2-raw-v1).")
     split: str = _f("train", "Split of `train` to read.")
@@ -93,6 +101,18 @@ class DataConfig:
     block_size: int = _f(256, "Tokens per packed training block (the seed's `max_length`).", min=8)
     max_train_blocks: int | None = _f(None, "Use at most this many training blocks (None: all).", min=1)
     max_eval_blocks: int | None = _f(256, "Evaluate on at most this many held-out blocks.", min=1)
+    eval_stride: int | None = _f(
+        None,
+        "Held-out scoring: None = blocked (each block alone); N = strided (sliding windows of block_size "
+        "tokens advanced N at a time, each token scored once with >= block_size - N tokens of context; "
+        "block_size/N times the forwards). Must be <= block_size.",
+        min=1,
+    )
+    num_proc: int = _f(
+        1,
+        "Processes for tokenizing and packing (datasets.map num_proc); results are cached on disk either way.",
+        min=1,
+    )
 
 
 @dataclass
@@ -134,7 +154,12 @@ class LossConfig:
     fused: bool = _f(
         True, "Compute the loss from hidden states chunk by chunk, never building [batch, seq, vocab] logits."
     )
-    chunk_size: int = _f(1024, "Tokens per chunk of the fused loss.", min=1)
+    chunk_size: int | str = _f(
+        "auto",
+        "Tokens per chunk of the fused loss, or auto: chunks whose logits are about as large as the hidden "
+        "states (Liger-Kernel's rule, at least 128 tokens), so the loss's memory stays a small fixed share "
+        "of materialized logits at any batch size (README, Fused loss).",
+    )
 
 
 @dataclass
@@ -161,35 +186,6 @@ class AlignmentConfig:
 
 
 @dataclass
-class FeatureConfig:
-    weight: float = _f(0.0, "Weight of the hidden-state feature loss at aligned positions (0: off).", min=0)
-    kind: str = _f("mse", "Feature distance: mse or cosine (1 - cos).", choices=["mse", "cosine"])
-    layer_map: list[list[int]] | None = _f(
-        None,
-        "[[teacher_layer, student_layer], ...] hidden-state indices (1 = after the first block). None: "
-        "uniform, student layer l <- teacher layer round(l * Lt / Ls).",
-    )
-
-
-@dataclass
-class AttentionConfig:
-    weight: float = _f(
-        0.0, "Weight of attention-map transfer (0: off). Needs one-to-one positions (same tokenizer).", min=0
-    )
-    layers: list[int] = _f(
-        [-1], "Student layers (0-based; negative counts from the end) whose attention maps are matched."
-    )
-
-
-@dataclass
-class ContrastiveConfig:
-    weight: float = _f(
-        0.0, "Weight of the InfoNCE loss between pooled student and teacher states (0: off).", min=0
-    )
-    temperature: float = _f(0.07, "InfoNCE temperature.", gt=0)
-
-
-@dataclass
 class DistillationConfig:
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The distillation objective."})
     alignment: AlignmentConfig = field(
@@ -201,6 +197,24 @@ class DistillationConfig:
     )
     contrastive: ContrastiveConfig = field(
         default_factory=ContrastiveConfig, metadata={"help": "Sequence-level contrastive loss."}
+    )
+    teacher_cache: str | None = _f(
+        None,
+        "Train from this offline teacher cache (a directory written by `sakd cache-teacher`) instead of "
+        "running the teacher: it is never loaded. The cache must match the recipe's teacher, teacher "
+        "tokenizer and training documents; the student may use another tokenizer.",
+    )
+    cache: CacheConfig = field(
+        default_factory=CacheConfig, metadata={"help": "What `sakd cache-teacher` stores."}
+    )
+    moe: MoEConfig = field(
+        default_factory=MoEConfig, metadata={"help": "MoE-aware teacher signals (Kim et al. 2025)."}
+    )
+    router: TokenRouterConfig = field(
+        default_factory=TokenRouterConfig, metadata={"help": "The student-aware token router."}
+    )
+    curriculum: CurriculumConfig = field(
+        default_factory=CurriculumConfig, metadata={"help": "Loss phases and magnitude balancing."}
     )
     policy: str = _f(
         "off",

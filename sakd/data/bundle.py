@@ -11,8 +11,11 @@ from transformers import PreTrainedTokenizerBase
 
 from sakd.config import DataConfig
 from sakd.data.packing import pack, pack_pair
+from sakd.data.stream import TokenStream
 from sakd.data.text import load_text_dataset
 from sakd.errors import DataError
+
+IGNORE_INDEX = -100  # the label of a position that is not a target (transformers' convention)
 
 
 @dataclass
@@ -22,6 +25,8 @@ class DataBundle:
     With a teacher tokenizer that differs from the student's, the blocks also hold the teacher's
     tokens of the same text and the alignment (see :func:`pack_pair`); teacher sequences are
     right-padded to ``teacher_block_size`` (the longest of any block) with ``teacher_pad_id``.
+    Held-out blocks also hold ``byte_counts`` (bits per byte). ``eos_id`` is the EOS that packing puts
+    after every document: predicting it is never scored (:func:`make_batch`, :meth:`heldout`).
     """
 
     train: datasets.Dataset
@@ -29,20 +34,33 @@ class DataBundle:
     block_size: int
     teacher_block_size: int | None = None
     teacher_pad_id: int = 0
+    eos_id: int | None = None
+    documents: tuple[int, int] = (0, 0)  # training and held-out documents the blocks were cut from
 
     @property
     def aligned(self) -> bool:
         return self.teacher_block_size is not None
 
+    def describe(self, sample_by: str) -> str:
+        """One line on how the text was split, for the run's log."""
+        return (
+            f"data: {self.documents[0]:,} training / {self.documents[1]:,} held-out documents "
+            f"(data.sample_by={sample_by}), {len(self.train):,} training blocks of {self.block_size} tokens"
+        )
+
     def batch(self, blocks: datasets.Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
         rows = blocks[indices]
-        out = make_batch(rows["input_ids"], indices)
+        out = make_batch(rows["input_ids"], indices, eos_id=self.eos_id)
         if self.aligned:
             out.update(self.teacher_fields(rows))
         return out
 
     def train_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return self.batch(self.train, indices)
+
+    def heldout(self) -> TokenStream:
+        """The held-out blocks as one token stream (what :func:`sakd.evaluation.heldout.evaluate` scores)."""
+        return TokenStream.from_blocks(self.eval, self.eos_id)
 
     def teacher_fields(self, rows: dict) -> dict[str, torch.Tensor]:
         """Padded teacher ids + mask and the alignment tensors of a set of rows."""
@@ -62,15 +80,53 @@ class DataBundle:
         }
 
 
-def make_batch(input_ids: torch.Tensor, sample_ids: list[int] | torch.Tensor) -> dict[str, torch.Tensor]:
-    """A model batch from packed blocks; labels equal inputs (the loss shifts them)."""
+def make_batch(
+    input_ids: torch.Tensor, sample_ids: list[int] | torch.Tensor, *, eos_id: int | None = None
+) -> dict[str, torch.Tensor]:
+    """A model batch from packed blocks; labels equal inputs (the loss shifts them), except that the
+    EOS packing put after each document (``eos_id``) is never a target (label -100)."""
     input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+    labels = input_ids.clone()
+    if eos_id is not None:
+        labels[input_ids == eos_id] = IGNORE_INDEX
     return {
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
-        "labels": input_ids.clone(),
+        "labels": labels,
         "sample_ids": torch.as_tensor(sample_ids, dtype=torch.long),
     }
+
+
+def _split_one_document(text: str, fraction: float) -> tuple[str, str]:
+    """A single document split in two by characters: the held-out part is its last ``fraction``, starting
+    after the last line break or space before that point (no word is cut); both tokenizers of a pair see
+    the same split."""
+    cut = int(len(text) * (1 - fraction))
+    at = max(text.rfind("\n", 0, cut), text.rfind(" ", 0, cut))
+    return (text[: at + 1], text[at + 1 :]) if at > 0 else (text[:cut], text[cut:])
+
+
+def split_documents(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The training and held-out documents of ``cfg``: ``data.eval``, else ``eval_fraction`` of the
+    documents (shuffled with ``seed``), else -- a corpus of one document -- its last ``eval_fraction``.
+    An offline teacher cache covers exactly the training documents, so it calls this too."""
+    if not cfg.train:
+        raise DataError("no training data: set data.train to a .txt/.jsonl/.parquet file or a dataset name")
+    opts = {"text_field": cfg.text_field, "dataset_config": cfg.dataset_config, "sample_by": cfg.sample_by}
+    docs = load_text_dataset(cfg.train, split=cfg.split, **opts)
+    if len(docs) == 0:
+        raise DataError(f"data {cfg.train} holds no non-empty documents")
+    if cfg.eval:
+        return docs, load_text_dataset(cfg.eval, split=cfg.eval_split, **opts)
+    if len(docs) == 1:
+        head, tail = _split_one_document(docs[0]["text"], cfg.eval_fraction)
+        if not head.strip() or not tail.strip():
+            raise DataError(
+                f"data {cfg.train} is too short to hold out {cfg.eval_fraction:.0%} of it (or set data.eval)"
+            )
+        return datasets.Dataset.from_dict({"text": [head]}), datasets.Dataset.from_dict({"text": [tail]})
+    split = docs.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True)
+    return split["train"], split["test"]
 
 
 def prepare_data(
@@ -83,31 +139,14 @@ def prepare_data(
 
     With ``teacher_tokenizer`` the blocks also carry the teacher's tokens and the alignment.
     """
-    if not cfg.train:
-        raise DataError("no training data: set data.train to a .txt/.jsonl/.parquet file or a dataset name")
-    docs = load_text_dataset(
-        cfg.train, split=cfg.split, text_field=cfg.text_field, dataset_config=cfg.dataset_config
-    )
-    if len(docs) == 0:
-        raise DataError(f"data {cfg.train} holds no non-empty documents")
-    if cfg.eval:
-        train_docs = docs
-        eval_docs = load_text_dataset(
-            cfg.eval, split=cfg.eval_split, text_field=cfg.text_field, dataset_config=cfg.dataset_config
-        )
-    else:
-        if len(docs) < 2:
-            raise DataError(
-                f"data {cfg.train} has 1 document; a held-out split needs more (or set data.eval)"
-            )
-        split = docs.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True)
-        train_docs, eval_docs = split["train"], split["test"]
+    train_docs, eval_docs = split_documents(cfg, seed)
     if teacher_tokenizer is None:
-        train = pack(train_docs, tokenizer, cfg.block_size)
-        evalset = pack(eval_docs, tokenizer, cfg.block_size)
+        train = pack(train_docs, tokenizer, cfg.block_size, num_proc=cfg.num_proc)
+        evalset = pack(eval_docs, tokenizer, cfg.block_size, with_bytes=True, num_proc=cfg.num_proc)
     else:
-        train = pack_pair(train_docs, tokenizer, teacher_tokenizer, cfg.block_size)
-        evalset = pack_pair(eval_docs, tokenizer, teacher_tokenizer, cfg.block_size)
+        pair = {"num_proc": cfg.num_proc}
+        train = pack_pair(train_docs, tokenizer, teacher_tokenizer, cfg.block_size, **pair)
+        evalset = pack_pair(eval_docs, tokenizer, teacher_tokenizer, cfg.block_size, with_bytes=True, **pair)
     for name, blocks in (("training", train), ("held-out", evalset)):
         if len(blocks) == 0:
             raise DataError(
@@ -118,11 +157,17 @@ def prepare_data(
         train = train.select(range(min(cfg.max_train_blocks, len(train))))
     if cfg.max_eval_blocks:
         evalset = evalset.select(range(min(cfg.max_eval_blocks, len(evalset))))
+    common = {"eos_id": tokenizer.eos_token_id, "documents": (len(train_docs), len(eval_docs))}
     if teacher_tokenizer is None:
-        return DataBundle(train.with_format("torch"), evalset.with_format("torch"), cfg.block_size)
+        return DataBundle(train.with_format("torch"), evalset.with_format("torch"), cfg.block_size, **common)
     longest = max(max(part[:]["teacher_length"]) for part in (train, evalset))
     pad = teacher_tokenizer.pad_token_id
     pad = teacher_tokenizer.eos_token_id if pad is None else pad
     return DataBundle(
-        train, evalset, cfg.block_size, teacher_block_size=max(longest, 1), teacher_pad_id=pad or 0
+        train,
+        evalset,
+        cfg.block_size,
+        teacher_block_size=max(longest, 1),
+        teacher_pad_id=pad or 0,
+        **common,
     )

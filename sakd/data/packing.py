@@ -1,53 +1,139 @@
-"""Tokens out: documents tokenized (EOS after each), concatenated and cut into blocks of
-``block_size`` tokens -- for one tokenizer (:func:`pack`), or for two (:func:`pack_pair`: each block
-of student tokens carries the teacher's tokens of the same text and the char-span alignment)."""
+"""Tokens out: the documents' tokens (EOS after each, :mod:`sakd.data.tokenize`) concatenated into one
+stream and cut into blocks of ``block_size`` tokens -- for one tokenizer (:func:`pack`), or for two
+(:func:`pack_pair`: each block of student tokens carries the teacher's tokens of the same text and the
+char-span alignment).
+
+Block ``k`` is tokens ``[k * block_size, (k + 1) * block_size)`` of the whole stream, wherever the
+documents begin and end; only the stream's last ``< block_size`` tokens are left out. The blocks are
+built by a `datasets` map over block indices that reads the per-document rows each block spans, so
+the work splits over processes (``num_proc``) without a carry between batches, and the result is
+cached on disk next to the tokenized rows (a second run reuses it).
+"""
 
 from __future__ import annotations
 
-import bisect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
-from sakd.align.positions import align_spans
-from sakd.errors import DataError
+from sakd.align.positions import align_ends
+from sakd.data.tokenize import IDS, cache_key, tokenize_documents
+from sakd.upstream import dataset_fingerprint
+
+BLOCKS_PER_MAP_BATCH = 256
 
 
-def pack(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, block_size: int) -> datasets.Dataset:
-    """Tokenize documents (EOS after each), concatenate, cut into ``block_size`` blocks (remainder dropped)."""
-    eos = tokenizer.eos_token_id
-
-    def tokenize_and_group(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        ids: list[int] = []
-        for seq in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]:
-            ids.extend(seq)
-            if eos is not None:
-                ids.append(eos)
-        n = len(ids) // block_size
-        return {"input_ids": [ids[i * block_size : (i + 1) * block_size] for i in range(n)]}
-
-    return ds.map(tokenize_and_group, batched=True, batch_size=2000, remove_columns=ds.column_names)
+def flat_column(table: pa.Table, column: str) -> np.ndarray:
+    """The concatenated list entries of ``column``: a zero-copy view of the memory-mapped rows where
+    Arrow allows (slice it before converting: a long document spans many map batches)."""
+    return pc.list_flatten(table.column(column)).to_numpy()
 
 
-def _offsets_stream(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str]
-) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids and global character spans of ``texts`` joined by EOS (each EOS covers one virtual
-    character after its document, so both tokenizers' EOS tokens share a boundary)."""
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    spans: list[tuple[int, int]] = []
-    base = 0
-    for text, seq, offs in zip(texts, enc["input_ids"], enc["offset_mapping"], strict=True):
-        ids.extend(seq)
-        spans.extend((base + a, base + b) for a, b in offs)
-        base += len(text)
-        if eos is not None:
-            ids.append(eos)
-            spans.append((base, base + 1))
-        base += 1
-    return ids, spans
+class DocumentStream:
+    """The per-document token rows as one stream: where each document starts, and read access to the
+    stretch of documents that holds a range of stream positions."""
+
+    def __init__(self, rows: datasets.Dataset, column: str = "input_ids") -> None:
+        self.rows = rows
+        self.table = rows.with_format("arrow")
+        lengths = pc.list_value_length(self.table[column]).to_numpy(zero_copy_only=False).astype(np.int64)
+        self.starts = np.concatenate(
+            [[0], np.cumsum(lengths)]
+        )  # document d = stream [starts[d], starts[d+1])
+
+    @property
+    def total(self) -> int:
+        return int(self.starts[-1])
+
+    def docs(self, lo: int, hi: int) -> tuple[int, int]:
+        """The documents ``[d0, d1)`` that hold stream positions ``[lo, hi)``."""
+        d0 = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        d1 = int(np.searchsorted(self.starts, hi - 1, side="right"))
+        return d0, d1
+
+    def span(
+        self, lo: int, hi: int, column: str = "input_ids", offsets: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Stream positions ``[lo, hi)`` of ``column``; with ``offsets`` (one per document) each value plus
+        its document's offset (character ends made global)."""
+        d0, d1 = self.docs(lo, hi)
+        values = flat_column(self.table[d0:d1], column).astype(np.int64)
+        if offsets is not None:
+            values = values + np.repeat(offsets[d0:d1], np.diff(self.starts[d0 : d1 + 1]))
+        skip = lo - int(self.starts[d0])
+        return values[skip : skip + hi - lo]
+
+
+def _blocks(
+    stream: DocumentStream,
+    block_size: int,
+    build: Callable[[int, int], dict[str, Any]],
+    features: datasets.Features,
+    key: str,
+    num_proc: int,
+) -> datasets.Dataset:
+    """A dataset of the stream's full blocks: ``build(first_block, last_block + 1)`` makes the columns of
+    a run of consecutive blocks; cached next to the tokenized rows when those are on disk."""
+    n_blocks = stream.total // block_size
+    index = datasets.Dataset.from_dict({"block": np.arange(n_blocks, dtype=np.int64)})
+    cache_files = stream.rows.cache_files
+    cache_file = (
+        str(Path(cache_files[0]["filename"]).parent / f"sakd-blocks-{key}.arrow") if cache_files else None
+    )
+    return index.map(
+        lambda batch: build(int(batch["block"][0]), int(batch["block"][-1]) + 1),
+        batched=True,
+        batch_size=BLOCKS_PER_MAP_BATCH,
+        num_proc=num_proc if num_proc > 1 and n_blocks > BLOCKS_PER_MAP_BATCH else None,
+        remove_columns=["block"],
+        features=features,
+        new_fingerprint=key,
+        cache_file_name=cache_file,
+        desc="packing",
+    )
+
+
+def pack(
+    ds: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    *,
+    with_bytes: bool = False,
+    num_proc: int = 1,
+) -> datasets.Dataset:
+    """Tokenize documents (EOS after each), concatenate, cut into ``block_size`` blocks (``input_ids``;
+    with ``with_bytes`` also ``byte_counts``, the UTF-8 bytes each token covers)."""
+    rows = tokenize_documents(ds, tokenizer, with_bytes=with_bytes, num_proc=num_proc)
+    stream = DocumentStream(rows)
+    columns = ["input_ids"] + (["byte_counts"] if with_bytes else [])
+
+    def build(k0: int, k1: int) -> dict[str, Any]:
+        lo, hi = k0 * block_size, k1 * block_size
+        d0, d1 = stream.docs(lo, hi)
+        table = stream.table[d0:d1]
+        skip = lo - int(stream.starts[d0])
+        return {c: flat_column(table, c)[skip : skip + hi - lo].reshape(k1 - k0, block_size) for c in columns}
+
+    features = datasets.Features({c: IDS for c in columns})
+    key = cache_key("pack", dataset_fingerprint(rows), block_size)
+    return _blocks(stream, block_size, build, features, key, num_proc)
+
+
+PAIR_FEATURES = datasets.Features(
+    {
+        "input_ids": IDS,
+        "teacher_input_ids": IDS,
+        "anchor": IDS,
+        "span_end": IDS,
+        "teacher_length": datasets.Value("int32"),
+    }
+)
 
 
 def pack_pair(
@@ -55,45 +141,53 @@ def pack_pair(
     tokenizer: PreTrainedTokenizerBase,
     teacher_tokenizer: PreTrainedTokenizerBase,
     block_size: int,
+    *,
+    with_bytes: bool = False,
+    num_proc: int = 1,
 ) -> datasets.Dataset:
     """Like :func:`pack`, plus the teacher's tokens of the same text and the position alignment.
 
     Each block holds ``block_size`` student tokens (``input_ids``); ``teacher_input_ids`` are the
-    teacher tokens whose end falls inside the block's character range (a variable number), and
-    ``anchor`` / ``span_end`` the :class:`~sakd.align.positions.PositionAlignment` of the block.
+    teacher tokens whose end falls inside the block's character range (after the previous block's last
+    student token, up to this block's last), a variable number; ``anchor`` / ``span_end`` are the
+    :class:`~sakd.align.positions.PositionAlignment` of the block.
     """
-    for name, tok in (("student", tokenizer), ("teacher", teacher_tokenizer)):
-        if not getattr(tok, "is_fast", False):
-            raise DataError(
-                f"the {name} tokenizer is not a fast (Rust) tokenizer; cross-tokenizer alignment needs "
-                "character offsets — save it with `tokenizers` / use_fast=True"
-            )
+    rows = tokenize_documents(
+        ds, tokenizer, teacher_tokenizer=teacher_tokenizer, with_bytes=with_bytes, num_proc=num_proc
+    )
+    stream = DocumentStream(rows)
+    # document d covers the global characters [char_base[d], char_base[d + 1]) (its text, then its EOS)
+    n_chars = stream.table["n_chars"].to_numpy(zero_copy_only=False).astype(np.int64)
+    char_base = np.concatenate([[0], np.cumsum(n_chars + 1)])
+    t_lengths = pc.list_value_length(stream.table["teacher_input_ids"]).to_numpy(zero_copy_only=False)
+    extra = ["byte_counts"] if with_bytes else []
 
-    def tokenize_and_group(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        s_ids, s_spans = _offsets_stream(tokenizer, batch["text"])
-        t_ids, t_spans = _offsets_stream(teacher_tokenizer, batch["text"])
-        t_ends = [b for _, b in t_spans]
-        for i in range(1, len(t_ends)):  # non-decreasing for bisect (trimmed/zero-width spans)
-            t_ends[i] = max(t_ends[i], t_ends[i - 1])
-        out: dict[str, list[list[int]]] = {
-            "input_ids": [],
-            "teacher_input_ids": [],
-            "anchor": [],
-            "span_end": [],
-            "teacher_length": [],
-        }
-        lo_char = 0
-        for i in range(len(s_ids) // block_size):
-            blk = slice(i * block_size, (i + 1) * block_size)
-            hi_char = max(b for _, b in s_spans[blk])
-            t_lo, t_hi = bisect.bisect_right(t_ends, lo_char), bisect.bisect_right(t_ends, hi_char)
-            al = align_spans(s_spans[blk], t_spans[t_lo:t_hi])
-            out["input_ids"].append(s_ids[blk])
+    def build(k0: int, k1: int) -> dict[str, Any]:
+        lo, hi = k0 * block_size, k1 * block_size
+        d0, d1 = stream.docs(max(lo - 1, 0), hi)  # from the token before the first block: its end
+        table = stream.table[d0:d1]
+        lengths = np.diff(stream.starts[d0 : d1 + 1])
+        s_ends = flat_column(table, "ends") + np.repeat(char_base[d0:d1], lengths)  # global, non-decreasing
+        t_ids = flat_column(table, "teacher_input_ids")
+        t_ends = flat_column(table, "teacher_ends") + np.repeat(char_base[d0:d1], t_lengths[d0:d1])
+        s_ids = flat_column(table, "input_ids")
+        skip = int(stream.starts[d0])
+        out: dict[str, list] = {c: [] for c in [*PAIR_FEATURES, *extra]}
+        flats = {c: flat_column(table, c) for c in extra}
+        for k in range(k0, k1):
+            a, b = k * block_size - skip, (k + 1) * block_size - skip
+            lo_char = int(s_ends[a - 1]) if k > 0 else 0
+            t_lo, t_hi = np.searchsorted(t_ends, [lo_char, int(s_ends[b - 1])], side="right")
+            al = align_ends(s_ends[a:b], t_ends[t_lo:t_hi])
+            out["input_ids"].append(s_ids[a:b])
             out["teacher_input_ids"].append(t_ids[t_lo:t_hi])
-            out["teacher_length"].append(t_hi - t_lo)
-            out["anchor"].append(al.anchor.tolist())
-            out["span_end"].append(al.span_end.tolist())
-            lo_char = hi_char
+            out["teacher_length"].append(int(t_hi - t_lo))
+            out["anchor"].append(al.anchor.numpy())
+            out["span_end"].append(al.span_end.numpy())
+            for c in extra:
+                out[c].append(flats[c][a:b])
         return out
 
-    return ds.map(tokenize_and_group, batched=True, batch_size=2000, remove_columns=ds.column_names)
+    features = datasets.Features({**PAIR_FEATURES, **{c: IDS for c in extra}})
+    key = cache_key("pack_pair", dataset_fingerprint(rows), block_size)
+    return _blocks(stream, block_size, build, features, key, num_proc)

@@ -1,5 +1,11 @@
 """Text in: a local .txt/.jsonl/.json/.parquet file or a hub dataset, as a `datasets.Dataset` with one
-``text`` column (one row per document), every problem a one-line :class:`~sakd.errors.DataError`."""
+``text`` column (one row per document), every problem a one-line :class:`~sakd.errors.DataError`.
+
+What a document is in a ``.txt`` file is the ``sample_by`` option of `datasets`' own ``text`` builder:
+``document`` (the whole file, the default: a book, an article, a source file is one text), ``paragraph``
+(blank-line separated: ``text.split("\\n\\n")``) or ``line`` (one document per line). Line breaks inside a
+document are kept. ``.jsonl``/``.json``/``.parquet`` files and hub datasets have one document per record.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,35 @@ import datasets
 from sakd.errors import DataError
 
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SAMPLE_BY = ("document", "paragraph", "line")
+
+
+def _builder_options(builder: str, sample_by: str, spec: str) -> dict[str, object]:
+    if builder == "text":
+        # in line mode the line break is the document boundary; otherwise it is text and stays
+        return {"sample_by": sample_by, "keep_linebreaks": sample_by != "line"}
+    if sample_by != "document":
+        raise DataError(
+            f"data.sample_by={sample_by} applies to .txt files; the records of {spec} are its documents "
+            "(leave data.sample_by at document)"
+        )
+    return {}
 
 
 def load_text_dataset(
-    spec: str, *, split: str = "train", text_field: str = "text", dataset_config: str | None = None
+    spec: str,
+    *,
+    split: str = "train",
+    text_field: str = "text",
+    dataset_config: str | None = None,
+    sample_by: str = "document",
 ) -> datasets.Dataset:
-    """A `datasets.Dataset` with one ``text`` column, from a local file or a hub dataset name."""
+    """A `datasets.Dataset` with one ``text`` column, from a local file or a hub dataset name.
+
+    ``sample_by`` says what one document of a ``.txt`` file is (see the module docstring).
+    """
+    if sample_by not in SAMPLE_BY:
+        raise DataError(f"sample_by must be one of {', '.join(SAMPLE_BY)}, got {sample_by!r}")
     path = Path(spec).expanduser()
     if path.suffix in LOCAL_BUILDERS or path.exists() or spec.startswith((".", "/", "~")):
         if not path.exists():
@@ -34,11 +63,13 @@ def load_text_dataset(
             raise DataError(f"cannot read data file {spec}: {e.strerror}") from None
         if path.stat().st_size == 0:
             raise DataError(f"data file is empty: {spec}")
+        options = _builder_options(builder, sample_by, spec)
         try:
-            ds = datasets.load_dataset(builder, data_files={"train": str(path)}, split="train")
+            ds = datasets.load_dataset(builder, data_files={"train": str(path)}, split="train", **options)
         except Exception as e:  # datasets raises many types for malformed files
             raise DataError(f"cannot parse data file {spec} as {builder}: {str(e).splitlines()[0]}") from None
     else:
+        _builder_options("hub", sample_by, spec)
         try:
             ds = datasets.load_dataset(spec, dataset_config, split=split)
         except Exception as e:

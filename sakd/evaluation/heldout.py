@@ -1,4 +1,12 @@
-"""Held-out evaluation: mean loss, perplexity (computed safely), top-1 agreement with a teacher."""
+"""Held-out evaluation: next-token loss, perplexity (computed safely), bits per byte and top-1 agreement
+with a teacher, over a token stream scored window by window (:mod:`sakd.evaluation.windows`: blocked or
+strided), every scored token counted once.
+
+Bits per byte = (total next-token NLL over the scored tokens) / (UTF-8 bytes of the text those tokens
+cover) / ln 2. The tokens and bytes are those of the evaluated text only: the packing EOS is never a
+target and covers no bytes, and a token that is not scored (a window's first, in blocked scoring) takes
+its bytes with it. Unlike perplexity per token, it does not depend on the tokenizer.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,9 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from sakd.data.bundle import IGNORE_INDEX
+from sakd.data.stream import TokenStream
+from sakd.evaluation.windows import Window, method_name, plan_windows
 from sakd.models.forward import hidden_and_head
 
 # exp(700) is finite in float64; a diverged model reports a huge but finite perplexity, never inf.
@@ -64,53 +75,99 @@ def rank_batches(n_blocks: int, batch_size: int, rank: int, world: int) -> Itera
         yield (lo, True) if lo < n_blocks else (0, False)
 
 
+def _window_batch(
+    stream: TokenStream, windows: list[Window]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[B, W]`` ids of a batch of windows (a short last window right-padded: causal attention keeps the
+    padding out of every real position), ``[B, W-1]`` the scored targets, ``[B, W-1]`` their stream index."""
+    width = max(w.end - w.begin for w in windows)
+    ids = torch.zeros(len(windows), width, dtype=torch.long)
+    for i, w in enumerate(windows):
+        ids[i, : w.end - w.begin] = stream.ids[w.begin : w.end]
+    begin, first, end = (
+        torch.tensor([getattr(w, f) for w in windows]).unsqueeze(1) for f in ("begin", "first", "end")
+    )
+    target = begin + 1 + torch.arange(width - 1).unsqueeze(0)  # stream index of each position's target
+    at = target.clamp(max=len(stream) - 1)
+    mask = (target >= first) & (target < end) & stream.scored()[at]
+    return ids, mask, at
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    blocks: Any,
+    heldout: TokenStream | Any,
     *,
     batch_size: int,
+    window: int | None = None,
+    stride: int | None = None,
+    eos_id: int | None = None,
     accelerator: Accelerator | None = None,
     unwrapped: nn.Module | None = None,
     teacher: nn.Module | None = None,
     vocab_size: int | None = None,
     chunk_size: int = 1024,
-) -> dict[str, float]:
-    """Next-token loss of ``model`` on packed ``blocks`` (a torch-format dataset or ``[N, L]`` tensor).
+) -> dict[str, Any]:
+    """Next-token loss of ``model`` on held-out text, scored in windows of ``window`` tokens advanced by
+    ``stride`` (None: blocked).
 
-    Returns ``loss`` (mean over predicted tokens), ``ppl`` and, with a ``teacher``, ``agreement`` (share
-    of positions where student and teacher argmax agree).  With an ``accelerator`` each rank evaluates
-    its own share of blocks and the sums are reduced across ranks.
+    ``heldout`` is a :class:`TokenStream`, or packed blocks (a torch-format dataset or ``[N, L]`` tensor:
+    their stream, ``window`` defaulting to the block length, ``eos_id`` the packing EOS that is not scored;
+    :meth:`sakd.data.DataBundle.heldout` does this for a run's blocks). Returns ``loss`` (mean NLL per
+    scored token), ``ppl``, ``tokens`` (scored), ``method``/``window``/``stride``, and -- when the stream
+    has byte counts -- ``bytes`` (of the scored tokens) and ``bpb``; with a ``teacher`` sharing the
+    vocabulary, ``agreement`` (share of scored positions where both argmaxes agree). With an
+    ``accelerator`` each rank scores its share of the windows and the sums are reduced across ranks.
     """
+    if not isinstance(heldout, TokenStream):
+        if window is None:
+            first = heldout[0]
+            window = len(first["input_ids"] if isinstance(first, dict) else first)
+        heldout = TokenStream.from_blocks(heldout, eos_id)
+    elif window is None:
+        raise ValueError("evaluate() needs window= to score a TokenStream")
     unwrapped = unwrapped if unwrapped is not None else model
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(unwrapped.parameters()).device
     vocab = vocab_size or unwrapped.get_output_embeddings().weight.shape[0]
+    windows = plan_windows(len(heldout), window, stride)
+    nbytes = heldout.nbytes
     was_training = model.training
     model.eval()
-    n_blocks = len(blocks)
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # ce_sum, agree, tokens
-    for lo, counted in rank_batches(n_blocks, batch_size, rank, world):
-        ids = blocks[lo : min(lo + batch_size, n_blocks)]
-        ids = torch.as_tensor(ids["input_ids"] if isinstance(ids, dict) else ids).to(device)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # nll_sum, agree, tokens, bytes
+    for lo, counted in rank_batches(len(windows), batch_size, rank, world):
+        ids, mask, at = _window_batch(heldout, windows[lo : lo + batch_size])
+        ids, mask = ids.to(device), mask.to(device)
         s = hidden_and_head(model, unwrapped, ids)
-        h = s.hidden[:, :-1].reshape(-1, s.hidden.shape[-1])
-        targets = ids[:, 1:].reshape(-1)
+        h = s.hidden[:, :-1][mask]
+        targets = ids[:, 1:][mask]
         t = None
         if teacher is not None:
             th = hidden_and_head(teacher, teacher, ids)
-            t = (th.hidden[:, :-1].reshape(-1, th.hidden.shape[-1]), th.head_weight, th.head_bias)
+            t = (th.hidden[:, :-1][mask], th.head_weight, th.head_bias)
         ce, agree = _chunk_stats(h, s.head_weight, s.head_bias, targets, t, vocab, chunk_size)
         if counted:
-            totals += torch.stack(
-                [ce, agree, torch.tensor(float(targets.numel()), dtype=torch.float64, device=device)]
+            n_bytes = 0.0 if nbytes is None else float(nbytes[at[mask.cpu()]].sum())
+            totals += torch.tensor(
+                [0.0, 0.0, float(targets.numel()), n_bytes], dtype=torch.float64, device=device
             )
+            totals[0] += ce
+            totals[1] += agree
     if accelerator is not None and world > 1:
         totals = accelerator.reduce(totals, reduction="sum")
     model.train(was_training)
-    ce_sum, agree, n = totals.tolist()
-    mean = ce_sum / max(n, 1.0)
-    out = {"loss": mean, "ppl": safe_perplexity(mean), "tokens": int(n)}
+    nll, agree, n, n_bytes = totals.tolist()
+    mean = nll / max(n, 1.0)
+    out: dict[str, Any] = {
+        "loss": mean,
+        "ppl": safe_perplexity(mean),
+        "tokens": int(n),
+        "method": method_name(window, stride),
+        "window": window,
+        "stride": stride or window,
+    }
+    if nbytes is not None:
+        out.update(bytes=int(n_bytes), bpb=nll / max(n_bytes, 1.0) / math.log(2))
     if teacher is not None:
         out["agreement"] = agree / max(n, 1.0)
     return out
@@ -160,7 +217,10 @@ def cross_tokenizer_agreement(
         s = hidden_and_head(model, unwrapped, batch["input_ids"])
         t = hidden_and_head(teacher, teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"])
         anchor = batch["anchor"]
+        # as in training, a position whose next token is the packing EOS is not scored (the block's last
+        # position predicts the next block's first token: kept)
         ok = anchor >= 0
+        ok[:, :-1] &= batch["labels"][:, 1:] != IGNORE_INDEX
         t_hidden = t.hidden.gather(1, anchor.clamp_min(0).unsqueeze(-1).expand(-1, -1, t.hidden.shape[-1]))
         if not counted:
             continue
@@ -172,7 +232,7 @@ def cross_tokenizer_agreement(
             totals[3] += torch.softmax(t_logits, -1)[:, mapped_t].sum().double()
             totals[0] += (vmap[s_arg] == t_arg).sum().double()
         totals[1] += ok.sum().double()
-        totals[2] += anchor.numel()
+        totals[2] += ok.numel() - int((batch["labels"][:, 1:] == IGNORE_INDEX).sum())
     if accelerator is not None and world > 1:
         totals = accelerator.reduce(totals, reduction="sum")
     model.train(was_training)

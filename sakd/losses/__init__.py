@@ -7,9 +7,11 @@
   :class:`ObjectiveSpec` (+ :class:`Targets`, :class:`VocabBridge`); :func:`fused_linear_divergence` is
   the same with every option as a keyword.
 - :func:`over_chunks`, :class:`Head` — any per-chunk work on ``hidden @ head.T`` logits.
+- :func:`auto_chunk_size`, :func:`resolve_chunk_size` — rows per chunk for ``chunk_size="auto"``.
 """
 
 from .blend import DistillOutput, distill_loss, kd_per_position
+from .chunk_size import auto_chunk_size, resolve_chunk_size
 from .chunked import Head, over_chunks
 from .cross_entropy import cross_entropy, cross_entropy_per_position
 from .divergences import KINDS, divergence, divergence_from_logprobs
@@ -30,6 +32,7 @@ __all__ = [
     "SparseTeacher",
     "Targets",
     "VocabBridge",
+    "auto_chunk_size",
     "check_vocab_map",
     "cross_entropy",
     "cross_entropy_per_position",
@@ -42,6 +45,7 @@ __all__ = [
     "over_chunks",
     "project_to_shared_support",
     "reduce_positions",
+    "resolve_chunk_size",
     "sample_teacher",
     "sparse_divergence",
     "topk_teacher",

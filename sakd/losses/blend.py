@@ -16,6 +16,7 @@ from .cross_entropy import cross_entropy_per_position
 from .divergences import divergence_from_logprobs, tempered_logprobs
 from .reduction import check_reduction, reduce_positions, zero_masked_rows
 from .sparse import SPARSE_MODES, SparseTeacher, sparse_per_position
+from .sparse_projection import one_to_one_as_many, stored_projected_kd
 from .spec import KDSpec
 from .vocab_map import check_vocab_map, project_many_to_one, project_to_shared_support, project_with_targets
 
@@ -36,7 +37,8 @@ def kd_per_position(
     Args:
         student_logits: ``[..., Vs]``.
         teacher: ``[..., Vt]`` dense teacher logits, or a stored :class:`SparseTeacher`
-            (requires ``spec.sparse``).
+            (requires ``spec.sparse``; with a vocab map it is projected onto the student vocabulary by
+            :func:`sakd.losses.sparse_projection.stored_projected_kd`).
         spec: what to compute.
         vocab_map: ``[Vs]`` student → teacher id or -1; without it ``Vs == Vt`` is required.
             Both distributions are projected onto the shared support first
@@ -56,10 +58,12 @@ def kd_per_position(
     if isinstance(teacher, SparseTeacher):
         if spec.sparse is None:
             raise ValueError(f"a SparseTeacher needs a sparse mode (one of {SPARSE_MODES})")
-        if vocab_map is not None:
-            raise ValueError(
-                "a stored SparseTeacher holds teacher ids; with a vocab map pass dense teacher logits "
-                "(the sparse mode is then applied on the shared support)"
+        if vocab_map is not None or teacher_to_student is not None:  # a cache serving another tokenizer
+            if teacher_to_student is None:
+                vt = max(int(vocab_map.max()), int(teacher.indices.max())) + 1
+                teacher_to_student = one_to_one_as_many(vocab_map, vt)
+            return stored_projected_kd(
+                student_logits, teacher, spec, teacher_to_student, targets, target_logprob
             )
     if vocab_map is None and teacher_to_student is None:
         return _same_vocabulary_kd(student_logits, teacher, spec, generator)

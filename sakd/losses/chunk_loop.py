@@ -5,12 +5,14 @@ memory is ever live; its backward only scales the stored gradients.
 
 Two ways to get a chunk's logit gradient:
 
-- dense kinds on one vocabulary: closed-form gradients (:mod:`sakd.losses.logit_grads`) computed in place
-  in buffers allocated once per call;
-- everything else (sparse modes, vocabulary maps, no-grad evaluation): autograd on the chunk's small graph
-  built from :func:`~sakd.losses.blend.kd_per_position` and
-  :func:`~sakd.losses.cross_entropy.cross_entropy_per_position`, so these behave exactly like the unfused
-  :func:`sakd.losses.distill_loss`.
+- closed form (:mod:`sakd.losses.logit_grads` for the dense kinds on one vocabulary,
+  :mod:`sakd.losses.sparse_grads` and :mod:`sakd.losses.bucket_grads` for the sparse modes and the
+  vocabulary bridges), computed in place in buffers allocated once per call, a block of rows at a time;
+- autograd on the chunk's small graph built from :func:`~sakd.losses.blend.kd_per_position` and
+  :func:`~sakd.losses.cross_entropy.cross_entropy_per_position` (so it behaves exactly like the unfused
+  :func:`sakd.losses.distill_loss`) for what has no closed form: no-grad evaluation, a ULD term
+  (``uld_weight > 0``), and with a vocabulary bridge a stored :class:`SparseTeacher` or the ``sampled``
+  mode (see :attr:`ChunkPlan.closed_form`).
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .blend import kd_per_position
+from .bucket_grads import BridgeIndex
 from .cross_entropy import cross_entropy_per_position
 from .logit_grads import blended_rows_and_grad_, block_rows
+from .mixture import mixture_logits
 from .reduction import compute_dtype
-from .sparse import SparseTeacher
-from .spec import KDSpec
+from .sparse import SparseTeacher, sample_teacher
+from .sparse_grads import kd_block_for
+from .spec import KDSpec, VocabBridge
 
 
 @dataclass(frozen=True)
@@ -51,39 +56,51 @@ class ChunkPlan:
     target_logprob: Tensor | None
     generator: torch.Generator | None
     needs_grad: tuple[bool, bool, bool]
+    kd_weights: Tensor | None = None  # per-position multipliers of the KD term only
+
+    @property
+    def crosses(self) -> bool:
+        return self.vocab_map is not None or self.teacher_to_student is not None
 
     @property
     def closed_form(self) -> bool:
-        return (
-            any(self.needs_grad)
-            and self.spec.sparse is None
-            and self.vocab_map is None
-            and self.teacher_to_student is None
-            and self.target_logprob is None
-        )
+        """Whether the chunks' gradients come in closed form; the rest goes through autograd per chunk."""
+        if not any(self.needs_grad) or self.spec.uld_weight > 0:
+            return False
+        return not (self.crosses and (self.sparse_teacher is not None or self.spec.sparse == "sampled"))
 
 
 @dataclass(frozen=True)
 class _Workspace:
-    """Buffers of the closed-form path, reused by every chunk: student and teacher logits
-    ``[chunk, V]`` and two ``[block, V]`` scratch buffers (the second for the CE gradient)."""
+    """Buffers of the closed-form path, reused by every chunk: student and teacher logits ``[chunk, V]``
+    (no teacher buffer for a stored sparse teacher), a ``[block, max(Vs, Vt)]`` scratch buffer and a
+    ``[block, Vs]`` one for the CE gradient; and the vocabulary bridge's index tensors."""
 
     student: Tensor
-    teacher: Tensor
+    teacher: Tensor | None
     scratch: tuple[Tensor, Tensor | None]
+    block: int
+    bridge: BridgeIndex | None
 
     @staticmethod
-    def create(plan: ChunkPlan, n_tokens: int, s_weight: Tensor, t_weight: Tensor) -> _Workspace:
+    def create(plan: ChunkPlan, n_tokens: int, s_weight: Tensor, t_weight: Tensor | None) -> _Workspace:
         dtype, device = compute_dtype(s_weight.dtype), s_weight.device
         rows, vocab = min(plan.chunk_size, n_tokens), s_weight.shape[0]
-        block = block_rows(rows, vocab)
+        t_vocab = vocab if t_weight is None else t_weight.shape[0]
+        widest = max(vocab, t_vocab)
+        block = block_rows(rows, widest)
+        bridge = None
+        if plan.crosses:
+            bridge = BridgeIndex.cached(VocabBridge(plan.vocab_map, plan.teacher_to_student), vocab, t_vocab)
         return _Workspace(
             student=torch.empty(rows, vocab, dtype=dtype, device=device),
-            teacher=torch.empty(rows, t_weight.shape[0], dtype=dtype, device=device),
+            teacher=None if t_weight is None else torch.empty(rows, t_vocab, dtype=dtype, device=device),
             scratch=(
-                torch.empty(block, vocab, dtype=dtype, device=device),
+                torch.empty(block, widest, dtype=dtype, device=device),
                 None if plan.labels is None else torch.empty(block, vocab, dtype=dtype, device=device),
             ),
+            block=block,
+            bridge=bridge,
         )
 
 
@@ -94,6 +111,19 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None) 
         return F.linear(x, weight, bias).to(compute_dtype(x.dtype))
     out = out[: x.shape[0]]
     return torch.mm(x, weight.T, out=out) if bias is None else torch.addmm(bias, x, weight.T, out=out)
+
+
+def _teacher_logits(
+    t_hidden: Tensor, t_weight: Tensor, t_bias: Tensor | None, out: Tensor | None, spec: KDSpec
+) -> Tensor:
+    """A chunk's teacher logits; ``[c, M, H]`` hidden states (M samples) give their mixture's logits."""
+    if t_hidden.dim() == 2:
+        return (
+            F.linear(t_hidden, t_weight, t_bias) if out is None else _linear(t_hidden, t_weight, t_bias, out)
+        )
+    return mixture_logits(
+        F.linear(t_hidden, t_weight, t_bias).to(compute_dtype(t_hidden.dtype)), spec.temperature
+    )
 
 
 ChunkResult = tuple[Tensor, Tensor | None, Tensor | None]
@@ -134,6 +164,34 @@ def _chunk_autograd(
     return kd.detach(), None if ce is None else ce.detach(), grad
 
 
+def _closed_form_kd(
+    rows: slice,
+    teacher: tuple[Tensor | None, Tensor | None, Tensor | None],
+    workspace: _Workspace,
+    plan: ChunkPlan,
+):
+    """The chunk's KD term in closed form (:func:`sakd.losses.sparse_grads.kd_block_for`)."""
+    spec = plan.spec
+    if plan.sparse_teacher is not None:
+        chunk_teacher: Tensor | SparseTeacher = plan.sparse_teacher.rows(rows)
+    else:
+        t_hidden, t_weight, t_bias = teacher
+        chunk_teacher = _teacher_logits(t_hidden[rows], t_weight, t_bias, workspace.teacher, spec)
+        chunk_teacher = chunk_teacher.to(workspace.student.dtype)
+        if spec.sparse == "sampled":  # one draw per chunk, as the autograd path (and its tests) make
+            chunk_teacher = sample_teacher(
+                chunk_teacher, spec.num_samples, temperature=spec.temperature, generator=plan.generator
+            )
+    return kd_block_for(
+        spec,
+        chunk_teacher,
+        bridge=workspace.bridge,
+        targets=None if plan.labels is None else plan.labels[rows],
+        chain=None if plan.target_logprob is None else plan.target_logprob[rows],
+        scratch=workspace.scratch[0],
+    )
+
+
 def _process_chunk(
     rows: slice,
     student: tuple[Tensor, Tensor, Tensor | None],
@@ -156,6 +214,8 @@ def _process_chunk(
     kd_weights = weights if plan.kd_valid is None else torch.where(plan.kd_valid[rows], weights, 0.0)
     # Where the KD term is masked out (no teacher signal at that position), CE takes the whole weight.
     ce_weights = weights * (1.0 - plan.alpha) if plan.kd_valid is None else weights - plan.alpha * kd_weights
+    if plan.kd_weights is not None:  # after the CE weights: they stay what they were
+        kd_weights = kd_weights * plan.kd_weights[rows].to(dtype)
     coefs = (
         kd_weights * (plan.alpha * plan.kd_scale / plan.denominator),
         ce_weights / plan.denominator
@@ -166,17 +226,15 @@ def _process_chunk(
     logits = _linear(hidden, s_weight, s_bias, None if workspace is None else workspace.student)
     labels = None if plan.labels is None else plan.labels[rows]
     if workspace is not None:
-        t_hidden, t_weight, t_bias = teacher
-        teacher_logits = _linear(t_hidden[rows], t_weight, t_bias, workspace.teacher).to(logits.dtype)
         kd, ce = blended_rows_and_grad_(
             logits,
-            teacher_logits,
             labels,
             coefs,
-            plan.spec,
+            _closed_form_kd(rows, teacher, workspace, plan),
+            block=workspace.block,
             ignore_index=plan.ignore_index,
             label_smoothing=plan.label_smoothing,
-            scratch=workspace.scratch,
+            ce_scratch=workspace.scratch[1],
         )
         grad_logits = logits
     else:
@@ -184,7 +242,7 @@ def _process_chunk(
         chunk_teacher = (
             plan.sparse_teacher.rows(rows)
             if plan.sparse_teacher is not None
-            else F.linear(t_hidden[rows], t_weight, t_bias)
+            else _teacher_logits(t_hidden[rows], t_weight, t_bias, None, plan.spec)
         )
         chunk_target = None if plan.target_logprob is None else plan.target_logprob[rows]
         kd, ce, grad_logits = _chunk_autograd(logits, chunk_teacher, labels, valid, coefs, plan, chunk_target)
@@ -215,9 +273,14 @@ class FusedLinearKD(torch.autograd.Function):
         kd_total = ce_total = blended_total = torch.zeros(
             (), dtype=compute_dtype(s_hidden.dtype), device=s_hidden.device
         )
-        for start in range(0, n_tokens, plan.chunk_size):
+        starts = range(0, n_tokens, plan.chunk_size)
+        # chunks without a valid position are skipped; decided for all chunks with one host sync
+        nonempty = torch.stack(
+            [plan.valid[start : start + plan.chunk_size].any() for start in starts]
+        ).tolist()
+        for start, has_valid in zip(starts, nonempty, strict=True):
             rows = slice(start, start + plan.chunk_size)
-            if plan.valid[rows].any():
+            if has_valid:
                 kd_sum, ce_sum, blended_sum = _process_chunk(
                     rows, (s_hidden, s_weight, s_bias), (t_hidden, t_weight, t_bias), grads, workspace, plan
                 )

@@ -27,11 +27,13 @@ class Head:
     vocab: int | None = None
 
     def logits(self, hidden: Tensor, *, upcast: bool = False) -> Tensor:
-        """``[n, vocab]`` logits of ``hidden`` ``[n, H]``; ``upcast`` computes them in float32."""
+        """``[n, vocab]`` logits of ``hidden`` ``[n, H]``; ``upcast`` computes them in at least float32
+        (float64 stays float64)."""
         w = self.weight if self.vocab is None else self.weight[: self.vocab]
         b = self.bias if self.bias is None or self.vocab is None else self.bias[: self.vocab]
         if upcast:
-            hidden, w, b = hidden.float(), w.float(), None if b is None else b.float()
+            dtype = torch.promote_types(hidden.dtype, torch.float32)
+            hidden, w, b = hidden.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
         return F.linear(hidden, w, b)
 
 

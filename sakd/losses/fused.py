@@ -18,7 +18,9 @@ import torch
 from torch import Tensor
 
 from .blend import DistillOutput, check_blend, valid_positions
+from .bucket_grads import per_tensor
 from .chunk_loop import ChunkPlan, FusedLinearKD
+from .chunk_size import resolve_chunk_size
 from .chunked import Head
 from .sparse import SparseTeacher
 from .spec import KDSpec, ObjectiveSpec, Targets, VocabBridge
@@ -41,10 +43,13 @@ class HeadInput:
 
     ``hidden``: ``[N, H]`` or ``[B, L, H]``; ``head``: weight ``[V, H]`` (the embedding matrix when tied:
     its gradient then simply adds to the embedding gradient), optional bias; ``head.vocab`` keeps only the
-    first rows (a head padded past its tokenizer)."""
+    first rows (a head padded past its tokenizer). A teacher with ``mixture`` has ``hidden`` ``[N, M, H]``
+    (or ``[B, L, M, H]``): M samples per position, and the KD term is taken against the equal mixture of
+    their distributions at the KD temperature (:func:`sakd.losses.mixture.mixture_logits`)."""
 
     hidden: Tensor
     head: Head
+    mixture: bool = False  # teacher only: hidden is [N, M, H], M samples whose distributions are mixed
 
 
 def _check_teacher(
@@ -55,16 +60,23 @@ def _check_teacher(
             raise ValueError("a SparseTeacher needs a sparse mode (sparse='subset'|'topk_tail'|'sampled')")
         return
     vs, vt = student_vocab, _rows(teacher.head)
-    if bridge.vocab_map is not None:
-        check_vocab_map(bridge.vocab_map, vs, vt)
+    if bridge.vocab_map is not None:  # checked once per map tensor (a run passes the same one every time)
+        per_tensor(bridge.vocab_map, ("checked", vs, vt), lambda: check_vocab_map(bridge.vocab_map, vs, vt))
     elif bridge.teacher_to_student is not None:
         t2s = bridge.teacher_to_student
-        if t2s.shape != (vt,) or int(t2s.max()) >= vs:
+        if t2s.shape != (vt,) or per_tensor(t2s, "max", lambda: int(t2s.max())) >= vs:
             raise ValueError(f"teacher_to_student must be [{vt}] student ids in [0, {vs}) or -1")
     elif vs != vt:
         raise ValueError(
             f"student vocab {vs} != teacher vocab {vt}; pass a vocab_map to distill across tokenizers"
         )
+
+
+def _teacher_rows(teacher: HeadInput) -> Tensor:
+    """The teacher's hidden states as ``[N, H]``, or ``[N, M, H]`` for a mixture of M samples."""
+    if teacher.mixture:
+        return teacher.hidden.reshape(-1, *teacher.hidden.shape[-2:])
+    return _flatten(teacher.hidden, 1)
 
 
 def _rows(head: Head) -> int:
@@ -106,9 +118,11 @@ def fused_distill(
         :class:`DistillOutput` with the differentiable ``loss``, detached ``kd`` and ``ce`` (None without
         labels) in the same reduction, and ``num_tokens``.
 
-    Memory: for the dense kinds on one vocabulary, the extra memory is two ``[chunk_size, V]`` logit
-    buffers, two ``[block, V]`` scratch buffers of 8 MiB and the ``[Vs, Hs]`` head-weight gradient;
-    sparse modes and vocab maps keep a few more ``[chunk_size, V]`` tensors alive (autograd on the chunk).
+    Memory: the extra memory is the student's and the teacher's ``[chunk, V]`` logit buffers, a few
+    ``[block, V]`` scratch blocks of at most :data:`~sakd.losses.logit_grads.BLOCK_ELEMENTS` floats and the
+    gradients (``[Vs, Hs]`` head weight, ``[N, Hs]`` hidden states). What has no closed form (see
+    :attr:`~sakd.losses.chunk_loop.ChunkPlan.closed_form`) keeps a few more ``[chunk, V]`` tensors alive
+    (autograd on the chunk).
     """
     kd_spec = spec.kd
     if (targets.target_logprob is not None or kd_spec.uld_weight > 0) and not bridge.crosses:
@@ -123,7 +137,7 @@ def fused_distill(
     hidden = _flatten(student.hidden, 1)
     n_tokens = hidden.shape[0]
     stored = teacher.reshape(-1) if isinstance(teacher, SparseTeacher) else None
-    n_teacher = stored.indices.shape[0] if stored is not None else _flatten(teacher.hidden, 1).shape[0]
+    n_teacher = stored.indices.shape[0] if stored is not None else _teacher_rows(teacher).shape[0]
     if n_teacher != n_tokens:
         raise ValueError(f"student has {n_tokens} positions but the teacher signal has {n_teacher}")
     labels = _flatten(targets.labels, 0)
@@ -132,6 +146,10 @@ def fused_distill(
     )
     num_tokens = valid.sum()
     grad_on = torch.is_grad_enabled()
+    t_size = (0, 0) if stored is not None else (_rows(teacher.head), teacher.head.weight.shape[1])
+    chunk_size = resolve_chunk_size(
+        spec.chunk_size, n_tokens, (s_weight.shape[0], t_size[0]), (hidden.shape[-1], t_size[1])
+    )
     plan = ChunkPlan(
         spec=kd_spec,
         valid=valid,
@@ -143,11 +161,12 @@ def fused_distill(
         denominator=float(num_tokens.clamp_min(1)) if spec.reduction == "mean" else 1.0,
         label_smoothing=spec.label_smoothing,
         ignore_index=spec.ignore_index,
-        chunk_size=spec.chunk_size,
+        chunk_size=chunk_size,
         vocab_map=bridge.vocab_map,
         teacher_to_student=bridge.teacher_to_student,
         kd_valid=None if targets.kd_mask is None else _flatten(targets.kd_mask, 0).bool(),
         target_logprob=_flatten(targets.target_logprob, 0),
+        kd_weights=_flatten(targets.kd_weights, 0),
         generator=generator,
         needs_grad=tuple(grad_on and t is not None and t.requires_grad for t in (hidden, s_weight, s_bias)),
     )
@@ -155,7 +174,7 @@ def fused_distill(
     if stored is None:
         with torch.no_grad():
             t_weight, t_bias = (None if x is None else x.detach() for x in _sliced(teacher.head))
-            t_hidden = _flatten(teacher.hidden, 1).detach()
+            t_hidden = _teacher_rows(teacher).detach()
     loss, kd, ce = FusedLinearKD.apply(hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, plan)
     return DistillOutput(loss=loss, kd=kd, ce=None if labels is None else ce, num_tokens=num_tokens)
 
@@ -168,7 +187,7 @@ def fused_linear_divergence(
     kind: str = "fkl",
     *,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | str = "auto",
     mask: Tensor | None = None,
     weights: Tensor | None = None,
     beta: float = 0.5,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from .chunk_size import check_chunk_size
 from .divergences import check_divergence_args
 from .reduction import check_reduction
 from .sparse import SPARSE_MODES
@@ -67,7 +68,8 @@ class ObjectiveSpec:
         alpha: KD weight in [0, 1]; 1 needs no labels.
         label_smoothing: of the CE term.
         scale_by_t2: multiply the KD term by T² (Hinton et al.) so its gradient scale is T-independent.
-        chunk_size: rows per chunk of the fused loss.
+        chunk_size: rows per chunk of the fused loss, or ``"auto"``: sized from the number of positions and
+            the vocabulary and hidden sizes (:func:`sakd.losses.chunk_size.auto_chunk_size`).
         ignore_index: label value excluded from both terms.
         reduction: ``"mean"`` over valid positions or ``"sum"`` (a trainer dividing by a global count).
     """
@@ -76,7 +78,7 @@ class ObjectiveSpec:
     alpha: float = 1.0
     label_smoothing: float = 0.0
     scale_by_t2: bool = True
-    chunk_size: int = 1024
+    chunk_size: int | str = "auto"
     ignore_index: int = -100
     reduction: str = "mean"
 
@@ -85,8 +87,7 @@ class ObjectiveSpec:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        check_chunk_size(self.chunk_size)
         check_reduction(self.reduction)
 
     @property
@@ -132,6 +133,8 @@ class Targets:
             elsewhere. The normalizer stays the number of valid positions.
         target_logprob: the teacher's chain-rule log-probability (at temperature T) of each label's
             text, or NaN (cross-tokenizer, with labels).
+        kd_weights: float per-position multipliers of the KD term only (a token router's weights); CE
+            keeps its own weight. None: every position weighs 1 (bitwise today's loss).
     """
 
     labels: Tensor | None = None
@@ -139,3 +142,4 @@ class Targets:
     weights: Tensor | None = None
     kd_mask: Tensor | None = None
     target_logprob: Tensor | None = None
+    kd_weights: Tensor | None = None

@@ -39,9 +39,16 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """
     head = model.get_output_embeddings()
     params = [head.weight, getattr(head, "bias", None)]
-    if not any(p is not None and _sliced(p) for p in params):
+    if not any(p is not None and hasattr(p, "ds_id") for p in params):
         return params[0], params[1]
-    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+    training = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+    if not any(p is not None and _sliced(p) for p in params):
+        if training:
+            return params[0], params[1]
+        # without gradients a gathered ZeRO-3 head is copied: DeepSpeed may release it during the forward
+        # that follows (by its recorded trace), which would leave a reference to an empty tensor
+        return tuple(None if p is None else p.detach().clone() for p in params)
+    if training:
         raise RuntimeError(
             "a trainable ZeRO-3 output head must be registered as an external parameter of the module "
             "whose forward computes the loss (sakd.models.zero.register_external_parameters)"

@@ -1,4 +1,4 @@
-"""Loading teachers, students and tokenizers: presets, local directories, hub ids."""
+"""Loading teachers, students and tokenizers: presets, local directories, GGUF files, hub ids."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sakd.errors import SetupError
+from sakd.models.gguf import is_gguf, load_gguf_model, load_gguf_tokenizer
 from sakd.models.presets import build_preset_config, is_preset
 
 log = logging.getLogger(__name__)
@@ -35,16 +36,12 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> PreTrainedT
     A tokenizer without a pad token gets its EOS token as pad (the usual causal-LM choice; padded
     positions are excluded from every loss by the attention mask and ``-100`` labels).
     """
-    if _looks_local(spec) and not Path(spec).expanduser().is_dir():
+    if is_gguf(spec):
+        tok = load_gguf_tokenizer(spec)
+    elif _looks_local(spec) and not Path(spec).expanduser().is_dir():
         raise ModelLoadError(f"tokenizer directory not found: {spec}")
-    try:
-        tok = AutoTokenizer.from_pretrained(
-            str(Path(spec).expanduser()) if _looks_local(spec) else spec, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"cannot load tokenizer '{spec}': {_first_line(e)} (give a local directory with tokenizer files)"
-        ) from None
+    else:
+        tok = _pretrained_tokenizer(spec, trust_remote_code)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ModelLoadError(
@@ -53,6 +50,17 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> PreTrainedT
         tok.pad_token = tok.eos_token
         log.info("tokenizer %s has no pad token: using its EOS token %r", spec, tok.eos_token)
     return tok
+
+
+def _pretrained_tokenizer(spec: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(Path(spec).expanduser()) if _looks_local(spec) else spec, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"cannot load tokenizer '{spec}': {_first_line(e)} (give a local directory with tokenizer files)"
+        ) from None
 
 
 def load_model(
@@ -66,7 +74,7 @@ def load_model(
     quantization: str = "none",
     device: torch.device | str | None = None,
 ) -> PreTrainedModel:
-    """A causal LM from a preset name (random init, seeded), a local directory or a hub id.
+    """A causal LM from a preset name (random init, seeded), a local directory, a ``.gguf`` file or a hub id.
 
     ``quantization`` (8bit / 4bit) loads it through bitsandbytes onto ``device`` (CUDA only): a frozen
     teacher at a half / a quarter of its fp16 memory.
@@ -89,6 +97,8 @@ def load_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+    if is_gguf(spec):  # dequantized into a plain model (see sakd.models.gguf)
+        return load_gguf_model(spec, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
     if _looks_local(spec) and not Path(spec).expanduser().is_dir():
         raise ModelLoadError(
             f"model directory not found: {spec} (nor is it a preset: see `sakd distill --help`)"
@@ -118,7 +128,7 @@ def _load_quantized(spec, tokenizer, dtype, trust_remote_code, seed, kwargs, qua
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype]
         )
     kwargs = {**kwargs, "quantization_config": q, "device_map": {"": torch.device(device).index or 0}}
-    if not is_preset(spec):
+    if not is_preset(spec) and not is_gguf(spec):
         source = str(Path(spec).expanduser()) if _looks_local(spec) else spec
         try:
             return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
@@ -133,7 +143,10 @@ def _load_quantized(spec, tokenizer, dtype, trust_remote_code, seed, kwargs, qua
 
 def check_model_source(spec: str, role: str) -> None:
     """Fail early, naming the role, when a model that should be a local directory is missing."""
-    if not is_preset(spec) and _looks_local(spec) and not Path(spec).expanduser().is_dir():
+    if is_gguf(spec):
+        if not Path(spec).expanduser().is_file():
+            raise ModelLoadError(f"{role} GGUF file not found: {spec}")
+    elif not is_preset(spec) and _looks_local(spec) and not Path(spec).expanduser().is_dir():
         raise ModelLoadError(f"{role} model directory not found: {spec} (nor is it a preset name)")
 
 

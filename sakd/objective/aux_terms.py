@@ -72,12 +72,14 @@ class AuxTerms:
         predicted: torch.Tensor,
         loss: torch.Tensor,
         sums: dict[str, torch.Tensor],
+        multipliers: dict[str, float] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``loss`` plus the weighted terms, and ``sums`` with each term's detached sum added.
+        """``loss`` plus the weighted terms, and ``sums`` with each term's detached (unweighted) sum added.
 
-        ``predicted``: ``[B, Ls]`` bool, the positions KD and CE are summed over.
+        ``predicted``: ``[B, Ls]`` bool, the positions KD and CE are summed over; ``multipliers``: the
+        curriculum's factor per term (absent: 1).
         """
-        d, sums = self.dcfg, dict(sums)
+        d, sums, mult = self.dcfg, dict(sums), multipliers or {}
         if self.feature_on:
             if "anchor" in batch:  # teacher states at each student position's anchor
                 anchor = batch["anchor"]
@@ -86,14 +88,14 @@ class AuxTerms:
             else:
                 rows, t_layers = predicted, teacher.layers
             feat = self.heads.feature_losses(student.layers, t_layers, kind=d.feature.kind, mask=rows)
-            loss = loss + d.feature.weight * feat
+            loss = loss + d.feature.weight * mult.get("feature", 1.0) * feat
             sums["feature"] = feat.detach()
         if self.attention_on:
             att = sum(
                 self.heads.attention_loss(student.attentions[s], teacher.attentions[t], predicted)
                 for s, t in self.attention_pairs
             ) / len(self.attention_pairs)
-            loss = loss + d.attention.weight * att
+            loss = loss + d.attention.weight * mult.get("attention", 1.0) * att
             sums["attention"] = att.detach()
         if self.contrastive_on:
             s_mask = batch.get("attention_mask")
@@ -106,7 +108,7 @@ class AuxTerms:
             # info_nce is a mean over sequences; weighted by this micro-batch's predicted tokens, the
             # trainer's division by the global token count gives a token-weighted mean
             nce_sum = nce * predicted.sum()
-            loss = loss + d.contrastive.weight * nce_sum
+            loss = loss + d.contrastive.weight * mult.get("contrastive", 1.0) * nce_sum
             sums["contrastive"] = nce_sum.detach()
         sums["loss"] = loss.detach()
         return loss, sums

@@ -18,6 +18,7 @@ every teacher position one-to-one and equals plain KD exactly (tested).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,19 +35,37 @@ from sakd.losses import (
     distill_loss,
     fused_distill,
     over_chunks,
+    resolve_chunk_size,
 )
-from sakd.models.forward import HiddenAndHead
+from sakd.models.forward import HiddenAndHead, hidden_and_head
 from sakd.models.zero import is_partitioned
 from sakd.objective.aux_terms import AuxTerms
+from sakd.objective.chain import inside_spans, teacher_token_logprobs
+from sakd.teacher.signal import StoredSignal
 
 IGNORE_INDEX = -100
+
+
+@dataclass
+class KDRows:
+    """Where the KD term of one micro-batch is taken, one row per student position (``N = B·(Ls-1)``): the
+    student's hidden states and head, the teacher's at the same positions (its anchors across tokenizers;
+    ``[N, M, H]`` with ``mixture`` for M knowledge-augmentation samples), the vocabulary bridge, the rows
+    where KD applies (``kd_mask``, None = all) and the student targets."""
+
+    student: HeadInput
+    teacher: HeadInput
+    bridge: VocabBridge
+    targets: torch.Tensor
+    kd_mask: torch.Tensor | None
+    anchor: torch.Tensor | None  # [B, Ls-1] teacher position per student position, or None
 
 
 @dataclass
 class ObjectiveOutput:
     loss_sum: torch.Tensor  # differentiable sum over valid tokens
     component_sums: dict[str, torch.Tensor]  # detached sums: loss, kd, ce, aux terms
-    num_tokens: int
+    num_tokens: torch.Tensor  # int64 count of the predicted positions (a tensor: no host sync)
 
 
 def objective_spec(cfg: LossConfig) -> ObjectiveSpec:
@@ -111,6 +130,30 @@ class Objective:
         self.dcfg = distillation or DistillationConfig(loss=cfg)
         self.aux = aux
 
+    def student_loss(
+        self,
+        student: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        teacher: HiddenAndHead | None,
+        *,
+        temperature: float,
+        **objective_kwargs: Any,
+    ) -> ObjectiveOutput:
+        """The student's forward (final hidden states and head, plus the internals the auxiliary terms
+        compare) and the objective of one micro-batch: what a trainer runs inside the prepared module's
+        forward (``sakd distill`` and :class:`sakd.integrations.DistillationTrainer` alike);
+        ``objective_kwargs``: the token router's KD weights and the curriculum's multipliers."""
+        aux = self.aux
+        out = hidden_and_head(
+            student,
+            student,
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            hidden_layers=[s for _, s in aux.heads.feature_layers] if aux else [],
+            attention_layers=sorted({s for s, _ in aux.attention_pairs}) if aux else [],
+        )
+        return self(out, teacher, batch["labels"], temperature=temperature, batch=batch, **objective_kwargs)
+
     @staticmethod
     def valid_mask(labels: torch.Tensor) -> torch.Tensor:
         """Positions whose next token is a target: ``labels[:, 1:] != -100``."""
@@ -119,36 +162,48 @@ class Objective:
     def __call__(
         self,
         student: HiddenAndHead,
-        teacher: HiddenAndHead | None,
+        teacher: HiddenAndHead | StoredSignal | None,
         labels: torch.Tensor,
         *,
         temperature: float,
         batch: dict[str, torch.Tensor] | None = None,
+        kd_weights: torch.Tensor | None = None,
+        multipliers: dict[str, float] | None = None,
     ) -> ObjectiveOutput:
         """The summed objective of one micro-batch.
 
         ``batch`` carries what the auxiliary terms and cross-tokenizer KD need: ``anchor`` and
         ``span_end`` ``[B, Ls]``, ``teacher_input_ids`` / ``teacher_attention_mask`` ``[B, Lt]``, and
-        ``attention_mask``.
+        ``attention_mask``. ``kd_weights`` ``[B·(Ls-1)]`` are the token router's per-token KD weights;
+        ``multipliers`` the curriculum's per-component factors (kd, ce, feature, ...; absent = 1).
         """
         batch = batch or {}
         targets = labels[:, 1:].reshape(-1)
-        n = int((targets != IGNORE_INDEX).sum())
+        n = (targets != IGNORE_INDEX).sum()
         if teacher is None or self.cfg.alpha == 0:
             out = self._ce_only(student, targets, n)
+            if multipliers and multipliers.get("ce", 1.0) != 1.0:
+                out.loss_sum = out.loss_sum * multipliers["ce"]
+                out.component_sums["loss"] = out.loss_sum.detach()
+        elif isinstance(teacher, StoredSignal):  # an offline cache: the sparse losses on the stored tensors
+            return self._distill_stored(student, teacher, targets, n, temperature)
         else:
-            out = self._distill(student, teacher, targets, n, temperature, batch)
+            out = self._distill(
+                student, teacher, targets, n, temperature, batch, kd_weights, multipliers or {}
+            )
         if teacher is None or self.aux is None:
             return out
         predicted = predicted_positions(labels, batch.get("attention_mask"))
-        loss, sums = self.aux(student, teacher, batch, predicted, out.loss_sum, out.component_sums)
+        loss, sums = self.aux(
+            student, teacher, batch, predicted, out.loss_sum, out.component_sums, multipliers
+        )
         return ObjectiveOutput(loss, sums, n)
 
     def _student_rows(self, student: HiddenAndHead) -> HeadInput:
         hidden = student.hidden[:, :-1].reshape(-1, student.hidden.shape[-1])
         return HeadInput(hidden, Head(student.head_weight, student.head_bias, self.vocab_size))
 
-    def _ce_only(self, student: HiddenAndHead, targets: torch.Tensor, n: int) -> ObjectiveOutput:
+    def _ce_only(self, student: HiddenAndHead, targets: torch.Tensor, n: torch.Tensor) -> ObjectiveOutput:
         """Summed CE, one chunk of logits at a time (recomputed in backward: O(chunk x V) extra memory)."""
         rows = self._student_rows(student)
 
@@ -166,73 +221,92 @@ class Objective:
         recompute = (
             torch.is_grad_enabled() and rows.hidden.requires_grad and not is_partitioned(rows.head.weight)
         )
-        ce = over_chunks(chunk_ce, rows.hidden.shape[0], self.cfg.chunk_size, recompute=recompute)
+        n_rows, width = rows.hidden.shape
+        chunk = resolve_chunk_size(self.cfg.chunk_size, n_rows, (self.vocab_size, 0), (width, 0))
+        ce = over_chunks(chunk_ce, n_rows, chunk, recompute=recompute)
         ce = ce.float() if ce.dtype != torch.float64 else ce
         d = ce.detach()
         return ObjectiveOutput(ce, {"loss": d, "ce": d}, n)
 
-    def _teacher_token_logprobs(
-        self, teacher: HiddenAndHead, teacher_ids: torch.Tensor, temperature: float
-    ) -> torch.Tensor:
-        """``[B, Lt]``: log p_T(teacher token j+1 | prefix) at temperature T, chunk by chunk (no grad)."""
-        head = Head(teacher.head_weight, teacher.head_bias, self.teacher_vocab_size)
-        hidden = teacher.hidden.reshape(-1, teacher.hidden.shape[-1])
-        nxt = torch.cat([teacher_ids[:, 1:], teacher_ids[:, -1:]], 1).reshape(-1)
-
-        def chunk(r: slice) -> torch.Tensor:
-            lp = torch.log_softmax(head.logits(hidden[r], upcast=True) / temperature, dim=-1)
-            return lp.gather(1, nxt[r, None]).squeeze(1)
-
-        with torch.no_grad():
-            return over_chunks(chunk, hidden.shape[0], self.cfg.chunk_size, combine="cat").reshape(
-                teacher_ids.shape
-            )
+    def kd_rows(
+        self,
+        student: HiddenAndHead,
+        teacher: HiddenAndHead,
+        targets: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+    ) -> KDRows:
+        """The rows the KD term of this micro-batch is taken on (see :class:`KDRows`); ``targets`` are the
+        flat student targets ``labels[:, 1:]``."""
+        anchor = batch["anchor"][:, :-1] if "anchor" in batch else None
+        samples = getattr(teacher, "samples", None)  # [M, B, Lt, H]: a mixture of M teachers (fkl only)
+        mixture = samples is not None and self.cfg.kind == "fkl"
+        states = samples.permute(1, 2, 0, 3) if mixture else teacher.hidden  # [B, Lt, (M,) H]
+        if anchor is not None:
+            t_hidden = gather_at_anchors(states, anchor)
+        else:
+            t_hidden = states[:, :-1]
+        t_hidden = t_hidden.reshape(-1, *states.shape[2:])
+        crosses = self.bridge.crosses
+        bridge = self.bridge
+        if bridge.teacher_to_student is not None:  # the many-to-one projection replaces the 1:1 map
+            bridge = VocabBridge(teacher_to_student=bridge.teacher_to_student)
+        teacher_head = Head(
+            teacher.head_weight, teacher.head_bias, self.teacher_vocab_size if crosses else self.vocab_size
+        )
+        return KDRows(
+            student=self._student_rows(student),
+            teacher=HeadInput(t_hidden, teacher_head, mixture=mixture),
+            bridge=bridge,
+            targets=targets,
+            kd_mask=None if anchor is None else (anchor >= 0).reshape(-1),
+            anchor=anchor,
+        )
 
     def _distill(
         self,
         student: HiddenAndHead,
         teacher: HiddenAndHead,
         targets: torch.Tensor,
-        n: int,
+        n: torch.Tensor,
         temperature: float,
         batch: dict[str, torch.Tensor],
+        kd_weights: torch.Tensor | None,
+        multipliers: dict[str, float],
     ) -> ObjectiveOutput:
-        aligned = "anchor" in batch
-        crosses = self.bridge.crosses
-        kd_mask = target_logprob = None
-        if aligned:
-            anchor = batch["anchor"][:, :-1]
-            kd_mask = (anchor >= 0).reshape(-1)
-            t_hidden = gather_at_anchors(teacher.hidden, anchor).reshape(-1, teacher.hidden.shape[-1])
-            if self.dcfg.alignment.chain_rule and crosses:
-                span_end = batch["span_end"][:, :-1]
-                multi = (span_end > anchor + 1) & (anchor >= 0)
-                if bool(multi.any()):
-                    tok_lp = self._teacher_token_logprobs(teacher, batch["teacher_input_ids"], temperature)
-                    target_logprob = span_logprob(tok_lp, anchor, torch.where(multi, span_end, -1)).reshape(
-                        -1
-                    )
-        else:
-            t_hidden = teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1])
+        rows = self.kd_rows(student, teacher, targets, batch)
+        anchor, kd_mask, crosses = rows.anchor, rows.kd_mask, self.bridge.crosses
+        target_logprob = None
+        if anchor is not None and self.dcfg.alignment.chain_rule and crosses:
+            span_end = batch["span_end"][:, :-1]
+            multi = (span_end > anchor + 1) & (anchor >= 0)
+            teacher_ids = batch["teacher_input_ids"]
+            needed = inside_spans(anchor, span_end, multi, teacher_ids.shape[1])
+            tok_lp = teacher_token_logprobs(
+                teacher, teacher_ids, temperature, needed, self.teacher_vocab_size, self.cfg.chunk_size
+            )
+            target_logprob = span_logprob(tok_lp, anchor, torch.where(multi, span_end, -1)).reshape(-1)
         spec = self.spec.at_temperature(temperature)
         if crosses and self.dcfg.alignment.uld_weight:
             spec = _with_uld(spec, self.dcfg.alignment.uld_weight)
-        bridge = self.bridge
-        if bridge.teacher_to_student is not None:  # the many-to-one projection replaces the 1:1 map
-            bridge = VocabBridge(teacher_to_student=bridge.teacher_to_student)
-        student_rows = self._student_rows(student)
-        teacher_head = Head(
-            teacher.head_weight, teacher.head_bias, self.teacher_vocab_size if crosses else self.vocab_size
+        scale, weights = 1.0, None
+        if multipliers:  # the curriculum: KD and CE scaled apart (alpha', an outer scale, CE-only rows)
+            spec, scale, weights = _scaled_blend(spec, multipliers, kd_mask)
+        student_rows, t_rows = rows.student, rows.teacher
+        positions = Targets(
+            labels=targets,
+            weights=weights,
+            kd_mask=kd_mask,
+            target_logprob=target_logprob,
+            kd_weights=kd_weights,
         )
-        positions = Targets(labels=targets, kd_mask=kd_mask, target_logprob=target_logprob)
-        if self.cfg.fused or aligned:  # the aligned path always goes through the fused function
-            if not self.cfg.fused:
+        if self.cfg.fused or anchor is not None or kd_weights is not None or t_rows.mixture:
+            if not self.cfg.fused:  # the fused function, as one chunk: it alone takes these inputs
                 spec = _with_chunk(spec, max(1, student_rows.hidden.shape[0]))
-            res = fused_distill(student_rows, HeadInput(t_hidden, teacher_head), spec, positions, bridge)
+            res = fused_distill(student_rows, t_rows, spec, positions, rows.bridge)
         else:
             s_logits = student_rows.head.logits(student_rows.hidden)
             with torch.no_grad():
-                t_logits = teacher_head.logits(t_hidden)
+                t_logits = t_rows.head.logits(t_rows.hidden)
             res = distill_loss(
                 s_logits,
                 t_logits,
@@ -244,10 +318,56 @@ class Objective:
                 scale_by_t2=spec.scale_by_t2,
                 reduction="sum",
             )
+        loss = res.loss if scale == 1.0 else res.loss * scale
+        sums = {"loss": loss.detach(), "kd": res.kd, "ce": res.ce}
+        if anchor is not None:
+            sums["kd_positions"] = (kd_mask & (targets != IGNORE_INDEX)).sum().double()
+        return ObjectiveOutput(loss, sums, n)
+
+    def _distill_stored(
+        self, student: HiddenAndHead, teacher: StoredSignal, targets: torch.Tensor, n: int, temperature: float
+    ) -> ObjectiveOutput:
+        """KD from a cached teacher: the stored signal at each student position, projected onto the student
+        vocabulary through the same bridge as online cross-tokenizer KD, masked where no anchor exists."""
+        sparse = teacher.sparse.rows((slice(None), slice(None, -1))).reshape(-1)
+        kd_mask = None if teacher.kd_mask is None else teacher.kd_mask[:, :-1].reshape(-1)
+        chain = teacher.target_logprob
+        crosses = self.bridge.crosses
+        if chain is not None and self.dcfg.alignment.chain_rule and crosses:
+            chain = chain[:, :-1].reshape(-1)
+        else:
+            chain = None
+        bridge = self.bridge
+        if bridge.teacher_to_student is not None:
+            bridge = VocabBridge(teacher_to_student=bridge.teacher_to_student)
+        rows = self._student_rows(student)
+        spec = self.spec.at_temperature(temperature)
+        if not self.cfg.fused:
+            spec = _with_chunk(spec, max(1, rows.hidden.shape[0]))
+        positions = Targets(labels=targets, kd_mask=kd_mask, target_logprob=chain)
+        res = fused_distill(rows, sparse, spec, positions, bridge)
         sums = {"loss": res.loss.detach(), "kd": res.kd, "ce": res.ce}
-        if aligned:
+        if kd_mask is not None:
             sums["kd_positions"] = (kd_mask & (targets != IGNORE_INDEX)).sum().double()
         return ObjectiveOutput(res.loss, sums, n)
+
+
+def _scaled_blend(
+    spec: ObjectiveSpec, multipliers: dict[str, float], kd_mask: torch.Tensor | None
+) -> tuple[ObjectiveSpec, float, torch.Tensor | None]:
+    """``alpha·m_kd·KD + (1-alpha)·m_ce·CE`` as ``scale·[alpha'·KD + (1-alpha')·CE]``, and per-row weights
+    that keep CE at ``m_ce`` where KD has no anchor (CE alone counts there)."""
+    import dataclasses
+
+    kd = spec.alpha * multipliers.get("kd", 1.0)
+    ce = (1.0 - spec.alpha) * multipliers.get("ce", 1.0)
+    scale = kd + ce
+    if scale <= 0:
+        return spec, 0.0, None
+    weights = None
+    if kd_mask is not None and scale != multipliers.get("ce", 1.0):
+        weights = torch.where(kd_mask, 1.0, multipliers.get("ce", 1.0) / scale)
+    return dataclasses.replace(spec, alpha=min(max(kd / scale, 0.0), 1.0)), scale, weights
 
 
 def _with_uld(spec: ObjectiveSpec, weight: float) -> ObjectiveSpec:
@@ -262,4 +382,4 @@ def _with_chunk(spec: ObjectiveSpec, chunk_size: int) -> ObjectiveSpec:
     return dataclasses.replace(spec, chunk_size=chunk_size)
 
 
-__all__ = ["IGNORE_INDEX", "Objective", "ObjectiveOutput", "objective_spec", "predicted_positions"]
+__all__ = ["IGNORE_INDEX", "KDRows", "Objective", "ObjectiveOutput", "objective_spec", "predicted_positions"]

@@ -18,6 +18,10 @@ Accounting (``P`` student parameters, ``N`` GPUs, ``m`` bytes of the master dtyp
   step; AdamW ``8·P/N``, 8-bit ``2·P/N``. Optimizer offload moves master, fp32 gradients and states
   to the CPU; ZeRO-3 parameter offload leaves only the gathered layers on the GPU. Without mixed
   precision DeepSpeed trains in fp32: weights ``4·P``, gradients ``4·P``, no master copy.
+* a PEFT student (``model.peft``): the formulas above with ``P`` for the weights but the trained
+  parameters ``P_a`` (its adapters) for everything that exists only for trained ones -- autocast's
+  copies, gradients, master copies, optimizer states -- and no output-head gradient in the loss;
+  QLoRA keeps the base's linear layers at 0.5 byte per parameter.
 * teacher: ``P_t`` × its dtype (bitsandbytes 8/4-bit: 1 / 0.5 bytes for the linear layers); a ZeRO-3
   teacher holds ``1/N`` plus its gathered layers, an offloaded one only the gathered layers.
 * activations: see :func:`layer_activation_bytes` and :func:`student_activation_bytes`; teacher
@@ -42,7 +46,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sakd.config import RunConfig
-from sakd.losses.logit_grads import BLOCK_ELEMENTS
+from sakd.losses.chunk_size import resolve_chunk_size
+from sakd.losses.logit_grads import block_rows
 from sakd.planner.sizes import ModelNumbers
 
 GIB = 1024**3
@@ -58,13 +63,11 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 QUANT_BYTES = {"8bit": 1.0, "4bit": 0.5}
 DEFAULT_MICRO_BATCHES = (1, 2, 4, 8, 16)
 
-ALIGNED_LOSS_ROWS = (5, 6)
-"""``[chunk, V]`` fp32 tensors alive at once in the fused loss's autograd path (different tokenizers:
-many-to-one projection, chain rule), per student and per teacher vocabulary entry. Measured (peak RSS
-of :func:`sakd.losses.fused_linear_divergence` on CPU, four vocabulary pairs, within 3 %): student
-logits, tempered and CE log-probabilities, projected distribution and gradients; teacher logits,
-tempered logits, log-probabilities, probabilities and the projection's scatter buffers. The closed-form
-path (one tokenizer) keeps one of each plus two scratch blocks."""
+BRIDGE_BLOCK_ROWS = 4
+"""``[block, Vs]`` fp32 temporaries alive at once in a block of the closed-form KD across vocabularies
+(:mod:`sakd.losses.bucket_grads`): the student's bucket logits, the teacher's bucket log-probabilities,
+the divergence's scratch and the tail's masked copy, on top of the preallocated ``[block, max(Vs, Vt)]``
+scratch (and the ``[block, Vs]`` CE one with labels). ``tests/test_plan.py`` measures it."""
 
 CHECKPOINTING_COST = 4 / 3
 """Gradient checkpointing recomputes the forward in backward: forward+backward ≈ 3 forward units
@@ -136,8 +139,9 @@ class Workload:
     teacher_quantization: str = "none"
     teacher_placement: str = "auto"  # auto | replicated | zero3
     teacher_offload: bool = False
-    chunk_size: int = 1024
-    aligned: bool = False  # different tokenizers: the fused loss's autograd path
+    student_quantization: str = "none"  # QLoRA: the frozen base in 4-bit (model.peft.quantize_base)
+    chunk_size: int | str = "auto"
+    aligned: bool = False  # different tokenizers: the vocabulary-bridged closed form
     with_labels: bool = True  # alpha < 1: the CE term needs its own scratch block
     generated_seq_len: int = 0  # distillation.policy: prompt + new tokens per generated sequence (0: none)
     teacher_writes: bool = False  # sequence-level KD: the teacher generates (and holds the KV cache)
@@ -156,6 +160,7 @@ class Workload:
             teacher_quantization=m.teacher_quantization,
             teacher_placement=m.teacher_placement,
             teacher_offload=m.teacher_offload,
+            student_quantization=m.peft.quantize_base if m.peft.method != "none" else "none",
             chunk_size=loss.chunk_size,
             aligned=aligned,
             with_labels=loss.alpha < 1,
@@ -226,7 +231,7 @@ def layer_activation_bytes(m: ModelNumbers, act_bytes: int) -> int:
         mlp = m.experts_per_token * (2 * m.hidden + 4 * m.ffn) + 2 * m.experts
     else:
         mlp = 4 * m.ffn
-    return NORM_ELEMENTS * m.hidden * 4 + (attention + mlp) * act_bytes
+    return NORM_ELEMENTS * m.hidden * 4 + (attention + mlp + m.adapter_elements) * act_bytes
 
 
 def student_activation_bytes(
@@ -266,17 +271,21 @@ def loss_bytes(
 ) -> tuple[int, int]:
     """The fused KD loss (:mod:`sakd.losses.fused`): (its transient workspace, the gradients it keeps).
 
-    The workspace is fp32 ``[chunk, V]`` logits, student and teacher side, plus the closed-form path's
-    two scratch blocks of :data:`~sakd.losses.logit_grads.BLOCK_ELEMENTS` (see :data:`ALIGNED_LOSS_ROWS`
-    for the vocab-mapped path). The gradients are computed in the forward pass and kept until backward:
-    ``[tokens, Hs]`` for the hidden states and ``[Vs, Hs]`` for the head, in the head's dtype."""
-    rows = min(w.chunk_size, tokens)
+    The workspace is fp32 ``[chunk, V]`` logits, student and teacher side (the chunk as the loss resolves
+    ``chunk_size``, :func:`sakd.losses.chunk_size.resolve_chunk_size`), plus the scratch blocks of the
+    closed forms (:func:`sakd.losses.logit_grads.block_rows` rows each): one ``[block, max(Vs, Vt)]``, one
+    ``[block, Vs]`` for the CE gradient with labels, and :data:`BRIDGE_BLOCK_ROWS` more across
+    vocabularies. The gradients are computed in the forward pass and kept until backward: ``[tokens, Hs]``
+    for the hidden states and ``[Vs, Hs]`` for the head, in the head's dtype."""
     vs, vt = student.vocab, teacher.vocab if teacher else 0
-    if w.aligned:
-        workspace = rows * (ALIGNED_LOSS_ROWS[0] * vs + ALIGNED_LOSS_ROWS[1] * vt) * 4
-    else:
-        workspace = rows * (vs + vt) * 4 + (2 if w.with_labels else 1) * BLOCK_ELEMENTS * 4
-    return workspace, (tokens + student.vocab) * student.hidden * head_bytes
+    ht = teacher.hidden if teacher else 0
+    rows = min(resolve_chunk_size(w.chunk_size, tokens, (vs, vt), (student.hidden, ht)), tokens)
+    widest = max(vs, vt)
+    block = block_rows(rows, widest)
+    blocks = block * (widest + (vs if w.with_labels else 0) + (BRIDGE_BLOCK_ROWS * vs if w.aligned else 0))
+    workspace = (rows * (vs + vt) + blocks) * 4
+    head_rows = student.vocab if student.head_trainable else 0  # a frozen head (PEFT) gets no gradient
+    return workspace, (tokens + head_rows) * student.hidden * head_bytes
 
 
 def kv_cache_bytes(m: ModelNumbers, sequences: int, tokens: int, dtype_bytes: int) -> int:
@@ -324,26 +333,31 @@ def _teacher_weight_bytes(t: ModelNumbers, w: Workload, stage: int) -> tuple[int
 def estimate(student: ModelNumbers, teacher: ModelNumbers | None, setup: Setup, w: Workload) -> Estimate:
     """Per-GPU memory of one setup, by component (see the module docstring for the accounting)."""
     p, n, s = student.total_params, w.num_gpus, setup.stage
+    t = student.trained  # gradients, master copies and optimizer states exist for these only
     master = DTYPE_BYTES[w.student_dtype]
     mixed = w.mixed_precision in ("fp16", "bf16")
     state_bytes = 2 if setup.optimizer == "adamw_8bit" else 2 * master  # two Adam moments
     if s == 0:
-        weights = p * master + (2 * p if mixed else 0)
-        grads = p * master * (2 if n > 1 else 1)
-        optimizer = p * state_bytes
+        # autocast caches 16-bit copies of the weights that require grad (a frozen base is re-cast per use)
+        weights = p * master + (2 * t if mixed else 0)
+        if w.student_quantization in QUANT_BYTES:  # QLoRA: linear layers in 4 bits, adapters in fp32
+            linear = p - student.embedding_params - t
+            weights = int(linear * QUANT_BYTES[w.student_quantization]) + (p - linear) * master
+        grads = t * master * (2 if n > 1 else 1)
+        optimizer = t * state_bytes
         head_bytes = master
     else:
         model_bytes = 2 if mixed else master
         gathered = 2 * student.layer_params * model_bytes  # ZeRO-3: the layer in use and the prefetched one
         sharded = gathered + (0 if setup.offload_params else p * model_bytes // n)
         weights = (sharded if s == 3 else p * model_bytes) + (
-            0 if setup.offload_optimizer or not mixed else 4 * p // n
+            0 if setup.offload_optimizer or not mixed else 4 * t // n
         )
         bucket = 2 * REDUCE_BUCKET_ELEMENTS * model_bytes
-        grads = p * model_bytes if s == 1 else p * model_bytes // n + bucket
+        grads = t * model_bytes if s == 1 else t * model_bytes // n + bucket
         if mixed and not setup.offload_optimizer:
-            grads += 4 * p // n  # the fp32 gradient partition of the step
-        optimizer = 0 if setup.offload_optimizer else p * (2 if setup.optimizer == "adamw_8bit" else 8) // n
+            grads += 4 * t // n  # the fp32 gradient partition of the step
+        optimizer = 0 if setup.offload_optimizer else t * (2 if setup.optimizer == "adamw_8bit" else 8) // n
         head_bytes = model_bytes
     act_bytes = 2 if mixed else master
     stream_bytes = master if s == 0 else act_bytes  # autocast keeps the residual stream in fp32

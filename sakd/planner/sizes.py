@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from sakd.config import PeftConfig
 from sakd.errors import ConfigError
+from sakd.models.gguf import gguf_config, is_gguf
+from sakd.models.peft import adapter_counts
 from sakd.models.presets import build_preset_config, is_preset
 
 
@@ -34,6 +37,14 @@ class ModelNumbers:
     experts_per_token: int
     tied: bool
     qk_norm: bool  # RMSNorm on queries and keys (Qwen3): two more saved tensors per layer
+    trainable_params: int = -1  # what the optimizer holds (-1: every parameter; a PEFT student: its adapters)
+    head_trainable: bool = True  # the output head gets a gradient (a PEFT student's is frozen)
+    adapter_elements: int = 0  # per token and layer: the adapters' rank-r activations (r per adapted linear)
+
+    @property
+    def trained(self) -> int:
+        """Parameters with gradients and optimizer states."""
+        return self.total_params if self.trainable_params < 0 else self.trainable_params
 
     @property
     def layer_params(self) -> int:
@@ -48,6 +59,11 @@ def model_config(
     local directory / cached hub id (read with AutoConfig, no weights)."""
     if is_preset(spec):
         return build_preset_config(spec, vocab_size=vocab_size)
+    if is_gguf(spec):
+        config = gguf_config(spec)
+        if vocab_size is not None:
+            config.vocab_size = vocab_size
+        return config
     source = str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -106,3 +122,16 @@ def model_numbers(
     a 1B model on the meta device still takes a second)."""
     config = model_config(spec, vocab_size, trust_remote_code=trust_remote_code)
     return numbers_from_config(config, spec, trust_remote_code=trust_remote_code)
+
+
+def with_adapters(numbers: ModelNumbers, config: PretrainedConfig, pcfg: PeftConfig) -> ModelNumbers:
+    """``numbers`` of a PEFT student (``model.peft``): only the adapters train (counted exactly on the
+    meta device); the output head is frozen unless ``modules_to_save`` names it; every adapted linear
+    layer saves its rank-r intermediate for backward."""
+    trainable, adapted = adapter_counts(config, pcfg)
+    return replace(
+        numbers,
+        trainable_params=trainable,
+        head_trainable=any("lm_head" in m for m in pcfg.modules_to_save),
+        adapter_elements=pcfg.rank * adapted // max(1, numbers.layers),
+    )

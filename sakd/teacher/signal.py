@@ -1,19 +1,24 @@
-"""The teacher signal the objective consumes, behind one interface: ``signal(batch) -> HiddenAndHead``.
+"""The teacher signal the objective consumes, behind one interface: ``signal(batch) -> teacher output``.
 
 :class:`OnlineTeacher` runs the frozen teacher (replicated, quantized, or a ZeRO-3 engine) on each batch
 -- on its own tokens when the tokenizers differ -- and returns its final hidden states, output head,
-router probabilities (MoE) and whatever internals the auxiliary terms asked for. An offline cache is
-another implementation of the same call.
+router probabilities (MoE) and whatever internals the auxiliary terms asked for (:class:`HiddenAndHead`).
+:class:`CachedTeacher` reads an offline cache instead (``sakd cache-teacher``; no teacher in memory) and
+returns the stored sparse distribution at every student position (:class:`StoredSignal`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from sakd.losses import SparseTeacher
 from sakd.models.forward import HiddenAndHead, hidden_and_head
+from sakd.teacher.cache.lookup import aligned_fields, same_block_fields, stored_sparse
+from sakd.teacher.cache.reader import CacheReader
 
 
 class OnlineTeacher:
@@ -46,3 +51,59 @@ class OnlineTeacher:
                 hidden_layers=self.hidden_layers,
                 attention_layers=self.attention_layers,
             )
+
+
+@dataclass
+class StoredSignal:
+    """A cached teacher's signal at each student position of a batch.
+
+    Attributes:
+        sparse: ``[B, L, S]`` the stored ids / log-probs (+ counts or tail) at each student position's
+            teacher position (rows where ``kd_mask`` is False hold anything).
+        kd_mask: ``[B, L]`` bool, where a teacher position is anchored (None: everywhere, same blocks).
+        target_logprob: ``[B, L]`` the teacher's chain-rule log-prob of the next student token's text where
+            the teacher spells it with several tokens, else NaN (across tokenizers; else None).
+        router: ``[B, L, layers, experts]`` the MoE router's probabilities, when the cache stores them.
+    """
+
+    sparse: SparseTeacher
+    kd_mask: torch.Tensor | None = None
+    target_logprob: torch.Tensor | None = None
+    router: torch.Tensor | None = None
+
+
+class CachedTeacher:
+    """The teacher signal of a batch, read from a cache by the batch's block ids (``sample_ids``), so it
+    follows the batch plan under any micro-batch x accumulation x rank split and across resume.
+
+    ``index`` is None when the student reads the cache's own blocks, else the aligned per-block index
+    (:func:`sakd.teacher.cache.lookup.aligned_index`); ``top_k`` keeps only the best ``top_k`` stored ids.
+    """
+
+    def __init__(
+        self, reader: CacheReader, index: Any, *, top_k: int | None, chain_rule: bool, device: torch.device
+    ) -> None:
+        self.reader, self.index, self.top_k = reader, index, top_k
+        self.chain_rule, self.device = chain_rule, device
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> StoredSignal:
+        ids = batch["sample_ids"].reshape(-1).tolist()
+        kd_mask = chain = None
+        if self.index is None:
+            fields = same_block_fields(self.reader, batch["sample_ids"].reshape(-1), batch["input_ids"])
+        else:
+            fields, kd_mask, chain = aligned_fields(self.reader, self.index[ids], self.chain_rule)
+        sparse = stored_sparse(fields, self.reader.spec.temperature, self.top_k)
+        dev = self.device
+        return StoredSignal(
+            sparse=SparseTeacher(
+                sparse.indices.to(dev),
+                sparse.logprobs.to(dev),
+                sparse.temperature,
+                None if sparse.counts is None else sparse.counts.to(dev),
+                None if sparse.tail_logprob is None else sparse.tail_logprob.to(dev),
+            ),
+            kd_mask=None if kd_mask is None else kd_mask.to(dev),
+            target_logprob=None if chain is None else chain.to(dev),
+            router=None if fields.get("router") is None else fields["router"].to(dev),
+        )

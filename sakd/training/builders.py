@@ -6,9 +6,10 @@ calls them in order; nothing here runs a training step.
 builder               config                           builds
 ====================  ===============================  ==============================================
 build_tokenizers      model.tokenizer / teacher_tok.   the student's and the teacher's tokenizers
-build_student         model.student, dtype, ...        the Hugging Face student (whole, not ZeRO-split)
+build_student         model.student, dtype, peft, ...  the Hugging Face student (whole, not ZeRO-split)
 build_batch_plan      training.batch_size / accum.     which blocks each rank reads at each step
 build_objective       distillation.*                   the objective (logit loss + auxiliary terms)
+build_teacher_signal  distillation.moe                 the teacher signal (plain, KA, or SAR-routed)
 build_ema             training.ema*                    the EMA of the student's weights, or None
 ====================  ===============================  ==============================================
 
@@ -34,9 +35,13 @@ from sakd.errors import ConfigError, DataError, SetupError
 from sakd.losses import VocabBridge
 from sakd.models import load_model, load_tokenizer
 from sakd.models.loading import check_model_source, default_tokenizer_spec
+from sakd.models.peft import wrap_student
 from sakd.models.zero import built_whole
 from sakd.objective.aux_terms import AuxTerms
 from sakd.objective.composite import Objective
+from sakd.teacher.moe import RoutedTeacher
+from sakd.teacher.moe_router import StudentAwareRouter
+from sakd.teacher.signal import OnlineTeacher
 from sakd.training.ema import EMA_FILE, StudentEMA
 
 log = logging.getLogger(__name__)
@@ -74,7 +79,11 @@ def build_tokenizers(mcfg: ModelConfig, *, use_teacher: bool) -> tuple[Any, Any 
 
 
 def build_student(mcfg: ModelConfig, tokenizer: Any, accelerator: Any, *, seed: int) -> Any:
-    """The student as a Hugging Face model, whole on every rank (the ZeRO engine partitions it later)."""
+    """The student as a Hugging Face model, whole on every rank (the ZeRO engine partitions it later);
+    with ``model.peft`` a ``peft`` model whose adapters are its only trainable parameters."""
+    qlora = mcfg.peft.method != "none" and mcfg.peft.quantize_base != "none"
+    if qlora:
+        check_qlora(accelerator)
     with built_whole(accelerator):
         student = load_model(
             mcfg.student,
@@ -83,10 +92,14 @@ def build_student(mcfg: ModelConfig, tokenizer: Any, accelerator: Any, *, seed: 
             trust_remote_code=mcfg.trust_remote_code,
             seed=seed,
             attn_implementation=mcfg.attn_implementation,
+            quantization=mcfg.peft.quantize_base if qlora else "none",
+            device=accelerator.device,
         )
     if mcfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     student.config.use_cache = False
+    if mcfg.peft.method != "none":
+        student = wrap_student(student, mcfg.peft, gradient_checkpointing=mcfg.gradient_checkpointing)
     rows = student.get_output_embeddings().weight.shape[0]
     if rows < len(tokenizer):
         raise SetupError(
@@ -94,6 +107,19 @@ def build_student(mcfg: ModelConfig, tokenizer: Any, accelerator: Any, *, seed: 
             "resize the student's embeddings"
         )
     return student
+
+
+def check_qlora(accelerator: Any) -> None:
+    """QLoRA's 4-bit base needs bitsandbytes' CUDA kernels; DeepSpeed's engines do not handle it."""
+    if accelerator.device.type != "cuda":
+        raise ConfigError(
+            "model.peft.quantize_base=4bit (QLoRA) needs a CUDA GPU (bitsandbytes 4-bit); use "
+            "model.peft.quantize_base=none on this machine"
+        )
+    if accelerator.state.deepspeed_plugin is not None:
+        raise ConfigError(
+            "model.peft.quantize_base=4bit runs without DeepSpeed (one process or DDP); unset training.deepspeed"
+        )
 
 
 def build_batch_plan(tcfg: TrainingConfig, num_blocks: int, world_size: int) -> BatchPlan:
@@ -124,6 +150,32 @@ def build_objective(cfg: RunConfig, vocab_size: int, alignment: Alignment, aux: 
         distillation=cfg.distillation,
         aux=aux,
     )
+
+
+def build_teacher_signal(
+    cfg: RunConfig, teacher: Any, alignment: Alignment, aux: AuxTerms | None, device: torch.device
+) -> tuple[Any, StudentAwareRouter | None]:
+    """The teacher signal (``distillation.moe``): the plain frozen teacher, or an MoE teacher routed from
+    outside -- Knowledge Augmentation, or all experts through a Student-Aware Router (returned too)."""
+    hidden = [t for t, _ in aux.heads.feature_layers] if aux else []
+    attention = [t for _, t in aux.attention_pairs] if aux else []
+    moe = cfg.distillation.moe
+    if not (moe.augment_samples or moe.student_aware_router):
+        return OnlineTeacher(
+            teacher, aligned=alignment.aligned, hidden_layers=hidden, attention_layers=attention
+        ), None
+    sar = StudentAwareRouter(teacher, moe, device) if moe.student_aware_router else None
+    signal = RoutedTeacher(
+        teacher,
+        aligned=alignment.aligned,
+        hidden_layers=hidden,
+        attention_layers=attention,
+        seed=cfg.training.seed,
+        augment=moe if moe.augment_samples else None,
+        keep_samples=cfg.distillation.loss.kind == "fkl" and moe.augment_samples > 1,
+        sar=sar,
+    )
+    return signal, sar
 
 
 def build_ema(

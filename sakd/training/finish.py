@@ -33,6 +33,11 @@ def run_summary(
         "train_seconds": round(state.train_seconds, 3),
         "eval_loss": final_eval["loss"],
         "eval_ppl": final_eval["ppl"],
+        # bits per byte: the held-out NLL per UTF-8 byte of the scored text, comparable across tokenizers
+        "eval_bpb": final_eval.get("bpb"),
+        "eval_tokens": final_eval.get("tokens"),
+        "eval_bytes": final_eval.get("bytes"),
+        "eval_method": final_eval.get("method"),
         "final_dir": str(final_dir),
         "final_weights": "ema" if use_ema else "raw",
         "stop_reason": state.stop_reason or "max_steps",

@@ -19,10 +19,13 @@ from tqdm.auto import tqdm
 
 from sakd.errors import TrainingError
 from sakd.evaluation.heldout import cross_tokenizer_agreement, evaluate
+from sakd.losses import resolve_chunk_size
 from sakd.models.student import student_state
-from sakd.training import checkpoint
+from sakd.models.zero import built_whole
+from sakd.training import checkpoint, rundir
+from sakd.training.export import student_to_save
 from sakd.training.finish import run_summary, write_final
-from sakd.training.state import memory_metrics
+from sakd.training.state import TrainerState, memory_metrics
 from sakd.training.stop_signals import TrainingStopped
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,17 @@ class NonFiniteError(TrainingError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm (one line)."""
 
 
+def restore_state(accelerator: Any, resumed_from: Path | None, run_dir: Path) -> TrainerState:
+    """The step bookkeeping of the checkpoint resumed from (metrics.jsonl cut back to it), or a fresh one."""
+    if resumed_from is None:
+        return TrainerState()
+    state = TrainerState(**checkpoint.load(accelerator, resumed_from))
+    accelerator.print(f"resumed from {resumed_from} at step {state.step}")
+    if accelerator.is_main_process:
+        rundir.truncate_metrics(run_dir / "metrics.jsonl", state.step)
+    return state
+
+
 class RunLoop:
     """Runs a built run: :meth:`train` calls ``train_step`` until the run's last step, evaluating,
     checkpointing and logging along the way. The attributes it reads (accelerator, cfg, state, plan,
@@ -39,18 +53,28 @@ class RunLoop:
 
     # ------------------------------------------------------------------------------ the loop
 
+    def score_continuations(self) -> dict[str, float]:
+        """The teacher's loss on the student's own continuations of held-out prompts (sakd/policy); the EMA's
+        with training.eval_with_ema; empty when generation.eval_prompts resolves to 0."""
+        if self.continuations is None:
+            return {}
+        use_ema = self.ema is not None and self.cfg.training.eval_with_ema
+        return self.continuations(self.ema.module if use_ema else None)
+
     def evaluate(self) -> dict[str, float]:
         """Held-out loss of the student (or of its EMA with training.eval_with_ema), and agreement with
         the teacher (on one vocabulary at every position; across tokenizers at the anchors)."""
         model, unwrapped = self.student, self.hf_student
         if self.ema is not None and self.cfg.training.eval_with_ema:
             model = unwrapped = self.ema.module
-        al, chunk = self.alignment, self.cfg.distillation.loss.chunk_size
-        batch_size = self.cfg.training.eval_batch_size
+        al, batch_size = self.alignment, self.cfg.training.eval_batch_size
+        chunk = self._eval_chunk_size(batch_size)
         out = evaluate(
             model,
-            self.data.eval,
+            self.data.heldout(),
             batch_size=batch_size,
+            window=self.cfg.data.block_size,
+            stride=self.cfg.data.eval_stride,
             accelerator=self.accelerator,
             unwrapped=unwrapped,
             vocab_size=self.vocab_size,
@@ -73,6 +97,24 @@ class RunLoop:
             out["teacher_mass_mapped"] = cross["teacher_mass_mapped"]
         return out
 
+    def _eval_chunk_size(self, batch_size: int) -> int:
+        """Rows per chunk of held-out logits: distillation.loss.chunk_size, resolved for an eval batch."""
+
+        def sizes(model: Any, vocab: int) -> tuple[int, int]:
+            config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+            return vocab, int(getattr(config, "hidden_size", 0) or 0)
+
+        s_vocab, s_hidden = sizes(self.hf_student, self.vocab_size)
+        t_vocab, t_hidden = (0, 0) if self.teacher is None else sizes(self.teacher, self.vocab_size)
+        if self.alignment.teacher_tokenizer is not None and self.teacher is not None:
+            t_vocab = len(self.alignment.teacher_tokenizer)
+        return resolve_chunk_size(
+            self.cfg.distillation.loss.chunk_size,
+            batch_size * self.cfg.data.block_size,
+            (s_vocab, t_vocab),
+            (s_hidden, t_hidden),
+        )
+
     def save_checkpoint(self) -> Path:
         protect = [self.resumed_from] if self.resumed_from is not None else []
         if self.state.best_step is not None:  # early stopping exports it: never pruned
@@ -84,8 +126,14 @@ class RunLoop:
             vars(self.state),
             self.cfg.training.keep_last_n,
             protect=protect,
-            write_extra=self.ema.save if self.ema is not None else None,
+            write_extra=self._write_checkpoint_extras,
         )
+
+    def _write_checkpoint_extras(self, directory: Path) -> None:
+        """Our own files in a checkpoint: the EMA weights, the student-aware parts' state."""
+        if self.ema is not None:
+            self.ema.save(directory)
+        self.aware.save(directory)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
@@ -234,11 +282,16 @@ class RunLoop:
             alignment_stats=self.alignment.stats,
         )
         if acc.is_main_process:
+            # a PEFT student is written with its adapters merged, into a copy built whole (not by zero.Init)
+            with built_whole(acc):
+                model, state_dict = student_to_save(
+                    self.ema.module if use_ema else self.hf_student, state_dict, self.cfg, self.tokenizer
+                )
             write_final(
                 self.run_dir,
                 summary,
                 best_step=summary.get("best_step"),
-                model=self.ema.module if use_ema else self.hf_student,
+                model=model,
                 tokenizer=self.tokenizer,
                 state_dict=state_dict,
             )

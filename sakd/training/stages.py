@@ -16,6 +16,7 @@ from transformers import get_scheduler
 
 from sakd.config import OptimizationConfig, TrainingConfig
 from sakd.errors import ConfigError
+from sakd.models.peft import reset_trainable
 from sakd.training.optim import build_optimizer, describe_groups, frozen_names
 
 
@@ -68,7 +69,7 @@ def stage_optimizer(
     """A fresh optimizer (student groups + the auxiliary projections) and LR schedule for ``stage``;
     the schedule spans that stage's steps. The groups are shown with ``show``."""
     lr, rules, warmup, name = stage_settings(ocfg, stage)
-    student.requires_grad_(True)  # this stage may train what the previous one froze
+    reset_trainable(student)  # this stage may train what the previous one froze (a PEFT base stays frozen)
     optimizer = build_optimizer(student, ocfg, lr=lr, rules=rules)
     if aux is not None:  # the projections train with the student (not exported)
         optimizer.add_param_group({"params": list(aux.parameters()), "lr": lr, "weight_decay": 0.0})

@@ -4,7 +4,9 @@ step exactly, the early-stopping bookkeeping, and the per-record metrics."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -97,3 +99,14 @@ def tracker_config(cfg: Any) -> dict[str, Any]:
 
     walk("", json.loads(json.dumps(cfg, default=vars)))
     return flat
+
+
+def tracker_init_kwargs(report_to: str, run_dir: Path) -> dict[str, Any]:
+    """Per-tracker ``init_trackers`` arguments: a W&B run is named after the run directory and keeps its
+    files there (``run_dir/wandb``, offline runs included) unless ``WANDB_DIR`` says otherwise."""
+    if report_to != "wandb":
+        return {}
+    kwargs: dict[str, Any] = {"name": run_dir.name}
+    if not os.environ.get("WANDB_DIR"):
+        kwargs["dir"] = str(run_dir)
+    return {"wandb": kwargs}

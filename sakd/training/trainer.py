@@ -9,8 +9,10 @@ trains it. One optimizer step, read top to bottom in :meth:`Distiller.train_step
 3. for each micro-batch: the teacher signal (frozen, no grad) -> the student forward and the objective
    as a *sum* over tokens, scaled by ``accumulation * world / global_tokens`` (Accelerate/DeepSpeed
    divide by ``accumulation`` and DDP averages over ranks: the net gradient is that of the mean loss over
-   every valid token of the step, however it is split); before its backward every rank learns whether
-   any rank's loss is non-finite, and if so the step is skipped on all of them;
+   every valid token of the step, however it is split); before the step's last backward (the one that
+   synchronises gradients, and inside which DeepSpeed steps) every rank learns whether any rank had a
+   non-finite loss in any micro-batch of the step, and if so the step is skipped on all of them -- one
+   agreement per step, not one host sync per micro-batch;
 4. if nothing was skipped and the pre-clip gradient norm is finite: clip, step the optimizer, step the
    LR schedule (defined in optimizer steps), update the EMA; either way, zero the grads.
 
@@ -39,29 +41,29 @@ from sakd.align.setup import Alignment, setup_alignment
 from sakd.config import RunConfig, dump_config
 from sakd.config.deepspeed import zero_stage
 from sakd.data import DataBundle, prepare_data
-from sakd.models.forward import hidden_and_head
 from sakd.models.student import TrainableStudent
 from sakd.models.zero import register_external_parameters
 from sakd.objective.aux_terms import build_aux_terms
-from sakd.objective.schedules import temperature_at
 from sakd.policy import Models, build_continuations, build_policy
+from sakd.teacher.cache.attach import cached_teacher, open_teacher_cache
 from sakd.teacher.placement import load_teacher
-from sakd.teacher.signal import OnlineTeacher
 from sakd.training import checkpoint, rundir
 from sakd.training.builders import (
     build_batch_plan,
     build_ema,
     build_objective,
     build_student,
+    build_teacher_signal,
     build_tokenizers,
     needs_teacher,
 )
 from sakd.training.distributed import build_accelerator, check_cuda_arch
 from sakd.training.export import save_model_dir
-from sakd.training.loop import RunLoop
+from sakd.training.loop import RunLoop, restore_state
 from sakd.training.stages import check_stages, stage_ends, stage_optimizer
-from sakd.training.state import TrainerState, tracker_config
+from sakd.training.state import tracker_config, tracker_init_kwargs
 from sakd.training.stop_signals import StopSignals
+from sakd.training.student_aware import StudentAware, detached_student
 from sakd.upstream import forget_prepared
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,11 @@ class Distiller(RunLoop):
         set_seed(tcfg.seed)
 
         use_teacher = needs_teacher(cfg)
+        self.cache = None  # an offline teacher cache replaces the teacher (distillation.teacher_cache)
+        if use_teacher and cfg.distillation.teacher_cache:
+            self.cache, notes = open_teacher_cache(cfg)
+            for note in notes:
+                acc.print(f"note: {note}")
         self.tokenizer, teacher_tok = build_tokenizers(mcfg, use_teacher=use_teacher)
         self.alignment = (
             setup_alignment(cfg.distillation.alignment, self.tokenizer, teacher_tok, acc)
@@ -93,13 +100,21 @@ class Distiller(RunLoop):
         student = build_student(mcfg, self.tokenizer, acc, seed=tcfg.seed)
         self.vocab_size = len(self.tokenizer)
         self.teacher, self.teacher_placement = None, None
-        if use_teacher:
+        if use_teacher and self.cache is None:
             self.teacher, self.teacher_placement = load_teacher(
                 mcfg, self.alignment.teacher_tokenizer, acc, self.ds_config, seed=tcfg.seed + 1
             )
         self.aux_terms = build_aux_terms(cfg.distillation, student, self.teacher, self.alignment.differ)
         self.aux = None if self.aux_terms is None else self.aux_terms.heads  # trainable projections
-        self.teacher_signal = None if self.teacher is None else self._online_teacher()
+        self.teacher_signal, sar = None, None
+        if self.teacher is not None:
+            self.teacher_signal, sar = build_teacher_signal(
+                cfg, self.teacher, self.alignment, self.aux_terms, acc.device
+            )
+        if self.cache is not None:
+            self.teacher_signal = cached_teacher(
+                cfg, self.cache, self.tokenizer, self.alignment, self.data.train, acc
+            )
 
         self.plan = build_batch_plan(tcfg, len(self.data.train), acc.num_processes)
         self.stage_ends = stage_ends(cfg.optimization, tcfg, self.plan.steps_per_epoch)
@@ -114,12 +129,14 @@ class Distiller(RunLoop):
         if self.zero_stage == 3:
             register_external_parameters(trainable, student.get_output_embeddings(), self.aux)
         self.objective = build_objective(cfg, self.vocab_size, self.alignment, self.aux_terms)
-        models = Models.of_run(
-            self
-        )  # distillation.policy: on-policy / sequence-level steps, their evaluation
+        self.aware = StudentAware(cfg, self.objective, acc, self.teacher_signal, sar, self.vocab_size)
+        # distillation.policy: on-policy / sequence-level steps, their evaluation
+        models = Models.of_run(self)
         self.policy = build_policy(cfg, self.objective, models, self.plan, acc)
         self.continuations = build_continuations(cfg, models, self.data.eval, acc)
-        self.state = self._restore_state()
+        self.state = restore_state(acc, self.resumed_from, self.run_dir)
+        if self.resumed_from is not None:
+            self.aware.load(self.resumed_from)
         self.ema = build_ema(tcfg, self.hf_student, self.resumed_from, self.zero_stage)
         skips = getattr(self.student, "skipped_steps", None)  # a DeepSpeed engine's (restored) count
         self._engine_skips = skips if isinstance(skips, int) else 0
@@ -127,20 +144,26 @@ class Distiller(RunLoop):
             dump_config(cfg, self.run_dir / "config.yaml")
             save_model_dir(self.hf_student, self.tokenizer, self.run_dir / "student_config", weights=False)
         if cfg.logging.report_to != "none":
-            acc.init_trackers(cfg.logging.project, config=tracker_config(cfg))
+            acc.init_trackers(
+                cfg.logging.project,
+                config=tracker_config(cfg),
+                init_kwargs=tracker_init_kwargs(cfg.logging.report_to, self.run_dir),
+            )
 
     # ------------------------------------------------------------------------------ building
 
     def _prepare_data(self) -> DataBundle:
         acc, al = self.accelerator, self.alignment
+        paired = al.aligned and self.cache is None  # a cache brings its own (teacher/cache/lookup.py)
         with acc.main_process_first():
             data = prepare_data(
                 self.cfg.data,
                 self.tokenizer,
                 self.cfg.training.seed,
-                al.teacher_tokenizer if al.aligned else None,
+                al.teacher_tokenizer if paired else None,
             )
-        if al.aligned:
+        acc.print(data.describe(self.cfg.data.sample_by))
+        if paired:
             al.stats.update(alignment_coverage(data.train))
             acc.print(
                 "alignment: {mapped}/{student_vocab} student tokens map to the teacher vocabulary "
@@ -148,32 +171,6 @@ class Distiller(RunLoop):
                 "{multi_token:.1%} are spelt by several teacher tokens".format(**al.stats)
             )
         return data
-
-    def _online_teacher(self) -> OnlineTeacher:
-        aux = self.aux_terms
-        return OnlineTeacher(
-            self.teacher,
-            aligned=self.alignment.aligned,
-            hidden_layers=[t for t, _ in aux.heads.feature_layers] if aux else [],
-            attention_layers=[t for _, t in aux.attention_pairs] if aux else [],
-        )
-
-    def score_continuations(self) -> dict[str, float]:
-        """The teacher's loss on the student's own continuations of held-out prompts (sakd/policy); the EMA's
-        with training.eval_with_ema; empty when generation.eval_prompts resolves to 0."""
-        if self.continuations is None:
-            return {}
-        use_ema = self.ema is not None and self.cfg.training.eval_with_ema
-        return self.continuations(self.ema.module if use_ema else None)
-
-    def _restore_state(self) -> TrainerState:
-        if self.resumed_from is None:
-            return TrainerState()
-        state = TrainerState(**checkpoint.load(self.accelerator, self.resumed_from))
-        self.accelerator.print(f"resumed from {self.resumed_from} at step {state.step}")
-        if self.accelerator.is_main_process:
-            rundir.truncate_metrics(self.run_dir / "metrics.jsonl", state.step)
-        return state
 
     def _optimizer_for(self, stage: int, student: torch.nn.Module) -> tuple[Any, Any]:
         return stage_optimizer(
@@ -203,20 +200,14 @@ class Distiller(RunLoop):
         teacher_out: Any,
         temperature: float,
         objective: Any = None,
+        **objective_kwargs: Any,
     ) -> Any:
         """Student forward + objective (the run's, or an on-policy step's); runs as
-        ``TrainableStudent.forward(loss_fn=...)``."""
-        objective = objective or self.objective
-        aux = self.aux_terms
-        student_out = hidden_and_head(
-            student.module,
-            student.module,
-            mb["input_ids"],
-            mb["attention_mask"],
-            hidden_layers=[s for _, s in aux.heads.feature_layers] if aux else [],
-            attention_layers=sorted({s for s, _ in aux.attention_pairs}) if aux else [],
+        ``TrainableStudent.forward(loss_fn=...)`` (``objective_kwargs``: the token router's KD weights and the
+        curriculum's multipliers)."""
+        return (objective or self.objective).student_loss(
+            student.module, mb, teacher_out, temperature=temperature, **objective_kwargs
         )
-        return objective(student_out, teacher_out, mb["labels"], temperature=temperature, batch=mb)
 
     def _accumulating(self, last: bool) -> Any:
         """The context of one micro-batch's backward: gradients are synchronised (and DeepSpeed steps)
@@ -226,15 +217,15 @@ class Distiller(RunLoop):
         self.accelerator.sync_gradients = last
         return contextlib.nullcontext() if last else self.accelerator.no_sync(self.student)
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every rank (all ranks then take the same branch)."""
-        ok = torch.tensor(float(torch.isfinite(loss.detach()).all()), device=self.accelerator.device)
-        return bool(self.accelerator.reduce(ok, reduction="sum").item() == self.accelerator.num_processes)
+    def _all_finite(self, non_finite: torch.Tensor) -> bool:
+        """Whether no rank counted a non-finite micro-batch loss (all ranks then take the same branch)."""
+        return bool(self.accelerator.reduce(non_finite, reduction="sum").item() == 0)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches; returns step metrics (global means)."""
         acc = self.accelerator
-        temperature = temperature_at(self.cfg.distillation.loss, self.state.step, self.total_steps)
+        schedule = self.aware.schedule(self.state.step, self.total_steps)
+        temperature = schedule.temperature
         # distillation.policy (sakd/policy): on an on-policy / sequence-level step the blocks' prompts are
         # continued by the student / the teacher and the step trains on that text, with the step's objective
         rollout = None if self.policy is None else self.policy.rollout(micro_batches, self.state.step)
@@ -243,25 +234,34 @@ class Distiller(RunLoop):
             micro_batches, objective, extra = rollout.micro_batches, rollout.objective, rollout.metrics
             use_teacher = use_teacher and rollout.teacher_needed
             self.state.count_generation(extra)
-        local_tokens = sum(int(objective.valid_mask(mb["labels"]).sum()) for mb in micro_batches)
-        global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum").item())
+        local_tokens = torch.stack([objective.valid_mask(mb["labels"]).sum() for mb in micro_batches]).sum()
+        global_tokens = int(acc.reduce(local_tokens.to(acc.device), reduction="sum").item())
         if global_tokens == 0:
             raise RuntimeError("an optimizer step has no valid target tokens")
+        # the student-aware router's update, and the token weights over the whole step (cached signals)
+        extras = self.aware.before_step(
+            self.state.step, micro_batches, schedule, global_tokens, partial(detached_student, self.student)
+        )
         scale = acc.gradient_accumulation_steps * acc.num_processes / global_tokens
         sums: dict[str, torch.Tensor] = {}
         finite = True
+        non_finite = torch.zeros((), device=acc.device)  # micro-batches of this rank with a non-finite loss
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with self._accumulating(last):
-                teacher_out = self.teacher_signal(mb) if use_teacher else None
+                teacher_out = extras.teacher_out(i, mb, self.teacher_signal) if use_teacher else None
                 # the student forward and the loss run inside the wrapped module (module docstring)
-                loss_fn = partial(self._student_loss, mb=mb, teacher_out=teacher_out, temperature=temperature)
-                if rollout is not None:
-                    loss_fn = partial(loss_fn, objective=objective)
-                out = self.student(loss_fn=loss_fn)
+                kwargs = extras.objective_kwargs(i)
+                loss_fn = partial(
+                    self._student_loss, mb=mb, teacher_out=teacher_out, temperature=temperature, **kwargs
+                )
+                out = self.student(loss_fn=partial(loss_fn, objective=objective))
                 for k, v in out.component_sums.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().double()
-                if not self._all_finite(out.loss_sum):  # decided before backward, on every rank alike
+                non_finite = non_finite + (~torch.isfinite(out.loss_sum.detach())).any().float()
+                # decided before the synchronising backward, on every rank alike; a non-finite gradient
+                # of an earlier micro-batch only sits in the accumulation the dropped step discards
+                if last and not self._all_finite(non_finite):
                     finite = False
                     self._drop_step(out.loss_sum, scale)
                     break
@@ -289,6 +289,9 @@ class Distiller(RunLoop):
         metrics: dict[str, Any] = {
             k: float(v) / global_tokens for k, v in zip(keys, totals.tolist(), strict=True)
         }
+        if finite and not scaler_skipped:
+            self.aware.after_step(metrics)
+        metrics.update(extras.metrics)
         metrics.update(temperature=temperature, tokens=global_tokens, scaler_skipped=scaler_skipped)
         metrics.update(grad_norm=grad_norm, micro_batches=len(micro_batches), **extra)
         if not finite:

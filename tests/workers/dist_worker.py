@@ -86,8 +86,8 @@ def _inject_faults(d: Distiller, rank: int) -> None:
         step, poisoned_rank = map(int, poison.split(":"))
         loss_fn, calls = d._student_loss, {"n": 0}
 
-        def poisoned(student, mb, teacher_out, temperature):
-            out = loss_fn(student, mb, teacher_out, temperature)
+        def poisoned(student, mb, teacher_out, temperature, **objective_kwargs):
+            out = loss_fn(student, mb, teacher_out, temperature, **objective_kwargs)
             first = calls["n"] == 0
             calls["n"] += 1
             if rank == poisoned_rank and d.state.step == step and first:

@@ -1,0 +1,77 @@
+"""Held-out text as one token stream (:class:`TokenStream`): what evaluation scores, window by window.
+
+Evaluation needs more than blocks: the strided method reads windows that overlap block boundaries,
+and bits per byte needs the UTF-8 bytes of text behind every scored token. A stream is the documents'
+tokens in order, each followed by the tokenizer's EOS, with those byte counts (EOS: 0 bytes).
+
+The EOS after a document is there because documents are packed into one stream; the text has none.
+Predicting it is never scored -- in training (:func:`sakd.data.make_batch` sets its label to -100) and
+in evaluation alike -- so losses, perplexities and bits per byte are over the text's own tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from sakd.data.tokenize import tokenize_documents
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    """Tokens of held-out text in order.
+
+    Attributes:
+        ids: ``[N]`` int64 token ids (documents joined by EOS).
+        nbytes: ``[N]`` int64 UTF-8 bytes of text each token covers (0 for EOS), or None (no bits per byte).
+        eos_id: the EOS that separates documents: a target that is never scored (None: no EOS).
+        documents: how many documents the text held (None when unknown, e.g. from packed blocks).
+    """
+
+    ids: torch.Tensor
+    nbytes: torch.Tensor | None
+    eos_id: int | None
+    documents: int | None = None
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+    def scored(self) -> torch.Tensor:
+        """``[N]`` bool: tokens that count as targets (all but the packing EOS)."""
+        if self.eos_id is None:
+            return torch.ones_like(self.ids, dtype=torch.bool)
+        return self.ids != self.eos_id
+
+    def prefix(self, n_tokens: int) -> TokenStream:
+        """The first ``n_tokens`` tokens."""
+        nbytes = None if self.nbytes is None else self.nbytes[:n_tokens]
+        return TokenStream(self.ids[:n_tokens], nbytes, self.eos_id, self.documents)
+
+    @classmethod
+    def from_blocks(cls, blocks: Any, eos_id: int | None) -> TokenStream:
+        """The stream of packed blocks (``input_ids`` [+ ``byte_counts``] rows, or an ``[N, L]`` tensor)
+        laid end to end: consecutive blocks are consecutive stretches of one stream."""
+        if isinstance(blocks, torch.Tensor):
+            return cls(blocks.reshape(-1).long(), None, eos_id)
+        rows = blocks.with_format("arrow")[:]
+        nbytes = None
+        if "byte_counts" in rows.column_names:
+            nbytes = torch.from_numpy(pc.list_flatten(rows["byte_counts"]).to_numpy().astype(np.int64))
+        ids = torch.from_numpy(pc.list_flatten(rows["input_ids"]).to_numpy().astype(np.int64))
+        return cls(ids, nbytes, eos_id)
+
+
+def text_stream(
+    docs: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *, num_proc: int = 1
+) -> TokenStream:
+    """All of ``docs`` (a ``text`` column) as one stream, with byte counts (nothing left out)."""
+    rows = tokenize_documents(docs, tokenizer, with_bytes=True, num_proc=num_proc).with_format("arrow")[:]
+    ids = pc.list_flatten(rows["input_ids"]).to_numpy().astype(np.int64)
+    nbytes = pc.list_flatten(rows["byte_counts"]).to_numpy().astype(np.int64)
+    return TokenStream(torch.from_numpy(ids), torch.from_numpy(nbytes), tokenizer.eos_token_id, len(docs))

@@ -1,0 +1,334 @@
+"""``DistillationTrainer``: a ``transformers.Trainer`` whose loss is sakd's distillation objective.
+
+Swap ``Trainer`` for it, pass a teacher and (optionally) a sakd ``distillation`` section; everything else
+-- ``TrainingArguments``, datasets, collators, callbacks, DeepSpeed -- stays the Trainer's. What it changes:
+
+* the loss (:meth:`DistillationTrainer.compute_loss`) is :class:`sakd.objective.composite.Objective` --
+  fused chunked KD + CE, sparse teacher signals, cross-tokenizer alignment, auxiliary terms -- built by
+  the same builders as ``sakd distill`` (:mod:`sakd.training.builders`, :mod:`sakd.align.setup`,
+  :mod:`sakd.objective.aux_terms`); it runs inside the prepared module's forward, as in ``sakd distill``,
+  so DDP and DeepSpeed wrap one forward and ZeRO-3 keeps the output head gathered for the fused loss;
+* the student is wrapped with the auxiliary projections (:class:`sakd.models.student.TrainableStudent`):
+  ``trainer.model`` is that wrapper, ``trainer.student`` the Hugging Face model; ``save_model`` writes the
+  student alone (``from_pretrained`` loads it) plus the projections in ``sakd_aux.safetensors``;
+* every step's loss is the mean over **all** valid tokens of the step, across gradient accumulation and
+  ranks (:meth:`get_batch_samples` counts them), the normalisation ``sakd distill`` uses;
+* ``lr_multipliers`` (regex -> multiplier, 0.0 freezes) shape the optimizer's groups in
+  :meth:`create_optimizer`; the optimizer class and its arguments stay ``TrainingArguments.optim``'s;
+* the teacher is frozen and placed: on the training device, or under ZeRO-3 partitioned by its own
+  inference-only engine (:func:`sakd.teacher.placement.teacher_engine`, the pattern of TRL's
+  ``prepare_deepspeed``). Instead of a model, ``teacher`` may be any teacher-signal object -- a callable
+  ``signal(batch) -> HiddenAndHead`` such as an offline cache reader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer
+
+from sakd.align.setup import setup_alignment
+from sakd.config import ConfigError, DistillationConfig, RunConfig, load_config
+from sakd.models import freeze
+from sakd.models.student import TrainableStudent, student_state
+from sakd.models.zero import register_external_parameters
+from sakd.objective.aux_terms import build_aux_terms
+from sakd.objective.composite import Objective
+from sakd.objective.curriculum import temperature_at
+from sakd.teacher.placement import teacher_engine
+from sakd.training.builders import build_objective, build_teacher_signal
+from sakd.training.optim import param_groups
+
+AUX_FILE = "sakd_aux.safetensors"
+"""The auxiliary projections, saved next to the student by :meth:`DistillationTrainer.save_model`."""
+
+BATCH_COLUMNS = [
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "teacher_input_ids",
+    "teacher_attention_mask",
+    "anchor",
+    "span_end",
+]
+"""Dataset columns the objective reads (the Trainer drops the others with ``remove_unused_columns``)."""
+
+
+class _Student(TrainableStudent):
+    """The wrapper the Trainer prepares, with the student methods the Trainer calls on its model."""
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        self.module.gradient_checkpointing_enable(**kwargs)
+
+
+def distillation_config(distillation: DistillationConfig | dict | None) -> DistillationConfig:
+    """A checked ``distillation`` section: the dataclass as given, or a dict validated like a recipe's."""
+    if isinstance(distillation, DistillationConfig):
+        return distillation
+    cfg, _ = load_config({"distillation": distillation or {}})
+    return cfg.distillation
+
+
+def _refuse_step_level_parts(cfg: DistillationConfig) -> None:
+    """The student-aware parts that act once per optimizer step (the SAR router update, the token router's
+    step-wide weights, the curriculum) live in ``sakd distill``'s step; Knowledge Augmentation (a teacher
+    signal) works here."""
+    for on, key in (
+        (cfg.moe.student_aware_router, "distillation.moe.student_aware_router"),
+        (cfg.router.enabled, "distillation.router.enabled"),
+        (cfg.curriculum.phases or cfg.curriculum.balance, "distillation.curriculum"),
+    ):
+        if on:
+            raise ConfigError(f"{key} is not supported by DistillationTrainer yet: use `sakd distill` for it")
+
+
+class DistillationTrainer(Trainer):
+    """A ``transformers.Trainer`` that distills ``teacher`` into ``model`` with sakd's objective.
+
+    Args:
+        model: the student (a ``PreTrainedModel``, or a ``peft`` model).
+        args: ``TrainingArguments`` (``deepspeed=...`` included).
+        teacher: the teacher model (frozen here), or a teacher-signal object ``signal(batch)``.
+        distillation: sakd's ``distillation`` section (dataclass or dict, e.g.
+            ``{"loss": {"alpha": 0.5, "temperature": 2.0}, "feature": {"weight": 0.5}}``); default: its defaults.
+        teacher_tokenizer: the teacher's tokenizer when it differs from ``processing_class`` (then the
+            batches must carry the teacher's tokens and the alignment: see
+            :func:`sakd.integrations.prepare_distillation_data`).
+        lr_multipliers: regex -> learning-rate multiplier on the student's parameter names (first match
+            wins; 0.0 freezes), as ``optimization.lr_multipliers``.
+        **kwargs: everything else ``Trainer`` takes (train_dataset, data_collator, processing_class, ...).
+    """
+
+    loss_is_scaled_for_ga = True  # compute_loss divides by the step's global token count
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: Any = None,
+        *,
+        teacher: Any,
+        distillation: DistillationConfig | dict | None = None,
+        teacher_tokenizer: Any = None,
+        lr_multipliers: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        from accelerate import PartialState
+
+        self.distillation = distillation_config(distillation)
+        _refuse_step_level_parts(self.distillation)
+        self.lr_multipliers = dict(lr_multipliers or {})
+        tokenizer = kwargs.get("processing_class")
+        if teacher_tokenizer is not None and tokenizer is None:
+            raise ConfigError(
+                "teacher_tokenizer needs processing_class: the student's tokenizer to align it with"
+            )
+        self.alignment = setup_alignment(
+            self.distillation.alignment,
+            tokenizer,
+            teacher_tokenizer if teacher_tokenizer is not None else tokenizer,
+            PartialState(),
+        )
+        teacher_model = teacher if isinstance(teacher, nn.Module) else None
+        if teacher_model is not None:
+            freeze(teacher_model)
+        with torch.random.fork_rng(devices=[]):  # the projections' init depends on the seed alone
+            torch.manual_seed(args.seed if args is not None else 42)
+            self.aux_terms = build_aux_terms(self.distillation, model, teacher_model, self.alignment.differ)
+        vocab = len(tokenizer) if tokenizer is not None else model.config.vocab_size
+        self.objective: Objective = build_objective(
+            RunConfig(distillation=self.distillation), vocab, self.alignment, self.aux_terms
+        )
+        wrapper = _Student(model, None if self.aux_terms is None else self.aux_terms.heads)
+        super().__init__(model=wrapper, args=args, **kwargs)
+        if self.args.label_names is None:
+            self.label_names = ["labels"]
+        self.teacher = self._place(teacher_model) if teacher_model is not None else None
+        self.teacher_signal = (
+            build_teacher_signal(
+                RunConfig(distillation=self.distillation),
+                self.teacher,
+                self.alignment,
+                self.aux_terms,
+                self.args.device,
+            )[0]
+            if self.teacher is not None
+            else teacher
+        )
+        if self._zero_stage() == 3:
+            # the fused loss multiplies by the head itself (see sakd.models.zero)
+            register_external_parameters(wrapper, model.get_output_embeddings(), wrapper.aux)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._tokens = 0
+
+    @property
+    def student(self) -> nn.Module:
+        """The Hugging Face student inside ``trainer.model``."""
+        return self.model.module
+
+    # ------------------------------------------------------------------------------ placement
+
+    def _zero_stage(self) -> int:
+        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
+        return -1 if plugin is None else int(plugin.zero_stage)
+
+    def _place(self, teacher: nn.Module) -> Any:
+        """Under ZeRO-3 an inference-only engine partitions the frozen teacher; otherwise it moves to the
+        training device."""
+        if self._zero_stage() != 3:  # a bitsandbytes-quantized teacher is already placed (and cannot move)
+            return teacher if getattr(teacher, "is_quantized", False) else teacher.to(self.args.device)
+        batch = {
+            "train_micro_batch_size_per_gpu": self.args.per_device_train_batch_size,
+            "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
+        }
+        return teacher_engine(teacher, batch, offload=False)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """``TrainingArguments.optim``'s optimizer over sakd's parameter groups: ``lr_multipliers`` (0.0
+        freezes), no weight decay on biases and norms, and the auxiliary projections at the base rate --
+        the groups ``sakd distill`` builds."""
+        if self.optimizer is not None:
+            return self.optimizer
+        wrapper = self.model if model is None else model
+        lr = self.args.learning_rate
+        groups = param_groups(wrapper.module, self.args.weight_decay, lr, self.lr_multipliers)
+        if not groups:
+            raise ConfigError("lr_multipliers freeze every student parameter: nothing to train")
+        for group in groups:
+            group.pop("names")
+        if wrapper.aux is not None:
+            groups.append({"params": list(wrapper.aux.parameters()), "lr": lr, "weight_decay": 0.0})
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, wrapper)
+        self.optimizer = optimizer_cls(groups, **kwargs)
+        return self.optimizer
+
+    # ------------------------------------------------------------------------------ the loss
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            self._signature_columns = list(BATCH_COLUMNS)
+
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple:
+        """The step's micro-batches and the number of valid (predicted) tokens in all of them on all ranks:
+        the loss of each micro-batch is a sum divided by it, so the step's gradient is that of the mean
+        over every valid token of the step, however it is split."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        local = sum(int(Objective.valid_mask(b["labels"]).sum()) for b in batches)
+        total = int(
+            self.accelerator.reduce(torch.tensor(local, device=self.args.device), reduction="sum").item()
+        )
+        self._tokens += total
+        return batches, total
+
+    def _objective(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        """The objective's sums for one micro-batch, computed inside the prepared module's forward."""
+        temperature = temperature_at(
+            self.distillation.loss, self.state.global_step, self.state.max_steps or 1
+        )
+        teacher_out = None if self.teacher_signal is None else self.teacher_signal(inputs)
+        loss_fn = partial(self._student_loss, batch=inputs, teacher_out=teacher_out, temperature=temperature)
+        return model(loss_fn=loss_fn)
+
+    def _student_loss(
+        self, wrapper: TrainableStudent, batch: dict, teacher_out: Any, temperature: float
+    ) -> Any:
+        return self.objective.student_loss(wrapper.module, batch, teacher_out, temperature=temperature)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        """sakd's objective: its sum over this micro-batch's valid tokens divided by the step's global count
+        (times the world size, which DDP and DeepSpeed average gradients over). Outside training (no
+        global count) the micro-batch's own mean."""
+        out = self._objective(model, inputs)
+        if self.model.training and num_items_in_batch:
+            loss = out.loss_sum * (self.accelerator.num_processes / num_items_in_batch)
+            for k, v in out.component_sums.items():
+                self._sums[k] = self._sums.get(k, 0.0) + v.detach().double()
+        else:
+            loss = out.loss_sum / max(out.num_tokens, 1)
+        return (loss, {}) if return_outputs else loss
+
+    def prediction_step(
+        self, model: nn.Module, inputs: dict, prediction_loss_only: bool, ignore_keys: list[str] | None = None
+    ) -> tuple[torch.Tensor, None, None]:
+        """Held-out objective per valid token (no logits: the loss never builds them)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs gain the objective's components (kd, ce, the auxiliary terms), per token over the
+        steps since the last log, as ``sakd distill`` writes them to metrics.jsonl."""
+        if "loss" in logs and self._sums:
+            keys = sorted(self._sums)
+            device = self.args.device
+            totals = self.accelerator.reduce(torch.stack([self._sums[k].to(device) for k in keys]), "sum")
+            logs.update(
+                {k: float(v) / max(self._tokens, 1) for k, v in zip(keys, totals.tolist(), strict=True)}
+            )
+            logs["tokens"] = self._tokens
+            self._sums, self._tokens = {}, 0
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------ saving and loading
+
+    @contextlib.contextmanager
+    def _student_as_model(self) -> Iterator[TrainableStudent]:
+        """The Trainer's own saving/loading code, run on the Hugging Face student (a ``PreTrainedModel`` or
+        ``peft`` model it knows how to save and load) instead of the wrapper."""
+        wrapper = self.model
+        self.model = wrapper.module
+        try:
+            yield wrapper
+        finally:
+            self.model = wrapper
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The student as the Trainer saves a model (``from_pretrained`` loads it), and the projections in
+        :data:`AUX_FILE`."""
+        output_dir = output_dir or self.args.output_dir
+        aux_state = None
+        if state_dict is not None:  # DeepSpeed gathered the wrapper's state: split it
+            aux_state = {k[len("aux.") :]: v for k, v in state_dict.items() if k.startswith("aux.")}
+            state_dict = student_state(state_dict)
+        with self._student_as_model() as wrapper:
+            super()._save(output_dir, state_dict=state_dict)
+        if wrapper.aux is not None and self.args.should_save and aux_state != {}:  # {}: in DeepSpeed's files
+            aux_state = aux_state if aux_state is not None else wrapper.aux.state_dict()
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in aux_state.items()}, f"{output_dir}/{AUX_FILE}"
+            )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        with self._student_as_model() as wrapper:
+            super()._load_from_checkpoint(resume_from_checkpoint, None if model is None else wrapper.module)
+        self._load_aux(resume_from_checkpoint, wrapper)
+
+    def _load_best_model(self) -> None:
+        with self._student_as_model() as wrapper:
+            super()._load_best_model()
+        if not self.is_deepspeed_enabled:  # DeepSpeed's engine checkpoint already held the projections
+            self._load_aux(self.state.best_model_checkpoint, wrapper)
+
+    @staticmethod
+    def _load_aux(directory: str, wrapper: TrainableStudent) -> None:
+        path = f"{directory}/{AUX_FILE}"
+        if wrapper.aux is not None:
+            try:
+                state = load_file(path)
+            except FileNotFoundError:
+                raise ConfigError(
+                    f"{directory} has no {AUX_FILE}: the projections cannot be restored"
+                ) from None
+            wrapper.aux.load_state_dict(state)

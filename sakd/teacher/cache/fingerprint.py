@@ -1,0 +1,101 @@
+"""What a cache is keyed to, computed the same way when it is written and when a run reads it: the
+teacher (its source, the SHA-256 of its config, the seed of a random-init preset), the teacher's
+tokenizer (the SHA-256 of its whole definition: vocabulary, merges, normalizer, pre-tokenizer, special
+tokens) and the training documents (their count and the SHA-256 of their text, in order) with the data
+settings that chose them. No weights are read: the training side must not load the teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from sakd.config import DataConfig, ModelConfig
+from sakd.models import build_preset_config, is_preset
+from sakd.models.loading import default_tokenizer_spec
+
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")
+
+
+def _sha(text: str | bytes) -> str:
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
+
+
+def teacher_tokenizer_spec(mcfg: ModelConfig) -> str | None:
+    """Where the teacher's tokenizer comes from (as in a run): model.teacher_tokenizer, the teacher's own
+    directory, else the student's tokenizer (a preset teacher shares it)."""
+    return default_tokenizer_spec(mcfg.teacher, mcfg.teacher_tokenizer) or default_tokenizer_spec(
+        mcfg.student, mcfg.tokenizer
+    )
+
+
+def tokenizer_sha256(tokenizer: Any) -> str:
+    """SHA-256 of a tokenizer's definition (fast tokenizers: the whole ``tokenizer.json`` minus its runtime
+    padding/truncation settings; others: the sorted vocabulary) and its EOS id."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("padding", None)
+        spec.pop("truncation", None)
+    else:
+        spec = sorted(tokenizer.get_vocab().items())
+    return _sha(json.dumps({"tokenizer": spec, "eos": tokenizer.eos_token_id}, sort_keys=True))
+
+
+def _config_sha256(config: dict[str, Any]) -> str:
+    for key in _VOLATILE_CONFIG_KEYS:
+        config.pop(key, None)
+    return _sha(json.dumps(config, sort_keys=True))
+
+
+def teacher_identity(mcfg: ModelConfig, tokenizer: Any, *, seed: int) -> dict[str, Any]:
+    """The teacher a cache was (or would be) written by, without loading its weights.
+
+    ``seed`` is the seed a preset teacher is initialised with (a run uses ``training.seed + 1``); it is
+    recorded for presets only -- a real teacher does not depend on it.
+    """
+    spec = mcfg.teacher
+    if is_preset(spec):
+        config = build_preset_config(
+            spec,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ).to_dict()
+        return {"source": spec, "config_sha256": _config_sha256(config), "preset_seed": seed}
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text())
+        return {"source": str(path.resolve()), "config_sha256": _config_sha256(config), "preset_seed": None}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(spec, trust_remote_code=mcfg.trust_remote_code).to_dict()
+    return {"source": spec, "config_sha256": _config_sha256(config), "preset_seed": None}
+
+
+def documents_fingerprint(docs: Any) -> dict[str, Any]:
+    """Count and SHA-256 of the documents' text, in order (each document's UTF-8 bytes, then a NUL)."""
+    h = hashlib.sha256()
+    count = 0
+    for batch in docs.iter(batch_size=10_000):
+        for text in batch["text"]:
+            h.update(text.encode())
+            h.update(b"\0")
+            count += 1
+    return {"documents": count, "documents_sha256": h.hexdigest()}
+
+
+def data_settings(dcfg: DataConfig, split_seed: int) -> dict[str, Any]:
+    """The data settings that pick the training documents (reported when the documents differ)."""
+    return {
+        "train": dcfg.train,
+        "dataset_config": dcfg.dataset_config,
+        "split": dcfg.split,
+        "text_field": dcfg.text_field,
+        "eval": dcfg.eval,
+        "eval_fraction": None if dcfg.eval else dcfg.eval_fraction,
+        "split_seed": None if dcfg.eval else split_seed,
+    }

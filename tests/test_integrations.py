@@ -1,0 +1,278 @@
+"""``sakd.integrations.DistillationTrainer``: ``Trainer.train()`` on tiny models gives the losses and weights
+of ``sakd distill`` on the same batches (one tokenizer and across tokenizers, with an auxiliary term);
+regex LR multipliers shape the optimizer; the saved student loads with plain transformers and a Trainer
+checkpoint resumes to the same weights; the example script runs, in one process and in two (DDP, ZeRO-3
+with the teacher partitioned by its own engine)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from sakd.integrations import DistillationCollator, DistillationTrainer
+from sakd.integrations.hf_trainer import AUX_FILE
+from sakd.models import load_model, load_tokenizer
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).parents[1]
+EXAMPLE = ROOT / "examples" / "hf_trainer.py"
+STEPS, BATCH = 3, 4
+
+
+@pytest.fixture(autouse=True)
+def _keep_environment():
+    """TrainingArguments and Accelerate write process-wide environment variables; later tests launch
+    subprocesses with this environment."""
+    with mock.patch.dict(os.environ):
+        yield
+
+
+@pytest.fixture(scope="module")
+def teacher_tokenizer_dir(corpus, tmp_path_factory):
+    from sakd.commands.demo import train_tokenizer
+
+    return train_tokenizer(corpus, tmp_path_factory.mktemp("ttok") / "teacher_tok", 300)
+
+
+def _args(out: Path, **kw) -> TrainingArguments:
+    """The sakd recipe's optimizer and schedule (tests/conftest.py) as TrainingArguments."""
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=BATCH,
+        max_steps=STEPS,
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-8,
+        lr_scheduler_type="cosine",
+        warmup_steps=1,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+    )
+    return TrainingArguments(**{**base, **kw})
+
+
+def _reference(make_distiller, raw: dict) -> dict:
+    """``sakd distill`` for STEPS steps; what the Trainer needs to repeat it: the blocks in the order the
+    run read them, the initial projections, the losses and weights it ended with."""
+    d = make_distiller(raw, max_steps=STEPS, batch_size=BATCH)
+    order = [i for s in range(STEPS) for mb in d.plan.micro_batches(0, s, 0) for i in mb]
+    aux0 = None if d.aux is None else {k: v.clone() for k, v in d.aux.state_dict().items()}
+    d.train()
+    metrics = [json.loads(x) for x in (d.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "rows": d.data.train.select(order),
+        "data": d.data,
+        "aux0": aux0,
+        "metrics": [m for m in metrics if "loss" in m],
+        "student": {k: v.clone() for k, v in d.hf_student.state_dict().items()},
+        "aux": None if d.aux is None else d.aux.state_dict(),
+    }
+
+
+@pytest.mark.parametrize(
+    ("cross", "sparse"), [(False, None), (False, "topk_tail"), (True, None)], ids=["same", "sparse", "cross"]
+)
+def test_trainer_repeats_sakd_distill(
+    tiny_run_config, make_distiller, tokenizer_dir, teacher_tokenizer_dir, tmp_path, cross, sparse
+):
+    raw = copy.deepcopy(tiny_run_config)
+    raw["distillation"]["feature"] = {"weight": 0.5}
+    if sparse:
+        raw["distillation"]["loss"].update(sparse=sparse, kd_top_k=16)
+    if cross:
+        raw["model"]["teacher_tokenizer"] = str(teacher_tokenizer_dir)
+        raw["distillation"]["alignment"] = {"cache_dir": str(tmp_path / "vocab_maps")}
+    ref = _reference(make_distiller, raw)
+    tok = load_tokenizer(str(tokenizer_dir))
+    teacher_tok = load_tokenizer(str(teacher_tokenizer_dir)) if cross else tok
+    student = load_model("tiny-dense", tokenizer=tok, seed=0)  # what build_student made (training.seed)
+    teacher = load_model("tiny-moe", tokenizer=teacher_tok, seed=1)  # load_teacher's seed + 1
+    trainer = DistillationTrainer(
+        student,
+        _args(tmp_path / "hf"),
+        teacher=teacher,
+        teacher_tokenizer=teacher_tok,
+        distillation=raw["distillation"],
+        train_dataset=ref["rows"],
+        data_collator=DistillationCollator(ref["data"]),
+        processing_class=tok,
+    )
+    trainer.model.aux.load_state_dict(ref["aux0"])  # the projections' random init: the run's
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for key in ("loss", "kd", "ce", "feature"):
+        assert [h[key] for h in logs] == pytest.approx([m[key] for m in ref["metrics"]], rel=1e-5), key
+    assert [h["tokens"] for h in logs] == [m["tokens"] for m in ref["metrics"]]
+    if cross:
+        assert all(0 < h["kd_positions"] <= 1 for h in logs)
+    for k, v in trainer.student.state_dict().items():
+        torch.testing.assert_close(v, ref["student"][k], rtol=0, atol=1e-6, msg=k)
+    for k, v in trainer.model.aux.state_dict().items():
+        torch.testing.assert_close(v, ref["aux"][k], rtol=0, atol=1e-6, msg=k)
+
+
+def _tiny_trainer(tokenizer_dir, corpus, out: Path, distillation: dict | None = None, **kw):
+    from sakd.integrations import prepare_distillation_data
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    data = prepare_distillation_data({"train": str(corpus), "block_size": 32, "max_eval_blocks": 8}, tok)
+    args = _args(out, **{"save_strategy": "no", **kw.pop("args", {})})
+    return DistillationTrainer(
+        load_model("tiny-dense", tokenizer=tok, seed=0),
+        args,
+        teacher=load_model("tiny-moe", tokenizer=tok, seed=1),
+        distillation=distillation or {"feature": {"weight": 0.5}},
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=data.collator,
+        processing_class=tok,
+        **kw,
+    )
+
+
+def test_lr_multipliers_shape_the_optimizer_groups(tokenizer_dir, corpus, tmp_path):
+    trainer = _tiny_trainer(
+        tokenizer_dir, corpus, tmp_path, lr_multipliers={"embed_tokens": 0.0, r"layers\.0\.": 0.5}
+    )
+    optimizer = trainer.create_optimizer()
+    by_id = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in trainer.student.named_parameters():
+        if "embed_tokens" in name:
+            assert not p.requires_grad and id(p) not in by_id, name
+        elif "layers.0." in name:
+            assert by_id[id(p)] == pytest.approx(5e-4), name
+        else:
+            assert by_id[id(p)] == pytest.approx(1e-3), name
+    assert all(by_id[id(p)] == pytest.approx(1e-3) for p in trainer.model.aux.parameters())
+    assert isinstance(optimizer, torch.optim.AdamW)
+
+
+def test_save_evaluate_and_resume_from_a_trainer_checkpoint(tokenizer_dir, corpus, tmp_path):
+    """save_model writes the student alone (plain from_pretrained) plus the projections; evaluate gives the
+    held-out objective; 2 steps + resume + 2 steps == 4 steps (student and projections)."""
+    full = _tiny_trainer(tokenizer_dir, corpus, tmp_path / "full", args={"max_steps": 4})
+    full.train()
+    full.save_model()
+    out = tmp_path / "full"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert set(model.state_dict()) == set(full.student.state_dict()) and (out / AUX_FILE).is_file()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, full.student.state_dict()[k], rtol=0, atol=0, msg=k)
+    metrics = full.evaluate()
+    assert 0 < metrics["eval_loss"] < 20
+
+    first = _tiny_trainer(
+        tokenizer_dir,
+        corpus,
+        tmp_path / "resumed",
+        args={"max_steps": 4, "save_strategy": "steps", "save_steps": 2},
+    )
+    first.train()
+    resumed = _tiny_trainer(tokenizer_dir, corpus, tmp_path / "resumed", args={"max_steps": 4})
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    for k, v in resumed.student.state_dict().items():
+        torch.testing.assert_close(v, full.student.state_dict()[k], rtol=0, atol=1e-6, msg=k)
+    for k, v in resumed.model.aux.state_dict().items():
+        torch.testing.assert_close(v, full.model.aux.state_dict()[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.fixture(scope="module")
+def example_run(tokenizer_dir, corpus, tmp_path_factory):
+    """Tiny student and teacher saved as model directories, and the example script run on them in one
+    process, accumulating 2 micro-batches of 2 blocks per step (the global batch of 2 ranks x 2)."""
+    tmp = tmp_path_factory.mktemp("example")
+    tok = load_tokenizer(str(tokenizer_dir))
+    dirs = {}
+    for role, preset, seed in (("student", "tiny-dense", 0), ("teacher", "tiny-moe", 1)):
+        dirs[role] = tmp / role
+        load_model(preset, tokenizer=tok, seed=seed).save_pretrained(dirs[role])
+        tok.save_pretrained(dirs[role])
+    common = [
+        *("--student", str(dirs["student"]), "--teacher", str(dirs["teacher"]), "--data", str(corpus)),
+        *("--block_size", "32", "--max_steps", "3", "--per_device_train_batch_size", "2"),
+        *("--train_sampling_strategy", "sequential", "--report_to", "none", "--save_strategy", "no"),
+        *("--logging_steps", "1", "--feature_weight", "0.5", "--disable_tqdm", "true"),
+    ]
+    out = tmp / "one"
+    _run(
+        [
+            sys.executable,
+            str(EXAMPLE),
+            *common,
+            "--output_dir",
+            str(out),
+            "--gradient_accumulation_steps",
+            "2",
+        ]
+    )
+    return {"common": common, "out": out, "tmp": tmp}
+
+
+def _run(cmd: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _logged(out: Path) -> list[dict]:
+    return [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+
+
+def test_example_script_trains_and_saves_a_plain_model(example_run):
+    out = example_run["out"]
+    losses = [h["loss"] for h in _logged(out)]
+    assert len(losses) == 3 and all(0 < v < 20 for v in losses)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any(k.startswith("aux") for k in model.state_dict()) and (out / AUX_FILE).is_file()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+def test_example_script_on_two_processes(example_run, mode):
+    """2 ranks x 1 micro-batch: the single process's logged losses and weights; under ZeRO-3 the student
+    and the teacher (its own engine) are partitioned, half on each rank."""
+    out = example_run["tmp"] / mode
+    if mode == "ddp":
+        extra = ["--use_cpu", "true"]
+    else:  # save_model gathers the ZeRO-3 shards into one file only when the config says so (HF's rule)
+        ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        (example_run["tmp"] / "zero3.json").write_text(json.dumps(ds))
+        extra = ["--deepspeed", str(example_run["tmp"] / "zero3.json")]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    worker = str(ROOT / "tests" / "workers" / "hf_trainer_worker.py")
+    _run([*launcher, worker, *example_run["common"], "--output_dir", str(out), *extra])
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["world"], r["rank"]) for r in ranks] == [(2, 0), (2, 1)]
+    atol = 1e-6 if mode == "ddp" else 1e-5
+    ref = _logged(example_run["out"])
+    for key in ("loss", "kd", "ce", "feature", "tokens"):
+        assert [h[key] for h in _logged(out)] == pytest.approx([h[key] for h in ref], rel=10 * atol), key
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(example_run["out"] / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+    if mode == "zero3":
+        assert ranks[0]["teacher"] == "DeepSpeedEngine"
+        for who in ("student_held", "teacher_held"):
+            (m0, full), (m1, _) = ranks[0][who], ranks[1][who]
+            assert 0.4 * full <= m0 <= 0.6 * full and m0 + m1 >= full, who
