@@ -4,8 +4,9 @@ budget, several seeds, on real text (issue 16; numbers in BENCHMARKS.md).
     python benchmarks/on_policy.py --corpus kjv.jsonl --out runs/bench_on_policy
 
 The corpus is the King James Bible, one chapter per document (``--corpus`` a .jsonl with a ``text`` field or
-a .txt with one document per line; without it, the chapters from Debian's ``bible`` program
-(``apt-get install bible-kjv``) when installed, else the demo's synthetic corpus). Every 20th
+a .txt with one document per line; without it, the chapters from Debian's ``bible`` program (``apt-get install
+bible-kjv``) when installed, else the demo's synthetic corpus); the train and held-out files hold one document a
+line, read with ``data.sample_by: line``. Every 20th
 chapter is held out. Two byte-level BPE tokenizers are trained on the training chapters (student 1,024 tokens,
 teacher 2,048: the cross-tokenizer path, as in the demo), the demo's ``tiny-moe`` teacher is pretrained by
 sakd on them (``sakd.commands.demo.prepare_teacher``, cached under ``$SAKD_CACHE_DIR``), and the ``tiny-dense``
@@ -103,7 +104,7 @@ def prepare(out: Path, corpus: str | None) -> dict[str, Any]:
     teacher_tok = train_tokenizer(train, out / "teacher_tokenizer", BUDGET["teacher_vocab"])
     key = f"bench-on-policy-{name.replace(' ', '_')}-{len(docs)}-s{BUDGET['teacher_steps']}"
     t0 = time.perf_counter()
-    teacher = prepare_teacher(train, teacher_tok, key, {**BUDGET, "batch_size": BUDGET["batch_size"]})
+    teacher = prepare_teacher(train, teacher_tok, key, dict(BUDGET), "line")
     return {
         "corpus": name,
         "documents": len(docs),
@@ -128,6 +129,7 @@ def recipe(setup: dict[str, Any], method: str, seed: int, steps: int, out: Path)
         "data": {
             "train": setup["train"],
             "eval": setup["heldout"],
+            "sample_by": "line",
             "block_size": BUDGET["block_size"],
             "max_eval_blocks": 128,
         },
@@ -153,6 +155,16 @@ def train(raw: dict[str, Any]) -> dict[str, Any]:
     return Distiller(cfg, resume="none", overwrite=True).train()
 
 
+def _heldout_data(setup: dict[str, Any]) -> dict[str, Any]:
+    """The held-out chapters (one a line) as the data section that packs them into blocks."""
+    return {
+        "train": setup["heldout"],
+        "eval": setup["heldout"],
+        "sample_by": "line",
+        "block_size": BUDGET["block_size"],
+    }
+
+
 @torch.no_grad()
 def heldout_bpb(model_dir: str, setup: dict[str, Any], tokenizer_dir: str) -> float:
     """Bits per byte of ``model_dir`` on the held-out blocks packed with its tokenizer: the summed NLL of
@@ -160,9 +172,7 @@ def heldout_bpb(model_dir: str, setup: dict[str, Any], tokenizer_dir: str) -> fl
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(tokenizer_dir)
-    cfg, _ = load_config(
-        {"data": {"train": setup["heldout"], "eval": setup["heldout"], "block_size": BUDGET["block_size"]}}
-    )
+    cfg, _ = load_config({"data": _heldout_data(setup)})
     blocks = prepare_data(cfg.data, tok, 0).eval
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     table = token_table(tok)
@@ -222,7 +232,7 @@ def teacher_reference(setup: dict[str, Any]) -> dict[str, float]:
     from sakd.policy import ContinuationSpec, heldout_prompts, score_continuations
 
     tok = load_tokenizer(setup["teacher_tokenizer"])
-    cfg, _ = load_config({"data": {"train": setup["heldout"], "eval": setup["heldout"], "block_size": 128}})
+    cfg, _ = load_config({"data": _heldout_data(setup)})
     blocks = prepare_data(cfg.data, tok, 0).eval
     spec = ContinuationSpec(
         heldout_prompts(blocks["input_ids"], GENERATION["eval_prompts"], GENERATION["prompt_tokens"]),
