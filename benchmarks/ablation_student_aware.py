@@ -64,6 +64,7 @@ def recipe(corpus: dict[str, Path], out: Path, arm: str, seed: int, steps: int) 
         },
         "data": {
             "train": str(corpus["train"]),
+            "sample_by": "line",  # one document per line
             "eval": str(corpus["heldout"]),
             "block_size": BUDGET["block_size"],
             "max_eval_blocks": 96,
@@ -199,6 +200,7 @@ def teacher_quality(corpus: dict) -> dict[str, float]:
         {
             "data": {
                 "train": str(corpus["train"]),
+                "sample_by": "line",  # one document per line
                 "eval": str(corpus["heldout"]),
                 "block_size": BUDGET["block_size"],
                 "max_eval_blocks": 96,
