@@ -1,11 +1,12 @@
 """Off-policy KD vs on-policy (lambda = 1) vs mixed (lambda = 0.5) vs sequence-level KD at an equal wall-clock
 budget, several seeds, on real text (issue 16; numbers in BENCHMARKS.md).
 
-    flock /work/heavy.lock python benchmarks/on_policy.py --out runs/bench_on_policy
+    python benchmarks/on_policy.py --corpus kjv.jsonl --out runs/bench_on_policy
 
 The corpus is the King James Bible, one chapter per document (``--corpus`` a .jsonl with a ``text`` field or
-a .txt with one document per line; by default the jsonl under ``/work/scratch/assets``, else one built with
-Debian's ``bible`` program (``apt-get install bible-kjv``), else the demo's synthetic corpus). Every 20th
+a .txt with one document per line; without it, the chapters from Debian's ``bible`` program (``apt-get install
+bible-kjv``) when installed, else the demo's synthetic corpus); the train and held-out files hold one document a
+line, read with ``data.sample_by: line``. Every 20th
 chapter is held out. Two byte-level BPE tokenizers are trained on the training chapters (student 1,024 tokens,
 teacher 2,048: the cross-tokenizer path, as in the demo), the demo's ``tiny-moe`` teacher is pretrained by
 sakd on them (``sakd.commands.demo.prepare_teacher``, cached under ``$SAKD_CACHE_DIR``), and the ``tiny-dense``
@@ -53,7 +54,6 @@ from sakd.data import prepare_data  # noqa: E402
 from sakd.models import load_tokenizer  # noqa: E402
 from sakd.training.trainer import Distiller  # noqa: E402
 
-KJV = Path("/work/scratch/assets/out/kjv/kjv.jsonl")
 METHODS: dict[str, dict[str, Any]] = {
     "off": {"policy": "off"},
     "on": {"policy": "on"},
@@ -78,12 +78,14 @@ def _kjv_chapters() -> list[str]:
 
 def documents(corpus: str | None) -> tuple[list[str], str]:
     """The corpus as documents, and its name."""
-    path = Path(corpus) if corpus else KJV
-    if path.suffix == ".jsonl" and path.is_file():
-        return [json.loads(x)["text"] for x in path.read_text().splitlines() if x.strip()], path.name
-    if path.is_file():
+    if corpus is not None:
+        path = Path(corpus)
+        if not path.is_file():
+            raise SystemExit(f"--corpus {corpus}: no such file; pass a .jsonl (text field) or a .txt")
+        if path.suffix == ".jsonl":
+            return [json.loads(x)["text"] for x in path.read_text().splitlines() if x.strip()], path.name
         return [x for x in path.read_text().splitlines() if x.strip()], path.name
-    if corpus is None and shutil.which("bible"):
+    if shutil.which("bible"):
         return _kjv_chapters(), "KJV (bible -f)"
     from sakd.data.synthetic import write_corpus
 
@@ -102,7 +104,7 @@ def prepare(out: Path, corpus: str | None) -> dict[str, Any]:
     teacher_tok = train_tokenizer(train, out / "teacher_tokenizer", BUDGET["teacher_vocab"])
     key = f"bench-on-policy-{name.replace(' ', '_')}-{len(docs)}-s{BUDGET['teacher_steps']}"
     t0 = time.perf_counter()
-    teacher = prepare_teacher(train, teacher_tok, key, {**BUDGET, "batch_size": BUDGET["batch_size"]})
+    teacher = prepare_teacher(train, teacher_tok, key, dict(BUDGET), "line")
     return {
         "corpus": name,
         "documents": len(docs),
@@ -127,6 +129,7 @@ def recipe(setup: dict[str, Any], method: str, seed: int, steps: int, out: Path)
         "data": {
             "train": setup["train"],
             "eval": setup["heldout"],
+            "sample_by": "line",
             "block_size": BUDGET["block_size"],
             "max_eval_blocks": 128,
         },
@@ -152,6 +155,16 @@ def train(raw: dict[str, Any]) -> dict[str, Any]:
     return Distiller(cfg, resume="none", overwrite=True).train()
 
 
+def _heldout_data(setup: dict[str, Any]) -> dict[str, Any]:
+    """The held-out chapters (one a line) as the data section that packs them into blocks."""
+    return {
+        "train": setup["heldout"],
+        "eval": setup["heldout"],
+        "sample_by": "line",
+        "block_size": BUDGET["block_size"],
+    }
+
+
 @torch.no_grad()
 def heldout_bpb(model_dir: str, setup: dict[str, Any], tokenizer_dir: str) -> float:
     """Bits per byte of ``model_dir`` on the held-out blocks packed with its tokenizer: the summed NLL of
@@ -159,9 +172,7 @@ def heldout_bpb(model_dir: str, setup: dict[str, Any], tokenizer_dir: str) -> fl
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(tokenizer_dir)
-    cfg, _ = load_config(
-        {"data": {"train": setup["heldout"], "eval": setup["heldout"], "block_size": BUDGET["block_size"]}}
-    )
+    cfg, _ = load_config({"data": _heldout_data(setup)})
     blocks = prepare_data(cfg.data, tok, 0).eval
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     table = token_table(tok)
@@ -177,42 +188,40 @@ def heldout_bpb(model_dir: str, setup: dict[str, Any], tokenizer_dir: str) -> fl
     return nats / math.log(2) / total
 
 
-def run_method(
-    setup: dict[str, Any], method: str, seeds: list[int], budget_s: float, out: Path
-) -> list[dict[str, Any]]:
-    pilot = train(recipe(setup, method, seeds[0], 12, out / f"{method}-pilot"))
-    per_step = pilot["train_seconds"] / pilot["steps"]
-    steps = max(20, int(budget_s / per_step))
-    results = []
-    for seed in seeds:
-        run = out / f"{method}-seed{seed}"
-        summary = train(recipe(setup, method, seed, steps, run))
-        cont = summary["student_continuations"]
-        results.append(
-            {
-                "method": method,
-                "seed": seed,
-                "steps": summary["steps"],
-                "train_seconds": summary["train_seconds"],
-                "loss_tokens_per_s": summary["tokens_seen"] / summary["train_seconds"],
-                "generated_tokens": summary.get("generated_tokens", 0),
-                "generation_seconds": summary.get("generation_seconds", 0.0),
-                "heldout_bpb": heldout_bpb(summary["final_dir"], setup, setup["tokenizer"]),
-                "eval_ppl": summary["eval_ppl"],
-                "greedy_teacher_nll": cont["greedy"]["teacher_nll"],
-                "greedy_teacher_bpb": cont["greedy"]["teacher_bpb"],
-                "greedy_tokens": cont["greedy"]["tokens"],
-                "sampled_teacher_nll": cont["sampled"]["teacher_nll"],
-                "sampled_teacher_bpb": cont["sampled"]["teacher_bpb"],
-                "gen_tokens_per_s": summary.get("generated_tokens", 0)
-                / max(summary.get("generation_seconds", 0), 1e-9),
-                "gen_share": summary.get("generation_seconds", 0.0) / summary["train_seconds"],
-                "seconds_per_step": summary["train_seconds"] / summary["steps"],
-            }
-        )
-        print(json.dumps(results[-1]), flush=True)
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)
-    return results
+def pilot_steps(setup: dict[str, Any], method: str, seed: int, budget_s: float, out: Path) -> int:
+    """The optimizer steps ``method`` fits in ``budget_s`` training seconds, from a 12-step pilot run."""
+    pilot = train(recipe(setup, method, seed, 12, out / f"{method}-pilot"))
+    shutil.rmtree(out / f"{method}-pilot" / "checkpoints", ignore_errors=True)
+    return max(20, int(budget_s / (pilot["train_seconds"] / pilot["steps"])))
+
+
+def run_one(setup: dict[str, Any], method: str, seed: int, steps: int, out: Path) -> dict[str, Any]:
+    run = out / f"{method}-seed{seed}"
+    summary = train(recipe(setup, method, seed, steps, run))
+    cont = summary["student_continuations"]
+    result = {
+        "method": method,
+        "seed": seed,
+        "steps": summary["steps"],
+        "train_seconds": summary["train_seconds"],
+        "loss_tokens_per_s": summary["tokens_seen"] / summary["train_seconds"],
+        "generated_tokens": summary.get("generated_tokens", 0),
+        "generation_seconds": summary.get("generation_seconds", 0.0),
+        "heldout_bpb": heldout_bpb(summary["final_dir"], setup, setup["tokenizer"]),
+        "eval_ppl": summary["eval_ppl"],
+        "greedy_teacher_nll": cont["greedy"]["teacher_nll"],
+        "greedy_teacher_bpb": cont["greedy"]["teacher_bpb"],
+        "greedy_tokens": cont["greedy"]["tokens"],
+        "sampled_teacher_nll": cont["sampled"]["teacher_nll"],
+        "sampled_teacher_bpb": cont["sampled"]["teacher_bpb"],
+        "gen_tokens_per_s": summary.get("generated_tokens", 0)
+        / max(summary.get("generation_seconds", 0), 1e-9),
+        "gen_share": summary.get("generation_seconds", 0.0) / summary["train_seconds"],
+        "seconds_per_step": summary["train_seconds"] / summary["steps"],
+    }
+    print(json.dumps(result), flush=True)
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    return result
 
 
 def teacher_reference(setup: dict[str, Any]) -> dict[str, float]:
@@ -223,7 +232,7 @@ def teacher_reference(setup: dict[str, Any]) -> dict[str, float]:
     from sakd.policy import ContinuationSpec, heldout_prompts, score_continuations
 
     tok = load_tokenizer(setup["teacher_tokenizer"])
-    cfg, _ = load_config({"data": {"train": setup["heldout"], "eval": setup["heldout"], "block_size": 128}})
+    cfg, _ = load_config({"data": _heldout_data(setup)})
     blocks = prepare_data(cfg.data, tok, 0).eval
     spec = ContinuationSpec(
         heldout_prompts(blocks["input_ids"], GENERATION["eval_prompts"], GENERATION["prompt_tokens"]),
@@ -280,20 +289,26 @@ def main() -> None:
     setup["teacher_heldout_bpb"] = heldout_bpb(setup["teacher"], setup, setup["teacher_tokenizer"])
     setup["teacher_own_continuations"] = teacher_reference(setup)
     print(json.dumps(setup), flush=True)
-    results = []
-    for method in args.methods:
-        results += run_method(setup, method, args.seeds, args.budget, args.out)
-    report = {
-        "setup": setup,
-        "budget_seconds": args.budget,
-        "seeds": args.seeds,
-        "threads": args.threads,
-        "results": results,
-        "table": table(results),
-        "total_seconds": round(time.perf_counter() - t0, 1),
-        "torch": torch.__version__,
-    }
-    (args.out / "results.json").write_text(json.dumps(report, indent=1))
+    steps = {m: pilot_steps(setup, m, args.seeds[0], args.budget, args.out) for m in args.methods}
+    print(json.dumps({"steps": steps}), flush=True)
+    results: list[dict[str, Any]] = []
+    # Seed-major, and the report rewritten after every run: a run cut short leaves every method with the
+    # same number of seeds.
+    for seed in args.seeds:
+        for method in args.methods:
+            results.append(run_one(setup, method, seed, steps[method], args.out))
+            report = {
+                "setup": setup,
+                "budget_seconds": args.budget,
+                "steps": steps,
+                "seeds": args.seeds,
+                "threads": args.threads,
+                "results": results,
+                "table": table(results),
+                "total_seconds": round(time.perf_counter() - t0, 1),
+                "torch": torch.__version__,
+            }
+            (args.out / "results.json").write_text(json.dumps(report, indent=1))
     print(report["table"])
 
 
