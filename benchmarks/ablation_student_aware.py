@@ -176,7 +176,7 @@ def prepare_corpus(
         train_tokenizer(train, teacher_tok, BUDGET["teacher_vocab_size"])
     budget = {**BUDGET, "teacher_steps": teacher_steps}
     t0 = time.perf_counter()
-    teacher = prepare_teacher(train, teacher_tok, f"ablation-{name}-s{teacher_steps}", budget)
+    teacher = prepare_teacher(train, teacher_tok, f"ablation-{name}-s{teacher_steps}", budget, "line")
     return {
         "train": train,
         "heldout": held,
