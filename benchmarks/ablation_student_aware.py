@@ -64,6 +64,7 @@ def recipe(corpus: dict[str, Path], out: Path, arm: str, seed: int, steps: int) 
         },
         "data": {
             "train": str(corpus["train"]),
+            "sample_by": "line",  # one document per line
             "eval": str(corpus["heldout"]),
             "block_size": BUDGET["block_size"],
             "max_eval_blocks": 96,
@@ -175,7 +176,7 @@ def prepare_corpus(
         train_tokenizer(train, teacher_tok, BUDGET["teacher_vocab_size"])
     budget = {**BUDGET, "teacher_steps": teacher_steps}
     t0 = time.perf_counter()
-    teacher = prepare_teacher(train, teacher_tok, f"ablation-{name}-s{teacher_steps}", budget)
+    teacher = prepare_teacher(train, teacher_tok, f"ablation-{name}-s{teacher_steps}", budget, "line")
     return {
         "train": train,
         "heldout": held,
@@ -199,6 +200,7 @@ def teacher_quality(corpus: dict) -> dict[str, float]:
         {
             "data": {
                 "train": str(corpus["train"]),
+                "sample_by": "line",  # one document per line
                 "eval": str(corpus["heldout"]),
                 "block_size": BUDGET["block_size"],
                 "max_eval_blocks": 96,

@@ -39,7 +39,12 @@ def _vm(field: str) -> int:
 def _recipe(args: argparse.Namespace, work: Path, corpus: Path, peft: dict) -> dict:
     return {
         "model": {"student": "smollm-135m", "tokenizer": str(args.tokenizer), "peft": peft},
-        "data": {"train": str(corpus), "block_size": args.block_size, "max_eval_blocks": 1},
+        "data": {
+            "train": str(corpus),
+            "sample_by": "line",
+            "block_size": args.block_size,
+            "max_eval_blocks": 1,
+        },
         "distillation": {"loss": {"alpha": 0.0, "chunk_size": 256}},
         "optimization": {"learning_rate": 1e-4, "warmup_steps": 0, "lr_scheduler": "constant"},
         "training": {

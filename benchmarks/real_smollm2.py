@@ -15,9 +15,10 @@ tokenizer (151,646 tokens): the cross-tokenizer path on real vocabularies, end t
 5. held-out loss *after*, and greedy generations of the original and the exported students (plain
    ``AutoModelForCausalLM``) for a few prompts.
 
-KD can only help where the teacher knows more than the student: on the generated corpus (text SmolLM2
-has never seen) a briefly trained teacher does; on the King James Bible a teacher this small stays far
-worse than SmolLM2, and KD then pulls the student towards it (BENCHMARKS.md has both).
+KD can only help where the teacher knows more than the student. The generated corpus (text SmolLM2 has
+never seen) gives a small teacher its best chance; on the King James Bible a teacher this small stays
+far worse than SmolLM2. BENCHMARKS.md has the measured run (generated corpus, small budget): KD lowers
+the held-out loss, but a 60-step teacher does not yet beat the CE-only control.
 """
 
 from __future__ import annotations
@@ -53,7 +54,12 @@ def assets(args: argparse.Namespace, work: Path) -> tuple[str, str]:
 def _recipe(args: argparse.Namespace, out: Path, **model: Any) -> dict[str, Any]:
     return {
         "model": model,
-        "data": {"train": args.data, "block_size": args.block_size, "max_eval_blocks": args.eval_blocks},
+        "data": {
+            "train": args.data,
+            "sample_by": "line",
+            "block_size": args.block_size,
+            "max_eval_blocks": args.eval_blocks,
+        },
         "distillation": {"loss": {"alpha": args.alpha, "temperature": 1.0, "chunk_size": 128}},
         "optimization": {"learning_rate": args.lr, "warmup_steps": 2, "weight_decay": 0.0},
         "training": {
@@ -117,7 +123,7 @@ def main() -> None:
     p.add_argument(
         "--data",
         help="training text (.txt, one document per line); default: sakd's generated corpus (--corpus-docs "
-        "documents about a seeded world: text SmolLM2 has never seen, which a small teacher learns well)",
+        "documents about a seeded world: text SmolLM2 has never seen)",
     )
     p.add_argument("--corpus-docs", type=int, default=4000)
     p.add_argument("--work", default="runs/real-smollm2", help="assets, teacher and runs go here")

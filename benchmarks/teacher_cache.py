@@ -92,6 +92,7 @@ def storage(args: argparse.Namespace) -> dict:
         "model": {"teacher": "tiny-moe", "student": "tiny-dense", "tokenizer": str(args.qwen_tokenizer)},
         "data": {
             "train": str(train),
+            "sample_by": "line",  # one document per line
             "block_size": 256,
             "eval_fraction": 0.02,
             "max_train_blocks": args.blocks,
@@ -159,6 +160,7 @@ def throughput(args: argparse.Namespace) -> dict:
         },
         "data": {
             "train": str(train),
+            "sample_by": "line",  # one document per line
             "eval": str(evalf),
             "block_size": args.block,
             "max_train_blocks": student_blocks,
@@ -235,6 +237,7 @@ def quality(args: argparse.Namespace) -> dict:
         "model": {"teacher": str(args.smollm), "student": "tiny-dense", "tokenizer": str(args.smollm)},
         "data": {
             "train": str(train),
+            "sample_by": "line",  # one document per line
             "eval": str(evalf),
             "block_size": args.block,
             "max_eval_blocks": 10_000,

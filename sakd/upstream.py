@@ -12,11 +12,15 @@ helper                     private API
 :func:`attn_implementation` transformers ``PretrainedConfig._attn_implementation``
 :func:`zero3_gathered`     DeepSpeed ``param.ds_status`` / ``ZeroParamStatus`` (``ds_id`` marks a ZeRO-3 param)
 :func:`dataset_fingerprint` datasets ``Dataset._fingerprint`` (the content hash its cache files are named by)
+:func:`zero3_whole_for_generation` DeepSpeed ``deepspeed.runtime.zero.stage3.unwrap_model_for_generation``
+                           (not exported at the top level; it removes and re-registers the engine's hooks)
 =========================  ===============================================================================
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -69,3 +73,19 @@ def dataset_fingerprint(ds: Any) -> str:
     (``map(new_fingerprint=...)``), so a second run on the same text reuses them; `datasets` exposes it
     only as ``Dataset._fingerprint``."""
     return ds._fingerprint
+
+
+@contextlib.contextmanager
+def zero3_whole_for_generation(engine: Any) -> Iterator[Any]:
+    """A ZeRO-3 training engine with every parameter gathered and its per-layer hooks removed, for a
+    generation loop that runs many small forwards.
+
+    DeepSpeed ships this for RLHF generation (TRL uses it) in ``deepspeed.runtime.zero.stage3``, outside its
+    documented API: it enters ``GatheredParameters`` over the whole model, removes the parameter-offload
+    forward/backward hooks (which would otherwise re-gather and release each layer at every token) and
+    re-registers them on exit. Every rank must enter it together (the gather is a collective).
+    """
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(engine) as model:
+        yield model

@@ -17,7 +17,7 @@ LAYERS = [
     {"models"},
     {"teacher"},
     {"objective"},
-    {"evaluation"},
+    {"evaluation", "policy"},
     {"training", "planner"},
     {"integrations"},
     {"commands", "cli", "__init__"},

@@ -76,3 +76,17 @@ def test_bench_step_cli_reduced(tmp_path):
     assert "c/(a+b)" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
     assert [r["case"] for r in rows] == ["same", "cross", "same+aux", "cross+aux"]
+
+
+def test_bench_optim_times_each_adamw_implementation():
+    """Each implementation is timed on the preset's parameter groups, and the ratios are against fused."""
+    from sakd.commands.bench_optim import run, to_markdown
+
+    rows = run("tiny-dense", ("loop", "fused"), steps=2, warmup=1)
+    assert [r["impl"] for r in rows] == ["loop", "fused"]
+    assert all(r["seconds"] > 0 and r["seconds_min"] <= r["seconds"] for r in rows)
+    assert rows[0]["params"] == rows[1]["params"] > 0
+    assert rows[1]["vs_fused"] == 1.0 and rows[0]["vs_fused"] == pytest.approx(
+        rows[0]["seconds"] / rows[1]["seconds"]
+    )
+    assert "| loop |" in to_markdown(rows)

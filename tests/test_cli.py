@@ -155,6 +155,32 @@ def test_eval_command(capsys, tmp_path, tiny_run_config, corpus):
         [*args, "--sample-by", "paragraph", "--data", str(tmp_path / "recipe.json")],
         "applies to .txt files",
     )
+    # the teacher (here the model itself) on the model's own continuations of 4 held-out prompts
+    assert result["cont_prompts"] == 4 and 0 < result["cont_greedy_teacher_nll"] < result["loss"] + 5
+    assert 0 < result["cont_greedy_tokens"] <= 64 and result["cont_sampled_teacher_bpb"] > 0
+
+
+@pytest.mark.integration
+def test_eval_scores_continuations_with_a_teacher_of_another_tokenizer(
+    capsys, tmp_path, tiny_run_config, corpus
+):
+    from sakd.commands.demo import train_tokenizer
+    from sakd.models import load_model, load_tokenizer
+
+    raw = copy.deepcopy(tiny_run_config)
+    raw["training"]["max_steps"] = 1
+    assert main(["distill", "--config", _recipe(tmp_path, raw)]) == 0
+    capsys.readouterr()
+    teacher_tok = load_tokenizer(str(train_tokenizer(corpus, tmp_path / "ttok", 700)))
+    teacher_dir = tmp_path / "teacher"
+    load_model("tiny-moe", tokenizer=teacher_tok).save_pretrained(teacher_dir)
+    teacher_tok.save_pretrained(teacher_dir)
+    args = ["eval", str(tmp_path / "run" / "final"), "--data", str(corpus), "--block-size", "32"]
+    assert main([*args, "--max-blocks", "3", "--teacher", str(teacher_dir), "--max-new-tokens", "8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "agreement" not in result  # top-1 agreement needs one vocabulary; the continuations do not
+    assert result["cont_prompts"] == 3 and result["cont_greedy_teacher_nll"] > 0
+    assert result["cont_greedy_tokens"] <= 8
 
 
 def test_top_k_larger_than_the_vocabulary(capsys, tmp_path, tiny_run_config):

@@ -87,6 +87,7 @@ def _tiny(corpus, tokenizer_dir) -> list[str]:
         "model.student=tiny-dense",
         f"model.tokenizer={tokenizer_dir}",
         f"data.train={corpus}",
+        "data.sample_by=document",  # the file as one text: no packing EOS (never a target) in the counts below
         "data.block_size=32",
         "data.max_eval_blocks=8",
         "training.max_steps=2",

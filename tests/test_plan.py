@@ -35,6 +35,8 @@ from sakd.planner.estimate import (
     Workload,
     candidate_setups,
     estimate,
+    generation_bytes,
+    kv_cache_bytes,
     loss_bytes,
     rank,
 )
@@ -175,6 +177,47 @@ def test_ranking_prefers_speed_among_fitting_plans() -> None:
         4,
     )
     assert rank(estimates, 10**9) == []
+
+
+def test_kv_cache_is_the_cache_transformers_generate_builds() -> None:
+    """The KV cache term against the tensors ``generate`` really keeps (a GQA model and an MoE one)."""
+    from transformers import LlamaForCausalLM, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    for name, cls in (("tiny-dense", LlamaForCausalLM), ("tiny-moe", Qwen3MoeForCausalLM)):
+        cfg = build_preset_config(name, vocab_size=256)
+        model = cls(cfg).eval()
+        ids = torch.randint(2, 256, (3, 11))
+        out = model.generate(
+            ids,
+            max_new_tokens=7,
+            min_new_tokens=7,
+            do_sample=False,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+        cache = out.past_key_values
+        held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        tokens = ids.shape[1] + 7 - 1  # the last token is sampled but never fed back
+        assert held == kv_cache_bytes(numbers_from_config(cfg, name), 3, tokens, 4), name
+
+
+def test_generation_is_counted_beyond_the_steps_own_transients() -> None:
+    s, t = model_numbers("smollm-135m"), model_numbers("huihui-moe-1.2b")
+    setup = Setup(stage=3, micro_batch=1)
+    assert _pair_estimate(setup, num_gpus=8).components["generation"] == 0  # policy off
+    work = Workload(seq_len=384, num_gpus=8, generated_seq_len=96)
+    kv, logits = kv_cache_bytes(s, 1, 96, 4), 3 * 1 * s.vocab * 4
+    gathered = s.total_params * 4 * 7 // 8  # ZeRO-3: the rest of the student, whole for generation
+    assert generation_bytes(s, t, setup, work, 4) == kv + logits + gathered
+    on = estimate(s, t, setup, work).components
+    transients = on["activations"] + on["teacher_activations"] + on["loss"]
+    assert on["generation"] == max(0, kv + logits + gathered - transients)
+    # sequence-level KD, long generations: the (large) teacher's cache dominates; no student gather
+    work = Workload(seq_len=384, num_gpus=8, generated_seq_len=4096, teacher_writes=True)
+    seq = estimate(s, t, Setup(stage=3, micro_batch=4), work).components
+    transients = seq["activations"] + seq["teacher_activations"] + seq["loss"]
+    assert seq["generation"] == kv_cache_bytes(t, 4, 4096, 4) + 3 * 4 * t.vocab * 4 - transients > 0
 
 
 @pytest.mark.parametrize(

@@ -73,3 +73,19 @@ def test_dataset_fingerprint_follows_content_and_transforms(tmp_path):
     assert upstream.dataset_fingerprint(c) != upstream.dataset_fingerprint(a)
     d = a.map(lambda r: r, new_fingerprint="chosen")  # what the packing relies on: its own key sticks
     assert upstream.dataset_fingerprint(d) == "chosen"
+
+
+def test_zero3_whole_for_generation_uses_deepspeeds_hook_attributes():
+    """The DeepSpeed helper behind :func:`sakd.upstream.zero3_whole_for_generation` removes the hooks
+    ``parameter_offload`` keeps and re-registers them with ``_register_deepspeed_module``; the 2-rank ZeRO-3
+    on-policy run exercises it (tests/test_policy_distributed.py), this pins the names it relies on."""
+    import inspect
+
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    source = inspect.getsource(unwrap_model_for_generation)
+    for name in ("GatheredParameters", "parameter_offload", "forward_hooks", "_register_deepspeed_module"):
+        assert name in source, name
+    assert callable(DeepSpeedZeRoOffload._register_deepspeed_module)
+    assert "forward_hooks" in inspect.getsource(DeepSpeedZeRoOffload.__init__)

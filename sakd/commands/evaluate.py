@@ -33,29 +33,56 @@ def run(args: argparse.Namespace) -> int:
     if len(stream) < 2:
         raise DataError(f"{args.data} has fewer than 2 tokens: nothing to score")
     model = load_model(args.model_dir, tokenizer=tokenizer)
-    teacher = None
+    teacher = teacher_tok = None
     if args.teacher:
-        if load_tokenizer(args.teacher).get_vocab() != tokenizer.get_vocab():
-            raise ValueError("teacher agreement needs the teacher to share the student's tokenizer")
-        teacher = load_model(args.teacher, tokenizer=tokenizer).eval()
+        teacher_tok = load_tokenizer(args.teacher)
+        teacher = load_model(args.teacher, tokenizer=teacher_tok).eval()
+    same_vocab = teacher_tok is not None and teacher_tok.get_vocab() == tokenizer.get_vocab()
     result: dict[str, Any] = evaluate(
         model.eval(),
         stream,
         batch_size=args.batch_size,
         window=args.block_size,
         stride=args.stride,
-        teacher=teacher,
+        teacher=teacher if same_vocab else None,  # top-1 agreement needs one vocabulary
         vocab_size=len(tokenizer),
     )
     result.update(data=args.data, sample_by=args.sample_by, documents=stream.documents)
+    if teacher is not None and args.prompts:  # the teacher on what the model writes (sakd/policy)
+        n = len(stream) // args.block_size
+        blocks = stream.ids[: n * args.block_size].view(n, args.block_size)
+        result.update(
+            _continuations(args, model, teacher, tokenizer, None if same_vocab else teacher_tok, blocks)
+        )
     print(json.dumps(result, indent=1))
     return 0
+
+
+def _continuations(
+    args: argparse.Namespace, model: Any, teacher: Any, tokenizer: Any, teacher_tok: Any, blocks: Any
+) -> dict[str, float]:
+    """The teacher's loss on the model's greedy and sampled continuations of the first tokens of the
+    text's first blocks (``cont_*``; any teacher tokenizer: the text is re-tokenized for it)."""
+    from sakd.policy import ContinuationSpec, heldout_prompts, score_continuations
+
+    spec = ContinuationSpec(
+        heldout_prompts(blocks, args.prompts, args.prompt_tokens),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    return score_continuations(
+        model, teacher, spec, student_tokenizer=tokenizer, teacher_tokenizer=teacher_tok
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser(
         "eval",
-        help="held-out perplexity and bits per byte of a model directory (and agreement with a teacher)",
+        help="held-out perplexity and bits per byte of a model directory (and, with a teacher, agreement and "
+        "its loss on the model's own text)",
         description=__doc__.split("\n\n", 1)[1],
     )
     v.add_argument("model_dir", help="a Hugging Face model directory (with tokenizer files)")
@@ -67,7 +94,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="what one document of a .txt file is: document (the whole file; default), paragraph "
         "(blank-line separated) or line; .jsonl/.parquet records are documents",
     )
-    v.add_argument("--teacher", help="teacher directory sharing the tokenizer: adds top-1 agreement")
+    v.add_argument(
+        "--teacher",
+        help="teacher model directory (with its tokenizer): top-1 agreement (same tokenizer) and the teacher's "
+        "loss on the model's greedy and sampled continuations of held-out prompts (cont_*; any tokenizer)",
+    )
+    v.add_argument(
+        "--prompts", type=int, default=16, help="held-out prompts to continue (0: skip; default 16)"
+    )
+    v.add_argument("--prompt-tokens", type=int, default=32, help="prompt length: a block's first tokens")
+    v.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
+    v.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of cont_sampled_*")
+    v.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of cont_sampled_*")
+    v.add_argument("--seed", type=int, default=0, help="seed of the sampled continuations")
     v.add_argument("--text-field", default="text", help="column of .jsonl/.parquet records holding the text")
     v.add_argument("--block-size", type=int, default=256, help="tokens per window (default 256)")
     v.add_argument(

@@ -150,12 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="benchmarks (results and commands in BENCHMARKS.md)",
-        description="sakd bench losses: naive vs fused distillation loss, peak memory and time; "
-        "sakd bench step: one KD step of the real-size pair against its parts (teacher forward, student "
-        "forward+backward), the overhead ratio; sakd bench gpu: the GPU check (fp16 under 16 GB, bf16 "
-        "MFU, quantized teachers, 8-bit optimizers, torch.compile), one JSON. `--help` after the suite.",
+        description="losses: naive vs fused distillation loss, peak memory and time; step: one KD step of "
+        "the real-size pair against its parts (teacher forward, student forward+backward), the overhead "
+        "ratio; optim: one AdamW step of a real-size student per PyTorch implementation; gpu: the GPU "
+        "check (fp16 under 16 GB, bf16 MFU, quantized teachers, 8-bit optimizers, torch.compile), one JSON.",
     )
-    b.add_argument("suite", choices=["losses", "step", "gpu"], help="which benchmark")
+    b.add_argument("suite", choices=["losses", "step", "optim", "gpu"], help="which benchmark")
     b.add_argument(
         "bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help after the suite)"
     )

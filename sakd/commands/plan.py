@@ -135,7 +135,7 @@ def _row(label: str, e: Estimate, budget: int) -> str:
 
 
 def _header() -> str:
-    short = ("teach_w", "stud_w", "grads", "optim", "act", "t_act", "loss", "ovhd")
+    short = ("teach_w", "stud_w", "grads", "optim", "act", "t_act", "loss", "gen", "ovhd")
     return f"{'plan (GiB per GPU)':<44}" + "".join(f"{s:>8}" for s in short) + f"{'total':>8}  fits  time"
 
 
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         config = model_config(m.student, args.student_vocab, trust_remote_code=m.trust_remote_code)
         student = with_adapters(student, config, m.peft)
     teacher = None
-    if cfg.distillation.loss.alpha > 0:
+    if cfg.distillation.loss.alpha > 0 or cfg.distillation.policy != "off":
         teacher = model_numbers(m.teacher, args.teacher_vocab, trust_remote_code=m.trust_remote_code)
     aligned = teacher is not None and (
         cfg.distillation.alignment.mode == "always" or teacher.vocab != student.vocab

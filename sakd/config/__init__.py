@@ -3,6 +3,7 @@ overrides, validation, dump), :mod:`.legacy_keys` (the old system's flat keys), 
 (DeepSpeed JSON configs filled from ours) and :mod:`.reference` (the README table)."""
 
 from sakd.config.aware_schema import CurriculumConfig, MoEConfig, TokenRouterConfig
+from sakd.config.generation import POLICIES, GenerationConfig
 from sakd.config.loader import dump_config, load_config, parse_override, read_config_file, to_dict, validate
 from sakd.config.schema import (
     AlignmentConfig,
@@ -34,11 +35,13 @@ __all__ = [
     "DataConfig",
     "DistillationConfig",
     "FeatureConfig",
+    "GenerationConfig",
     "LoggingConfig",
     "LossConfig",
     "MoEConfig",
     "ModelConfig",
     "OptimizationConfig",
+    "POLICIES",
     "PeftConfig",
     "RunConfig",
     "StageConfig",

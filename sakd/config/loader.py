@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from sakd.config.generation import check_generation
 from sakd.config.legacy_keys import SEED_EXTRA_KEYS, SEED_KEY_MAP, SEED_KEYS_NOT_YET_SUPPORTED, seed_key_value
 from sakd.config.schema import SECTIONS, RunConfig, all_keys, field_types, is_dataclass_type
 from sakd.errors import ConfigError
@@ -290,6 +291,7 @@ def validate(cfg: RunConfig) -> None:
             "tokens between windows would never be scored; lower it"
         )
     _validate_student_aware(cfg)
+    check_generation(cfg.distillation.policy, cfg.distillation.generation, cfg.data.block_size)
     if cfg.distillation.contrastive.weight > 0 and cfg.training.batch_size < 2:
         raise ConfigError(
             "distillation.contrastive needs training.batch_size >= 2: its negatives are the other sequences "
@@ -326,6 +328,16 @@ def _validate_student_aware(cfg: RunConfig) -> None:
                 f"{key} needs the live teacher and the online KD path; it does not work from "
                 "distillation.teacher_cache yet: turn one of them off"
             )
+        if on and d.policy != "off" and key != "distillation.moe.augment_samples":
+            raise ConfigError(
+                f"{key} is not supported with distillation.policy={d.policy} yet (its statistics are kept "
+                "for the data's tokens): turn one of them off"
+            )
+    if d.policy != "off" and d.teacher_cache:
+        raise ConfigError(
+            f"distillation.policy={d.policy} scores generated text with the live teacher; it cannot read "
+            "distillation.teacher_cache: turn one of them off"
+        )
     if router.sharpen_end < router.sharpen_start:
         raise ConfigError("distillation.router.sharpen_end must be >= distillation.router.sharpen_start")
     if cur.all_start < cur.structure_start:

@@ -12,35 +12,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from sakd.config.aux_schema import AttentionConfig, ContrastiveConfig, FeatureConfig
 from sakd.config.aware_schema import CurriculumConfig, MoEConfig, TokenRouterConfig
 from sakd.config.cache_schema import CacheConfig
 from sakd.config.fields import documented as _f
-
-
-@dataclass
-class PeftConfig:
-    method: str = _f(
-        "none",
-        "none: train every student weight; lora / dora: train low-rank adapters through `peft` on a frozen "
-        "base (DoRA also learns a magnitude per output). Export merges them (sakd export --adapter: alone).",
-        choices=["none", "lora", "dora"],
-    )
-    rank: int = _f(16, "Adapter rank r.", min=1)
-    alpha: float = _f(32.0, "LoRA alpha: the adapter's update is scaled by alpha / rank.", gt=0)
-    dropout: float = _f(0.0, "Dropout on the adapters' input.", min=0, lt=1)
-    target_modules: list[str] = _f(
-        ["all-linear"],
-        "Modules that get adapters: names or name suffixes (q_proj, v_proj, ...), or [all-linear] for every "
-        "linear layer except the output head.",
-    )
-    modules_to_save: list[str] = _f(
-        [], "Modules trained in full next to the adapters (e.g. embed_tokens, lm_head)."
-    )
-    quantize_base: str = _f(
-        "none",
-        "QLoRA: load the frozen base in 4-bit (nf4, bitsandbytes), computing in model.student_dtype. CUDA only.",
-        choices=["none", "4bit"],
-    )
+from sakd.config.generation import POLICIES, GenerationConfig
+from sakd.config.peft_schema import PeftConfig
 
 
 @dataclass
@@ -209,35 +186,6 @@ class AlignmentConfig:
 
 
 @dataclass
-class FeatureConfig:
-    weight: float = _f(0.0, "Weight of the hidden-state feature loss at aligned positions (0: off).", min=0)
-    kind: str = _f("mse", "Feature distance: mse or cosine (1 - cos).", choices=["mse", "cosine"])
-    layer_map: list[list[int]] | None = _f(
-        None,
-        "[[teacher_layer, student_layer], ...] hidden-state indices (1 = after the first block). None: "
-        "uniform, student layer l <- teacher layer round(l * Lt / Ls).",
-    )
-
-
-@dataclass
-class AttentionConfig:
-    weight: float = _f(
-        0.0, "Weight of attention-map transfer (0: off). Needs one-to-one positions (same tokenizer).", min=0
-    )
-    layers: list[int] = _f(
-        [-1], "Student layers (0-based; negative counts from the end) whose attention maps are matched."
-    )
-
-
-@dataclass
-class ContrastiveConfig:
-    weight: float = _f(
-        0.0, "Weight of the InfoNCE loss between pooled student and teacher states (0: off).", min=0
-    )
-    temperature: float = _f(0.07, "InfoNCE temperature.", gt=0)
-
-
-@dataclass
 class DistillationConfig:
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The distillation objective."})
     alignment: AlignmentConfig = field(
@@ -267,6 +215,19 @@ class DistillationConfig:
     )
     curriculum: CurriculumConfig = field(
         default_factory=CurriculumConfig, metadata={"help": "Loss phases and magnitude balancing."}
+    )
+    policy: str = _f(
+        "off",
+        "Whose text the student learns on: off (the data: off-policy KD), on (its own samples of prompts, "
+        "scored by the teacher: on-policy KD, the divergence of distillation.loss on the generated tokens "
+        "only, with alpha = 1 on those steps), mixed (a share "
+        "generation.fraction of steps on-policy: GKD), sequence (the teacher's samples: sequence-level KD). "
+        "See distillation.generation.",
+        choices=list(POLICIES),
+    )
+    generation: GenerationConfig = field(
+        default_factory=GenerationConfig,
+        metadata={"help": "Sampling, prompts and evaluation of on-policy / sequence-level distillation."},
     )
 
 

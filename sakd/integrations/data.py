@@ -26,7 +26,9 @@ class DistillationCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = {k: [f[k] for f in features] for k in features[0]}
         batch = make_batch(
-            torch.stack([torch.as_tensor(x) for x in rows["input_ids"]]), list(range(len(features)))
+            torch.stack([torch.as_tensor(x) for x in rows["input_ids"]]),
+            list(range(len(features))),
+            eos_id=self.bundle.eos_id,  # a packing EOS is never a target, as in sakd distill
         )
         del batch["sample_ids"]  # the Trainer's sampler, not sakd's batch plan, decides the order
         if self.bundle.aligned:

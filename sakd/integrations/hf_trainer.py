@@ -40,7 +40,7 @@ from sakd.models.student import TrainableStudent, student_state
 from sakd.models.zero import register_external_parameters
 from sakd.objective.aux_terms import build_aux_terms
 from sakd.objective.composite import Objective
-from sakd.objective.schedules import temperature_at
+from sakd.objective.curriculum import temperature_at
 from sakd.teacher.placement import teacher_engine
 from sakd.training.builders import build_objective, build_teacher_signal
 from sakd.training.optim import param_groups

@@ -17,7 +17,6 @@ every teacher position one-to-one and equals plain KD exactly (tested).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +38,9 @@ from sakd.losses import (
     resolve_chunk_size,
 )
 from sakd.models.forward import HiddenAndHead, hidden_and_head
+from sakd.models.zero import is_partitioned
 from sakd.objective.aux_terms import AuxTerms
+from sakd.objective.chain import inside_spans, teacher_token_logprobs
 from sakd.teacher.signal import StoredSignal
 
 IGNORE_INDEX = -100
@@ -215,49 +216,17 @@ class Objective:
                 reduction="sum",
             )
 
-        recompute = torch.is_grad_enabled() and rows.hidden.requires_grad
+        # a ZeRO-3 head is released after the forward and not gathered again for a recomputation in backward
+        # (the prepared module returns no tensors DeepSpeed could hook): keep the chunks' logits instead
+        recompute = (
+            torch.is_grad_enabled() and rows.hidden.requires_grad and not is_partitioned(rows.head.weight)
+        )
         n_rows, width = rows.hidden.shape
         chunk = resolve_chunk_size(self.cfg.chunk_size, n_rows, (self.vocab_size, 0), (width, 0))
         ce = over_chunks(chunk_ce, n_rows, chunk, recompute=recompute)
         ce = ce.float() if ce.dtype != torch.float64 else ce
         d = ce.detach()
         return ObjectiveOutput(ce, {"loss": d, "ce": d}, n)
-
-    def _teacher_token_logprobs(
-        self, teacher: HiddenAndHead, teacher_ids: torch.Tensor, temperature: float, needed: torch.Tensor
-    ) -> torch.Tensor:
-        """``[B, Lt]``: log p_T(teacher token j+1 | prefix) at temperature T where ``needed`` ``[B, Lt]`` (0
-        elsewhere), chunk by chunk, no grad; for M knowledge-augmentation samples, of their mixture
-        (``log mean_m p_m``). Only the positions inside a multi-token span are scored: the others would
-        repeat the teacher-head matmul of the KD term for nothing."""
-        head = Head(teacher.head_weight, teacher.head_bias, self.teacher_vocab_size)
-        samples = getattr(teacher, "samples", None)
-        states = [teacher.hidden] if samples is None else list(samples)
-        width = states[0].shape[-1]
-        rows = needed.reshape(-1).nonzero().squeeze(-1)
-        nxt = torch.cat([teacher_ids[:, 1:], teacher_ids[:, -1:]], 1).reshape(-1).index_select(0, rows)
-        chunk_rows = resolve_chunk_size(
-            self.cfg.chunk_size, rows.numel(), (self.teacher_vocab_size, 0), (width, 0)
-        )
-        per_sample = []
-        for state in states:
-            hidden = state.reshape(-1, width).index_select(0, rows)
-
-            def chunk(r: slice, hidden: torch.Tensor = hidden) -> torch.Tensor:
-                lp = torch.log_softmax(head.logits(hidden[r], upcast=True) / temperature, dim=-1)
-                return lp.gather(1, nxt[r, None]).squeeze(1)
-
-            with torch.no_grad():
-                per_sample.append(over_chunks(chunk, rows.numel(), chunk_rows, combine="cat"))
-        logprob = (
-            per_sample[0]
-            if len(per_sample) == 1
-            else torch.logsumexp(torch.stack(per_sample), 0) - math.log(len(per_sample))
-        )
-        dtype = torch.promote_types(states[0].dtype, torch.float32)
-        out = torch.zeros(teacher_ids.numel(), dtype=dtype, device=teacher_ids.device)
-        out[rows] = logprob.to(dtype)
-        return out.reshape(teacher_ids.shape)
 
     def kd_rows(
         self,
@@ -311,8 +280,10 @@ class Objective:
             span_end = batch["span_end"][:, :-1]
             multi = (span_end > anchor + 1) & (anchor >= 0)
             teacher_ids = batch["teacher_input_ids"]
-            needed = _inside_spans(anchor, span_end, multi, teacher_ids.shape[1])
-            tok_lp = self._teacher_token_logprobs(teacher, teacher_ids, temperature, needed)
+            needed = inside_spans(anchor, span_end, multi, teacher_ids.shape[1])
+            tok_lp = teacher_token_logprobs(
+                teacher, teacher_ids, temperature, needed, self.teacher_vocab_size, self.cfg.chunk_size
+            )
             target_logprob = span_logprob(tok_lp, anchor, torch.where(multi, span_end, -1)).reshape(-1)
         spec = self.spec.at_temperature(temperature)
         if crosses and self.dcfg.alignment.uld_weight:
@@ -397,18 +368,6 @@ def _scaled_blend(
     if kd_mask is not None and scale != multipliers.get("ce", 1.0):
         weights = torch.where(kd_mask, 1.0, multipliers.get("ce", 1.0) / scale)
     return dataclasses.replace(spec, alpha=min(max(kd / scale, 0.0), 1.0)), scale, weights
-
-
-def _inside_spans(
-    anchor: torch.Tensor, span_end: torch.Tensor, multi: torch.Tensor, length: int
-) -> torch.Tensor:
-    """``[B, length]`` bool: teacher positions ``j`` with ``anchor <= j < span_end`` for some student position
-    where ``multi`` (the positions :func:`sakd.align.positions.span_logprob` sums over)."""
-    edges = torch.zeros(anchor.shape[0], length + 1, dtype=torch.long, device=anchor.device)
-    sink = torch.full_like(anchor, length)  # unused spans open and close in the extra column
-    edges.scatter_add_(1, torch.where(multi, anchor, sink), torch.ones_like(anchor))
-    edges.scatter_add_(1, torch.where(multi, span_end, sink), -torch.ones_like(anchor))
-    return edges.cumsum(1)[:, :length] > 0
 
 
 def _with_uld(spec: ObjectiveSpec, weight: float) -> ObjectiveSpec:

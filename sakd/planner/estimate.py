@@ -26,6 +26,11 @@ Accounting (``P`` student parameters, ``N`` GPUs, ``m`` bytes of the master dtyp
   teacher holds ``1/N`` plus its gathered layers, an offloaded one only the gathered layers.
 * activations: see :func:`layer_activation_bytes` and :func:`student_activation_bytes`; teacher
   forward (no grad) in :func:`teacher_activation_bytes`; the fused loss in :func:`loss_bytes`.
+* generation (``distillation.policy`` on / mixed / sequence), before the step's forward: the KV cache of
+  the model that writes (:func:`kv_cache_bytes`), the last position's logits, and under ZeRO-3 the rest
+  of the student gathered whole for the generation (:func:`generation_bytes`); it counts only where it
+  exceeds the training step's own transients (activations, teacher activations, the loss), which it
+  never coexists with.
 * a fixed :data:`OVERHEAD_BYTES` for the CUDA context, cuBLAS/NCCL workspaces and allocator slack.
 
 The estimate is the sum of the components at the moment of the peak: the end of the student's
@@ -138,13 +143,16 @@ class Workload:
     chunk_size: int | str = "auto"
     aligned: bool = False  # different tokenizers: the vocabulary-bridged closed form
     with_labels: bool = True  # alpha < 1: the CE term needs its own scratch block
+    generated_seq_len: int = 0  # distillation.policy: prompt + new tokens per generated sequence (0: none)
+    teacher_writes: bool = False  # sequence-level KD: the teacher generates (and holds the KV cache)
     overhead: int = OVERHEAD_BYTES
 
     @classmethod
     def from_config(cls, cfg: RunConfig, num_gpus: int, aligned: bool) -> Workload:
-        m, loss = cfg.model, cfg.distillation.loss
+        m, loss, d = cfg.model, cfg.distillation.loss, cfg.distillation
+        generated = 0 if d.policy == "off" else d.generation.prompt_tokens + d.generation.max_new_tokens
         return cls(
-            seq_len=cfg.data.block_size,
+            seq_len=max(cfg.data.block_size, generated),
             num_gpus=num_gpus,
             mixed_precision=cfg.training.mixed_precision,
             student_dtype=m.student_dtype,
@@ -156,6 +164,8 @@ class Workload:
             chunk_size=loss.chunk_size,
             aligned=aligned,
             with_labels=loss.alpha < 1,
+            generated_seq_len=generated,
+            teacher_writes=d.policy == "sequence",
         )
 
 
@@ -167,6 +177,7 @@ COMPONENTS = (
     "activations",
     "teacher_activations",
     "loss",
+    "generation",
     "overhead",
 )
 
@@ -277,6 +288,33 @@ def loss_bytes(
     return workspace, (tokens + head_rows) * student.hidden * head_bytes
 
 
+def kv_cache_bytes(m: ModelNumbers, sequences: int, tokens: int, dtype_bytes: int) -> int:
+    """The KV cache of ``sequences`` sequences of ``tokens`` tokens (prompt + generated): a key and a value
+    vector of ``kv_heads · head_dim`` per layer and token (transformers' ``DynamicCache``; checked against
+    the cache ``generate`` builds in ``tests/test_plan.py``)."""
+    return 2 * m.layers * m.kv_heads * m.head_dim * sequences * tokens * dtype_bytes
+
+
+def generation_bytes(
+    student: ModelNumbers, teacher: ModelNumbers | None, setup: Setup, w: Workload, act_bytes: int
+) -> int:
+    """Generation's working set beyond what the step keeps anyway: the writer's KV cache for the
+    micro-batch, its last-position logits (fp32, a few copies through the logits processors), and under
+    ZeRO-3 the student's parameters gathered whole (:mod:`sakd.policy.engines`) beyond its own partition."""
+    if not w.generated_seq_len:
+        return 0
+    teacher_writes = w.teacher_writes and teacher is not None
+    writer = teacher if teacher_writes else student
+    cache_dtype = DTYPE_BYTES[w.teacher_dtype] if teacher_writes else act_bytes
+    cache = kv_cache_bytes(writer, setup.micro_batch, w.generated_seq_len, cache_dtype)
+    logits = 3 * setup.micro_batch * writer.vocab * 4
+    gathered = 0
+    if setup.stage == 3 and not teacher_writes:
+        model_bytes = 2 if w.mixed_precision in ("fp16", "bf16") else DTYPE_BYTES[w.student_dtype]
+        gathered = student.total_params * model_bytes * (w.num_gpus - 1) // w.num_gpus
+    return cache + logits + gathered
+
+
 def _teacher_weight_bytes(t: ModelNumbers, w: Workload, stage: int) -> tuple[int, int]:
     """(teacher weight bytes on each GPU, bytes per element of its activations)."""
     dtype = DTYPE_BYTES[w.teacher_dtype]
@@ -345,6 +383,8 @@ def estimate(student: ModelNumbers, teacher: ModelNumbers | None, setup: Setup, 
         "loss": workspace + loss_grads,
         "overhead": w.overhead,
     }
+    transients = components["activations"] + components["teacher_activations"] + components["loss"]
+    components["generation"] = max(0, generation_bytes(student, teacher, setup, w, act_bytes) - transients)
     return Estimate(setup, components)
 
 

@@ -48,9 +48,16 @@ log = logging.getLogger(__name__)
 
 
 def needs_teacher(cfg: RunConfig) -> bool:
-    """Whether any term of the objective uses the teacher: KD (``alpha > 0``) or an auxiliary term."""
+    """Whether any term of the objective uses the teacher -- KD (``alpha > 0``) or an auxiliary term -- or the
+    teacher scores or writes text (``distillation.policy`` other than off)."""
     d = cfg.distillation
-    return d.loss.alpha > 0 or d.feature.weight > 0 or d.attention.weight > 0 or d.contrastive.weight > 0
+    return (
+        d.loss.alpha > 0
+        or d.feature.weight > 0
+        or d.attention.weight > 0
+        or d.contrastive.weight > 0
+        or d.policy != "off"
+    )
 
 
 def build_tokenizers(mcfg: ModelConfig, *, use_teacher: bool) -> tuple[Any, Any | None]:

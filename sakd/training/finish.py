@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sakd.config import TrainingConfig
+from sakd.policy import continuation_summary
 from sakd.training.export import export_run, save_model_dir
 from sakd.training.state import TrainerState
 
@@ -45,6 +46,11 @@ def run_summary(
         summary.update(best_step=state.best_step, best_eval_loss=state.best_eval_loss)
     if "agreement" in final_eval:
         summary["teacher_agreement"] = final_eval["agreement"]
+    if state.generated_tokens:  # distillation.policy: the cost of writing the training text
+        summary.update(
+            generated_tokens=state.generated_tokens, generation_seconds=round(state.generation_seconds, 3)
+        )
+    summary.update(continuation_summary(final_eval))
     if alignment_stats:
         summary["alignment"] = dict(alignment_stats)
         if "teacher_mass_mapped" in final_eval:

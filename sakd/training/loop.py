@@ -22,10 +22,10 @@ from sakd.evaluation.heldout import cross_tokenizer_agreement, evaluate
 from sakd.losses import resolve_chunk_size
 from sakd.models.student import student_state
 from sakd.models.zero import built_whole
-from sakd.training import checkpoint
+from sakd.training import checkpoint, rundir
 from sakd.training.export import student_to_save
 from sakd.training.finish import run_summary, write_final
-from sakd.training.state import memory_metrics
+from sakd.training.state import TrainerState, memory_metrics
 from sakd.training.stop_signals import TrainingStopped
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,31 @@ class NonFiniteError(TrainingError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm (one line)."""
 
 
+def restore_state(accelerator: Any, resumed_from: Path | None, run_dir: Path) -> TrainerState:
+    """The step bookkeeping of the checkpoint resumed from (metrics.jsonl cut back to it), or a fresh one."""
+    if resumed_from is None:
+        return TrainerState()
+    state = TrainerState(**checkpoint.load(accelerator, resumed_from))
+    accelerator.print(f"resumed from {resumed_from} at step {state.step}")
+    if accelerator.is_main_process:
+        rundir.truncate_metrics(run_dir / "metrics.jsonl", state.step)
+    return state
+
+
 class RunLoop:
     """Runs a built run: :meth:`train` calls ``train_step`` until the run's last step, evaluating,
     checkpointing and logging along the way. The attributes it reads (accelerator, cfg, state, plan,
     student, ema, data, ...) are those :class:`~sakd.training.trainer.Distiller` builds."""
 
     # ------------------------------------------------------------------------------ the loop
+
+    def score_continuations(self) -> dict[str, float]:
+        """The teacher's loss on the student's own continuations of held-out prompts (sakd/policy); the EMA's
+        with training.eval_with_ema; empty when generation.eval_prompts resolves to 0."""
+        if self.continuations is None:
+            return {}
+        use_ema = self.ema is not None and self.cfg.training.eval_with_ema
+        return self.continuations(self.ema.module if use_ema else None)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss of the student (or of its EMA with training.eval_with_ema), and agreement with
@@ -238,6 +257,7 @@ class RunLoop:
                 self._stop(saved_step)
         bar.close()
         final_eval = self.evaluate()
+        final_eval.update(self.score_continuations())  # the teacher on what the student writes (sakd/policy)
         self._log({"step": s.step, **{f"eval_{k}": v for k, v in final_eval.items()}})
         if s.stop_reason is None:  # the last step may be the best
             s.track_best(final_eval["loss"], tcfg.early_stopping_patience, tcfg.early_stopping_min_delta)

@@ -83,7 +83,7 @@ def build_optimizer(
     kwargs = {"lr": lr, "betas": betas, "eps": cfg.adam_epsilon}
     if cfg.optimizer == "adamw":
         # PyTorch's fused kernel (CPU and CUDA; fp16 loss scaling supported): the same update as the
-        # per-tensor loop, 7x faster on the CPU for a 135M-parameter student (BENCHMARKS.md, step benchmark)
+        # per-tensor loop; on the CPU at one thread no faster than it (`sakd bench optim`, BENCHMARKS.md)
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
         # 8-bit states (block-wise quantized moments): 2 bytes per parameter instead of 8. Paged states

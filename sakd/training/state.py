@@ -32,6 +32,13 @@ class TrainerState:
     evals_without_improvement: int = 0
     stage: int = 0  # optimization.stages: the stage the optimizer and schedule belong to
     stop_reason: str | None = None  # "early_stopping" once it fired: resuming such a run only finishes it
+    generated_tokens: int = 0  # distillation.policy: tokens the student / teacher wrote for training
+    generation_seconds: float = 0.0
+
+    def count_generation(self, metrics: dict[str, Any]) -> None:
+        """Add an on-policy / sequence-level step's generation to the run's totals."""
+        self.generated_tokens += int(metrics.get("gen_tokens", 0))
+        self.generation_seconds += float(metrics.get("gen_seconds", 0.0))
 
     def advance(self, micro_batches: int, steps_per_epoch: int, tokens: int, seconds: float) -> None:
         """Count one optimizer step (taken or skipped: either way its batches are consumed)."""

@@ -44,6 +44,7 @@ from sakd.data import DataBundle, prepare_data
 from sakd.models.student import TrainableStudent
 from sakd.models.zero import register_external_parameters
 from sakd.objective.aux_terms import build_aux_terms
+from sakd.policy import Models, build_continuations, build_policy
 from sakd.teacher.cache.attach import cached_teacher, open_teacher_cache
 from sakd.teacher.placement import load_teacher
 from sakd.training import checkpoint, rundir
@@ -58,9 +59,9 @@ from sakd.training.builders import (
 )
 from sakd.training.distributed import build_accelerator, check_cuda_arch
 from sakd.training.export import save_model_dir
-from sakd.training.loop import RunLoop
+from sakd.training.loop import RunLoop, restore_state
 from sakd.training.stages import check_stages, stage_ends, stage_optimizer
-from sakd.training.state import TrainerState, tracker_config, tracker_init_kwargs
+from sakd.training.state import tracker_config, tracker_init_kwargs
 from sakd.training.stop_signals import StopSignals
 from sakd.training.student_aware import StudentAware, detached_student
 from sakd.upstream import forget_prepared
@@ -129,7 +130,11 @@ class Distiller(RunLoop):
             register_external_parameters(trainable, student.get_output_embeddings(), self.aux)
         self.objective = build_objective(cfg, self.vocab_size, self.alignment, self.aux_terms)
         self.aware = StudentAware(cfg, self.objective, acc, self.teacher_signal, sar, self.vocab_size)
-        self.state = self._restore_state()
+        # distillation.policy: on-policy / sequence-level steps, their evaluation
+        models = Models.of_run(self)
+        self.policy = build_policy(cfg, self.objective, models, self.plan, acc)
+        self.continuations = build_continuations(cfg, models, self.data.eval, acc)
+        self.state = restore_state(acc, self.resumed_from, self.run_dir)
         if self.resumed_from is not None:
             self.aware.load(self.resumed_from)
         self.ema = build_ema(tcfg, self.hf_student, self.resumed_from, self.zero_stage)
@@ -167,15 +172,6 @@ class Distiller(RunLoop):
             )
         return data
 
-    def _restore_state(self) -> TrainerState:
-        if self.resumed_from is None:
-            return TrainerState()
-        state = TrainerState(**checkpoint.load(self.accelerator, self.resumed_from))
-        self.accelerator.print(f"resumed from {self.resumed_from} at step {state.step}")
-        if self.accelerator.is_main_process:
-            rundir.truncate_metrics(self.run_dir / "metrics.jsonl", state.step)
-        return state
-
     def _optimizer_for(self, stage: int, student: torch.nn.Module) -> tuple[Any, Any]:
         return stage_optimizer(
             self.cfg.optimization, student, self.aux, stage, self.stage_ends, self.accelerator.print
@@ -203,11 +199,13 @@ class Distiller(RunLoop):
         mb: dict[str, torch.Tensor],
         teacher_out: Any,
         temperature: float,
+        objective: Any = None,
         **objective_kwargs: Any,
     ) -> Any:
-        """Student forward + objective; runs as ``TrainableStudent.forward(loss_fn=...)``
-        (``objective_kwargs``: the token router's KD weights and the curriculum's multipliers)."""
-        return self.objective.student_loss(
+        """Student forward + objective (the run's, or an on-policy step's); runs as
+        ``TrainableStudent.forward(loss_fn=...)`` (``objective_kwargs``: the token router's KD weights and the
+        curriculum's multipliers)."""
+        return (objective or self.objective).student_loss(
             student.module, mb, teacher_out, temperature=temperature, **objective_kwargs
         )
 
@@ -228,9 +226,15 @@ class Distiller(RunLoop):
         acc = self.accelerator
         schedule = self.aware.schedule(self.state.step, self.total_steps)
         temperature = schedule.temperature
-        local_tokens = torch.stack(
-            [self.objective.valid_mask(mb["labels"]).sum() for mb in micro_batches]
-        ).sum()
+        # distillation.policy (sakd/policy): on an on-policy / sequence-level step the blocks' prompts are
+        # continued by the student / the teacher and the step trains on that text, with the step's objective
+        rollout = None if self.policy is None else self.policy.rollout(micro_batches, self.state.step)
+        objective, use_teacher, extra = self.objective, self.teacher_signal is not None, {}
+        if rollout is not None:
+            micro_batches, objective, extra = rollout.micro_batches, rollout.objective, rollout.metrics
+            use_teacher = use_teacher and rollout.teacher_needed
+            self.state.count_generation(extra)
+        local_tokens = torch.stack([objective.valid_mask(mb["labels"]).sum() for mb in micro_batches]).sum()
         global_tokens = int(acc.reduce(local_tokens.to(acc.device), reduction="sum").item())
         if global_tokens == 0:
             raise RuntimeError("an optimizer step has no valid target tokens")
@@ -245,14 +249,13 @@ class Distiller(RunLoop):
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with self._accumulating(last):
-                teacher_out = extras.teacher_out(i, mb, self.teacher_signal)
+                teacher_out = extras.teacher_out(i, mb, self.teacher_signal) if use_teacher else None
                 # the student forward and the loss run inside the wrapped module (module docstring)
                 kwargs = extras.objective_kwargs(i)
-                out = self.student(
-                    loss_fn=partial(
-                        self._student_loss, mb=mb, teacher_out=teacher_out, temperature=temperature, **kwargs
-                    )
+                loss_fn = partial(
+                    self._student_loss, mb=mb, teacher_out=teacher_out, temperature=temperature, **kwargs
                 )
+                out = self.student(loss_fn=partial(loss_fn, objective=objective))
                 for k, v in out.component_sums.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().double()
                 non_finite = non_finite + (~torch.isfinite(out.loss_sum.detach())).any().float()
@@ -290,7 +293,7 @@ class Distiller(RunLoop):
             self.aware.after_step(metrics)
         metrics.update(extras.metrics)
         metrics.update(temperature=temperature, tokens=global_tokens, scaler_skipped=scaler_skipped)
-        metrics.update(grad_norm=grad_norm, micro_batches=len(micro_batches))
+        metrics.update(grad_norm=grad_norm, micro_batches=len(micro_batches), **extra)
         if not finite:
             ids = torch.cat([mb["sample_ids"].reshape(-1) for mb in micro_batches if "sample_ids" in mb])
             metrics["skipped_sample_ids"] = acc.gather(ids).tolist() if len(ids) else []

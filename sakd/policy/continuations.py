@@ -1,0 +1,199 @@
+"""The evaluation on-policy distillation is for: how much the teacher agrees with what the student *writes*.
+
+The student continues held-out prompts, greedily and by sampling; the teacher scores the continuation:
+its negative log-likelihood (T = 1) of the generated text given the prompt, per generated student token
+(``teacher_nll``, nats) and per UTF-8 byte of the generated text (``teacher_bpb``, bits; an EOS counts one
+byte). Held-out perplexity measures the student on the data; this measures it on its own outputs, where
+off-policy KD never trained it (the exposure-bias gap GKD targets). Lower is better. A degenerate student
+can score well by repeating text the teacher finds easy to copy; read it next to ``tokens`` (the mean
+continuation length, EOS included) and held-out perplexity.
+
+Across tokenizers the teacher reads the same text in its own tokens (:mod:`sakd.policy.retokenize`): the
+NLL is summed over the teacher tokens that end after the prompt's last character, i.e. the teacher's
+probability of the continuation text; per student token it is divided by the student's token count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sakd.config import RunConfig
+from sakd.config.generation import resolved_eval_prompts
+from sakd.evaluation.heldout import rank_batches
+from sakd.losses import Head, over_chunks
+from sakd.models.forward import hidden_and_head
+from sakd.policy.engines import student_for_generation
+from sakd.policy.models import Models
+from sakd.policy.retokenize import pair_student_written, spell, text_bytes
+from sakd.policy.sampling import Sampling, generate, row_seed
+
+ROLE_EVAL = 3
+MODES = ("greedy", "sampled")
+
+
+@dataclass(frozen=True)
+class ContinuationSpec:
+    """Held-out prompts (student token ids) and how to continue them."""
+
+    prompts: list[list[int]]
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+
+    def sampling(self, mode: str) -> Sampling:
+        return Sampling(self.max_new_tokens, self.temperature, self.top_p, greedy=mode == "greedy")
+
+
+def heldout_prompts(input_ids: Any, count: int, length: int) -> list[list[int]]:
+    """The first ``length`` tokens of the first ``count`` held-out blocks (``[N, L]`` ids)."""
+    ids = torch.as_tensor(input_ids[: min(count, len(input_ids))])
+    return ids[:, :length].tolist()
+
+
+def _teacher_view(
+    prompt: list[int], completion: list[int], student_tok: Any, teacher_tok: Any | None
+) -> tuple[list[int], int, int]:
+    """(teacher ids of prompt + completion, index of the first teacher token of the continuation, bytes
+    of the continuation text)."""
+    ids = prompt + completion
+    spelled = spell(ids, student_tok)
+    n_bytes = text_bytes(spelled.pieces) - text_bytes(spell(prompt, student_tok).pieces)
+    if teacher_tok is None:
+        return ids, len(prompt), n_bytes
+    paired = pair_student_written(ids, student_tok, teacher_tok)
+    prompt_chars = spelled.spans[len(prompt) - 1][1] if prompt else 0
+    first = sum(1 for _, end in paired.teacher.spans if end <= prompt_chars)
+    return paired.teacher.ids, first, n_bytes
+
+
+def _teacher_nll(teacher: Any, views: list[tuple[list[int], int, int]], vocab: int, device: Any) -> float:
+    """Sum over rows of the teacher's NLL (T = 1) of its tokens from each row's ``first`` on."""
+    width = max(len(v[0]) for v in views)
+    ids = torch.zeros((len(views), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    scored = torch.zeros((len(views), width), dtype=torch.bool)  # position j scores token j + 1
+    for i, (t_ids, first, _) in enumerate(views):
+        ids[i, : len(t_ids)] = torch.as_tensor(t_ids)
+        mask[i, : len(t_ids)] = 1
+        scored[i, max(first, 1) - 1 : len(t_ids) - 1] = True
+    out = hidden_and_head(teacher, teacher, ids.to(device), mask.to(device))
+    head = Head(out.head_weight, out.head_bias, vocab)
+    hidden = out.hidden.reshape(-1, out.hidden.shape[-1])
+    nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1).reshape(-1).to(device)
+
+    def chunk(r: slice) -> torch.Tensor:
+        lp = torch.log_softmax(head.logits(hidden[r], upcast=True), dim=-1)
+        return lp.gather(1, nxt[r, None]).squeeze(1)
+
+    lp = over_chunks(chunk, hidden.shape[0], 256, combine="cat").reshape(ids.shape)
+    return float(-(lp.double() * scored.to(device)).sum())
+
+
+@torch.no_grad()
+def score_continuations(
+    student: Any,
+    teacher: Any,
+    spec: ContinuationSpec,
+    *,
+    student_tokenizer: Any,
+    teacher_tokenizer: Any | None = None,
+    zero_stage: int = -1,
+    accelerator: Any = None,
+) -> dict[str, float]:
+    """The teacher's loss on the student's greedy and sampled continuations of ``spec.prompts``.
+
+    ``student`` may be prepared (DDP, a DeepSpeed engine; ``zero_stage`` 3 gathers it for generation) or a
+    plain model; ``teacher`` a model or a ZeRO-3 engine; ``teacher_tokenizer`` None when both share one
+    vocabulary. With an ``accelerator`` each rank continues its share of the prompts and the sums are
+    reduced (every rank runs the same number of batches: generation and a ZeRO-3 forward are collectives).
+    Returns ``cont_{greedy,sampled}_{teacher_nll,teacher_bpb,tokens}`` and ``cont_prompts``.
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else next(teacher.parameters()).device
+    vocab = len(teacher_tokenizer or student_tokenizer)
+    sums = torch.zeros((len(MODES), 3), dtype=torch.float64)  # nll, student tokens, bytes
+    n = len(spec.prompts)
+    for lo, counted in rank_batches(n, spec.batch_size, rank, world):
+        rows = spec.prompts[lo : min(lo + spec.batch_size, n)]
+        seeds = [row_seed(spec.seed, -1, lo + i, ROLE_EVAL) for i in range(len(rows))]
+        with student_for_generation(student, zero_stage) as model:
+            written = [
+                generate(model, rows, spec.sampling(m), seeds=seeds, tokenizer=student_tokenizer)
+                for m in MODES
+            ]
+        for k, completions in enumerate(written):
+            views = [
+                _teacher_view(p, c, student_tokenizer, teacher_tokenizer)
+                for p, c in zip(rows, completions, strict=True)
+            ]
+            nll = _teacher_nll(teacher, views, vocab, device)
+            if counted:
+                sums[k] += torch.tensor([nll, sum(map(len, completions)), sum(v[2] for v in views)])
+    if accelerator is not None and world > 1:
+        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    out: dict[str, float] = {"cont_prompts": float(n)}
+    for k, mode in enumerate(MODES):
+        nll, tokens, n_bytes = sums[k].tolist()
+        out[f"cont_{mode}_teacher_nll"] = nll / max(tokens, 1.0)
+        out[f"cont_{mode}_teacher_bpb"] = nll / math.log(2) / max(n_bytes, 1.0)
+        out[f"cont_{mode}_tokens"] = tokens / max(n, 1)
+    return out
+
+
+def continuation_summary(final_eval: dict[str, float]) -> dict[str, Any]:
+    """The ``summary.json`` block of :func:`score_continuations`'s results (empty when it did not run)."""
+    if "cont_prompts" not in final_eval:
+        return {}
+    block: dict[str, Any] = {"prompts": int(final_eval["cont_prompts"])}
+    for mode in MODES:
+        block[mode] = {
+            key: final_eval[f"cont_{mode}_{key}"] for key in ("teacher_nll", "teacher_bpb", "tokens")
+        }
+    return {"student_continuations": block}
+
+
+class RunContinuations:
+    """The end-of-run continuation evaluation of a training run: :func:`score_continuations` with the run's
+    models, prompts from its held-out blocks and its sampling settings."""
+
+    def __init__(self, spec: ContinuationSpec, models: Models, accelerator: Any) -> None:
+        self.spec, self.models, self.accelerator = spec, models, accelerator
+
+    def __call__(self, plain_student: Any = None) -> dict[str, float]:
+        """Score the prepared student, or ``plain_student`` (a whole model on every rank: the EMA)."""
+        m = self.models
+        return score_continuations(
+            m.student if plain_student is None else plain_student,
+            m.teacher,
+            self.spec,
+            student_tokenizer=m.student_tokenizer,
+            teacher_tokenizer=m.teacher_tokenizer,
+            zero_stage=m.zero_stage if plain_student is None else -1,
+            accelerator=self.accelerator,
+        )
+
+
+def build_continuations(
+    cfg: RunConfig, models: Models, heldout: Any, accelerator: Any
+) -> RunContinuations | None:
+    """The run's continuation evaluation (None without a teacher, or when ``generation.eval_prompts``
+    resolves to 0); prompts are prefixes of the held-out blocks ``heldout``."""
+    g = cfg.distillation.generation
+    count = resolved_eval_prompts(cfg.distillation.policy, g)
+    if count == 0 or models.teacher is None:
+        return None
+    spec = ContinuationSpec(
+        heldout_prompts(heldout[: min(count, len(heldout))]["input_ids"], count, g.prompt_tokens),
+        max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        seed=cfg.training.seed,
+        batch_size=cfg.training.eval_batch_size,
+    )
+    return RunContinuations(spec, models, accelerator)
