@@ -64,8 +64,9 @@ QUANT_BYTES = {"8bit": 1.0, "4bit": 0.5}
 DEFAULT_MICRO_BATCHES = (1, 2, 4, 8, 16)
 
 BRIDGE_BLOCK_ROWS = 4
-"""``[block, Vs]`` fp32 temporaries alive at once in a block of the closed-form KD across vocabularies
-(:mod:`sakd.losses.bucket_grads`): the student's bucket logits, the teacher's bucket log-probabilities,
+"""``[block, M]`` fp32 temporaries alive at once in a block of the closed-form KD across vocabularies
+(:mod:`sakd.losses.bucket_grads`; ``M <= min(Vs, Vt) + 2`` buckets: one per student id the teacher
+reaches, the own target, the tail): the student's bucket logits, the teacher's bucket log-probabilities,
 the divergence's scratch and the tail's masked copy, on top of the preallocated ``[block, max(Vs, Vt)]``
 scratch (and the ``[block, Vs]`` CE one with labels). ``tests/test_plan.py`` measures it."""
 
@@ -274,15 +275,16 @@ def loss_bytes(
     The workspace is fp32 ``[chunk, V]`` logits, student and teacher side (the chunk as the loss resolves
     ``chunk_size``, :func:`sakd.losses.chunk_size.resolve_chunk_size`), plus the scratch blocks of the
     closed forms (:func:`sakd.losses.logit_grads.block_rows` rows each): one ``[block, max(Vs, Vt)]``, one
-    ``[block, Vs]`` for the CE gradient with labels, and :data:`BRIDGE_BLOCK_ROWS` more across
-    vocabularies. The gradients are computed in the forward pass and kept until backward: ``[tokens, Hs]``
+    ``[block, Vs]`` for the CE gradient with labels, and :data:`BRIDGE_BLOCK_ROWS` ``[block, buckets]``
+    across vocabularies. The gradients are computed in the forward pass and kept until backward: ``[tokens, Hs]``
     for the hidden states and ``[Vs, Hs]`` for the head, in the head's dtype."""
     vs, vt = student.vocab, teacher.vocab if teacher else 0
     ht = teacher.hidden if teacher else 0
     rows = min(resolve_chunk_size(w.chunk_size, tokens, (vs, vt), (student.hidden, ht)), tokens)
     widest = max(vs, vt)
     block = block_rows(rows, widest)
-    blocks = block * (widest + (vs if w.with_labels else 0) + (BRIDGE_BLOCK_ROWS * vs if w.aligned else 0))
+    buckets = min(vs, vt) + 2 if w.aligned else 0
+    blocks = block * (widest + (vs if w.with_labels else 0) + BRIDGE_BLOCK_ROWS * buckets)
     workspace = (rows * (vs + vt) + blocks) * 4
     head_rows = student.vocab if student.head_trainable else 0  # a frozen head (PEFT) gets no gradient
     return workspace, (tokens + head_rows) * student.hidden * head_bytes
