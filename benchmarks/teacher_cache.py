@@ -37,12 +37,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's sakd, whatever is installed
 
 
-def sakd(*args: str, threads: int = 2) -> str:
+THREADS = 2  # torch threads of every sakd run; set by --threads
+
+
+def sakd(*args: str) -> str:
     """Run ``python -m sakd.cli ARGS`` (from this checkout); returns stdout, raises on failure."""
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(THREADS),
         "TOKENIZERS_PARALLELISM": "false",
     }
     proc = subprocess.run(
@@ -255,7 +258,20 @@ def quality(args: argparse.Namespace) -> dict:
     chars = eval_chars(evalf, str(args.smollm), args.block)
     result: dict = {"eval_chars": chars, "caches": {}, "runs": []}
     # the teacher's own held-out loss on the same blocks
-    t = last_json(sakd("eval", str(args.smollm), "--data", str(evalf), "--block-size", str(args.block)))
+    t = last_json(
+        sakd(
+            "eval",
+            str(args.smollm),
+            "--data",
+            str(evalf),
+            "--sample-by",
+            "line",
+            "--block-size",
+            str(args.block),
+            "--prompts",
+            "0",
+        )
+    )
     result["teacher"] = {**t, "bits_per_char": t["loss"] * t["tokens"] / chars / math.log(2)}
     print("teacher", json.dumps(result["teacher"]), flush=True)
     caches = {"topk_tail64": ["distillation.cache.mode=topk_tail", "distillation.cache.top_k=64"]}
@@ -334,9 +350,10 @@ def quality(args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", choices=["storage", "throughput", "quality"])
-    p.add_argument("--kjv", type=Path, default=Path("/work/scratch/assets/out/kjv/kjv.txt"))
-    p.add_argument("--qwen-tokenizer", type=Path, default=Path("/work/scratch/assets/out/qwen2-tokenizer"))
-    p.add_argument("--smollm", type=Path, default=Path("/work/scratch/assets/out/smollm2-135m-instruct"))
+    p.add_argument("--kjv", type=Path, help="KJV text, one chapter per line (every suite)")
+    p.add_argument("--qwen-tokenizer", type=Path, help="Qwen2 tokenizer directory (storage, throughput)")
+    p.add_argument("--smollm", type=Path, help="SmolLM2-135M-Instruct directory (throughput, quality)")
+    p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every sakd run")
     p.add_argument("--out", type=Path, default=Path("runs/bench-teacher-cache"))
     p.add_argument("--blocks", type=int, default=32, help="storage: teacher blocks of 256 tokens per case")
     p.add_argument("--steps", type=int, default=3, help="throughput: timed steps")
@@ -357,6 +374,16 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=3e-3)
     args = p.parse_args()
+    need = {"storage": ("kjv", "qwen_tokenizer"), "throughput": ("kjv", "qwen_tokenizer", "smollm")}
+    for name in need.get(args.suite, ("kjv", "smollm")):
+        flag = "--" + name.replace("_", "-")
+        path = getattr(args, name)
+        if path is None:
+            p.error(f"{args.suite} needs {flag} PATH (the assets are built by benchmarks/real_assets.py)")
+        if not path.exists():
+            p.error(f"{flag} {path}: no such file or directory (build it with benchmarks/real_assets.py)")
+    global THREADS
+    THREADS = args.threads
     t = time.perf_counter()
     result = {"storage": storage, "throughput": throughput, "quality": quality}[args.suite](args)
     result["seconds"] = round(time.perf_counter() - t, 1)
