@@ -16,7 +16,7 @@ things. Every run goes through the ``sakd`` command (``python -m sakd.cli``), as
   SmolLM tokenizer, random init, fp32).
 * quality -- held-out bits per character of a tiny student (``tiny-dense`` with SmolLM2's tokenizer)
   distilled from the real SmolLM2-135M-Instruct on KJV text: online KD vs top-k 8 / 64, top-k + tail,
-  sampled with 12 draws (about top-k 8's storage) and 24 draws (about 60 B/token), CE only; several seeds.
+  sampled with 12 draws (about top-k 8's storage) and 24 draws (about 50 B/token), CE only; several seeds.
 
 KJV.txt: one chapter per line, blank lines between (see ``benchmarks/real_assets.py``).
 """
