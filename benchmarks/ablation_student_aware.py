@@ -3,7 +3,7 @@
     python benchmarks/ablation_student_aware.py --out runs/ablation --kjv kjv.txt [--seeds 3] [--steps 200]
 
 For each corpus -- the demo's generated corpus and real English text (the King James Bible; build it with
-``python benchmarks/kjv_text.py kjv.txt``, which needs Debian's ``bible-kjv``) -- the corpus is split by
+``sakd assets kjv DIR``, which needs Debian's ``bible-kjv``) -- the corpus is split by
 document into training text and a fixed held-out file; two byte-level BPE tokenizers are trained on it (the
 student's, 1,024 tokens, and the teacher's, 2,048: the cross-tokenizer path); the ``tiny-moe`` teacher
 (Qwen3-MoE, 4 experts, top-2) is pretrained on it by sakd; then the ``tiny-dense`` student is trained by
@@ -280,9 +280,7 @@ def locked(path: Path | None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
-    parser.add_argument(
-        "--kjv", type=Path, default=None, help="King James Bible text (benchmarks/kjv_text.py)"
-    )
+    parser.add_argument("--kjv", type=Path, default=None, help="King James Bible text (sakd assets kjv DIR)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--teacher-steps", type=int, default=600)

