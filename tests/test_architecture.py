@@ -11,7 +11,7 @@ PKG = Path(__file__).parents[1] / "sakd"
 
 # bottom to top; a module may import from its own layer and the layers below it
 LAYERS = [
-    {"errors", "upstream"},
+    {"errors", "upstream", "progress"},
     {"config", "losses", "align"},
     {"data"},
     {"models"},

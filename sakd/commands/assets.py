@@ -43,6 +43,9 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sakd.commands.console import runtime
+
+    runtime()
     if args.asset == "smollm2":
         from sakd.models.gguf import convert_gguf, packaged_gguf
 

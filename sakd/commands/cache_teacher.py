@@ -74,11 +74,14 @@ def run(args: argparse.Namespace) -> int:
         return _verify(args.verify)
     if not (args.config and args.output):
         raise DataError("sakd cache-teacher needs --config RECIPE and --output DIR (or --verify DIR)")
+    from sakd.commands.console import runtime
     from sakd.config import load_config
+
+    cfg, notes = load_config(args.config, args.overrides)  # a bad recipe fails before torch is imported
+    runtime()
     from sakd.teacher.cache.generate import generate_cache
     from sakd.training.distributed import build_accelerator, check_cuda_arch
 
-    cfg, notes = load_config(args.config, args.overrides)
     for note in notes:
         print(f"sakd: note: {note}", file=sys.stderr)
     check_cuda_arch()

@@ -33,6 +33,8 @@ from sakd.data.synthetic import write_corpus
 from sakd.data.tokenize import DATA_FORMAT_VERSION
 from sakd.evaluation.heldout import cross_tokenizer_agreement, evaluate
 from sakd.models import load_tokenizer
+from sakd.training import checkpoint
+from sakd.training.stop_signals import TrainingStopped
 from sakd.training.trainer import Distiller
 
 # Budgets measured to keep the whole demo within ~5 minutes on 2 CPU cores (see README).
@@ -140,19 +142,28 @@ def _run_config(
     }
 
 
-def _train(raw: dict[str, Any]) -> dict[str, Any]:
+def _train(raw: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     cfg, _ = load_config(raw)
+    if resume:
+        return Distiller(cfg, resume="auto").train()
     return Distiller(cfg, resume="none", overwrite=True).train()
 
 
 def prepare_teacher(corpus: Path, tokenizer: Path, key: str, budget: dict[str, int], sample_by: str) -> Path:
-    """Pretrain the ``tiny-moe`` teacher on the corpus once; later demos reuse the cached directory."""
+    """Pretrain the ``tiny-moe`` teacher on the corpus once; later demos reuse the cached directory.
+
+    A stop signal during pretraining keeps the run's checkpoint: the next demo resumes from it. Any other
+    failure removes the half-trained run, so a later demo starts it afresh.
+    """
     cached = cache_root() / "demo-teacher" / key
     if (cached / "model.safetensors").is_file():
         print(f"[demo] reusing cached teacher {cached}")
         return cached
-    print("[demo] pretraining the tiny-moe teacher (cached for later runs)")
     work = cached.with_name(key + ".run")
+    resume = checkpoint.latest(work / "checkpoints") is not None
+    print(
+        f"[demo] {'resuming the stopped' if resume else 'pretraining the'} tiny-moe teacher (cached for later runs)"
+    )
     raw = _run_config(
         work,
         corpus,
@@ -166,7 +177,9 @@ def prepare_teacher(corpus: Path, tokenizer: Path, key: str, budget: dict[str, i
         sample_by=sample_by,
     )
     try:
-        _train(raw)
+        _train(raw, resume=resume)
+    except TrainingStopped:
+        raise  # checkpointed: the next demo resumes it
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # never leave a half-trained teacher behind
         raise

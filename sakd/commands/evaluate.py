@@ -13,10 +13,13 @@ import argparse
 import json
 from typing import Any
 
-from sakd.data.text import SAMPLE_BY
+from sakd.config.schema import SAMPLE_BY
 
 
 def run(args: argparse.Namespace) -> int:
+    from sakd.commands.console import runtime
+
+    runtime()
     from sakd.data import DataError, load_text_dataset, text_stream
     from sakd.evaluation.heldout import evaluate
     from sakd.models import load_model, load_tokenizer

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from collections.abc import Callable
 
+from sakd.commands import console
 from sakd.errors import SakdError
 
 EXIT_USAGE = 2
@@ -20,12 +19,14 @@ EXIT_FAILURE = 1
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     from sakd.config import load_config
+
+    cfg, notes = load_config(args.config, args.overrides)  # a bad recipe fails before torch is imported
+    for note in notes:
+        print(f"sakd: note: {note}", file=sys.stderr)
+    console.runtime()
     from sakd.training.stop_signals import TrainingStopped
     from sakd.training.trainer import Distiller
 
-    cfg, notes = load_config(args.config, args.overrides)
-    for note in notes:
-        print(f"sakd: note: {note}", file=sys.stderr)
     try:
         distiller = Distiller(cfg, resume=args.resume, overwrite=args.overwrite)
         summary = distiller.train()
@@ -38,9 +39,15 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    console.runtime()
     from sakd.commands.demo import run_demo
+    from sakd.training.stop_signals import TrainingStopped
 
-    summary = run_demo(args.output_dir, args.data, sample_by=args.sample_by)
+    try:
+        summary = run_demo(args.output_dir, args.data, sample_by=args.sample_by)
+    except TrainingStopped as e:  # as `sakd distill`: a stop is a stop, and the next demo picks it up
+        print(f"sakd: {e}", file=sys.stderr)
+        return e.exit_code
     print(json.dumps(summary, indent=1))
     print(
         f"sakd demo: {summary['verdict']} (held-out bits per byte: teacher {summary['teacher_bpb']:.3f}, KD "
@@ -51,6 +58,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    console.runtime()
     from sakd.training.export import export_run
 
     out = export_run(args.run_dir, args.output, step=args.step, raw=args.raw, adapter=args.adapter)
@@ -61,11 +69,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
+    console.runtime()
     importlib.import_module(f"sakd.commands.bench_{args.suite}").main(args.bench_args)
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    console.runtime()
     from sakd.commands.report import draw
 
     print(f"wrote {draw(args.run_dir, args.output)}")
@@ -180,18 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_libraries() -> None:
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    logging.getLogger("accelerate").setLevel(logging.ERROR)
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # offline retries, one per file
-
-
 # Every layer raises its own SakdError subclass (sakd.errors); library functions called directly with bad
 # arguments raise ValueError; a missing or unreadable path surfaces as FileNotFoundError / PermissionError.
 USER_ERRORS = (SakdError, FileNotFoundError, PermissionError, ValueError)
@@ -199,32 +197,18 @@ USER_ERRORS = (SakdError, FileNotFoundError, PermissionError, ValueError)
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    if not args.debug:
-        # bitsandbytes warns at import about optional CPU 4-bit kernels we do not use.
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-        _quiet_libraries()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may sit anywhere among the options (`--config R a=1 --overwrite b=2`)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    console.setup(args.debug)
     func: Callable[[argparse.Namespace], int] = args.func
-    import torch
-
-    if not torch.cuda.is_available():
-        # DeepSpeed (imported by accelerate/transformers) otherwise warns that it fell back to CPU.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if args.debug:
         return func(args)
-
     try:
         return func(args)
-    except torch.OutOfMemoryError:
-        print(
-            "sakd: error: out of memory; lower training.batch_size (raise gradient_accumulation_steps to keep "
-            "the global batch), set model.gradient_checkpointing=true, or lower data.block_size",
-            file=sys.stderr,
-        )
     except KeyboardInterrupt:
         print("sakd: interrupted", file=sys.stderr)
         return 130
@@ -232,10 +216,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sakd: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:  # an unexpected failure: still one line, the traceback is behind --debug
-        print(
-            f"sakd: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
+        if console.is_out_of_memory(e):
+            print(
+                "sakd: error: out of memory; lower training.batch_size (raise gradient_accumulation_steps to "
+                "keep the global batch), set model.gradient_checkpointing=true, or lower data.block_size",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"sakd: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the "
+                "traceback)",
+                file=sys.stderr,
+            )
     return EXIT_FAILURE
 
 

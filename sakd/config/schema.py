@@ -74,6 +74,10 @@ class ModelConfig:
     )
 
 
+SAMPLE_BY = ("document", "paragraph", "line")
+"""What one document of a .txt file can be (the ``sample_by`` option of ``datasets``' text loader)."""
+
+
 @dataclass
 class DataConfig:
     train: str | None = _f(
@@ -86,7 +90,7 @@ class DataConfig:
         "What one document of a .txt file is (datasets' text loader option): document = the whole file, "
         "paragraph = blank-line separated, line = each line. Line breaks inside a document are kept; EOS "
         "goes only after a document. .jsonl/.parquet/hub records are always one document each.",
-        choices=["document", "paragraph", "line"],
+        choices=list(SAMPLE_BY),
     )
     dataset_config: str | None = _f(None, "Hub dataset configuration name (e.g. wikitext-2-raw-v1).")
     split: str = _f("train", "Split of `train` to read.")
@@ -260,7 +264,7 @@ class OptimizationConfig:
     adam_epsilon: float = _f(1e-8, "Adam epsilon.", gt=0)
     lr_scheduler: str = _f(
         "cosine",
-        "transformers.get_scheduler name; the schedule is defined in optimizer steps.",
+        "Schedule (transformers.get_scheduler's names and formulas), defined in optimizer steps.",
         choices=[
             "linear",
             "cosine",
@@ -270,6 +274,7 @@ class OptimizationConfig:
             "inverse_sqrt",
         ],
     )
+    min_lr_ratio: float = _f(0.1, "Floor of cosine_with_min_lr, as a share of the peak rate.", min=0, max=1)
     warmup_steps: int = _f(0, "Linear warm-up length in optimizer steps.", min=0)
     warmup_ratio: float = _f(
         0.0, "Warm-up as a share of total optimizer steps (used when warmup_steps=0).", min=0, max=1
@@ -356,7 +361,11 @@ class TrainingConfig:
 @dataclass
 class LoggingConfig:
     log_every: int = _f(10, "Write a metrics.jsonl line every this many optimizer steps.", min=1)
-    progress_bar: bool = _f(True, "Show a tqdm progress bar with loss, tokens/s and ETA.")
+    progress_bar: bool = _f(
+        True,
+        "Show progress: a tqdm bar with loss, tokens/s and ETA on a terminal; a plain line every `log_every` "
+        "steps when output goes to a file or CI.",
+    )
     report_to: str = _f(
         "none", "Experiment tracker through Accelerate.", choices=["none", "tensorboard", "wandb"]
     )

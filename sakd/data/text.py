@@ -13,10 +13,10 @@ from pathlib import Path
 
 import datasets
 
+from sakd.config.schema import SAMPLE_BY
 from sakd.errors import DataError
 
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-SAMPLE_BY = ("document", "paragraph", "line")
 
 
 def _builder_options(builder: str, sample_by: str, spec: str) -> dict[str, object]:

@@ -61,7 +61,6 @@ gradient buffers (one filling while the other is reduced)."""
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 QUANT_BYTES = {"8bit": 1.0, "4bit": 0.5}
-DEFAULT_MICRO_BATCHES = (1, 2, 4, 8, 16)
 
 BRIDGE_BLOCK_ROWS = 4
 """``[block, M]`` fp32 temporaries alive at once in a block of the closed-form KD across vocabularies

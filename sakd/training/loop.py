@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from sakd.errors import TrainingError
 from sakd.evaluation.heldout import cross_tokenizer_agreement, evaluate
 from sakd.losses import resolve_chunk_size
 from sakd.models.student import student_state
 from sakd.models.zero import built_whole
+from sakd.progress import Progress
 from sakd.training import checkpoint, rundir
 from sakd.training.export import student_to_save
 from sakd.training.finish import run_summary, write_final
@@ -201,12 +201,12 @@ class RunLoop:
     def _train(self) -> dict[str, Any]:
         acc, tcfg, s = self.accelerator, self.cfg.training, self.state
         saved_step = None
-        bar = tqdm(
-            total=self.total_steps,
+        bar = Progress(
+            self.total_steps,
             initial=s.step,
-            disable=not (acc.is_main_process and self.cfg.logging.progress_bar),
+            enabled=acc.is_main_process and self.cfg.logging.progress_bar,
+            every=self.cfg.logging.log_every,
             desc="distill" if self.teacher is not None else "train",
-            dynamic_ncols=True,
         )
         t_window, tok_window = time.perf_counter(), 0
         while s.step < self.total_steps and s.stop_reason is None:
@@ -220,14 +220,13 @@ class RunLoop:
                 time.perf_counter() - t0,
             )
             tok_window += metrics["tokens"]
-            bar.update(1)
             skipped = "skipped_sample_ids" in metrics
             s.scaler_skipped_steps += metrics.pop("scaler_skipped")
+            figures = {} if skipped else {"loss": f"{metrics['loss']:.4f}"}
             if skipped:
                 self._skipped(metrics["skipped_sample_ids"])
             else:
                 s.consecutive_skips = 0
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
             if not skipped and (s.step % self.cfg.logging.log_every == 0 or s.step == self.total_steps):
                 now = time.perf_counter()
                 record = {
@@ -243,8 +242,9 @@ class RunLoop:
                     **memory_metrics(acc.device),
                 }
                 t_window, tok_window = now, 0
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                figures["tok/s"] = f"{record['tokens_per_s']:.0f}"
                 self._log(record)
+            bar.advance(1, **figures)
             best = bool(tcfg.eval_every and s.step % tcfg.eval_every == 0 and s.step < self.total_steps)
             best = best and self._evaluate_and_track()
             if best or (tcfg.save_every and s.step % tcfg.save_every == 0 and s.step < self.total_steps):

@@ -12,12 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import get_scheduler
 
 from sakd.config import OptimizationConfig, TrainingConfig
 from sakd.errors import ConfigError
 from sakd.models.peft import reset_trainable
 from sakd.training.optim import build_optimizer, describe_groups, frozen_names
+from sakd.training.schedules import build_scheduler
 
 
 def stage_ends(ocfg: OptimizationConfig, tcfg: TrainingConfig, steps_per_epoch: int) -> list[int]:
@@ -78,7 +78,7 @@ def stage_optimizer(
     length = ends[stage] - (ends[stage - 1] if stage else 0)
     if warmup is None:
         warmup = ocfg.warmup_steps or int(round(ocfg.warmup_ratio * length))
-    scheduler = get_scheduler(
-        ocfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=length
+    scheduler = build_scheduler(
+        ocfg.lr_scheduler, optimizer, warmup=warmup, total=length, min_lr_ratio=ocfg.min_lr_ratio
     )
     return optimizer, scheduler

@@ -27,12 +27,12 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from tqdm.auto import tqdm
 
 from sakd.config import RunConfig
 from sakd.data import split_documents
 from sakd.errors import ConfigError, DataError, RunDirError
 from sakd.models import load_tokenizer
+from sakd.progress import Progress
 from sakd.teacher.cache.bitpack import bits_for
 from sakd.teacher.cache.blocks import token_blocks
 from sakd.teacher.cache.extract import block_signals
@@ -267,12 +267,12 @@ def _run_shards(job: CacheJob, root: Path, teacher: OnlineTeacher, accelerator: 
     if lockstep and world > 1:  # a ZeRO-3 forward is a collective: every rank runs as many
         rounds = int(accelerator.reduce(torch.tensor(rounds, device=accelerator.device), reduction="max"))
     bs = job.spec.block_size
-    bar = tqdm(
-        total=sum(len(ids) for _, ids in batches) * bs,
+    bar = Progress(
+        sum(len(ids) for _, ids in batches) * bs,
         unit="tok",
-        unit_scale=True,
         desc=f"cache-teacher (rank {rank})" if world > 1 else "cache-teacher",
-        disable=not (accelerator.is_main_process and job.cfg.logging.progress_bar),
+        enabled=accelerator.is_main_process and job.cfg.logging.progress_bar,
+        every=job.cfg.logging.log_every,
     )
     pending: dict[int, list] = {}
     done = 0
@@ -284,7 +284,7 @@ def _run_shards(job: CacheJob, root: Path, teacher: OnlineTeacher, accelerator: 
         shard, ids = batches[r]
         pending.setdefault(shard, []).extend(_forward_batch(teacher, job, ids, accelerator.device))
         done += len(ids) * bs
-        bar.update(len(ids) * bs)
+        bar.advance(len(ids) * bs)
         if len(pending[shard]) == len(job.shard_blocks(shard)):
             write_shard(root, shard, job.shard_blocks(shard), pending.pop(shard), job.spec)
     bar.close()
