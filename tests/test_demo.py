@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -62,3 +63,54 @@ def test_demo_tiny_budget(tmp_path, monkeypatch, capsys):
     assert "reusing cached teacher" in capsys.readouterr().out
     assert again["teacher_ppl"] == pytest.approx(summary["teacher_ppl"])
     assert again["kd_student_ppl"] == pytest.approx(summary["kd_student_ppl"])  # deterministic
+
+
+DRIVER = """
+import json, sys
+from sakd.commands import demo, main
+demo.DEMO.update(json.loads(sys.argv[1]))
+sys.exit(main.main(["demo", "--output-dir", sys.argv[2]]))
+"""
+
+
+def test_demo_stopped_during_teacher_pretraining_resumes(tmp_path):
+    """SIGTERM while the teacher pretrains: the one-line stop message of `sakd distill`, exit 143, and the
+    next demo resumes the teacher from its checkpoint and finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    budget = {**TINY, "teacher_steps": 300}
+    env = {**os.environ, "SAKD_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    argv = [sys.executable, "-c", DRIVER, json.dumps(budget), str(tmp_path / "demo")]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    metrics = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((tmp_path / "cache" / "demo-teacher").glob("*.run/metrics.jsonl"))
+        if found and found[0].read_text().count("\n") >= 2:  # a few steps into pretraining
+            metrics = found[0]
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=300)
+    assert metrics is not None, f"the teacher never started: {err}"
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("sakd: stopped by SIGTERM at step ") and last.endswith(
+        "(run the same command again to resume)"
+    )
+    assert "internal error" not in err and "Traceback" not in err
+    stopped_at = int(last.split("at step ")[1].split(";")[0])
+    assert 0 < stopped_at < budget["teacher_steps"]
+
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "resuming the stopped tiny-moe teacher" in again.stdout
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert CONTRACT <= summary.keys()
+    steps = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()] if metrics.exists() else []
+    assert not steps  # the finished teacher's run directory is gone: it became the cached teacher
+    assert (Path(summary["teacher_dir"]) / "model.safetensors").is_file()
