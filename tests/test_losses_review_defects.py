@@ -70,3 +70,38 @@ def test_topk_tail_floor_leaves_a_non_peaked_teacher_unchanged(kind):
         reduction="sum", scale_by_t2=False,
     )  # fmt: skip
     torch.testing.assert_close(fused.loss, want.sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_knowledge_augmentation_span_probability_is_the_mixtures():
+    """With M augmented teachers the chain-rule probability of a multi-token span is mean_m Π_j p_m(j):
+    each sampled teacher spells the whole span. It was Π_j mean_m p_m(j)."""
+    from sakd.align.positions import span_logprob
+    from sakd.objective.chain import inside_spans, teacher_token_logprobs
+    from sakd.teacher.moe import AugmentedSignal
+
+    m, length, h, vt = 3, 6, 5, 7
+    samples = rand(m, 1, length, h, seed=20, scale=2.0).float()
+    head = rand(vt, h, seed=21, scale=2.0).float()
+    ids = torch.tensor([[3, 1, 4, 1, 5, 2]])
+    anchor, span_end = torch.tensor([[0, 3]]), torch.tensor([[3, 5]])  # spans of 3 and 2 teacher tokens
+    multi = torch.ones_like(anchor, dtype=torch.bool)
+    teacher = AugmentedSignal(hidden=samples.mean(0), head_weight=head, head_bias=None, samples=samples)
+    needed = inside_spans(anchor, span_end, multi, length)
+    got = span_logprob(teacher_token_logprobs(teacher, ids, 1.5, needed, vt, 4), anchor, span_end)
+    # independent: each sample's probability of the span's tokens, multiplied, then averaged over samples
+    probs = torch.softmax(samples.double() @ head.double().T / 1.5, -1)[:, 0]  # [M, L, V]
+    want = []
+    for a, e in zip(anchor[0].tolist(), span_end[0].tolist(), strict=True):
+        per_sample = [
+            torch.prod(torch.stack([probs[s, j, ids[0, j + 1]] for j in range(a, e)])) for s in range(m)
+        ]
+        want.append(torch.stack(per_sample).mean().log())
+    want = torch.stack(want).float().unsqueeze(0)
+    wrong = torch.stack(
+        [
+            probs[:, a:e].gather(-1, ids[0, a + 1 : e + 1].expand(m, -1).unsqueeze(-1)).mean(0).log().sum()
+            for a, e in ((0, 3), (3, 5))
+        ]
+    ).float()
+    assert (want[0] - wrong).abs().min() > 1e-3  # the example tells the two apart
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
