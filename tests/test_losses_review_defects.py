@@ -105,3 +105,48 @@ def test_knowledge_augmentation_span_probability_is_the_mixtures():
     ).float()
     assert (want[0] - wrong).abs().min() > 1e-3  # the example tells the two apart
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _subset_reference(student: torch.Tensor, teacher: torch.Tensor, stored: torch.Tensor, t2s: torch.Tensor):
+    """Brute force on the full distributions: the outcomes are the student ids that receive a teacher token
+    and one rest outcome (the student ids that receive none, the teacher ids that map to none). Both sides
+    are restricted to the outcomes the stored teacher ids reach and renormalized there; forward KL."""
+    vs = student.shape[-1]
+    receives = torch.zeros(vs, dtype=torch.bool)
+    receives[t2s[t2s >= 0]] = True
+    out = []
+    for row in range(student.shape[0]):
+        q, p = torch.softmax(student[row], -1), torch.softmax(teacher[row], -1)
+        big_q = {o: q[o] for o in range(vs) if receives[o]}
+        big_q["rest"] = q[~receives].sum()
+        big_p: dict = {}
+        for v in stored[row].tolist():
+            o = int(t2s[v]) if t2s[v] >= 0 else "rest"
+            big_p[o] = big_p.get(o, 0.0) + p[v]
+        reach = list(big_p)
+        pp = torch.stack([big_p[o] for o in reach])
+        qq = torch.stack([big_q[o] for o in reach])
+        pp, qq = pp / pp.sum(), qq / qq.sum()
+        out.append((pp * (pp / qq).log()).sum())
+    return torch.stack(out)
+
+
+def test_stored_subset_across_tokenizers_rest_bucket_covers_the_same_outcomes():
+    """The student's rest bucket is its mass on the ids that receive no teacher token, whether or not a
+    stored id is unmapped (it was all of its mass outside the stored buckets when one was)."""
+    from sakd.losses import KDSpec
+    from sakd.losses.blend import kd_per_position
+
+    vs, vt = 9, 12
+    t2s = torch.tensor([0, 1, 2, 3, 4, 5, 5, 6, -1, -1, 6, 0])  # ids 7, 8 receive nothing; 8, 9 unmapped
+    student, teacher = rand(2, vs, seed=30), rand(2, vt, seed=31)
+    teacher[0, 8] = teacher[1, 8] = -9.0
+    teacher[0, 9] = 6.0  # row 0: an unmapped id among the stored top-4; row 1: none
+    teacher[1, 9] = -9.0
+    stored = topk_teacher(teacher, 4)
+    unmapped = t2s[stored.indices] < 0
+    assert unmapped[0].any() and not unmapped[1].any()
+    got = kd_per_position(student, stored, KDSpec(sparse="subset"), teacher_to_student=t2s)
+    torch.testing.assert_close(
+        got, _subset_reference(student, teacher, stored.indices, t2s), rtol=1e-10, atol=1e-12
+    )
