@@ -150,3 +150,50 @@ def test_stored_subset_across_tokenizers_rest_bucket_covers_the_same_outcomes():
     torch.testing.assert_close(
         got, _subset_reference(student, teacher, stored.indices, t2s), rtol=1e-10, atol=1e-12
     )
+
+
+CHI2_7DF_P001 = 24.32  # the 0.999 quantile of the chi-square distribution with 7 degrees of freedom
+
+
+def _cached_draw_counts(z: torch.Tensor, temperature: float, positions: int, draws: int) -> torch.Tensor:
+    """Pooled counts of the ids a ``sampled`` cache stores for one block whose every position has logits z."""
+    from sakd.models.forward import HiddenAndHead
+    from sakd.teacher.cache.extract import block_signals
+    from sakd.teacher.cache.manifest import SignalSpec
+
+    v = z.numel()
+    spec = SignalSpec(
+        mode="sampled", top_k=None, num_samples=draws, temperature=temperature, values_dtype="float32",
+        vocab_size=v, index_bits=3, block_size=positions, router_shape=None, seed=7,
+    )  # fmt: skip
+    out = HiddenAndHead(
+        hidden=torch.ones(1, positions, 1), head_weight=z.float().reshape(v, 1), head_bias=None
+    )
+    blocks = {
+        "input_ids": torch.zeros(1, positions, dtype=torch.long), "char_end": torch.zeros(1, positions),
+        "char_base": torch.zeros(1), "follows_previous": torch.zeros(1, dtype=torch.bool),
+        "next_id": torch.zeros(1, dtype=torch.long), "block_index": torch.tensor([3]),
+    }  # fmt: skip
+    (signal,) = block_signals(out, blocks, spec)
+    counts = torch.zeros(v, dtype=torch.float64)
+    counts.index_add_(0, signal.indices.reshape(-1), signal.counts.reshape(-1).double())
+    assert counts.sum() == positions * draws
+    return counts
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = counts.sum() * probs
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_sampled_cache_draws_follow_the_teacher_at_the_cache_temperature():
+    """Pearson's chi-square of 8192 pooled draws (512 positions, two draw chunks, x 16) against softmax(z/T)
+    stays under the 0.999 quantile; the same test rejects softmax(z) for draws at T = 2 and softmax(z/2) for
+    draws at T = 1, so a cache drawing at the wrong temperature would fail it."""
+    z = torch.tensor([3.0, 2.0, 1.5, 1.0, 0.0, -0.5, -1.0, -2.0], dtype=torch.float64)
+    at_two = _cached_draw_counts(z, 2.0, 512, 16)
+    assert _chi2(at_two, torch.softmax(z / 2.0, -1)) < CHI2_7DF_P001
+    assert _chi2(at_two, torch.softmax(z, -1)) > 10 * CHI2_7DF_P001
+    at_one = _cached_draw_counts(z, 1.0, 512, 16)
+    assert _chi2(at_one, torch.softmax(z, -1)) < CHI2_7DF_P001
+    assert _chi2(at_one, torch.softmax(z / 2.0, -1)) > 10 * CHI2_7DF_P001
