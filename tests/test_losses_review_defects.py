@@ -197,3 +197,67 @@ def test_sampled_cache_draws_follow_the_teacher_at_the_cache_temperature():
     at_one = _cached_draw_counts(z, 1.0, 512, 16)
     assert _chi2(at_one, torch.softmax(z, -1)) < CHI2_7DF_P001
     assert _chi2(at_one, torch.softmax(z / 2.0, -1)) > 10 * CHI2_7DF_P001
+
+
+def _sampled_objective_loss(
+    chunk_size, fused, sample_ids, student_hidden, teacher_hidden, head_s, head_t, labels
+):
+    """``sparse=sampled`` through the Objective as a run computes it: summed loss and student-hidden gradient."""
+    from sakd.config import LossConfig
+    from sakd.models.forward import HiddenAndHead
+    from sakd.objective.composite import Objective
+
+    cfg = LossConfig(
+        sparse="sampled", num_samples=5, temperature=1.5, alpha=0.7, chunk_size=chunk_size, fused=fused
+    )
+    objective = Objective(cfg, vocab_size=head_s.shape[0], seed=11)
+    hidden = student_hidden.clone().requires_grad_()
+    out = objective(
+        HiddenAndHead(hidden, head_s, None), HiddenAndHead(teacher_hidden, head_t, None), labels,
+        temperature=1.5, batch={"sample_ids": sample_ids},
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(out.loss_sum, hidden)
+    return out.loss_sum.detach(), grad
+
+
+def test_on_the_fly_sampled_loss_does_not_depend_on_how_the_step_is_split():
+    """The on-the-fly draws come from each block's stream (seed, block id), not from the global RNG per chunk:
+    the same loss and gradient for any chunk size, fused or not, whole batch or two micro-batches."""
+    b, length, h, v = 4, 9, 6, 30
+    sh, th = rand(b, length, h, seed=40), rand(b, length, h, seed=41)
+    head_s, head_t = rand(v, h, seed=42), rand(v, h, seed=43, scale=2.0)
+    labels = torch.randint(0, v, (b, length), generator=torch.Generator().manual_seed(44))
+    ids = torch.tensor([17, 3, 250, 8])
+    args = (sh, th, head_s, head_t, labels)
+    torch.manual_seed(0)
+    ref_loss, ref_grad = _sampled_objective_loss(4, True, ids, *args)
+    for chunk, fused in ((3, True), (7, True), (64, True), ("auto", False)):
+        torch.manual_seed(chunk if isinstance(chunk, int) else 1)  # the global RNG plays no part
+        loss, grad = _sampled_objective_loss(chunk, fused, ids, *args)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
+    halves = [
+        _sampled_objective_loss(5, True, ids[r], sh[r], th[r], head_s, head_t, labels[r])
+        for r in (slice(0, 2), slice(2, 4))
+    ]
+    torch.testing.assert_close(halves[0][0] + halves[1][0], ref_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.cat([halves[0][1], halves[1][1]]), ref_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_block_draws_differ_between_positions_and_blocks_and_match_the_cache():
+    """Every position of a block (same distribution everywhere) gets its own draws, two blocks different
+    ones; and they are the draws a sampled cache stores for that block (one function, one stream)."""
+    from sakd.losses import BlockDraws
+    from sakd.losses.draws import draw_blocks
+
+    z = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 0.2, 0.9, -0.2], dtype=torch.float64)
+    length = 300  # two draw chunks
+    lp = torch.log_softmax(z.float(), -1).expand(2 * length, -1)
+    drawn = draw_blocks(lambda r: lp[r], 2 * length, BlockDraws(7, torch.tensor([3, 4])), 16, 1.0, lp.device)
+    rows = [tuple(drawn.indices[i].tolist()) for i in range(2 * length)]
+    assert len(set(rows[:length])) > 0.9 * length  # positions of one block: (almost) all different draws
+    assert rows[:length] != rows[length:]  # another block: another stream
+    cached = _cached_draw_counts  # the cache's draws of block 3 with seed 7 (same helper as the chi-square)
+    counts = torch.zeros(z.numel(), dtype=torch.float64)
+    counts.index_add_(0, drawn.indices[:length].reshape(-1), drawn.counts[:length].reshape(-1).double())
+    torch.testing.assert_close(counts, cached(z, 1.0, length, 16))
