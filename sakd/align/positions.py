@@ -22,6 +22,7 @@ from their offset spans (``Ġthe`` reported as ``(1, 4)``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -122,7 +123,9 @@ def span_logprob(token_logprobs: Tensor, anchor: Tensor, span_end: Tensor) -> Te
 
     Args:
         token_logprobs: ``[B, Lt]``; entry ``j`` is the teacher's log-probability, at position
-            ``j``, of its own next token ``j + 1`` (the last entry is unused).
+            ``j``, of its own next token ``j + 1`` (the last entry is unused). ``[M, B, Lt]`` for an
+            equal mixture of M teachers (Knowledge Augmentation): each spells the whole span, so the
+            result is ``log mean_m exp(Σ_j token_logprobs[m, j])``.
         anchor: ``[B, Ls]`` teacher position per student position, or -1.
         span_end: ``[B, Ls]`` the teacher position where the student's next token ends, or -1.
 
@@ -132,6 +135,10 @@ def span_logprob(token_logprobs: Tensor, anchor: Tensor, span_end: Tensor) -> Te
         NaN elsewhere.
     """
     lp = token_logprobs.double()  # prefix sums of a few hundred log-probs: keep the difference exact
+    if lp.dim() == 3:  # a mixture: each member's span log-prob, then log of their mean
+        spans = torch.stack([span_logprob(m, anchor, span_end) for m in lp])
+        mixed = torch.logsumexp(spans, 0) - math.log(lp.shape[0])  # NaN rows stay NaN
+        return mixed.to(token_logprobs.dtype)
     prefix = torch.cat(
         [lp.new_zeros(lp.shape[0], 1), lp.cumsum(-1)], dim=-1
     )  # prefix[j] = sum of entries < j

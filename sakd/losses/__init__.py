@@ -15,6 +15,7 @@ from .chunk_size import auto_chunk_size, resolve_chunk_size
 from .chunked import Head, over_chunks
 from .cross_entropy import cross_entropy, cross_entropy_per_position
 from .divergences import KINDS, divergence, divergence_from_logprobs
+from .draws import BlockDraws
 from .fused import HeadInput, fused_distill, fused_linear_divergence
 from .reduction import reduce_positions
 from .sparse import SPARSE_MODES, SparseTeacher, sample_teacher, sparse_divergence, topk_teacher
@@ -22,6 +23,7 @@ from .spec import KDSpec, ObjectiveSpec, Targets, VocabBridge
 from .vocab_map import check_vocab_map, project_to_shared_support
 
 __all__ = [
+    "BlockDraws",
     "KINDS",
     "SPARSE_MODES",
     "DistillOutput",

@@ -22,6 +22,8 @@ from .bucket_grads import per_tensor
 from .chunk_loop import ChunkPlan, FusedLinearKD
 from .chunk_size import resolve_chunk_size
 from .chunked import Head
+from .draws import BlockDraws, draw_blocks
+from .mixture import mixture_logits
 from .sparse import SparseTeacher
 from .spec import KDSpec, ObjectiveSpec, Targets, VocabBridge
 from .vocab_map import check_vocab_map
@@ -79,6 +81,20 @@ def _teacher_rows(teacher: HeadInput) -> Tensor:
     return _flatten(teacher.hidden, 1)
 
 
+def _drawn_teacher(teacher: HeadInput, spec: KDSpec, draws: BlockDraws) -> SparseTeacher:
+    """The on-the-fly ``sampled`` draws of every row (:func:`sakd.losses.draws.draw_blocks`), the teacher's
+    log-probs computed as a cache computes them (at least float32, a mixture's at the KD temperature)."""
+    rows = _teacher_rows(teacher).detach()
+
+    def logprobs_of(r: slice) -> Tensor:
+        logits = teacher.head.logits(rows[r], upcast=True)
+        if teacher.mixture:
+            logits = mixture_logits(logits, spec.temperature)
+        return torch.log_softmax(logits / spec.temperature, dim=-1)
+
+    return draw_blocks(logprobs_of, rows.shape[0], draws, spec.num_samples, spec.temperature, rows.device)
+
+
 def _rows(head: Head) -> int:
     return head.weight.shape[0] if head.vocab is None else head.vocab
 
@@ -96,6 +112,7 @@ def fused_distill(
     targets: Targets = _NO_TARGETS,
     bridge: VocabBridge = _SAME_VOCAB,
     generator: torch.Generator | None = None,
+    draws: BlockDraws | None = None,
 ) -> DistillOutput:
     """The blended distillation loss from hidden states and output heads, computed chunk by chunk.
 
@@ -112,7 +129,12 @@ def fused_distill(
             head-weight gradient is accumulated over tokens during the forward pass.
         targets: labels, masks, weights, KD mask and chain-rule scores (:class:`Targets`).
         bridge: the vocabulary map(s) when the teacher has another vocabulary (:class:`VocabBridge`).
-        generator: random generator of the on-the-fly ``sampled`` mode.
+        generator: random generator of the on-the-fly ``sampled`` mode (one draw per chunk, in order:
+            the draws then depend on the chunk size); ignored with ``draws``.
+        draws: the on-the-fly ``sampled`` mode draws each position from its block's stream instead
+            (:mod:`sakd.losses.draws`: the same however the step is split, as an offline cache), all before
+            the chunk loop, which then reads them like a stored signal (across tokenizers: the stored
+            signal's projection, :mod:`sakd.losses.sparse_projection`).
 
     Returns:
         :class:`DistillOutput` with the differentiable ``loss``, detached ``kd`` and ``ce`` (None without
@@ -137,6 +159,8 @@ def fused_distill(
     hidden = _flatten(student.hidden, 1)
     n_tokens = hidden.shape[0]
     stored = teacher.reshape(-1) if isinstance(teacher, SparseTeacher) else None
+    if stored is None and kd_spec.sparse == "sampled" and draws is not None:
+        stored = _drawn_teacher(teacher, kd_spec, draws)
     n_teacher = stored.indices.shape[0] if stored is not None else _teacher_rows(teacher).shape[0]
     if n_teacher != n_tokens:
         raise ValueError(f"student has {n_tokens} positions but the teacher signal has {n_teacher}")

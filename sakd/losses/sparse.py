@@ -24,6 +24,7 @@ expectation (the tests check all three).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,28 @@ from .divergences import check_divergence_args, divergence_from_logprobs, temper
 from .reduction import check_reduction, compute_dtype, reduce_positions, zero_masked_rows
 
 SPARSE_MODES = ("subset", "topk_tail", "sampled")
+
+TAIL_FLOOR = 1e-6
+"""The least teacher tail mass ``topk_tail`` compares against (when the top-k leaves ids out). A tail
+derived as ``1 − Σ exp(stored log-probs)`` is only known to the rounding of the stored values: fp16
+log-probs carry a relative error of about 2⁻¹¹ each, so on a peaked teacher the derived tail is noise
+of order 1e-4 and is 0 (log −inf) wherever the rounded top-k mass reaches 1 -- and reverse / symmetric
+divergences are then +inf for any student with mass outside the top-k. A floor of 1e-6 is far below what
+fp16 values resolve (so no tail the data can tell apart is changed), while it bounds the reverse-KL tail
+term ``q·log(q/1e-6)`` by about 13.8 per position (the cost of one confident wrong token), not +inf."""
+
+
+def floored_tail(top: Tensor, tail: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The teacher's top-k log-probs ``[..., K]`` and tail log-mass ``[...]`` (derived from ``top`` when
+    None) with the tail at least :data:`TAIL_FLOOR`; where the floor applies the top-k is rescaled so that
+    the K + 1 buckets sum to 1. Elsewhere both are returned unchanged (computed in ``top``'s dtype)."""
+    if tail is None:
+        tail = torch.log1p(-top.exp().sum(-1).clamp(max=1.0))
+    tail = tail.to(top.dtype)
+    low = ~(tail >= math.log(TAIL_FLOOR))  # NaN-free inputs: tail < log floor, including -inf
+    rescale = math.log1p(-TAIL_FLOOR) - torch.logsumexp(top, dim=-1)
+    top = torch.where(low.unsqueeze(-1), top + rescale.unsqueeze(-1), top)
+    return top, torch.where(low, math.log(TAIL_FLOOR), tail)
 
 
 @dataclass(frozen=True)
@@ -162,13 +185,15 @@ def _tail_logprobs(
     student_logprobs = tempered_logprobs(student_logits, temperature)
     student_top = student_logprobs.gather(-1, teacher.indices)
     student_tail = logsumexp_or_neginf(student_logprobs.scatter(-1, teacher.indices, float("-inf")))
+    teacher_top = teacher.logprobs.to(student_logprobs.dtype)
     teacher_tail = teacher.tail_logprob
-    if teacher_tail is None:
-        top_mass = teacher.logprobs.exp().sum(-1).clamp(max=1.0)
-        teacher_tail = torch.log1p(-top_mass)
+    if teacher.indices.shape[-1] < student_logprobs.shape[-1]:  # a tail with ids: never below the floor
+        teacher_top, teacher_tail = floored_tail(teacher_top, teacher_tail)
+    elif teacher_tail is None:  # k = V: the tail holds no id (its derived mass is rounding)
+        teacher_tail = torch.full_like(student_tail, float("-inf"))
     student_buckets = torch.cat([student_top, student_tail.unsqueeze(-1)], -1)
-    teacher_buckets = torch.cat([teacher.logprobs, teacher_tail.unsqueeze(-1)], -1)
-    return student_buckets, teacher_buckets.to(student_buckets.dtype)
+    teacher_buckets = torch.cat([teacher_top, teacher_tail.to(teacher_top.dtype).unsqueeze(-1)], -1)
+    return student_buckets, teacher_buckets
 
 
 def _sampled_kl(student_logits: Tensor, teacher: SparseTeacher, temperature: float) -> Tensor:

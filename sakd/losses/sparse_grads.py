@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .bucket_grads import FLOOR, BridgeIndex, Buckets, bridge_buckets, bucket_kd_, logsumexp_
 from .logit_grads import KDBlock, dense_kd_block, log_softmax_
-from .sparse import SparseTeacher
+from .sparse import SparseTeacher, floored_tail
 from .spec import KDSpec
 
 
@@ -55,12 +55,14 @@ def sparse_buckets(
         return buckets, x, t, tail
     if isinstance(teacher, SparseTeacher):
         ids, values, t_tail = teacher.indices, teacher.logprobs.to(z.dtype), teacher.tail_logprob
-        if t_tail is None:
-            t_tail = torch.log1p(-values.exp().sum(-1).clamp(max=1.0))
     else:  # sparse.topk_teacher, in place
         logprobs = log_softmax_(teacher, temperature, scratch)
         values, ids = logprobs.topk(k, dim=-1)
         t_tail = logsumexp_(logprobs.scatter_(-1, ids, float("-inf")))
+    if ids.shape[-1] < z.shape[-1]:  # as sparse._tail_logprobs: a tail with ids is never below the floor
+        values, t_tail = floored_tail(values, t_tail)
+    elif t_tail is None:  # k = V: an empty tail
+        t_tail = torch.full_like(values[:, 0], FLOOR)
     buckets = Buckets(ids, tail_rest=True)
     x, tail = buckets.logits(z.div_(temperature))
     return buckets, x, torch.cat([values, t_tail.to(z.dtype).unsqueeze(-1)], -1), tail

@@ -12,9 +12,13 @@ ids are known, so:
 - the student buckets of a position are the student ids its stored teacher ids map to (``S``), each with
   the summed stored probability;
 - ``topk_tail``: one more bucket holds everything else -- the teacher's stored mass on unmapped ids plus
-  its exact tail mass, against the student's mass outside ``S``; ``subset``: the same without the tail
-  mass (what is not stored is left out, both sides renormalized); ``sampled``: the stored draws, counted per bucket (draws of unmapped ids count for the rest
-  bucket, whose student mass is that on ids that receive no teacher token, as online);
+  its exact tail mass, against the student's mass outside ``S``; ``subset``: both sides restricted to the
+  outcomes the stored ids reach and renormalized there -- the student ids of ``S`` and, when a stored id is
+  unmapped, the rest outcome (text no teacher token begins with: the teacher's stored mass on unmapped ids
+  against the student's mass on the ids that receive no teacher token, the online rest bucket; the student's
+  mass on the other ids outside ``S`` is left out, as the teacher's unstored mass is); ``sampled``: the
+  stored draws, counted per bucket (draws of unmapped ids count for the rest bucket, whose student mass is
+  that on ids that receive no teacher token, as online);
 - a target whose text the teacher spells with several tokens gets its chain-rule probability added to
   its bucket (or a bucket of its own), as online (not in ``sampled`` mode: the draws are fixed).
 
@@ -103,7 +107,10 @@ def project_stored_teacher(
     if targets is not None and target_logprob is not None:
         t_buckets, in_s = _with_targets(student_logprobs, t_buckets, in_s, targets, target_logprob)
     s_buckets = torch.where(in_s, student_logprobs, NEG_INF)
-    s_rest = logsumexp_or_neginf(torch.where(in_s, NEG_INF, student_logprobs))
+    outside = ~in_s
+    if not tail:  # subset: the rest is one outcome, as online -- text no teacher token begins with
+        outside = outside & ~_receiving(teacher_to_student, vs)
+    s_rest = logsumexp_or_neginf(torch.where(outside, student_logprobs, NEG_INF))
     rest = [torch.where(live & ~mapped, t_lp, NEG_INF)]  # stored mass on teacher ids no student id gets
     if tail:
         t_tail = teacher.tail_logprob
@@ -118,6 +125,13 @@ def project_stored_teacher(
     return _normalize(student), _normalize(teacher_out), in_s
 
 
+def _receiving(teacher_to_student: Tensor, student_vocab: int) -> Tensor:
+    """``[Vs]`` bool: the student ids some teacher id maps to."""
+    receives = torch.zeros(student_vocab, dtype=torch.bool, device=teacher_to_student.device)
+    receives[teacher_to_student[teacher_to_student >= 0]] = True
+    return receives
+
+
 def _normalize(x: Tensor) -> Tensor:
     return x - logsumexp_or_neginf(x).unsqueeze(-1)
 
@@ -130,8 +144,7 @@ def _sampled_projected_kl(
     ids = _student_ids_of(teacher.indices, teacher_to_student)
     counts = teacher.counts.to(student_logprobs.dtype)
     live = counts > 0
-    receives = torch.zeros(vs, dtype=torch.bool, device=ids.device)
-    receives[teacher_to_student[teacher_to_student >= 0]] = True
+    receives = _receiving(teacher_to_student, vs)
     teacher_has_rest = bool((teacher_to_student < 0).any())
     student_has_rest = bool((~receives).any())
     q = student_logprobs

@@ -4,8 +4,6 @@ by :func:`sakd.align.positions.span_logprob` in :class:`sakd.objective.composite
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from sakd.losses import Head, over_chunks, resolve_chunk_size
@@ -21,9 +19,11 @@ def teacher_token_logprobs(
     chunk_size: int | str,
 ) -> torch.Tensor:
     """``[B, Lt]``: log p_T(teacher token j+1 | prefix) at temperature T where ``needed`` ``[B, Lt]`` (0
-    elsewhere), chunk by chunk, no grad; for M knowledge-augmentation samples, of their mixture
-    (``log mean_m p_m``). Only the positions inside a multi-token span are scored: the others would
-    repeat the teacher-head matmul of the KD term for nothing."""
+    elsewhere), chunk by chunk, no grad. For M > 1 knowledge-augmentation samples ``[M, B, Lt]``, one row
+    per sample: each augmented teacher spells the whole span, so the mixture's span probability is
+    ``mean_m Π_j p_m(j)`` (:func:`sakd.align.positions.span_logprob` takes the mean over the leading dim
+    after summing the span), not ``Π_j mean_m p_m(j)``. Only the positions inside a multi-token span are
+    scored: the others would repeat the teacher-head matmul of the KD term for nothing."""
     head = Head(teacher.head_weight, teacher.head_bias, vocab_size)
     samples = getattr(teacher, "samples", None)
     states = [teacher.hidden] if samples is None else list(samples)
@@ -41,15 +41,11 @@ def teacher_token_logprobs(
 
         with torch.no_grad():
             per_sample.append(over_chunks(chunk, rows.numel(), chunk_rows, combine="cat"))
-    logprob = (
-        per_sample[0]
-        if len(per_sample) == 1
-        else torch.logsumexp(torch.stack(per_sample), 0) - math.log(len(per_sample))
-    )
     dtype = torch.promote_types(states[0].dtype, torch.float32)
-    out = torch.zeros(teacher_ids.numel(), dtype=dtype, device=teacher_ids.device)
-    out[rows] = logprob.to(dtype)
-    return out.reshape(teacher_ids.shape)
+    out = torch.zeros(len(per_sample), teacher_ids.numel(), dtype=dtype, device=teacher_ids.device)
+    out[:, rows] = torch.stack(per_sample).to(dtype)
+    out = out.reshape(len(per_sample), *teacher_ids.shape)
+    return out[0] if len(per_sample) == 1 else out
 
 
 def inside_spans(

@@ -25,6 +25,7 @@ import torch
 from sakd.align.positions import gather_at_anchors, span_logprob
 from sakd.config import DistillationConfig, LossConfig
 from sakd.losses import (
+    BlockDraws,
     Head,
     HeadInput,
     KDSpec,
@@ -105,6 +106,7 @@ class Objective:
     bridge: the vocabulary map(s) for different tokenizers (empty for identical ones).
     distillation: the whole section, for the alignment options.
     aux: the auxiliary terms (feature / attention / contrastive), or None.
+    seed: the seed of the on-the-fly ``sparse=sampled`` draws, per (seed, block) as a cache's.
     """
 
     def __init__(
@@ -116,8 +118,9 @@ class Objective:
         bridge: VocabBridge | None = None,
         distillation: DistillationConfig | None = None,
         aux: AuxTerms | None = None,
+        seed: int = 0,
     ) -> None:
-        self.cfg = cfg
+        self.cfg, self.seed = cfg, seed
         self.spec = objective_spec(cfg)
         self.vocab_size = vocab_size
         self.teacher_vocab_size = teacher_vocab_size or vocab_size
@@ -299,10 +302,11 @@ class Objective:
             target_logprob=target_logprob,
             kd_weights=kd_weights,
         )
-        if self.cfg.fused or anchor is not None or kd_weights is not None or t_rows.mixture:
+        draws = _sampled_draws(spec, batch, self.seed)
+        if self.cfg.fused or anchor is not None or kd_weights is not None or t_rows.mixture or draws:
             if not self.cfg.fused:  # the fused function, as one chunk: it alone takes these inputs
                 spec = _with_chunk(spec, max(1, student_rows.hidden.shape[0]))
-            res = fused_distill(student_rows, t_rows, spec, positions, rows.bridge)
+            res = fused_distill(student_rows, t_rows, spec, positions, rows.bridge, draws=draws)
         else:
             s_logits = student_rows.head.logits(student_rows.hidden)
             with torch.no_grad():
@@ -350,6 +354,14 @@ class Objective:
         if kd_mask is not None:
             sums["kd_positions"] = (kd_mask & (targets != IGNORE_INDEX)).sum().double()
         return ObjectiveOutput(res.loss, sums, n)
+
+
+def _sampled_draws(spec: ObjectiveSpec, batch: dict[str, torch.Tensor], seed: int) -> BlockDraws | None:
+    """``sparse=sampled``: each position drawn from its block's stream (:mod:`sakd.losses.draws`), the same
+    however the step is split into chunks, micro-batches and ranks."""
+    if spec.kd.sparse != "sampled" or "sample_ids" not in batch:
+        return None
+    return BlockDraws(seed, batch["sample_ids"].reshape(-1))
 
 
 def _scaled_blend(

@@ -149,6 +149,7 @@ def build_objective(cfg: RunConfig, vocab_size: int, alignment: Alignment, aux: 
         bridge=VocabBridge(vocab_map=alignment.vocab_map, teacher_to_student=alignment.teacher_to_student),
         distillation=cfg.distillation,
         aux=aux,
+        seed=cfg.training.seed if cfg.distillation.cache.seed is None else cfg.distillation.cache.seed,
     )
 
 

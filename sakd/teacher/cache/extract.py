@@ -9,8 +9,9 @@ its count (Anshumann et al., 2025, "Sparse Logit Sampling": unbiased). Every pos
 teacher's log-prob of its own next token (the chain rule across tokenizers needs it) and, optionally,
 the router's probabilities.
 
-The draws of block ``i`` come from a generator seeded with ``(seed, i)`` and a fixed chunk of rows, so a
-block's draws do not depend on which rank or batch processed it.
+The draws of block ``i`` come from a generator seeded with ``(seed, i)`` and a fixed chunk of rows
+(:mod:`sakd.losses.draws`, shared with the on-the-fly ``sampled`` mode), so a block's draws do not depend on
+which rank or batch processed it.
 """
 
 from __future__ import annotations
@@ -19,17 +20,11 @@ import torch
 from torch import Tensor
 
 from sakd.losses import Head, sample_teacher
+from sakd.losses.draws import ROWS_PER_CHUNK, block_generator
 from sakd.losses.sparse import logsumexp_or_neginf
 from sakd.models.forward import HiddenAndHead
 from sakd.teacher.cache.manifest import SignalSpec
 from sakd.teacher.cache.shardfile import BlockSignal
-
-ROWS_PER_CHUNK = 256  # part of the sampled mode's definition: the draws of a block are made in these chunks
-
-
-def block_generator(seed: int, block: int, device: torch.device) -> torch.Generator:
-    """The sampled mode's generator of block ``block``."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + block)
 
 
 def _rows(lp: Tensor, spec: SignalSpec, generator: torch.Generator | None) -> dict[str, Tensor]:
