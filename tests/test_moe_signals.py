@@ -200,3 +200,34 @@ def test_a_dense_teacher_is_refused_in_one_line(make_distiller, tiny_run_config)
         make_distiller(raw)
     msg = str(err.value)
     assert "Mixture-of-Experts teacher" in msg and "LlamaForCausalLM" in msg and len(msg.splitlines()) == 1
+
+
+def test_ka_counts_the_decisions_that_left_the_top_k(moe):
+    """The KA metric's counts: lambda = 1 with a sampler of the two least likely of 4 experts changes every
+    decision; lambda = 0 none. Decisions = token rows x MoE layers."""
+    x = _ids()
+
+    def bottom(probs, k, generator):
+        return torch.topk(-probs, k, dim=-1).indices
+
+    layers = len(routers(moe))
+    for prob, share in ((0.0, 0.0), (1.0, 1.0)):
+        spec = RoutingSpec("ka", k=2, sampling_prob=prob, selector=bottom)
+        with torch.no_grad(), override_routing(moe, spec):
+            moe(x)
+        assert spec.decisions == x.numel() * layers
+        assert float(spec.changed) == share * spec.decisions
+
+
+@pytest.mark.integration
+def test_ka_announces_itself_and_logs_its_metric(make_distiller, tiny_run_config, capsys):
+    shares = []
+    for prob in (0.0, 0.5):
+        raw = copy.deepcopy(tiny_run_config)
+        raw["distillation"]["moe"] = {"augment_samples": 2, "augment_sampling_prob": prob}
+        d = make_distiller(raw, max_steps=2)
+        assert "student-aware: Knowledge Augmentation: 2 teacher forwards" in capsys.readouterr().out
+        shares.append(d.train_step(d._micro_batches())["ka_changed_share"])
+    # lambda = 0: KA takes the top k, nothing changes; lambda = 0.5: about half the tokens sample their
+    # experts, and some of those samples differ from the top k
+    assert shares[0] == 0.0 and 0.0 < shares[1] < 0.75

@@ -94,6 +94,8 @@ class RoutingSpec:
     logit_offsets: LogitOffsets | None = None
     record: bool = False
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    decisions: int = 0  # KA: routing decisions (token rows x layers) drawn so far
+    changed: torch.Tensor | int = 0  # KA: how many of them chose other experts than the top k
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -107,6 +109,7 @@ def _draw(probs: torch.Tensor, k: int, spec: RoutingSpec) -> torch.Tensor:
     ``probs``, else the top k; each block of rows from its own generator."""
     top = torch.topk(probs, k, dim=-1).indices
     if spec.sampling_prob == 0.0:
+        spec.decisions += top.shape[0]
         return top
     pick = spec.selector or (lambda p, n, g: torch.multinomial(p, n, replacement=False, generator=g))
     gens = spec.generators or [None]
@@ -118,7 +121,10 @@ def _draw(probs: torch.Tensor, k: int, spec: RoutingSpec) -> torch.Tensor:
         rows = slice(j * block, (j + 1) * block) if spec.generators is not None else slice(None)
         coin = torch.rand((probs[rows].shape[0], 1), generator=g, device=probs.device) < spec.sampling_prob
         chosen.append(torch.where(coin, pick(probs[rows], k, g), top[rows]))
-    return torch.cat(chosen)
+    drawn = torch.cat(chosen)
+    spec.decisions += drawn.shape[0]
+    spec.changed = spec.changed + (drawn.sort(-1).values != top.sort(-1).values).any(-1).sum()
+    return drawn
 
 
 def route(logits: torch.Tensor, router: nn.Module, spec: RoutingSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,6 +268,13 @@ class RoutedTeacher:
         self.model, self.aligned, self.seed, self.step = model, aligned, seed, 0
         self.hidden_layers, self.attention_layers = list(hidden_layers), sorted(set(attention_layers))
         self.augment, self.keep_samples, self.sar = augment, keep_samples, sar
+        self.decisions, self.changed = 0, torch.zeros((), dtype=torch.float64)
+
+    def pop_stats(self) -> tuple[torch.Tensor, int]:
+        """KA since the last call: (routing decisions that chose other experts than the top k, decisions)."""
+        out = (self.changed, self.decisions)
+        self.decisions, self.changed = 0, torch.zeros((), dtype=torch.float64)
+        return out
 
     def inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's own tokens of ``batch`` (its tokenization when the tokenizers differ)."""
@@ -292,7 +305,7 @@ class RoutedTeacher:
             sampling_prob=self.augment.augment_sampling_prob,
             generators=block_generators(self.seed, self.step, sample_ids, samples, ids.device),
         )
-        return augmented_forward(
+        out = augmented_forward(
             self.model,
             ids,
             mask,
@@ -302,3 +315,6 @@ class RoutedTeacher:
             hidden_layers=self.hidden_layers,
             attention_layers=self.attention_layers,
         )
+        self.decisions += spec.decisions
+        self.changed = self.changed + torch.as_tensor(spec.changed, dtype=torch.float64).cpu()
+        return out

@@ -104,6 +104,45 @@ class StudentAware:
         self.signal, self.sar = signal, sar  # the teacher signal; the Student-Aware Router or None
         self.curriculum = Curriculum(d.loss, d.curriculum, d.router, component_weights(cfg))
         self.router = TokenRouter(d.router, vocab_size) if d.router.enabled and signal is not None else None
+        self.augmenting = isinstance(signal, RoutedTeacher) and signal.augment is not None
+        if accelerator.is_main_process:
+            for line in self.describe():
+                print(f"student-aware: {line}")
+
+    def describe(self) -> list[str]:
+        """One line per student-aware part that is on: what it does and the metrics it logs."""
+        d, lines = self.cfg.distillation, []
+        if self.augmenting:
+            m = d.moe
+            lines.append(
+                f"Knowledge Augmentation: {m.augment_samples} teacher forwards per block, each token drawing "
+                f"{m.augment_experts or 'E-1'} experts (sampled with p={m.augment_sampling_prob}, else top-k); "
+                "logs ka_changed_share"
+            )
+        if self.sar is not None:
+            lines.append(
+                "Student-Aware Router: the teacher's routers learn from the student's gap; logs sar_*"
+            )
+        if self.router is not None:
+            lines.append(
+                "token router: KD weighted per token by gap/confidence/trend/expert; logs router_w_*"
+            )
+        if d.curriculum.phases:
+            lines.append("loss curriculum: KD first, then structure terms, then all; logs mult_*")
+        if d.curriculum.balance:
+            lines.append("magnitude balancing of the loss components; logs mult_*")
+        return lines
+
+    def teacher_metrics(self) -> dict[str, float]:
+        """Knowledge Augmentation's share of routing decisions (all ranks, this step) that chose other
+        experts than the teacher's own top k -- about ``augment_sampling_prob`` when the draws work."""
+        if not self.augmenting:
+            return {}
+        changed, decisions = self.signal.pop_stats()
+        totals = self._reduce(
+            torch.stack([changed, torch.tensor(float(decisions), dtype=torch.float64)]), "sum"
+        )
+        return {"ka_changed_share": float(totals[0] / totals[1].clamp(min=1))}
 
     def _reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         return self.accelerator.reduce(tensor.to(self.accelerator.device), reduction=op)

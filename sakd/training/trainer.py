@@ -291,7 +291,7 @@ class Distiller(RunLoop):
         }
         if finite and not scaler_skipped:
             self.aware.after_step(metrics)
-        metrics.update(extras.metrics)
+        metrics.update(extras.metrics, **self.aware.teacher_metrics())
         metrics.update(temperature=temperature, tokens=global_tokens, scaler_skipped=scaler_skipped)
         metrics.update(grad_norm=grad_norm, micro_batches=len(micro_batches), **extra)
         if not finite:
