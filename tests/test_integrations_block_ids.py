@@ -88,8 +88,11 @@ def cached(tiny_run_config_module, tmp_path_factory) -> dict:
     return raw
 
 
-def _cache_trainer(raw: dict, tokenizer_dir, out: Path, rows=None, seen=None, **args) -> DistillationTrainer:
-    """A student trained from ``raw``'s cache; ``seen`` collects the block ids of every batch collated."""
+def _cache_trainer(
+    raw: dict, tokenizer_dir, out: Path, rows=None, seen=None, distillation=None, **args
+) -> DistillationTrainer:
+    """A student trained from ``raw``'s cache (``distillation``: default ``raw``'s section); ``seen``
+    collects the block ids of every batch collated."""
     tok = load_tokenizer(str(tokenizer_dir))
     data = prepare_distillation_data(raw["data"], tok, seed=raw["training"]["seed"])
     collate = data.collator
@@ -104,7 +107,7 @@ def _cache_trainer(raw: dict, tokenizer_dir, out: Path, rows=None, seen=None, **
         load_model("tiny-dense", tokenizer=tok, seed=raw["training"]["seed"]),
         _args(out, **args),
         teacher=None,
-        distillation=raw["distillation"],
+        distillation=distillation or raw["distillation"],
         train_dataset=data.train if rows is None else rows,
         eval_dataset=data.eval,
         data_collator=collate,
@@ -137,7 +140,8 @@ def test_trainer_from_a_teacher_cache_resumes_exactly(cached, tokenizer_dir, tmp
     3 steps + resume_from_checkpoint + 3 steps reads the uninterrupted run's block ids at steps 4-6, logs
     its losses and ends with bit-identical weights. Evaluation (held-out blocks, not in the cache) is the
     student's CE."""
-    args = {"train_sampling_strategy": "random", "max_steps": 6}
+    minimal = {"teacher_cache": cached["distillation"]["teacher_cache"], "loss": {"temperature": 2.0}}
+    args = {"train_sampling_strategy": "random", "max_steps": 6, "distillation": minimal}  # README's form
     ids: dict[str, list] = {"full": [], "resumed": []}
     full = _cache_trainer(cached, tokenizer_dir, tmp_path / "full", seen=ids["full"], **args)
     full.train()
@@ -155,3 +159,47 @@ def test_trainer_from_a_teacher_cache_resumes_exactly(cached, tokenizer_dir, tmp
     for k, v in resumed.student.state_dict().items():
         assert torch.equal(v, full.student.state_dict()[k]), k
     assert 0 < full.evaluate()["eval_loss"] < 20
+
+
+def test_a_cache_the_rows_do_not_match_is_refused(cached, tokenizer_dir, tmp_path):
+    """One line each: rows without block ids, rows of another split than the cache's, a teacher besides."""
+    from sakd.config import ConfigError
+    from sakd.errors import DataError
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    data = prepare_distillation_data(cached["data"], tok, seed=0)
+    with pytest.raises(ConfigError, match="need a 'sample_id' column"):
+        _cache_trainer(cached, tokenizer_dir, tmp_path, rows=data.train.remove_columns("sample_id"))
+    other = prepare_distillation_data(cached["data"], tok, seed=1)  # another held-out split: other blocks
+    with pytest.raises(DataError, match="holds other tokens than teacher cache"):
+        _cache_trainer(cached, tokenizer_dir, tmp_path, rows=other.train)
+    with pytest.raises(ConfigError, match="replaces the teacher"):
+        DistillationTrainer(
+            load_model("tiny-dense", tokenizer=tok, seed=0),
+            _args(tmp_path),
+            teacher=load_model("tiny-moe", tokenizer=tok, seed=1),
+            distillation=cached["distillation"],
+            train_dataset=data.train,
+            data_collator=data.collator,
+            processing_class=tok,
+        )
+
+
+def test_knowledge_augmentation_refuses_batches_without_block_ids(tokenizer_dir, corpus, tmp_path):
+    from sakd.config import ConfigError
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    data = prepare_distillation_data({"train": str(corpus), "block_size": 32, "max_eval_blocks": 8}, tok)
+    trainer = DistillationTrainer(
+        load_model("tiny-dense", tokenizer=tok, seed=0),
+        _args(tmp_path, max_steps=1),
+        teacher=load_model("tiny-moe", tokenizer=tok, seed=1),
+        distillation={"moe": {"augment_samples": 2}},
+        train_dataset=data.train.remove_columns("sample_id"),
+        data_collator=data.collator,
+        processing_class=tok,
+    )
+    with pytest.raises(
+        ConfigError, match=r"Knowledge Augmentation reads each batch's block ids \(sample_ids\)"
+    ):
+        trainer.train()
