@@ -79,7 +79,7 @@ def _reference(make_distiller, raw: dict) -> dict:
     d.train()
     metrics = [json.loads(x) for x in (d.run_dir / "metrics.jsonl").read_text().splitlines()]
     return {
-        "rows": d.data.train.select(order),
+        "rows": d.data.train.select(order).add_column("sample_id", order),  # each row's block id
         "data": d.data,
         "aux0": aux0,
         "metrics": [m for m in metrics if "loss" in m],
@@ -89,14 +89,22 @@ def _reference(make_distiller, raw: dict) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("cross", "sparse"), [(False, None), (False, "topk_tail"), (True, None)], ids=["same", "sparse", "cross"]
+    ("cross", "sparse"),
+    [(False, None), (False, "topk_tail"), (True, None), (False, "ka")],
+    ids=["same", "sparse", "cross", "ka"],
 )
 def test_trainer_repeats_sakd_distill(
     tiny_run_config, make_distiller, tokenizer_dir, teacher_tokenizer_dir, tmp_path, cross, sparse
 ):
+    """ka: Knowledge Augmentation (every token's experts sampled) draws what sakd distill draws: the same
+    seed (TrainingArguments.seed = training.seed = 3), step and block ids (the rows' sample_id)."""
     raw = copy.deepcopy(tiny_run_config)
     raw["distillation"]["feature"] = {"weight": 0.5}
-    if sparse:
+    seed = 0
+    if sparse == "ka":
+        raw["distillation"]["moe"] = {"augment_samples": 2, "augment_sampling_prob": 1.0}
+        raw["training"]["seed"] = seed = 3
+    elif sparse:
         raw["distillation"]["loss"].update(sparse=sparse, kd_top_k=16)
     if cross:
         raw["model"]["teacher_tokenizer"] = str(teacher_tokenizer_dir)
@@ -104,11 +112,11 @@ def test_trainer_repeats_sakd_distill(
     ref = _reference(make_distiller, raw)
     tok = load_tokenizer(str(tokenizer_dir))
     teacher_tok = load_tokenizer(str(teacher_tokenizer_dir)) if cross else tok
-    student = load_model("tiny-dense", tokenizer=tok, seed=0)  # what build_student made (training.seed)
-    teacher = load_model("tiny-moe", tokenizer=teacher_tok, seed=1)  # load_teacher's seed + 1
+    student = load_model("tiny-dense", tokenizer=tok, seed=seed)  # what build_student made (training.seed)
+    teacher = load_model("tiny-moe", tokenizer=teacher_tok, seed=seed + 1)  # load_teacher's seed + 1
     trainer = DistillationTrainer(
         student,
-        _args(tmp_path / "hf"),
+        _args(tmp_path / "hf", seed=seed),
         teacher=teacher,
         teacher_tokenizer=teacher_tok,
         distillation=raw["distillation"],

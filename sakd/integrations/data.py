@@ -14,23 +14,37 @@ import torch
 from sakd.config import DataConfig, load_config
 from sakd.data import DataBundle, make_batch, prepare_data
 
+SAMPLE_ID = "sample_id"
+"""The column holding each row's block id: its index in the packed training (or held-out) blocks, what
+``sakd distill`` calls a sample id. It keys Knowledge Augmentation's draws and a teacher cache's blocks."""
+
+
+def with_sample_ids(blocks: datasets.Dataset) -> datasets.Dataset:
+    """``blocks`` with a :data:`SAMPLE_ID` column: each row's index in ``blocks``."""
+    fmt = blocks.format
+    out = blocks.add_column(SAMPLE_ID, list(range(len(blocks))))
+    return out.with_format(fmt["type"]) if fmt["type"] else out
+
 
 class DistillationCollator:
     """Rows of packed blocks -> a batch: ``input_ids``, ``attention_mask``, ``labels`` (the loss shifts
-    them) and, for aligned data, ``teacher_input_ids`` / ``teacher_attention_mask`` (right-padded to the
-    bundle's longest teacher block) with ``anchor`` / ``span_end``."""
+    them), ``sample_ids`` (the rows' :data:`SAMPLE_ID`, when they carry one), and, for aligned data,
+    ``teacher_input_ids`` / ``teacher_attention_mask`` (right-padded to the bundle's longest teacher
+    block) with ``anchor`` / ``span_end``."""
 
     def __init__(self, bundle: DataBundle) -> None:
         self.bundle = bundle
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = {k: [f[k] for f in features] for k in features[0]}
+        ids = rows.get(SAMPLE_ID)
         batch = make_batch(
             torch.stack([torch.as_tensor(x) for x in rows["input_ids"]]),
-            list(range(len(features))),
+            [int(i) for i in ids] if ids is not None else [],
             eos_id=self.bundle.eos_id,  # a packing EOS is never a target, as in sakd distill
         )
-        del batch["sample_ids"]  # the Trainer's sampler, not sakd's batch plan, decides the order
+        if ids is None:  # no block ids: Knowledge Augmentation and a teacher cache refuse such batches
+            del batch["sample_ids"]
         if self.bundle.aligned:
             batch.update(self.bundle.teacher_fields(rows))
         return batch
@@ -38,8 +52,8 @@ class DistillationCollator:
 
 @dataclass
 class DistillationData:
-    """Train and held-out blocks and their collator, ready for ``Trainer(train_dataset=..., eval_dataset=...,
-    data_collator=...)``."""
+    """Train and held-out blocks (each row with its block id, :data:`SAMPLE_ID`) and their collator, ready
+    for ``Trainer(train_dataset=..., eval_dataset=..., data_collator=...)``."""
 
     train: datasets.Dataset
     eval: datasets.Dataset
@@ -55,4 +69,6 @@ def prepare_distillation_data(
         data = load_config({"data": data})[0].data
     differ = teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab()
     bundle = prepare_data(data, tokenizer, seed, teacher_tokenizer if differ else None)
-    return DistillationData(bundle.train, bundle.eval, DistillationCollator(bundle))
+    return DistillationData(
+        with_sample_ids(bundle.train), with_sample_ids(bundle.eval), DistillationCollator(bundle)
+    )

@@ -18,12 +18,16 @@ Swap ``Trainer`` for it, pass a teacher and (optionally) a sakd ``distillation``
 * the teacher is frozen and placed: on the training device, or under ZeRO-3 partitioned by its own
   inference-only engine (:func:`sakd.teacher.placement.teacher_engine`, the pattern of TRL's
   ``prepare_deepspeed``). Instead of a model, ``teacher`` may be any teacher-signal object -- a callable
-  ``signal(batch) -> HiddenAndHead`` such as an offline cache reader.
+  ``signal(batch) -> HiddenAndHead``; or ``teacher=None`` with ``distillation.teacher_cache``: the
+  offline cache's blocks, read by each batch's block ids (:mod:`sakd.integrations.teacher_signals`);
+* Knowledge Augmentation draws as ``sakd distill`` does: seeded by ``TrainingArguments.seed``, the
+  Trainer's global step and each batch's block ids (``sample_ids``, which the collator passes on).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -34,7 +38,9 @@ from torch import nn
 from transformers import Trainer
 
 from sakd.align.setup import setup_alignment
-from sakd.config import ConfigError, DistillationConfig, RunConfig, load_config
+from sakd.config import ConfigError, DistillationConfig, RunConfig, TrainingConfig, load_config
+from sakd.integrations.data import SAMPLE_ID
+from sakd.integrations.teacher_signals import cache_signal, open_cache, teacher_output
 from sakd.models import freeze
 from sakd.models.student import TrainableStudent, student_state
 from sakd.models.zero import register_external_parameters
@@ -56,6 +62,7 @@ BATCH_COLUMNS = [
     "teacher_attention_mask",
     "anchor",
     "span_end",
+    SAMPLE_ID,
 ]
 """Dataset columns the objective reads (the Trainer drops the others with ``remove_unused_columns``)."""
 
@@ -94,9 +101,13 @@ class DistillationTrainer(Trainer):
     Args:
         model: the student (a ``PreTrainedModel``, or a ``peft`` model).
         args: ``TrainingArguments`` (``deepspeed=...`` included).
-        teacher: the teacher model (frozen here), or a teacher-signal object ``signal(batch)``.
+        teacher: the teacher model (frozen here), or a teacher-signal object ``signal(batch)``; None with
+            ``distillation.teacher_cache``.
         distillation: sakd's ``distillation`` section (dataclass or dict, e.g.
             ``{"loss": {"alpha": 0.5, "temperature": 2.0}, "feature": {"weight": 0.5}}``); default: its defaults.
+            ``teacher_cache`` (a ``sakd cache-teacher`` directory) replaces the teacher; the training rows
+            must then be the cache's blocks with their ``sample_id`` (``prepare_distillation_data`` on the
+            cache's documents, tokenizer and block size).
         teacher_tokenizer: the teacher's tokenizer when it differs from ``processing_class`` (then the
             batches must carry the teacher's tokens and the alignment: see
             :func:`sakd.integrations.prepare_distillation_data`).
@@ -112,7 +123,7 @@ class DistillationTrainer(Trainer):
         model: nn.Module,
         args: Any = None,
         *,
-        teacher: Any,
+        teacher: Any = None,
         distillation: DistillationConfig | dict | None = None,
         teacher_tokenizer: Any = None,
         lr_multipliers: dict[str, float] | None = None,
@@ -120,8 +131,11 @@ class DistillationTrainer(Trainer):
     ) -> None:
         from accelerate import PartialState
 
-        self.distillation = distillation_config(distillation)
+        self.distillation = copy.deepcopy(distillation_config(distillation))  # a cache resolves loss.sparse
         _refuse_step_level_parts(self.distillation)
+        reader = open_cache(self.distillation) if self.distillation.teacher_cache else None
+        if reader is not None and teacher is not None:
+            raise ConfigError("distillation.teacher_cache replaces the teacher: pass teacher=None")
         self.lr_multipliers = dict(lr_multipliers or {})
         tokenizer = kwargs.get("processing_class")
         if teacher_tokenizer is not None and tokenizer is None:
@@ -149,17 +163,17 @@ class DistillationTrainer(Trainer):
         if self.args.label_names is None:
             self.label_names = ["labels"]
         self.teacher = self._place(teacher_model) if teacher_model is not None else None
-        self.teacher_signal = (
-            build_teacher_signal(
-                RunConfig(distillation=self.distillation),
-                self.teacher,
-                self.alignment,
-                self.aux_terms,
-                self.args.device,
-            )[0]
-            if self.teacher is not None
-            else teacher
-        )
+        self.cached = reader is not None  # the cache holds training blocks: evaluation is the CE alone
+        if self.teacher is not None:
+            run = RunConfig(distillation=self.distillation, training=TrainingConfig(seed=self.args.seed))
+            signal = build_teacher_signal(run, self.teacher, self.alignment, self.aux_terms, self.args.device)
+            self.teacher_signal = signal[0]
+        elif reader is not None:
+            self.teacher_signal = cache_signal(
+                reader, self.distillation, self.train_dataset, tokenizer, self.args.device
+            )
+        else:
+            self.teacher_signal = teacher
         if self._zero_stage() == 3:
             # the fused loss multiplies by the head itself (see sakd.models.zero)
             register_external_parameters(wrapper, model.get_output_embeddings(), wrapper.aux)
@@ -230,7 +244,9 @@ class DistillationTrainer(Trainer):
         temperature = temperature_at(
             self.distillation.loss, self.state.global_step, self.state.max_steps or 1
         )
-        teacher_out = None if self.teacher_signal is None else self.teacher_signal(inputs)
+        teacher_out = None
+        if self.teacher_signal is not None and (self.model.training or not self.cached):
+            teacher_out = teacher_output(self.teacher_signal, inputs, self.state.global_step)
         loss_fn = partial(self._student_loss, batch=inputs, teacher_out=teacher_out, temperature=temperature)
         return model(loss_fn=loss_fn)
 

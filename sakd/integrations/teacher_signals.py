@@ -1,0 +1,104 @@
+"""The teacher signals of a :class:`~sakd.integrations.DistillationTrainer` that read each batch's block ids
+(``sample_ids``, from the rows' ``sample_id`` column through :class:`~sakd.integrations.DistillationCollator`):
+
+* **Knowledge Augmentation** (``distillation.moe.augment_samples``): every block's expert draws come from
+  a generator seeded by (``TrainingArguments.seed``, the Trainer's global step, the block's id, the sample
+  index) -- :func:`sakd.teacher.moe.block_generators`, the seeds ``sakd distill`` uses with
+  ``training.seed``, its step and its sample ids;
+* **an offline teacher cache** (``distillation.teacher_cache``, written by ``sakd cache-teacher``): the
+  cache's own blocks, read by block id (:class:`sakd.teacher.signal.CachedTeacher`), when the student
+  reads the cache's blocks (the cache's tokenizer and block size, the rows of
+  :func:`~sakd.integrations.prepare_distillation_data` on the cache's documents).
+
+The ids travel with the rows, so whatever order the Trainer's sampler draws them in -- and after
+``resume_from_checkpoint`` -- each block meets its own draws and its own cached signal.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import datasets
+import torch
+
+from sakd.config import ConfigError, DistillationConfig, RunConfig
+from sakd.errors import DataError
+from sakd.integrations.data import SAMPLE_ID
+from sakd.teacher.cache.attach import open_teacher_cache
+from sakd.teacher.cache.fingerprint import tokenizer_sha256
+from sakd.teacher.cache.reader import CacheReader
+from sakd.teacher.moe import RoutedTeacher
+from sakd.teacher.signal import CachedTeacher
+
+log = logging.getLogger(__name__)
+
+
+def open_cache(distillation: DistillationConfig) -> CacheReader:
+    """The reader of ``distillation.teacher_cache`` once the loss settings fit it (``loss.sparse`` is
+    resolved in ``distillation``, as ``sakd distill`` resolves it) and every shard verifies."""
+    reader, notes = open_teacher_cache(RunConfig(distillation=distillation))
+    for note in notes:
+        log.info(note)
+    return reader
+
+
+def cache_signal(
+    reader: CacheReader, distillation: DistillationConfig, train: Any, tokenizer: Any, device: torch.device
+) -> CachedTeacher:
+    """The cached teacher signal, after checking that the student reads the cache's own blocks: the
+    cache's tokenizer, its block size, block ids it holds, and the first row's tokens."""
+    root = reader.root
+    if distillation.alignment.mode != "auto":
+        raise ConfigError(
+            f"DistillationTrainer reads a teacher cache only as the cache's own blocks; distillation.alignment."
+            f"mode={distillation.alignment.mode} needs `sakd distill`"
+        )
+    if tokenizer is not None and tokenizer_sha256(tokenizer) != reader.manifest["tokenizer"]["sha256"]:
+        raise ConfigError(
+            f"the student's tokenizer (processing_class) differs from teacher cache {root}'s; DistillationTrainer "
+            "reads a cache only with its own tokenizer (across tokenizers use `sakd distill`)"
+        )
+    if isinstance(train, datasets.Dataset) and len(train):  # other datasets: each batch is checked alone
+        if SAMPLE_ID not in train.column_names:
+            raise ConfigError(
+                f"a teacher cache is read by block id: the training rows need a {SAMPLE_ID!r} column "
+                "(prepare_distillation_data adds it)"
+            )
+        top = int(torch.as_tensor(train.with_format("torch")[SAMPLE_ID]).max())
+        if top >= reader.num_blocks:
+            raise DataError(
+                f"teacher cache {root} holds blocks 0..{reader.num_blocks - 1}; the data has {top}"
+            )
+        first = train[0]
+        block, ids = int(first[SAMPLE_ID]), torch.as_tensor(first["input_ids"])
+        if ids.shape[-1] != reader.spec.block_size or not torch.equal(ids, reader.block(block).token_ids):
+            raise DataError(
+                f"training row 0 (block {block}) holds other tokens than teacher cache {root}'s block {block}: "
+                f"prepare the data as the cache was made (its documents, tokenizer, block size "
+                f"{reader.spec.block_size}, split seed)"
+            )
+    top_k = distillation.loss.kd_top_k if reader.spec.mode != "sampled" else None
+    return CachedTeacher(reader, None, top_k=top_k, chain_rule=False, device=device)
+
+
+def _reads_block_ids(signal: Any) -> str | None:
+    if isinstance(signal, CachedTeacher):
+        return "a teacher cache"
+    if isinstance(signal, RoutedTeacher) and signal.augment is not None:
+        return "Knowledge Augmentation"
+    return None
+
+
+def teacher_output(signal: Any, batch: dict[str, torch.Tensor], step: int) -> Any:
+    """``signal(batch)`` at the Trainer's global ``step`` (completed optimizer steps: ``sakd distill``'s
+    step counter); a signal that reads block ids refuses a batch without them."""
+    need = _reads_block_ids(signal)
+    if need is not None and "sample_ids" not in batch:
+        raise ConfigError(
+            f"{need} reads each batch's block ids (sample_ids), which this batch lacks: give the rows a "
+            f"{SAMPLE_ID!r} column (prepare_distillation_data does) and use DistillationCollator"
+        )
+    if isinstance(signal, RoutedTeacher):
+        signal.step = step
+    return signal(batch)
