@@ -5,12 +5,13 @@ objective under multipliers against the blend written out by hand."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sakd.config import CurriculumConfig, LossConfig, TokenRouterConfig
+from sakd.losses import Head, HeadInput, KDSpec, ObjectiveSpec, Targets, fused_distill
 from sakd.objective.curriculum import (
     Balancer,
     Curriculum,
@@ -73,33 +74,120 @@ def test_curriculum_state_round_trips_and_is_inert_when_off():
     assert again.at(3, 10) == on.at(3, 10) and set(on.state_dict()) == {"kd", "ce", "feature"}
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_ce_weight_without_kd_weighs_the_loss_not_the_reported_ce(grad):
+    """alpha*T^2*KL + (1-alpha)*CE where KD applies, r*CE elsewhere, from full logits; the returned ce is the
+    plain CE sum whatever r is (closed-form path with gradients, autograd-free path without)."""
+    torch.manual_seed(0)
+    n, h, v, alpha, temperature, r = 15, 6, 11, 0.3, 2.0, 0.37
+    s_hidden = torch.randn(n, h, dtype=torch.float64, requires_grad=grad)
+    s_head, t_hidden, t_head = (torch.randn(*s, dtype=torch.float64) for s in ((v, h), (n, h), (v, h)))
+    labels = torch.randint(0, v, (n,))
+    labels[3] = -100
+    kd_mask = torch.rand(n) > 0.4
+    spec = ObjectiveSpec(
+        kd=KDSpec("fkl", temperature=temperature), alpha=alpha, chunk_size=4, reduction="sum"
+    )
+    out = fused_distill(
+        HeadInput(s_hidden, Head(s_head)),
+        HeadInput(t_hidden, Head(t_head)),
+        spec,
+        Targets(labels=labels, kd_mask=kd_mask, ce_weight_without_kd=r),
+    )
+    logits = s_hidden @ s_head.T
+    log_q = F.log_softmax(logits / temperature, -1)
+    log_p = F.log_softmax(t_hidden @ t_head.T / temperature, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    ce = F.cross_entropy(logits, labels, reduction="none", ignore_index=-100)
+    valid = labels != -100
+    kl = torch.where(kd_mask & valid, kl, 0.0)
+    ref = alpha * temperature**2 * kl.sum() + (torch.where(kd_mask, 1 - alpha, r) * ce).sum()
+    torch.testing.assert_close(out.loss, ref)
+    torch.testing.assert_close(out.ce, ce.sum())
+    if grad:
+        torch.testing.assert_close(
+            torch.autograd.grad(out.loss, s_hidden)[0], torch.autograd.grad(ref, s_hidden)[0]
+        )
+
+
+@pytest.fixture(scope="module")
+def unanchoring_tokenizer_dir(corpus, tmp_path_factory):
+    """A teacher tokenizer with twice the student's vocabulary (768 vs 384) on the same corpus: it merges
+    what the student splits, so many student positions end inside a teacher token and have no anchor."""
+    from sakd.commands.demo import train_tokenizer
+
+    return train_tokenizer(corpus, tmp_path_factory.mktemp("ttok768") / "teacher_tok", 768)
+
+
+def _independent_ce_sum(d, mb) -> torch.Tensor:
+    """The student's summed next-token CE over the batch's targets, from its full logits (no sakd loss)."""
+    logits = d.hf_student(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+    vocab = d.objective.vocab_size
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1, :vocab].reshape(-1, vocab).double(),
+        mb["labels"][:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("cross", [False, True])
-def test_multipliers_scale_kd_and_ce_apart(make_distiller, tiny_run_config, cross, tmp_path):
+def test_multipliers_scale_kd_and_ce_apart(
+    make_distiller, tiny_run_config, cross, unanchoring_tokenizer_dir, tmp_path
+):
     """loss(multipliers) = m_kd*alpha*T^2*KD + m_ce*(1-alpha)*CE where KD applies and m_ce*CE elsewhere --
-    checked against the component sums the same call returns, on one and on two tokenizers."""
+    checked against the component sums the same call returns, on one and on two tokenizers (a pair that
+    leaves rows without an anchor); the reported ce is the student's plain CE whatever the multipliers."""
     raw = copy.deepcopy(tiny_run_config)
     if cross:
-        from sakd.commands.demo import train_tokenizer
-
-        teacher_tok = train_tokenizer(Path(raw["data"]["train"]), tmp_path / "t", 300)
-        raw["model"]["teacher_tokenizer"] = str(teacher_tok)
+        raw["model"]["teacher_tokenizer"] = str(unanchoring_tokenizer_dir)
     d = make_distiller(raw)
     mb = d._micro_batches()[0]
+    if cross:
+        predicted = mb["labels"][:, 1:] != -100
+        unanchored = int((predicted & (mb["anchor"][:, :-1] < 0)).sum())
+        assert 0.1 * int(predicted.sum()) < unanchored < int(predicted.sum())
     teacher = d.teacher_signal(mb)
-    mult = {"kd": 2.5, "ce": 0.4}
+    alpha = d.cfg.distillation.loss.alpha
     with torch.no_grad():
         student = detached_student(d.student, mb)
         base = d.objective(student, teacher, mb["labels"], temperature=2.0, batch=mb)
-        scaled = d.objective(student, teacher, mb["labels"], temperature=2.0, batch=mb, multipliers=mult)
-    alpha = d.cfg.distillation.loss.alpha
-    sums = base.component_sums
-    if cross:  # CE alone at the rows without an anchor: split CE by rows from the plain blend
-        ce_rest = sums["loss"] - alpha * sums["kd"] - (1 - alpha) * sums["ce"]  # = alpha * CE at those rows
-        expected = 2.5 * alpha * sums["kd"] + 0.4 * ((1 - alpha) * sums["ce"] + ce_rest)
-    else:
-        expected = 2.5 * alpha * sums["kd"] + 0.4 * (1 - alpha) * sums["ce"]
-    torch.testing.assert_close(scaled.loss_sum.double(), expected.double(), rtol=1e-5, atol=1e-5)
-    assert torch.equal(scaled.component_sums["kd"], sums["kd"]) and torch.equal(
-        scaled.component_sums["ce"], sums["ce"]
-    )
+        ce = _independent_ce_sum(d, mb)
+        sums = base.component_sums
+        if cross:  # CE alone at the rows without an anchor: split CE by rows from the plain blend
+            ce_rest = sums["loss"] - alpha * sums["kd"] - (1 - alpha) * sums["ce"]  # = alpha * CE there
+            assert float(ce_rest) > 0.05 * float(sums["loss"])
+        else:
+            ce_rest = torch.zeros(())
+        for mult in ({"kd": 2.5, "ce": 0.4}, {"kd": 0.3, "ce": 3.0}):
+            scaled = d.objective(student, teacher, mb["labels"], temperature=2.0, batch=mb, multipliers=mult)
+            expected = mult["kd"] * alpha * sums["kd"] + mult["ce"] * ((1 - alpha) * sums["ce"] + ce_rest)
+            torch.testing.assert_close(scaled.loss_sum.double(), expected.double(), rtol=1e-5, atol=1e-5)
+            assert torch.equal(scaled.component_sums["kd"], sums["kd"])
+            torch.testing.assert_close(scaled.component_sums["ce"].double(), ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums["ce"].double(), ce, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_balancer_reads_the_plain_ce_across_tokenizers(
+    make_distiller, tiny_run_config, unanchoring_tokenizer_dir
+):
+    """With balancing on and rows without an anchor, every step's logged ce -- the magnitude the balancer
+    learns -- is the token-mean CE of the student (before the step's update) on the step's batches, computed
+    apart from sakd's loss, also on steps whose ce multiplier is not 1 (no feedback of the multiplier)."""
+    raw = copy.deepcopy(tiny_run_config)
+    raw["model"]["teacher_tokenizer"] = str(unanchoring_tokenizer_dir)
+    raw["distillation"]["curriculum"] = {"balance": True, "balance_decay": 0.5}
+    d = make_distiller(raw, max_steps=3, gradient_accumulation_steps=2, batch_size=2)
+    running = None
+    for _ in range(3):
+        mbs = d._micro_batches()
+        with torch.no_grad():
+            ce = float(sum(_independent_ce_sum(d, mb) for mb in mbs))
+            ce /= sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in mbs)
+        metrics = d.train_step(mbs)
+        assert abs(metrics["ce"] - ce) < 1e-5 * ce
+        running = ce if running is None else 0.5 * running + 0.5 * ce
+        assert abs(d.aware.curriculum.balancer.magnitudes["ce"] - running) < 1e-5 * ce
+    assert abs(metrics["mult_ce"] - 1.0) > 0.01  # the last step ran with a balancing multiplier on ce

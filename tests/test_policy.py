@@ -16,6 +16,7 @@ from sakd.config import ConfigError, load_config
 from sakd.policy import Sampling, generate, is_policy_step, row_seed, score_continuations
 from sakd.policy.batches import IGNORE_INDEX, collate, student_written
 from sakd.policy.continuations import ContinuationSpec
+from sakd.policy.rollout import ON_POLICY_TEMPERATURE
 from sakd.policy.sampling import SeededGumbel, TemperatureLogitsWarper, TopPLogitsWarper
 from sakd.training.trainer import Distiller
 
@@ -135,18 +136,28 @@ def test_prompt_tokens_and_padding_carry_no_loss():
     assert predicting == [[0, 2], [0, 3], [0, 4], [1, 2], [1, 3], [1, 4], [1, 5], [1, 6]]
 
 
-def _reference_divergence(s_logits, t_logits, kind, beta, temperature):
-    """Per-position divergence from full logits, written out (p = teacher, q = student)."""
+def _reference_divergence(s_logits, t_logits, kind, beta, temperature=1.0):
+    """Per-position divergence from full logits, written out (p = teacher, q = student): reverse KL, or the
+    generalized JSD of GKD, JSD_beta = beta*KL(p||m) + (1-beta)*KL(q||m) with m = beta*p + (1-beta)*q, and
+    TRL's endpoints beta = 0 -> KL(p||q), beta = 1 -> KL(q||p)."""
     p = torch.softmax(t_logits.double() / temperature, -1)
     q = torch.softmax(s_logits.double() / temperature, -1)
-    if kind == "rkl":
-        return (q * (q.log() - p.log())).sum(-1)
+
+    def kl(a, b):
+        return (a * (a.log() - b.log())).sum(-1)
+
+    if kind == "rkl" or (kind == "jsd" and beta == 1.0):
+        return kl(q, p)
+    if kind == "jsd" and beta == 0.0:
+        return kl(p, q)
     m = beta * p + (1 - beta) * q
-    return beta * (p * (p.log() - m.log())).sum(-1) + (1 - beta) * (q * (q.log() - m.log())).sum(-1)
+    return beta * kl(p, m) + (1 - beta) * kl(q, m)
 
 
 @pytest.mark.parametrize("kind", ["rkl", "jsd"])
 def test_on_policy_loss_equals_a_full_logits_reference(make_distiller, tiny_run_config, kind):
+    """The on-policy objective on a hand-made rollout: the divergence at the positions that predict a
+    generated token, nothing at the prompt or padding."""
     raw = _policy_recipe(tiny_run_config)
     raw["distillation"]["loss"].update(kind=kind, beta=0.3, temperature=2.0, alpha=0.5)
     d = make_distiller(raw)
@@ -158,17 +169,64 @@ def test_on_policy_loss_equals_a_full_logits_reference(make_distiller, tiny_run_
     mb = collate(student_written(prompts, completions, None, None), torch.tensor([0, 1]), pad_id=0)
     objective = d.policy.objective
     assert objective.cfg.alpha == 1.0  # no CE on the student's own tokens
-    out = d._student_loss(d.student, mb, d.teacher_signal(mb), 2.0, objective=objective)
+    out = d._student_loss(d.student, mb, d.teacher_signal(mb), ON_POLICY_TEMPERATURE, objective=objective)
     with torch.no_grad():
         s_logits = d.hf_student(mb["input_ids"], attention_mask=mb["attention_mask"]).logits[..., :vocab]
         t_logits = d.teacher(mb["input_ids"], attention_mask=mb["attention_mask"]).logits[..., :vocab]
-    per_position = _reference_divergence(s_logits, t_logits, kind, 0.3, 2.0)
+    per_position = _reference_divergence(s_logits, t_logits, kind, 0.3)
     where = torch.zeros_like(per_position, dtype=torch.bool)
     where[0, 3:6] = True  # row 0: 4 prompt tokens; 60, 61, EOS at 4..6 are predicted from positions 3..5
     where[1, 2:7] = True  # row 1: 3 prompt tokens; 70..74 at 3..7 are predicted from positions 2..6
-    reference = 2.0**2 * per_position[where].sum()
+    reference = per_position[where].sum()
     assert out.num_tokens == 8
     assert float(out.loss_sum.detach()) == pytest.approx(float(reference), rel=1e-4)  # float32 vs float64
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_an_on_policy_step_is_gkds_jsd_at_temperature_one(make_distiller, tiny_run_config, beta):
+    """A whole on-policy train step (loss temperature 2 with T², generation temperature 1.5): its loss is
+    the generalized JSD at T = 1, without a T² factor, averaged over the student's sampled completion tokens
+    (GKD; TRL's GKDTrainer scores at T = 1 too), computed here from the full logits of the student before
+    the update and of the teacher. (T²·JSD at the loss temperature, what the step used to compute, is checked
+    to differ from it by far more than the tolerance: T² makes the two agree to first order.)"""
+    loss_t = 2.0
+    raw = _policy_recipe(tiny_run_config, "on", temperature=1.5, eval_prompts=0)
+    raw["distillation"]["loss"].update(kind="jsd", beta=beta, temperature=loss_t, scale_by_t2=True)
+    d = make_distiller(raw, batch_size=2, gradient_accumulation_steps=2)
+    with torch.no_grad():  # a peaked teacher, far from the student: the temperature's effect is not small
+        d.teacher.get_output_embeddings().weight.mul_(6.0)
+    blocks = d._micro_batches()
+    rollout = d.policy.rollout(blocks, d.state.step)  # the step's own samples: seeded by (seed, step, id)
+    assert rollout.temperature == ON_POLICY_TEMPERATURE == 1.0
+    vocab, total, at_loss_t, tokens = len(d.tokenizer), 0.0, 0.0, 0
+    with torch.no_grad():
+        for mb in rollout.micro_batches:
+            ids, attn = mb["input_ids"], mb["attention_mask"]
+            s_logits = d.hf_student(ids, attention_mask=attn).logits[:, :-1, :vocab]
+            t_logits = d.teacher(ids, attention_mask=attn).logits[:, :-1, :vocab]
+            completion = mb["labels"][:, 1:] != IGNORE_INDEX  # the positions predicting a sampled token
+            total += float(_reference_divergence(s_logits, t_logits, "jsd", beta)[completion].sum())
+            scaled = loss_t**2 * _reference_divergence(s_logits, t_logits, "jsd", beta, loss_t)
+            at_loss_t += float(scaled[completion].sum())
+            tokens += int(completion.sum())
+    metrics = d.train_step(blocks)
+    assert metrics["policy_step"] == 1 and metrics["tokens"] == tokens > 0
+    assert metrics["temperature"] == 1.0
+    assert metrics["loss"] == pytest.approx(total / tokens, rel=1e-4)  # float32 vs float64
+    assert abs(at_loss_t - total) > 0.02 * total  # 200x the tolerance above
+
+
+def test_the_generation_temperature_shapes_the_samples(make_distiller, tiny_run_config):
+    """The same seeds at two generation temperatures write different completions: the temperature moved
+    out of the loss still acts on sampling."""
+    written = []
+    for temperature in (0.3, 3.0):
+        raw = _policy_recipe(tiny_run_config, "on", temperature=temperature, eval_prompts=0)
+        d = make_distiller(raw)
+        assert d.policy.sampling.temperature == temperature
+        rollout = d.policy.rollout(d._micro_batches(), 0)
+        written.append(torch.cat([mb["input_ids"].flatten() for mb in rollout.micro_batches]))
+    assert not torch.equal(*written)
 
 
 # ------------------------------------------------------------------------------------------- the runs

@@ -12,8 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from sakd.config import TokenRouterConfig
-from sakd.losses import Head, HeadInput, KDSpec, ObjectiveSpec, Targets, fused_distill
-from sakd.objective.router import TokenRouter, TokenSignals, weight_stats
+from sakd.losses import (
+    Head,
+    HeadInput,
+    KDSpec,
+    ObjectiveSpec,
+    Targets,
+    VocabBridge,
+    fused_distill,
+    kd_per_position,
+)
+from sakd.objective.composite import KDRows
+from sakd.objective.router import TokenRouter, TokenSignals, token_signals, weight_stats
 
 
 def _identity(tensor: torch.Tensor, op: str) -> torch.Tensor:  # one process: reductions are the identity
@@ -78,6 +88,52 @@ def test_the_same_weights_however_the_step_is_split(parts):
     (whole,) = router.weights([s], 1.0, _identity)
     split = torch.cat(router.weights(_split(s, parts), 1.0, _identity))
     torch.testing.assert_close(split, whole, rtol=0, atol=1e-6)
+
+
+def test_a_slightly_negative_float32_gap_weighs_as_a_zero_gap():
+    """float32 forward KL of near-identical rows rounds to values down to about -4e-7; a divergence is >= 0,
+    so such a gap is a gap of 0: the same finite weights and running statistics as with that entry at 0."""
+    s = _signals()
+    i = int(s.valid.nonzero()[0])
+    gaps = {}
+    for value in (0.0, -4e-7):
+        gap = s.gap.clone()
+        gap[i] = value
+        gaps[value] = TokenSignals(s.valid, gap, s.entropy, s.targets, s.experts)
+    router, twin = _router(), _router()
+    (at_zero,) = router.weights([gaps[0.0]], 1.0, _identity)
+    (negative,) = twin.weights([gaps[-4e-7]], 1.0, _identity)
+    assert torch.isfinite(negative).all() and torch.equal(negative, at_zero)
+    router.update([gaps[0.0]], _identity)
+    twin.update([gaps[-4e-7]], _identity)
+    ours, theirs = router.state_dict(), twin.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_near_identical_student_and_teacher_give_finite_weights():
+    """End to end from the rows: a student head 1e-4 away from the teacher's gives per-token float32 KL
+    values that round below 0 at about half the positions; the gaps read 0 there and the weights are finite
+    with mean 1."""
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 600, 16, 384
+    hidden, head = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+    student_head = head + 1e-4 * torch.randn(v, h, generator=g)
+    rows = KDRows(
+        student=HeadInput(hidden, Head(student_head)),
+        teacher=HeadInput(hidden, Head(head)),
+        bridge=VocabBridge(),
+        targets=torch.randint(0, v, (n,), generator=g),
+        kd_mask=None,
+        anchor=None,
+    )
+    spec = KDSpec("fkl", temperature=1.0)
+    raw = kd_per_position(hidden @ student_head.T, hidden @ head.T, spec)
+    assert float(raw.min()) < 0  # the rounding the router meets
+    signals = token_signals(rows, spec, None, chunk_size=128)
+    router = TokenRouter(TokenRouterConfig(enabled=True), vocab_size=v)
+    (w,) = router.weights([signals], 1.0, _identity)
+    assert torch.isfinite(w).all() and abs(float(w.double().mean()) - 1.0) < 1e-6
+    assert float(signals.gap.min()) == 0.0
 
 
 def test_expert_importance_has_the_known_answer():

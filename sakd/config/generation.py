@@ -25,13 +25,19 @@ class GenerationConfig:
     fraction: float = _f(
         0.5,
         "policy=mixed: share lambda of optimizer steps trained on the student's own samples (GKD); the "
-        "others are off-policy KD on the data. Each step's choice is a pure function of (seed, step).",
+        "others are this project's off-policy KD on the data (the distillation.loss blend with CE, at "
+        "distillation.loss.temperature with T^2, on every token), not GKD's off-policy steps. Each step's "
+        "choice is a pure function of (seed, step).",
         min=0,
         max=1,
     )
     max_new_tokens: int = _f(64, "Tokens generated per prompt (generation stops earlier at EOS).", min=1)
     temperature: float = _f(
-        1.0, "Sampling temperature of the generator (1: the model's own distribution).", gt=0
+        1.0,
+        "Sampling temperature of the generator (1: the model's own distribution). It shapes only the "
+        "sampling: on-policy steps score the student's samples at T = 1 without a T^2 factor (GKD), "
+        "whatever distillation.loss.temperature is.",
+        gt=0,
     )
     top_p: float = _f(
         1.0, "Nucleus sampling: keep the smallest set of tokens with this much mass.", gt=0, max=1

@@ -132,7 +132,12 @@ class LossConfig:
         min=0,
         max=1,
     )
-    temperature: float = _f(2.0, "Softmax temperature applied to both teacher and student logits.", gt=0)
+    temperature: float = _f(
+        2.0,
+        "Softmax temperature applied to both teacher and student logits (off-policy steps; on-policy steps "
+        "score at T = 1).",
+        gt=0,
+    )
     min_temperature: float | None = _f(
         None, "Final temperature of the temperature schedule (None: constant temperature).", gt=0
     )
@@ -223,8 +228,8 @@ class DistillationConfig:
     policy: str = _f(
         "off",
         "Whose text the student learns on: off (the data: off-policy KD), on (its own samples of prompts, "
-        "scored by the teacher: on-policy KD, the divergence of distillation.loss on the generated tokens "
-        "only, with alpha = 1 on those steps), mixed (a share "
+        "scored by the teacher: on-policy KD, the divergence of distillation.loss at T = 1 without T^2 on "
+        "the generated tokens only, with alpha = 1 on those steps), mixed (a share "
         "generation.fraction of steps on-policy: GKD), sequence (the teacher's samples: sequence-level KD). "
         "See distillation.generation.",
         choices=list(POLICIES),

@@ -57,6 +57,7 @@ class ChunkPlan:
     generator: torch.Generator | None
     needs_grad: tuple[bool, bool, bool]
     kd_weights: Tensor | None = None  # per-position multipliers of the KD term only
+    ce_weight_without_kd: float = 1.0  # CE's share of the weight where kd_valid is False (loss only)
 
     @property
     def crosses(self) -> bool:
@@ -214,6 +215,8 @@ def _process_chunk(
     kd_weights = weights if plan.kd_valid is None else torch.where(plan.kd_valid[rows], weights, 0.0)
     # Where the KD term is masked out (no teacher signal at that position), CE takes the whole weight.
     ce_weights = weights * (1.0 - plan.alpha) if plan.kd_valid is None else weights - plan.alpha * kd_weights
+    if plan.kd_valid is not None and plan.ce_weight_without_kd != 1.0:  # the loss only: ce_sum stays plain CE
+        ce_weights = torch.where(plan.kd_valid[rows], ce_weights, ce_weights * plan.ce_weight_without_kd)
     if plan.kd_weights is not None:  # after the CE weights: they stay what they were
         kd_weights = kd_weights * plan.kd_weights[rows].to(dtype)
     coefs = (

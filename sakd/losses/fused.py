@@ -191,6 +191,7 @@ def fused_distill(
         kd_valid=None if targets.kd_mask is None else _flatten(targets.kd_mask, 0).bool(),
         target_logprob=_flatten(targets.target_logprob, 0),
         kd_weights=_flatten(targets.kd_weights, 0),
+        ce_weight_without_kd=targets.ce_weight_without_kd,
         generator=generator,
         needs_grad=tuple(grad_on and t is not None and t.requires_grad for t in (hidden, s_weight, s_bias)),
     )

@@ -135,6 +135,9 @@ class Targets:
             text, or NaN (cross-tokenizer, with labels).
         kd_weights: float per-position multipliers of the KD term only (a token router's weights); CE
             keeps its own weight. None: every position weighs 1 (bitwise today's loss).
+        ce_weight_without_kd: CE's weight where ``kd_mask`` is False, as a share of the position's weight
+            (1, the default: CE takes the whole weight there). It weighs the loss only: the returned ``ce``
+            stays the plain CE (a curriculum that scales KD and CE apart reads its magnitude from it).
     """
 
     labels: Tensor | None = None
@@ -143,3 +146,4 @@ class Targets:
     kd_mask: Tensor | None = None
     target_logprob: Tensor | None = None
     kd_weights: Tensor | None = None
+    ce_weight_without_kd: float = 1.0

@@ -291,16 +291,16 @@ class Objective:
         spec = self.spec.at_temperature(temperature)
         if crosses and self.dcfg.alignment.uld_weight:
             spec = _with_uld(spec, self.dcfg.alignment.uld_weight)
-        scale, weights = 1.0, None
+        scale, ce_alone = 1.0, 1.0
         if multipliers:  # the curriculum: KD and CE scaled apart (alpha', an outer scale, CE-only rows)
-            spec, scale, weights = _scaled_blend(spec, multipliers, kd_mask)
+            spec, scale, ce_alone = _scaled_blend(spec, multipliers)
         student_rows, t_rows = rows.student, rows.teacher
         positions = Targets(
             labels=targets,
-            weights=weights,
             kd_mask=kd_mask,
             target_logprob=target_logprob,
             kd_weights=kd_weights,
+            ce_weight_without_kd=ce_alone,
         )
         draws = _sampled_draws(spec, batch, self.seed)
         if self.cfg.fused or anchor is not None or kd_weights is not None or t_rows.mixture or draws:
@@ -364,22 +364,20 @@ def _sampled_draws(spec: ObjectiveSpec, batch: dict[str, torch.Tensor], seed: in
     return BlockDraws(seed, batch["sample_ids"].reshape(-1))
 
 
-def _scaled_blend(
-    spec: ObjectiveSpec, multipliers: dict[str, float], kd_mask: torch.Tensor | None
-) -> tuple[ObjectiveSpec, float, torch.Tensor | None]:
-    """``alpha·m_kd·KD + (1-alpha)·m_ce·CE`` as ``scale·[alpha'·KD + (1-alpha')·CE]``, and per-row weights
-    that keep CE at ``m_ce`` where KD has no anchor (CE alone counts there)."""
+def _scaled_blend(spec: ObjectiveSpec, multipliers: dict[str, float]) -> tuple[ObjectiveSpec, float, float]:
+    """``alpha·m_kd·KD + (1-alpha)·m_ce·CE`` as ``scale·[alpha'·KD + (1-alpha')·CE]``, and CE's share of the
+    weight where KD has no anchor (CE alone counts there, at ``m_ce``: ``m_ce / scale`` inside the scale).
+    That share weighs the loss only; the ``ce`` the objective reports (and the balancer reads) stays the plain
+    CE, so a multiplier never feeds back into the magnitude it was computed from."""
     import dataclasses
 
+    m_ce = multipliers.get("ce", 1.0)
     kd = spec.alpha * multipliers.get("kd", 1.0)
-    ce = (1.0 - spec.alpha) * multipliers.get("ce", 1.0)
+    ce = (1.0 - spec.alpha) * m_ce
     scale = kd + ce
     if scale <= 0:
-        return spec, 0.0, None
-    weights = None
-    if kd_mask is not None and scale != multipliers.get("ce", 1.0):
-        weights = torch.where(kd_mask, 1.0, multipliers.get("ce", 1.0) / scale)
-    return dataclasses.replace(spec, alpha=min(max(kd / scale, 0.0), 1.0)), scale, weights
+        return spec, 0.0, 1.0
+    return dataclasses.replace(spec, alpha=min(max(kd / scale, 0.0), 1.0)), scale, m_ce / scale
 
 
 def _with_uld(spec: ObjectiveSpec, weight: float) -> ObjectiveSpec:

@@ -57,6 +57,12 @@ class TokenSignals:
     targets: Tensor
     experts: list[Tensor] | None = None
 
+    def __post_init__(self) -> None:
+        # A divergence is >= 0, but float32 sums of near-identical rows round to values down to about -4e-7
+        # (forward KL): one such value made log(gap + eps) NaN and, through the step's standardisation, every
+        # weight of the step. Such a value is clamped to 0, the nearest value a divergence can take.
+        self.gap = self.gap.clamp_min(0.0)
+
 
 def token_signals(
     rows: KDRows, spec: KDSpec, router: RouterSignal | None, chunk_size: int, ignore_index: int = -100

@@ -7,12 +7,18 @@ policy     a step trains on
 off        the data (no :class:`PolicyRunner` is built)
 on         the student's samples of the step's prompts, scored by the teacher: ``alpha = 1`` (no CE on the
            student's own tokens), the divergence of ``distillation.loss`` (``jsd`` with ``beta``, ``rkl``,
-           ``fkl``, ...) on the generated positions only -- GKD (Agarwal et al. 2024), MiniLLM's reverse KL
-           (Gu et al. 2024) on the student's samples
+           ``fkl``, ...) at T = 1, without a T² factor, on the generated positions only -- GKD (Agarwal et
+           al. 2024; TRL's GKDTrainer likewise), MiniLLM's reverse KL (Gu et al. 2024) on the student's
+           samples. ``generation.temperature`` shapes only the sampling; ``distillation.loss.temperature``
+           (and its schedule) applies to the off-policy steps
 mixed      with probability ``generation.fraction`` (λ) an ``on`` step, else an ``off`` one; the draw is a
-           pure function of (seed, step), so λ = 0 is exactly ``off`` and a resumed run makes the same draws
+           pure function of (seed, step), so λ = 0 is exactly ``off`` and a resumed run makes the same draws.
+           The ``off`` steps are this project's off-policy KD (the ``distillation.loss`` blend with CE, at
+           the loss temperature with T², on every token of the data), not GKD's off-policy steps (the same
+           divergence at T = 1 on a dataset's completion tokens only)
 sequence   the teacher's samples of the step's prompts (Kim & Rush 2016): CE on them
-           (``sequence_loss: ce``, no teacher forward) or the ``distillation.loss`` blend (``kd``)
+           (``sequence_loss: ce``, no teacher forward) or the ``distillation.loss`` blend (``kd``, at the
+           loss temperature, as off-policy KD)
 =========  =================================================================================================
 
 A step is of one kind on every rank and micro-batch (the draw does not depend on the rank), so the
@@ -35,6 +41,7 @@ from sakd.config import RunConfig
 from sakd.data import BatchPlan
 from sakd.errors import ConfigError
 from sakd.objective.composite import Objective
+from sakd.objective.curriculum import StepSchedule
 from sakd.policy.batches import collate, student_written, teacher_written
 from sakd.policy.engines import student_for_generation, teacher_for_generation
 from sakd.policy.models import Models
@@ -42,6 +49,7 @@ from sakd.policy.prompts import Prompts
 from sakd.policy.sampling import Sampling, generate, row_seed
 
 ROLE_STUDENT, ROLE_TEACHER = 1, 2  # folded into the sampling seeds: the two writers never share a stream
+ON_POLICY_TEMPERATURE = 1.0  # GKD scores the student's samples at T = 1 (so no T² factor either)
 
 
 def with_alpha(objective: Objective, alpha: float) -> Objective:
@@ -54,6 +62,7 @@ def with_alpha(objective: Objective, alpha: float) -> Objective:
         bridge=objective.bridge,
         distillation=objective.dcfg,
         aux=objective.aux,
+        seed=objective.seed,
     )
 
 
@@ -70,12 +79,22 @@ def is_policy_step(policy: str, fraction: float, seed: int, step: int) -> bool:
 @dataclass
 class Rollout:
     """What one step trains on: its micro-batches, the objective, whether the objective needs the teacher's
-    forward, and the generation's cost for ``metrics.jsonl``."""
+    forward, the generation's cost for ``metrics.jsonl`` and the loss temperature of the step (None: the
+    schedule's; :data:`ON_POLICY_TEMPERATURE` on the student's samples)."""
 
     micro_batches: list[dict[str, torch.Tensor]]
     objective: Objective
     teacher_needed: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    temperature: float | None = None
+
+    def schedule(self, schedule: StepSchedule) -> StepSchedule:
+        """The step's schedule with this rollout's loss temperature (unchanged when it has none)."""
+        return (
+            schedule
+            if self.temperature is None
+            else dataclasses.replace(schedule, temperature=self.temperature)
+        )
 
 
 class PolicyRunner:
@@ -125,7 +144,8 @@ class PolicyRunner:
             "gen_tokens_per_s": gen_tokens / max(gen_s, 1e-9),
             "rollout_seconds": rollout_s,
         }
-        return Rollout(batches, self.objective, self.teacher_needed, metrics)
+        temperature = None if self.teacher_writes else ON_POLICY_TEMPERATURE
+        return Rollout(batches, self.objective, self.teacher_needed, metrics, temperature)
 
     @contextlib.contextmanager
     def writer(self) -> Iterator[Callable[[list[list[int]], Sampling, list[int]], list[list[int]]]]:

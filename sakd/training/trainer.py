@@ -232,6 +232,8 @@ class Distiller(RunLoop):
         objective, use_teacher, extra = self.objective, self.teacher_signal is not None, {}
         if rollout is not None:
             micro_batches, objective, extra = rollout.micro_batches, rollout.objective, rollout.metrics
+            schedule = rollout.schedule(schedule)  # on the student's samples: T = 1 (GKD)
+            temperature = schedule.temperature
             use_teacher = use_teacher and rollout.teacher_needed
             self.state.count_generation(extra)
         local_tokens = torch.stack([objective.valid_mask(mb["labels"]).sum() for mb in micro_batches]).sum()
