@@ -35,7 +35,7 @@ PY
 ARGS=(
     distill --config sakd/recipes/demo.yaml --overwrite
     model.teacher=tiny-moe model.student=tiny-dense model.tokenizer="$OUT/tokenizer"
-    data.train="$OUT/corpus.txt" data.block_size=64 data.max_eval_blocks=16
+    data.train="$OUT/corpus.txt" data.sample_by=line data.block_size=64 data.max_eval_blocks=16
     training.output_dir="$OUT/run" training.max_steps="$STEPS" training.batch_size=4
     training.eval_every=0 training.save_every=0 logging.progress_bar=false
 )
