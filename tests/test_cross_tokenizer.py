@@ -69,14 +69,18 @@ def test_cross_tokenizer_distill_with_all_aux_losses(
     d = make_distiller(raw, max_steps=3, save_every=2)
     assert d.alignment.aligned and d.alignment.vocab_map is not None
     # attention transfer needs one-to-one positions: disabled across tokenizers
-    assert d.aux is not None and d.aux.attention_proj is None and d.aux.contrastive_student is not None
-    before = {k: v.clone() for k, v in d.aux.state_dict().items()}
+    assert (
+        d.aux_terms is not None
+        and "attention" not in d.aux_terms.terms
+        and "contrastive" in d.aux_terms.terms
+    )
+    before = {k: v.clone() for k, v in d.aux_terms.state_dict().items()}
     summary = d.train()
     m = _metrics(d.run_dir)
     steps = [r for r in m if "kd" in r]
     assert all(0 < r["kd_positions"] <= 1 and r["feature"] > 0 and "contrastive" in r for r in steps)
     # the projections learn
-    after = d.aux.state_dict()
+    after = d.aux_terms.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     al = json.loads((d.run_dir / "summary.json").read_text())["alignment"]
     assert al["student_vocab"] == len(d.tokenizer) and al["teacher_vocab"] == len(
@@ -90,7 +94,7 @@ def test_cross_tokenizer_distill_with_all_aux_losses(
     ckpt = d.run_dir / "checkpoints" / "step-00000002"
     saved = load_file(str(ckpt / "model.safetensors"))
     aux_keys = {k for k in saved if k.startswith("aux.")}
-    assert aux_keys == {f"aux.{k}" for k in d.aux.state_dict()}
+    assert aux_keys == {f"aux.{k}" for k in d.aux_terms.state_dict()}
     exported = load_file(str(d.run_dir / "final" / "model.safetensors"))
     student_keys = set(d.hf_student.state_dict())
     assert set(exported) <= student_keys and not any(
@@ -140,12 +144,15 @@ def test_attention_transfer_same_tokenizer(tiny_run_config, make_distiller):
     raw = copy.deepcopy(tiny_run_config)
     raw["distillation"].update(attention={"weight": 1.0, "layers": [0, -1]})
     d = make_distiller(raw, max_steps=2)
-    assert d.aux_terms.attention_pairs == [(0, 1), (1, 3)]  # 2 student layers <- 4 teacher layers, uniformly
-    before = d.aux.attention_proj.weight.clone()
+    assert d.aux_terms.terms["attention"].pairs == [
+        (0, 1),
+        (1, 3),
+    ]  # 2 student layers <- 4 teacher layers, uniformly
+    before = d.aux_terms.terms["attention"].proj.weight.clone()
     d.train()
     steps = [r for r in _metrics(d.run_dir) if "attention" in r]
     assert len(steps) == 2 and all(r["attention"] > 0 for r in steps)
-    assert not torch.equal(before, d.aux.attention_proj.weight)
+    assert not torch.equal(before, d.aux_terms.terms["attention"].proj.weight)
 
 
 def test_real_architectures_one_step(corpus, tokenizer_dir, teacher_tokenizer_dir, tmp_path):

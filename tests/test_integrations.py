@@ -75,7 +75,7 @@ def _reference(make_distiller, raw: dict) -> dict:
     run read them, the initial projections, the losses and weights it ended with."""
     d = make_distiller(raw, max_steps=STEPS, batch_size=BATCH)
     order = [i for s in range(STEPS) for mb in d.plan.micro_batches(0, s, 0) for i in mb]
-    aux0 = None if d.aux is None else {k: v.clone() for k, v in d.aux.state_dict().items()}
+    aux0 = None if d.aux_terms is None else {k: v.clone() for k, v in d.aux_terms.state_dict().items()}
     d.train()
     metrics = [json.loads(x) for x in (d.run_dir / "metrics.jsonl").read_text().splitlines()]
     return {
@@ -84,7 +84,7 @@ def _reference(make_distiller, raw: dict) -> dict:
         "aux0": aux0,
         "metrics": [m for m in metrics if "loss" in m],
         "student": {k: v.clone() for k, v in d.hf_student.state_dict().items()},
-        "aux": None if d.aux is None else d.aux.state_dict(),
+        "aux": None if d.aux_terms is None else d.aux_terms.state_dict(),
     }
 
 

@@ -15,7 +15,10 @@ from sakd.losses.auxiliary import (
     project_heads,
 )
 from sakd.losses.uld import uld_distance
-from sakd.objective.projections import AuxiliaryHeads, group_average_init, layer_pairs
+from sakd.objective.projections import group_average_init, layer_pairs
+from sakd.objective.terms.attention import AttentionTerm
+from sakd.objective.terms.contrastive import ContrastiveTerm
+from sakd.objective.terms.feature import FeatureTerm
 
 
 def randn(*shape, seed=0, scale=1.0, dtype=torch.float64):
@@ -125,9 +128,9 @@ def test_uld_rejects_mismatched_rows():
 
 
 def test_feature_loss_zero_for_identical_inputs_with_identity_projection():
-    heads = AuxiliaryHeads(8, 8, feature_layers=[(1, 1)])
+    term = FeatureTerm([(1, 1)], 8, 8, "mse")
     hidden = randn(5, 8, seed=12, dtype=torch.float32)
-    projected = heads.project_feature(0, hidden)
+    projected = term.project(0, hidden)
     torch.testing.assert_close(projected, hidden, rtol=0, atol=0)
     assert feature_loss(hidden, projected, "mse").item() == 0.0
     assert abs(feature_loss(hidden, projected, "cosine").item()) < 1e-6
@@ -209,11 +212,11 @@ def test_attention_loss_mask_sums_valid_query_rows():
 
 
 def test_group_average_init_maps_duplicated_teacher_heads_exactly():
-    heads = AuxiliaryHeads(8, 4, teacher_heads=6, student_heads=3, attention=True)
+    term = AttentionTerm([(0, 0)], teacher_heads=6, student_heads=3)
     student = attention(2, 3, 5, seed=22)
     teacher = student.repeat_interleave(2, dim=1)  # teacher heads 2j, 2j+1 = student head j
-    torch.testing.assert_close(project_heads(teacher, heads.attention_proj), student, rtol=0, atol=0)
-    assert heads.attention_loss(student, teacher).item() == 0.0
+    torch.testing.assert_close(project_heads(teacher, term.proj), student, rtol=0, atol=0)
+    assert attention_transfer_loss(student, teacher, term.proj).item() == 0.0
     # not a multiple: uniform 1 / Ht
     weight = torch.empty(2, 5)
     group_average_init(weight)
@@ -268,17 +271,12 @@ def test_masked_mean_pool():
 def test_gradients_reach_projections_and_student_not_teacher():
     torch.manual_seed(0)
     b, length, hs, ht = 3, 5, 8, 12
-    heads = AuxiliaryHeads(
-        ht,
-        hs,
-        feature_layers=[(2, 1), (4, 2)],
-        teacher_heads=4,
-        student_heads=2,
-        attention=True,
-        contrastive=True,
-        contrastive_dim=6,
-    )
-    assert heads.contrastive_student.out_features == 6 and heads.contrastive_teacher.in_features == ht
+    pairs = [(2, 1), (4, 2)]
+    mse, cosine = FeatureTerm(pairs, ht, hs, "mse"), FeatureTerm(pairs, ht, hs, "cosine")
+    attn = AttentionTerm([(0, 0)], teacher_heads=4, student_heads=2)
+    nce = ContrastiveTerm(ht, hs, temperature=0.07, dim=6)
+    heads = nn.ModuleList([mse, cosine, attn, nce])
+    assert nce.student.out_features == 6 and nce.teacher.in_features == ht
     student_states = [torch.randn(b, length, hs, requires_grad=True) for _ in range(3)]
     teacher_states = [torch.randn(b, length, ht, requires_grad=True) for _ in range(5)]
     student_attn = torch.softmax(torch.randn(b, 2, length, length), -1).requires_grad_()
@@ -291,10 +289,10 @@ def test_gradients_reach_projections_and_student_not_teacher():
         student_attn[0, :, 4] = float("nan")
         teacher_attn[0, :, 4] = float("inf")
     loss = (
-        heads.feature_losses(student_states, teacher_states, kind="mse", mask=mask)
-        + heads.feature_losses(student_states, teacher_states, kind="cosine", mask=mask)
-        + heads.attention_loss(student_attn, teacher_attn, mask)
-        + heads.contrastive_loss(student_states[-1], teacher_states[-1], mask, mask)
+        mse.layer_losses(student_states, teacher_states, mask)
+        + cosine.layer_losses(student_states, teacher_states, mask)
+        + attention_transfer_loss(student_attn, teacher_attn, attn.proj, mask)
+        + info_nce(*nce.pair(student_states[-1], teacher_states[-1], mask, mask), 0.07)
     )
     assert torch.isfinite(loss)
     loss.backward()
@@ -307,11 +305,6 @@ def test_gradients_reach_projections_and_student_not_teacher():
         assert tensor.grad is not None and tensor.grad.abs().sum() > 0
         assert torch.isfinite(tensor.grad).all()
     assert student_states[0].grad is None  # the embedding output is never matched
-
-
-def test_attention_heads_required():
-    with pytest.raises(ValueError, match="teacher_heads and student_heads"):
-        AuxiliaryHeads(4, 4, attention=True)
 
 
 # ------------------------------------------------------------------------------ layer pairs

@@ -7,11 +7,11 @@ import copy
 
 import torch
 
-from sakd.config import DistillationConfig, FeatureConfig, LossConfig
+from sakd.config import LossConfig
 from sakd.models.forward import HiddenAndHead
 from sakd.objective.aux_terms import AuxTerms
 from sakd.objective.composite import Objective, predicted_positions
-from sakd.objective.projections import AuxiliaryHeads
+from sakd.objective.terms.feature import FeatureTerm
 
 
 def _outputs(pairs: int, seed: int = 0, B: int = 2, L: int = 7, H: int = 4, V: int = 11):
@@ -29,8 +29,8 @@ def _outputs(pairs: int, seed: int = 0, B: int = 2, L: int = 7, H: int = 4, V: i
 
 
 def _terms(pairs: int) -> AuxTerms:
-    heads = AuxiliaryHeads(4, 4, feature_layers=[(i + 1, i + 1) for i in range(pairs)]).double()
-    return AuxTerms(DistillationConfig(feature=FeatureConfig(weight=1.0)), heads)
+    term = FeatureTerm([(i + 1, i + 1) for i in range(pairs)], 4, 4, "mse").double()
+    return AuxTerms({"feature": term}, {"feature": 1.0})
 
 
 def test_feature_term_sums_predicted_positions_and_averages_layer_pairs():
@@ -39,7 +39,7 @@ def test_feature_term_sums_predicted_positions_and_averages_layer_pairs():
         terms = _terms(pairs)  # identity projections (equal hidden sizes)
         predicted = predicted_positions(labels)
         zero = torch.zeros((), dtype=torch.float64)
-        _, sums = terms(student, teacher, {}, predicted, zero, {})
+        _, sums = terms.add_to(student, teacher, {}, predicted, zero, {})
         per_row = (s_layer - t_layer).pow(2).mean(-1)  # mse per position
         expected = per_row[predicted].sum()
         torch.testing.assert_close(sums["feature"], expected)
@@ -64,7 +64,7 @@ def test_alpha_zero_with_an_auxiliary_term_loads_the_teacher(tiny_run_config, ma
     raw["distillation"]["loss"]["alpha"] = 0.0
     raw["distillation"]["feature"] = {"weight": 1.0}
     d = make_distiller(raw, output_dir=str(tmp_path / "run"), max_steps=1)
-    assert d.teacher is not None and d.aux is not None
+    assert d.teacher is not None and d.aux_terms is not None
     metrics = d.train_step(d._micro_batches())
     assert metrics["feature"] > 0 and "kd" not in metrics
     assert metrics["loss"] > metrics["ce"]

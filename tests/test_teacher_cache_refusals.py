@@ -106,7 +106,10 @@ def test_an_unfinished_or_missing_cache_is_refused(setup, capsys, tmp_path):
         ("eval_fraction", "data.eval_fraction differs (cache: 0.05, recipe: 0.1)"),
         ("temperature", "differs from the cache's 2.0"),
         ("aux", "distillation.feature needs the teacher's hidden states"),
-        ("mode", "distillation.loss.sparse=sampled cannot use a topk cache"),
+        (
+            "mode",
+            "distillation.loss.sparse=sampled cannot use a teacher cache, which serves subset or topk_tail",
+        ),
     ],
 )
 def test_a_recipe_that_does_not_match_the_manifest_is_refused(setup, capsys, tmp_path, change, expected):

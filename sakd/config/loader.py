@@ -300,7 +300,9 @@ def validate(cfg: RunConfig) -> None:
 
 
 def _validate_student_aware(cfg: RunConfig) -> None:
-    """The MoE signals, the token router and the curriculum: what they need from the rest of the config."""
+    """The MoE signals, the token router and the curriculum: what they need from the rest of the config. What
+    they need from the teacher signal (a live model, its router) is checked against its capabilities when the
+    run is built (:mod:`sakd.objective.compose`)."""
     d = cfg.distillation
     moe, router, cur = d.moe, d.router, d.curriculum
     needs_kd = [
@@ -320,23 +322,6 @@ def _validate_student_aware(cfg: RunConfig) -> None:
         raise ConfigError(
             f"distillation.moe.augment_samples needs distillation.loss.kind fkl or rkl (got {d.loss.kind}): "
             "only for these is one KD term against the combined teacher the mean of the M KD terms"
-        )
-    live = needs_kd + [(cur.phases or cur.balance, "distillation.curriculum")]
-    for on, key in live:
-        if on and d.teacher_cache:
-            raise ConfigError(
-                f"{key} needs the live teacher and the online KD path; it does not work from "
-                "distillation.teacher_cache yet: turn one of them off"
-            )
-        if on and d.policy != "off" and key != "distillation.moe.augment_samples":
-            raise ConfigError(
-                f"{key} is not supported with distillation.policy={d.policy} yet (its statistics are kept "
-                "for the data's tokens): turn one of them off"
-            )
-    if d.policy != "off" and d.teacher_cache:
-        raise ConfigError(
-            f"distillation.policy={d.policy} scores generated text with the live teacher; it cannot read "
-            "distillation.teacher_cache: turn one of them off"
         )
     if router.sharpen_end < router.sharpen_start:
         raise ConfigError("distillation.router.sharpen_end must be >= distillation.router.sharpen_start")

@@ -27,7 +27,7 @@ Swap ``Trainer`` for it, pass a teacher and (optionally) a sakd ``distillation``
 from __future__ import annotations
 
 import contextlib
-import copy
+import logging
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -40,16 +40,20 @@ from transformers import Trainer
 from sakd.align.setup import setup_alignment
 from sakd.config import ConfigError, DistillationConfig, RunConfig, TrainingConfig, load_config
 from sakd.integrations.data import SAMPLE_ID
-from sakd.integrations.teacher_signals import cache_signal, open_cache, teacher_output
+from sakd.integrations.teacher_signals import as_signal, cache_signal, open_cache, teacher_output
 from sakd.models import freeze
 from sakd.models.student import TrainableStudent, student_state
 from sakd.models.zero import register_external_parameters
 from sakd.objective.aux_terms import build_aux_terms
+from sakd.objective.compose import check_composition
 from sakd.objective.composite import Objective
 from sakd.objective.curriculum import temperature_at
+from sakd.teacher.capabilities import LIVE
 from sakd.teacher.placement import teacher_engine
 from sakd.training.builders import build_objective, build_teacher_signal
 from sakd.training.optim import param_groups
+
+log = logging.getLogger(__name__)
 
 AUX_FILE = "sakd_aux.safetensors"
 """The auxiliary projections, saved next to the student by :meth:`DistillationTrainer.save_model`."""
@@ -131,9 +135,11 @@ class DistillationTrainer(Trainer):
     ) -> None:
         from accelerate import PartialState
 
-        self.distillation = copy.deepcopy(distillation_config(distillation))  # a cache resolves loss.sparse
+        self.distillation = distillation_config(distillation)
         _refuse_step_level_parts(self.distillation)
-        reader = open_cache(self.distillation) if self.distillation.teacher_cache else None
+        reader = None
+        if self.distillation.teacher_cache:
+            reader, self.distillation = open_cache(self.distillation)  # loss.sparse resolved for the cache
         if reader is not None and teacher is not None:
             raise ConfigError("distillation.teacher_cache replaces the teacher: pass teacher=None")
         self.lr_multipliers = dict(lr_multipliers or {})
@@ -155,25 +161,25 @@ class DistillationTrainer(Trainer):
             torch.manual_seed(args.seed if args is not None else 42)
             self.aux_terms = build_aux_terms(self.distillation, model, teacher_model, self.alignment.differ)
         vocab = len(tokenizer) if tokenizer is not None else model.config.vocab_size
-        self.objective: Objective = build_objective(
-            RunConfig(distillation=self.distillation), vocab, self.alignment, self.aux_terms
-        )
-        wrapper = _Student(model, None if self.aux_terms is None else self.aux_terms.heads)
+        wrapper = _Student(model, self.aux_terms)
         super().__init__(model=wrapper, args=args, **kwargs)
         if self.args.label_names is None:
             self.label_names = ["labels"]
         self.teacher = self._place(teacher_model) if teacher_model is not None else None
-        self.cached = reader is not None  # the cache holds training blocks: evaluation is the CE alone
-        if self.teacher is not None:
-            run = RunConfig(distillation=self.distillation, training=TrainingConfig(seed=self.args.seed))
-            signal = build_teacher_signal(run, self.teacher, self.alignment, self.aux_terms, self.args.device)
-            self.teacher_signal = signal[0]
-        elif reader is not None:
-            self.teacher_signal = cache_signal(
-                reader, self.distillation, self.train_dataset, tokenizer, self.args.device
-            )
-        else:
-            self.teacher_signal = teacher
+        run = RunConfig(distillation=self.distillation, training=TrainingConfig(seed=self.args.seed))
+        cached = None
+        if reader is not None:
+            cached = cache_signal(reader, self.distillation, self.train_dataset, tokenizer, self.args.device)
+        signal, _ = build_teacher_signal(
+            run, self.teacher, self.alignment, self.aux_terms, self.args.device, cached=cached
+        )
+        if signal is None and teacher is not None:  # a teacher-signal object of the caller's
+            signal = as_signal(teacher)
+        self.teacher_signal = signal
+        caps = LIVE if signal is None else signal.capabilities
+        for note in check_composition(run, caps):
+            log.info(note)
+        self.objective: Objective = build_objective(run, vocab, self.alignment, self.aux_terms, caps)
         if self._zero_stage() == 3:
             # the fused loss multiplies by the head itself (see sakd.models.zero)
             register_external_parameters(wrapper, model.get_output_embeddings(), wrapper.aux)
@@ -245,7 +251,9 @@ class DistillationTrainer(Trainer):
             self.distillation.loss, self.state.global_step, self.state.max_steps or 1
         )
         teacher_out = None
-        if self.teacher_signal is not None and (self.model.training or not self.cached):
+        # a cache holds the training blocks only: held-out batches are scored by the CE alone
+        live = self.teacher_signal is not None and self.teacher_signal.capabilities.scores_new_text
+        if self.teacher_signal is not None and (self.model.training or live):
             teacher_out = teacher_output(self.teacher_signal, inputs, self.state.global_step)
         loss_fn = partial(self._student_loss, batch=inputs, teacher_out=teacher_out, temperature=temperature)
         return model(loss_fn=loss_fn)

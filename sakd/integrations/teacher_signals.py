@@ -17,6 +17,7 @@ The ids travel with the rows, so whatever order the Trainer's sampler draws them
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import datasets
@@ -28,19 +29,19 @@ from sakd.integrations.data import SAMPLE_ID
 from sakd.teacher.cache.attach import open_teacher_cache
 from sakd.teacher.cache.fingerprint import tokenizer_sha256
 from sakd.teacher.cache.reader import CacheReader
-from sakd.teacher.moe import RoutedTeacher
-from sakd.teacher.signal import CachedTeacher
+from sakd.teacher.capabilities import LIVE
+from sakd.teacher.signal import CachedTeacher, TeacherOutput, TeacherSignal
 
 log = logging.getLogger(__name__)
 
 
-def open_cache(distillation: DistillationConfig) -> CacheReader:
-    """The reader of ``distillation.teacher_cache`` once the loss settings fit it (``loss.sparse`` is
-    resolved in ``distillation``, as ``sakd distill`` resolves it) and every shard verifies."""
-    reader, notes = open_teacher_cache(RunConfig(distillation=distillation))
+def open_cache(distillation: DistillationConfig) -> tuple[CacheReader, DistillationConfig]:
+    """The reader of ``distillation.teacher_cache`` once every shard verifies, and the section with
+    ``loss.sparse`` resolved for it (a copy, as ``sakd distill`` resolves it)."""
+    reader, cfg, notes = open_teacher_cache(RunConfig(distillation=distillation))
     for note in notes:
         log.info(note)
-    return reader
+    return reader, cfg.distillation
 
 
 def cache_signal(
@@ -82,23 +83,36 @@ def cache_signal(
     return CachedTeacher(reader, None, top_k=top_k, chain_rule=False, device=device)
 
 
-def _reads_block_ids(signal: Any) -> str | None:
-    if isinstance(signal, CachedTeacher):
-        return "a teacher cache"
-    if isinstance(signal, RoutedTeacher) and signal.augment is not None:
-        return "Knowledge Augmentation"
-    return None
+class CallableSignal:
+    """A user's ``signal(batch) -> HiddenAndHead`` as a :class:`~sakd.teacher.signal.TeacherSignal`: a live
+    teacher whose output does not depend on the step."""
+
+    capabilities = LIVE
+
+    def __init__(self, fn: Callable[[dict[str, torch.Tensor]], TeacherOutput]) -> None:
+        self.fn = fn
+
+    def at_step(self, step: int) -> None:
+        """Nothing depends on the step."""
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> TeacherOutput:
+        return self.fn(batch)
 
 
-def teacher_output(signal: Any, batch: dict[str, torch.Tensor], step: int) -> Any:
+def as_signal(signal: TeacherSignal | Callable[[dict[str, torch.Tensor]], TeacherOutput]) -> TeacherSignal:
+    """``signal`` itself when it declares its capabilities, else wrapped as a live one."""
+    return signal if hasattr(signal, "capabilities") else CallableSignal(signal)
+
+
+def teacher_output(signal: TeacherSignal, batch: dict[str, torch.Tensor], step: int) -> TeacherOutput:
     """``signal(batch)`` at the Trainer's global ``step`` (completed optimizer steps: ``sakd distill``'s
     step counter); a signal that reads block ids refuses a batch without them."""
-    need = _reads_block_ids(signal)
-    if need is not None and "sample_ids" not in batch:
+    caps = signal.capabilities
+    if caps.reads_block_ids and "sample_ids" not in batch:
+        need = "Knowledge Augmentation" if caps.routing == "ka" else caps.source.capitalize()
         raise ConfigError(
             f"{need} reads each batch's block ids (sample_ids), which this batch lacks: give the rows a "
             f"{SAMPLE_ID!r} column (prepare_distillation_data does) and use DistillationCollator"
         )
-    if isinstance(signal, RoutedTeacher):
-        signal.step = step
+    signal.at_step(step)
     return signal(batch)

@@ -7,15 +7,14 @@
 - :func:`info_nce` — InfoNCE with in-batch negatives between pooled representations
   (Oord et al., 2018; contrastive representation distillation, Tian et al., 2020).
 - :func:`masked_mean_pool`, :func:`layer_pairs` — helpers.
-- :class:`AuxiliaryHeads` — the trainable projections (an ``nn.Module`` to optimize together
-  with the student).
+- the trainable projections belong to the terms that use them (``sakd.objective.terms``).
 
 Reductions: the per-row losses (:func:`feature_loss`, :func:`attention_transfer_loss`) return a
 **sum** over valid rows so that the caller can normalize by its own token count (the same
 denominator as the logit loss); :func:`info_nce` returns a **mean** over the batch. All losses
 are computed in float32 (float64 stays float64).
 
-Gradient flow: teacher tensors never receive gradients. :class:`AuxiliaryHeads` detaches the
+Gradient flow: teacher tensors never receive gradients. the terms detach the
 teacher hidden states before projecting them, and :func:`attention_transfer_loss` detaches the
 teacher attention maps, so gradients reach the student tensors and the projection weights only.
 
@@ -59,10 +58,10 @@ def feature_loss(
     Per row: ``mse`` = mean over the hidden dim of the squared error; ``cosine`` =
     1 − cos(student, teacher) ∈ [0, 2] (cos clamped to [−1, 1]; a zero vector has cos 0).
     Gradients flow to both inputs; the teacher side should come from
-    :meth:`AuxiliaryHeads.project_feature`, which detaches the teacher hidden states so that
+    ``FeatureTerm.project``, which detaches the teacher hidden states so that
     only the projection weights are trained on that side. Masked rows of both inputs are zeroed
     before use; if masked teacher rows may be non-finite, zero them *before* projecting too (as
-    :meth:`AuxiliaryHeads.feature_losses` does), or the projection's weight gradient is NaN.
+    ``FeatureTerm.layer_losses`` does), or the projection's weight gradient is NaN.
 
     Args:
         student_hidden: ``[N, Hs]`` (any leading dims work, e.g. ``[B, L, Hs]``).
@@ -131,7 +130,7 @@ def attention_transfer_loss(
     Args:
         student_attn: ``[B, Hs, L, L]`` student attention probabilities.
         teacher_attn: ``[B, Ht, L, L]`` teacher attention probabilities.
-        head_proj: ``nn.Linear(Ht, Hs)`` (see :class:`AuxiliaryHeads`, ``attention_proj``).
+        head_proj: ``nn.Linear(Ht, Hs)`` (``AttentionTerm.proj``).
         mask: ``[B, L]`` bool, True = valid query position; None = all valid.
 
     Returns:
@@ -169,7 +168,7 @@ def info_nce(student_pooled: Tensor, teacher_pooled: Tensor, temperature: float 
     is the cross-entropy with targets ``arange(B)``, **averaged over the batch** (the caller
     applies its own weight). One direction only (student → teacher). Gradients flow to both
     inputs (the teacher side is normally the output of a trainable projection of detached
-    teacher states, see :meth:`AuxiliaryHeads.contrastive_pair`).
+    teacher states, see ``ContrastiveTerm.pair``).
 
     With ``B == 1`` there are no negatives and the loss is defined as 0 — returned as a scalar
     still attached to the graph (zero gradients, not None, so DDP sees the projections used).

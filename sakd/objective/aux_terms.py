@@ -1,70 +1,49 @@
-"""The auxiliary terms of the objective -- hidden-state features, attention maps, and a sequence-level
-contrastive (InfoNCE) term -- added to the logit loss with their configured weights.
-
-Normalisation, so that a weight means the same thing at any depth and however a step is split:
-
-* feature and attention terms are summed over the **same predicted positions** as KD and CE (the
-  trainer divides every sum by the step's global count of them) and **averaged over layer pairs**;
-* the contrastive term is a mean over the sequences of the micro-batch, weighted by the micro-batch's
-  predicted tokens. Its negatives are the other sequences *of the same micro-batch on the same rank*,
-  so unlike every other term it depends on how a step is split into micro-batches and ranks
-  (``training.batch_size`` sequences per micro-batch); a micro-batch of one sequence has no negatives,
-  and the config refuses ``training.batch_size < 2`` with the term on. The run says so at start.
+"""The auxiliary terms of a run (feature, attention, contrastive, and any other registered in
+:mod:`sakd.objective.terms`) added to the logit loss with their configured weights and the curriculum's
+multipliers. Each is a sum over the **same predicted positions** as KD and CE (the trainer divides every sum
+by the step's global count of them); see each term's module for what it compares.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
+from torch import nn
 
-from sakd.align.positions import gather_at_anchors
 from sakd.config import DistillationConfig
-from sakd.errors import ConfigError
-from sakd.models.capture import enable_selective_attention
 from sakd.models.forward import HiddenAndHead
-from sakd.objective.projections import AuxiliaryHeads, layer_pairs
-
-log = logging.getLogger(__name__)
-
-CONTRASTIVE_SPLIT_NOTE = (
-    "distillation.contrastive: InfoNCE negatives are the other sequences of each micro-batch "
-    "(training.batch_size per rank), so this term -- unlike the others -- changes with how a step is "
-    "split into micro-batches and ranks"
-)
+from sakd.objective.terms import COMPONENTS, AuxTerm, ModelShape, TermContext
 
 
-@dataclass
-class AuxTerms:
-    """The weighted auxiliary terms of a run (built by :func:`sakd.objective.projections.build_aux`).
+class AuxTerms(nn.Module):
+    """The built auxiliary terms (``terms``: name -> :class:`~sakd.objective.terms.AuxTerm`, in registry
+    order) and their weights. Its parameters are the terms' projections: they train with the student, are
+    checkpointed with it, and are never exported."""
 
-    ``heads`` holds the trainable projections; ``attention_pairs`` the (student, teacher) layers whose
-    attention maps are matched.
-    """
+    def __init__(self, terms: dict[str, AuxTerm], weights: dict[str, float]) -> None:
+        super().__init__()
+        self.terms = nn.ModuleDict(terms)
+        self.weights = dict(weights)
 
-    dcfg: DistillationConfig
-    heads: AuxiliaryHeads
-    attention_pairs: list[tuple[int, int]] = field(default_factory=list)
+    def _union(self, attr: str) -> list[int]:
+        return sorted({i for term in self.terms.values() for i in getattr(term, attr)})
 
     @property
-    def feature_on(self) -> bool:
-        return self.dcfg.feature.weight > 0 and bool(self.heads.feature_layers)
+    def student_layers(self) -> list[int]:
+        return self._union("student_layers")
 
     @property
-    def attention_on(self) -> bool:
-        return (
-            self.dcfg.attention.weight > 0
-            and self.heads.attention_proj is not None
-            and bool(self.attention_pairs)
-        )
+    def teacher_layers(self) -> list[int]:
+        return self._union("teacher_layers")
 
     @property
-    def contrastive_on(self) -> bool:
-        return self.dcfg.contrastive.weight > 0 and self.heads.contrastive_student is not None
+    def student_attention(self) -> list[int]:
+        return self._union("student_attention")
 
-    def __call__(
+    @property
+    def teacher_attention(self) -> list[int]:
+        return self._union("teacher_attention")
+
+    def add_to(
         self,
         student: HiddenAndHead,
         teacher: HiddenAndHead,
@@ -79,85 +58,38 @@ class AuxTerms:
         ``predicted``: ``[B, Ls]`` bool, the positions KD and CE are summed over; ``multipliers``: the
         curriculum's factor per term (absent: 1).
         """
-        d, sums, mult = self.dcfg, dict(sums), multipliers or {}
-        if self.feature_on:
-            if "anchor" in batch:  # teacher states at each student position's anchor
-                anchor = batch["anchor"]
-                rows = predicted & (anchor >= 0)
-                t_layers = {t: gather_at_anchors(layer, anchor) for t, layer in teacher.layers.items()}
-            else:
-                rows, t_layers = predicted, teacher.layers
-            feat = self.heads.feature_losses(student.layers, t_layers, kind=d.feature.kind, mask=rows)
-            loss = loss + d.feature.weight * mult.get("feature", 1.0) * feat
-            sums["feature"] = feat.detach()
-        if self.attention_on:
-            att = sum(
-                self.heads.attention_loss(student.attentions[s], teacher.attentions[t], predicted)
-                for s, t in self.attention_pairs
-            ) / len(self.attention_pairs)
-            loss = loss + d.attention.weight * mult.get("attention", 1.0) * att
-            sums["attention"] = att.detach()
-        if self.contrastive_on:
-            s_mask = batch.get("attention_mask")
-            s_mask = torch.ones_like(predicted) if s_mask is None else s_mask.bool()
-            t_mask = batch.get("teacher_attention_mask")
-            t_mask = s_mask if t_mask is None else t_mask.bool()
-            nce = self.heads.contrastive_loss(
-                student.hidden, teacher.hidden, s_mask, t_mask, temperature=d.contrastive.temperature
-            )
-            # info_nce is a mean over sequences; weighted by this micro-batch's predicted tokens, the
-            # trainer's division by the global token count gives a token-weighted mean
-            nce_sum = nce * predicted.sum()
-            loss = loss + d.contrastive.weight * mult.get("contrastive", 1.0) * nce_sum
-            sums["contrastive"] = nce_sum.detach()
+        sums, mult = dict(sums), multipliers or {}
+        for name, term in self.terms.items():
+            value = term.loss_sum(student, teacher, batch, predicted)
+            loss = loss + self.weights[name] * mult.get(name, 1.0) * value
+            sums[name] = value.detach()
         sums["loss"] = loss.detach()
         return loss, sums
 
 
+def _shape(config: object) -> ModelShape:
+    return ModelShape(
+        hidden=int(config.hidden_size),  # type: ignore[attr-defined]
+        layers=int(config.num_hidden_layers),  # type: ignore[attr-defined]
+        heads=int(config.num_attention_heads),  # type: ignore[attr-defined]
+    )
+
+
 def build_aux_terms(
-    d: DistillationConfig, student: torch.nn.Module, teacher: Any, tokenizers_differ: bool
+    d: DistillationConfig, student: nn.Module, teacher: nn.Module | None, tokenizers_differ: bool
 ) -> AuxTerms | None:
-    """The auxiliary terms with their projections and (student, teacher) attention layer pairs, or None when
-    no auxiliary term is on; the paired layers' attention is switched to the recording kernel."""
-    attention_pairs: list[tuple[int, int]] = []
-    if teacher is None or not (d.feature.weight or d.attention.weight or d.contrastive.weight):
+    """The auxiliary terms that are on, with their projections (built in registry order), or None when none
+    is (or there is no teacher model to compare with)."""
+    if teacher is None:
         return None
     t_model = getattr(teacher, "module", teacher)  # a ZeRO-3 engine has a `config` of its own
-    s_cfg, t_cfg = student.config, t_model.config
-    pairs = (
-        layer_pairs(t_cfg.num_hidden_layers, s_cfg.num_hidden_layers, d.feature.layer_map or "uniform")
-        if d.feature.weight
-        else []
-    )
-    attention = d.attention.weight > 0
-    if attention and tokenizers_differ:
-        log.warning(
-            "distillation.attention is disabled: teacher and student tokenize differently, so their "
-            "attention maps have different shapes and no one-to-one positions"
-        )
-        attention = False
-    if attention:
-        ls, lt = s_cfg.num_hidden_layers, t_cfg.num_hidden_layers
-        for layer in d.attention.layers:
-            s_layer = layer + ls if layer < 0 else layer
-            if not 0 <= s_layer < ls:
-                raise ConfigError(
-                    f"distillation.attention.layers: student layer {layer} is out of range for {ls} layers"
-                )
-            attention_pairs.append((s_layer, max(0, round((s_layer + 1) * lt / ls) - 1)))
-        enable_selective_attention(student, sorted({s for s, _ in attention_pairs}))
-        enable_selective_attention(t_model, sorted({t for _, t in attention_pairs}))
-    aux = AuxiliaryHeads(
-        t_cfg.hidden_size,
-        s_cfg.hidden_size,
-        feature_layers=pairs,
-        teacher_heads=t_cfg.num_attention_heads,
-        student_heads=s_cfg.num_attention_heads,
-        attention=attention,
-        contrastive=d.contrastive.weight > 0,
-    )
-    if d.contrastive.weight > 0:
-        log.warning(CONTRASTIVE_SPLIT_NOTE)
-    if not any(p.numel() for p in aux.parameters()):
+    ctx = TermContext(student, t_model, _shape(student.config), _shape(t_model.config), tokenizers_differ)
+    terms, weights = {}, {}
+    for component in COMPONENTS:
+        term = component.build(d, ctx)
+        if term is not None:
+            terms[component.name] = term
+            weights[component.name] = component.weights(d)[component.name]
+    if not terms:
         return None
-    return AuxTerms(d, aux, attention_pairs)
+    return AuxTerms(terms, weights)

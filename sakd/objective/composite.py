@@ -30,6 +30,7 @@ from sakd.losses import (
     HeadInput,
     KDSpec,
     ObjectiveSpec,
+    SparseTeacher,
     Targets,
     VocabBridge,
     cross_entropy,
@@ -42,7 +43,8 @@ from sakd.models.forward import HiddenAndHead, hidden_and_head
 from sakd.models.zero import is_partitioned
 from sakd.objective.aux_terms import AuxTerms
 from sakd.objective.chain import inside_spans, teacher_token_logprobs
-from sakd.teacher.signal import StoredSignal
+from sakd.teacher.capabilities import LIVE, Capabilities
+from sakd.teacher.signal import StoredSignal, TeacherOutput
 
 IGNORE_INDEX = -100
 
@@ -50,16 +52,21 @@ IGNORE_INDEX = -100
 @dataclass
 class KDRows:
     """Where the KD term of one micro-batch is taken, one row per student position (``N = B·(Ls-1)``): the
-    student's hidden states and head, the teacher's at the same positions (its anchors across tokenizers;
-    ``[N, M, H]`` with ``mixture`` for M knowledge-augmentation samples), the vocabulary bridge, the rows
-    where KD applies (``kd_mask``, None = all) and the student targets."""
+    student's hidden states and head; the teacher's side at the same positions -- a live teacher's hidden
+    states and head at its anchors across tokenizers (``[N, M, H]`` with ``mixture`` for M knowledge-augmentation
+    samples), or a stored distribution's rows; the vocabulary bridge, the rows where KD applies (``kd_mask``,
+    None = all), the student targets, and the teacher's chain-rule log-prob of each target's text (NaN where
+    unknown; None without the chain rule)."""
 
     student: HeadInput
-    teacher: HeadInput
+    teacher: HeadInput | SparseTeacher
     bridge: VocabBridge
     targets: torch.Tensor
     kd_mask: torch.Tensor | None
     anchor: torch.Tensor | None  # [B, Ls-1] teacher position per student position, or None
+    target_logprob: torch.Tensor | None = None
+    mixture: bool = False
+    router: torch.Tensor | None = None  # [N, layers, experts] a stored signal's router probabilities
 
 
 @dataclass
@@ -105,8 +112,10 @@ class Objective:
     teacher_vocab_size: the teacher's, when it has its own tokenizer.
     bridge: the vocabulary map(s) for different tokenizers (empty for identical ones).
     distillation: the whole section, for the alignment options.
-    aux: the auxiliary terms (feature / attention / contrastive), or None.
+    aux: the auxiliary terms (:mod:`sakd.objective.terms`), or None.
     seed: the seed of the on-the-fly ``sparse=sampled`` draws, per (seed, block) as a cache's.
+    teacher: what the run's teacher signal gives (a live teacher's states and head, or a stored
+        distribution): the one thing the KD rows are built differently for.
     """
 
     def __init__(
@@ -119,8 +128,9 @@ class Objective:
         distillation: DistillationConfig | None = None,
         aux: AuxTerms | None = None,
         seed: int = 0,
+        teacher: Capabilities = LIVE,
     ) -> None:
-        self.cfg, self.seed = cfg, seed
+        self.cfg, self.seed, self.teacher = cfg, seed, teacher
         self.spec = objective_spec(cfg)
         self.vocab_size = vocab_size
         self.teacher_vocab_size = teacher_vocab_size or vocab_size
@@ -137,7 +147,7 @@ class Objective:
         self,
         student: torch.nn.Module,
         batch: dict[str, torch.Tensor],
-        teacher: HiddenAndHead | None,
+        teacher: TeacherOutput | None,
         *,
         temperature: float,
         **objective_kwargs: Any,
@@ -152,8 +162,8 @@ class Objective:
             student,
             batch["input_ids"],
             batch.get("attention_mask"),
-            hidden_layers=[s for _, s in aux.heads.feature_layers] if aux else [],
-            attention_layers=sorted({s for s, _ in aux.attention_pairs}) if aux else [],
+            hidden_layers=aux.student_layers if aux else [],
+            attention_layers=aux.student_attention if aux else [],
         )
         return self(out, teacher, batch["labels"], temperature=temperature, batch=batch, **objective_kwargs)
 
@@ -165,7 +175,7 @@ class Objective:
     def __call__(
         self,
         student: HiddenAndHead,
-        teacher: HiddenAndHead | StoredSignal | None,
+        teacher: TeacherOutput | None,
         labels: torch.Tensor,
         *,
         temperature: float,
@@ -188,8 +198,6 @@ class Objective:
             if multipliers and multipliers.get("ce", 1.0) != 1.0:
                 out.loss_sum = out.loss_sum * multipliers["ce"]
                 out.component_sums["loss"] = out.loss_sum.detach()
-        elif isinstance(teacher, StoredSignal):  # an offline cache: the sparse losses on the stored tensors
-            return self._distill_stored(student, teacher, targets, n, temperature)
         else:
             out = self._distill(
                 student, teacher, targets, n, temperature, batch, kd_weights, multipliers or {}
@@ -197,7 +205,7 @@ class Objective:
         if teacher is None or self.aux is None:
             return out
         predicted = predicted_positions(labels, batch.get("attention_mask"))
-        loss, sums = self.aux(
+        loss, sums = self.aux.add_to(
             student, teacher, batch, predicted, out.loss_sum, out.component_sums, multipliers
         )
         return ObjectiveOutput(loss, sums, n)
@@ -234,28 +242,59 @@ class Objective:
     def kd_rows(
         self,
         student: HiddenAndHead,
-        teacher: HiddenAndHead,
+        teacher: TeacherOutput,
         targets: torch.Tensor,
         batch: dict[str, torch.Tensor],
+        temperature: float | None = None,
     ) -> KDRows:
         """The rows the KD term of this micro-batch is taken on (see :class:`KDRows`); ``targets`` are the
-        flat student targets ``labels[:, 1:]``."""
+        flat student targets ``labels[:, 1:]``. With ``temperature`` (and the chain rule on, across
+        tokenizers) a live teacher also scores each multi-token target's text at it."""
+        bridge = self.bridge
+        if bridge.teacher_to_student is not None:  # the many-to-one projection replaces the 1:1 map
+            bridge = VocabBridge(teacher_to_student=bridge.teacher_to_student)
+        chain = self.dcfg.alignment.chain_rule and self.bridge.crosses
+        if not self.teacher.live:  # the stored distribution at each student position (already at its anchor)
+            stored: StoredSignal = teacher  # type: ignore[assignment]
+            kd_mask = None if stored.kd_mask is None else stored.kd_mask[:, :-1].reshape(-1)
+            router = stored.router
+            return KDRows(
+                student=self._student_rows(student),
+                teacher=stored.sparse.rows((slice(None), slice(None, -1))).reshape(-1),
+                bridge=bridge,
+                targets=targets,
+                kd_mask=kd_mask,
+                anchor=None,
+                target_logprob=stored.target_logprob[:, :-1].reshape(-1)
+                if chain and stored.target_logprob is not None
+                else None,
+                router=None if router is None else router[:, :-1].reshape(-1, *router.shape[2:]),
+            )
+        live: HiddenAndHead = teacher  # type: ignore[assignment]
         anchor = batch["anchor"][:, :-1] if "anchor" in batch else None
-        samples = getattr(teacher, "samples", None)  # [M, B, Lt, H]: a mixture of M teachers (fkl only)
+        samples = getattr(live, "samples", None)  # [M, B, Lt, H]: a mixture of M teachers (fkl only)
         mixture = samples is not None and self.cfg.kind == "fkl"
-        states = samples.permute(1, 2, 0, 3) if mixture else teacher.hidden  # [B, Lt, (M,) H]
+        states = samples.permute(1, 2, 0, 3) if mixture else live.hidden  # [B, Lt, (M,) H]
         if anchor is not None:
             t_hidden = gather_at_anchors(states, anchor)
         else:
             t_hidden = states[:, :-1]
         t_hidden = t_hidden.reshape(-1, *states.shape[2:])
-        crosses = self.bridge.crosses
-        bridge = self.bridge
-        if bridge.teacher_to_student is not None:  # the many-to-one projection replaces the 1:1 map
-            bridge = VocabBridge(teacher_to_student=bridge.teacher_to_student)
         teacher_head = Head(
-            teacher.head_weight, teacher.head_bias, self.teacher_vocab_size if crosses else self.vocab_size
+            live.head_weight,
+            live.head_bias,
+            self.teacher_vocab_size if self.bridge.crosses else self.vocab_size,
         )
+        target_logprob = None
+        if anchor is not None and chain and temperature is not None:
+            span_end = batch["span_end"][:, :-1]
+            multi = (span_end > anchor + 1) & (anchor >= 0)
+            teacher_ids = batch["teacher_input_ids"]
+            needed = inside_spans(anchor, span_end, multi, teacher_ids.shape[1])
+            tok_lp = teacher_token_logprobs(
+                live, teacher_ids, temperature, needed, self.teacher_vocab_size, self.cfg.chunk_size
+            )
+            target_logprob = span_logprob(tok_lp, anchor, torch.where(multi, span_end, -1)).reshape(-1)
         return KDRows(
             student=self._student_rows(student),
             teacher=HeadInput(t_hidden, teacher_head, mixture=mixture),
@@ -263,12 +302,14 @@ class Objective:
             targets=targets,
             kd_mask=None if anchor is None else (anchor >= 0).reshape(-1),
             anchor=anchor,
+            target_logprob=target_logprob,
+            mixture=mixture,
         )
 
     def _distill(
         self,
         student: HiddenAndHead,
-        teacher: HiddenAndHead,
+        teacher: TeacherOutput,
         targets: torch.Tensor,
         n: torch.Tensor,
         temperature: float,
@@ -276,34 +317,24 @@ class Objective:
         kd_weights: torch.Tensor | None,
         multipliers: dict[str, float],
     ) -> ObjectiveOutput:
-        rows = self.kd_rows(student, teacher, targets, batch)
-        anchor, kd_mask, crosses = rows.anchor, rows.kd_mask, self.bridge.crosses
-        target_logprob = None
-        if anchor is not None and self.dcfg.alignment.chain_rule and crosses:
-            span_end = batch["span_end"][:, :-1]
-            multi = (span_end > anchor + 1) & (anchor >= 0)
-            teacher_ids = batch["teacher_input_ids"]
-            needed = inside_spans(anchor, span_end, multi, teacher_ids.shape[1])
-            tok_lp = teacher_token_logprobs(
-                teacher, teacher_ids, temperature, needed, self.teacher_vocab_size, self.cfg.chunk_size
-            )
-            target_logprob = span_logprob(tok_lp, anchor, torch.where(multi, span_end, -1)).reshape(-1)
+        rows = self.kd_rows(student, teacher, targets, batch, temperature)
         spec = self.spec.at_temperature(temperature)
-        if crosses and self.dcfg.alignment.uld_weight:
+        if self.bridge.crosses and self.dcfg.alignment.uld_weight:
             spec = _with_uld(spec, self.dcfg.alignment.uld_weight)
         scale, ce_alone = 1.0, 1.0
         if multipliers:  # the curriculum: KD and CE scaled apart (alpha', an outer scale, CE-only rows)
             spec, scale, ce_alone = _scaled_blend(spec, multipliers)
-        student_rows, t_rows = rows.student, rows.teacher
+        student_rows, t_rows, kd_mask = rows.student, rows.teacher, rows.kd_mask
         positions = Targets(
             labels=targets,
             kd_mask=kd_mask,
-            target_logprob=target_logprob,
+            target_logprob=rows.target_logprob,
             kd_weights=kd_weights,
             ce_weight_without_kd=ce_alone,
         )
-        draws = _sampled_draws(spec, batch, self.seed)
-        if self.cfg.fused or anchor is not None or kd_weights is not None or t_rows.mixture or draws:
+        draws = _sampled_draws(spec, batch, self.seed) if self.teacher.live else None
+        fused = rows.anchor is not None or kd_weights is not None or rows.mixture or draws
+        if self.cfg.fused or fused or not self.teacher.live:
             if not self.cfg.fused:  # the fused function, as one chunk: it alone takes these inputs
                 spec = _with_chunk(spec, max(1, student_rows.hidden.shape[0]))
             res = fused_distill(student_rows, t_rows, spec, positions, rows.bridge, draws=draws)
@@ -324,36 +355,9 @@ class Objective:
             )
         loss = res.loss if scale == 1.0 else res.loss * scale
         sums = {"loss": loss.detach(), "kd": res.kd, "ce": res.ce}
-        if anchor is not None:
-            sums["kd_positions"] = (kd_mask & (targets != IGNORE_INDEX)).sum().double()
-        return ObjectiveOutput(loss, sums, n)
-
-    def _distill_stored(
-        self, student: HiddenAndHead, teacher: StoredSignal, targets: torch.Tensor, n: int, temperature: float
-    ) -> ObjectiveOutput:
-        """KD from a cached teacher: the stored signal at each student position, projected onto the student
-        vocabulary through the same bridge as online cross-tokenizer KD, masked where no anchor exists."""
-        sparse = teacher.sparse.rows((slice(None), slice(None, -1))).reshape(-1)
-        kd_mask = None if teacher.kd_mask is None else teacher.kd_mask[:, :-1].reshape(-1)
-        chain = teacher.target_logprob
-        crosses = self.bridge.crosses
-        if chain is not None and self.dcfg.alignment.chain_rule and crosses:
-            chain = chain[:, :-1].reshape(-1)
-        else:
-            chain = None
-        bridge = self.bridge
-        if bridge.teacher_to_student is not None:
-            bridge = VocabBridge(teacher_to_student=bridge.teacher_to_student)
-        rows = self._student_rows(student)
-        spec = self.spec.at_temperature(temperature)
-        if not self.cfg.fused:
-            spec = _with_chunk(spec, max(1, rows.hidden.shape[0]))
-        positions = Targets(labels=targets, kd_mask=kd_mask, target_logprob=chain)
-        res = fused_distill(rows, sparse, spec, positions, bridge)
-        sums = {"loss": res.loss.detach(), "kd": res.kd, "ce": res.ce}
         if kd_mask is not None:
             sums["kd_positions"] = (kd_mask & (targets != IGNORE_INDEX)).sum().double()
-        return ObjectiveOutput(res.loss, sums, n)
+        return ObjectiveOutput(loss, sums, n)
 
 
 def _sampled_draws(spec: ObjectiveSpec, batch: dict[str, torch.Tensor], seed: int) -> BlockDraws | None:

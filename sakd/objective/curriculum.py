@@ -21,9 +21,8 @@ import math
 from dataclasses import dataclass, field
 
 from sakd.config import CurriculumConfig, LossConfig, TokenRouterConfig
+from sakd.objective.terms import phases
 
-COMPONENTS = ("kd", "ce", "feature", "attention", "contrastive")
-STRUCTURE, LATE = ("feature", "attention"), ("contrastive",)
 _SCALE_RANGE = (1e-2, 1e2)
 
 
@@ -53,13 +52,15 @@ def ramp(frac: float, start: float, length: float) -> float:
 
 
 def phase_multipliers(cfg: CurriculumConfig, step: int, total_steps: int) -> dict[str, float]:
-    """The seed's three phases: KD (and CE) from the start, feature/attention from ``structure_start``,
-    the contrastive term from ``all_start``, each ramping in over ``ramp`` of training."""
+    """The seed's three phases, each term in the phase it declares (:mod:`sakd.objective.terms`): KD (and CE)
+    from the start, feature/attention from ``structure_start``, the contrastive term from ``all_start``, each
+    ramping in over ``ramp`` of training."""
     frac = progress(step, total_steps)
-    out = {"kd": 1.0, "ce": 1.0}
-    out.update({c: ramp(frac, cfg.structure_start, cfg.ramp) for c in STRUCTURE})
-    out.update({c: ramp(frac, cfg.all_start, cfg.ramp) for c in LATE})
-    return out
+    start = {"start": None, "structure": cfg.structure_start, "late": cfg.all_start}
+    return {
+        c: 1.0 if start[phase] is None else ramp(frac, start[phase], cfg.ramp)
+        for c, phase in phases().items()
+    }
 
 
 def sharpness_at(cfg: TokenRouterConfig, step: int, total_steps: int) -> float:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from sakd.align.positions import gather_at_anchors
 from sakd.config import TokenRouterConfig
-from sakd.losses import KDSpec, kd_per_position, over_chunks
+from sakd.losses import KDSpec, SparseTeacher, kd_per_position, over_chunks
 from sakd.losses.mixture import mixture_logits
 from sakd.models.capture import RouterSignal
 from sakd.objective.composite import KDRows
@@ -68,23 +68,34 @@ def token_signals(
     rows: KDRows, spec: KDSpec, router: RouterSignal | None, chunk_size: int, ignore_index: int = -100
 ) -> TokenSignals:
     """The router's inputs for one micro-batch, from the rows the KD term is taken on (no gradients): the
-    per-token divergence of the dense KD kind at the step's temperature, the student's entropy, and the
-    teacher's routing probabilities at the same positions."""
-    spec = dataclasses.replace(spec, sparse=None, uld_weight=0.0)
+    per-token divergence at the step's temperature (a live teacher's dense one; a stored signal's in its
+    sparse mode), the student's entropy, and the teacher's routing probabilities at the same positions (a
+    live teacher's ``router``, or those a cache stores with its rows)."""
     student, teacher, bridge = rows.student, rows.teacher, rows.bridge
+    stored = isinstance(teacher, SparseTeacher)
+    spec = (
+        dataclasses.replace(spec, uld_weight=0.0)
+        if stored
+        else dataclasses.replace(spec, sparse=None, uld_weight=0.0)
+    )
     vocab = student.head.vocab or student.head.weight.shape[0]
 
     def chunk(r: slice) -> Tensor:
         s_logits = student.head.logits(student.hidden[r], upcast=True)
-        t_logits = teacher.head.logits(teacher.hidden[r], upcast=True)  # [c, (M,) V]
-        if teacher.mixture:
-            t_logits = mixture_logits(t_logits, spec.temperature)
+        if stored:
+            t_side: Tensor | SparseTeacher = teacher.rows(r)
+        else:
+            t_side = teacher.head.logits(teacher.hidden[r], upcast=True)  # [c, (M,) V]
+            if rows.mixture:
+                t_side = mixture_logits(t_side, spec.temperature)
         gap = kd_per_position(
             s_logits,
-            t_logits,
+            t_side,
             spec,
             vocab_map=bridge.vocab_map if bridge.teacher_to_student is None else None,
             teacher_to_student=bridge.teacher_to_student,
+            targets=rows.targets[r] if stored and rows.target_logprob is not None else None,
+            target_logprob=rows.target_logprob[r] if stored and rows.target_logprob is not None else None,
         )
         logq = torch.log_softmax(s_logits, dim=-1)
         entropy = -(logq.exp() * logq).sum(-1) / math.log(vocab)
@@ -95,7 +106,10 @@ def token_signals(
     valid = rows.targets != ignore_index
     if rows.kd_mask is not None:
         valid = valid & rows.kd_mask
-    experts = None if router is None else [_at_positions(p, rows, router) for p in router.probs]
+    if rows.router is not None:  # a stored signal's [N, layers, experts]
+        experts = list(rows.router.float().unbind(1))
+    else:
+        experts = None if router is None else [_at_positions(p, rows, router) for p in router.probs]
     return TokenSignals(valid, both[:, 0].nan_to_num(0.0), both[:, 1], rows.targets, experts)
 
 

@@ -63,6 +63,7 @@ def with_alpha(objective: Objective, alpha: float) -> Objective:
         distillation=objective.dcfg,
         aux=objective.aux,
         seed=objective.seed,
+        teacher=objective.teacher,
     )
 
 

@@ -36,6 +36,7 @@ from sakd.config import MoEConfig
 from sakd.errors import SetupError
 from sakd.models.capture import RouterSignal
 from sakd.models.forward import HiddenAndHead, hidden_and_head
+from sakd.teacher.capabilities import live_capabilities
 
 MODES = ("topk", "ka", "all")
 Selector = Callable[[torch.Tensor, int, torch.Generator | None], torch.Tensor]
@@ -269,6 +270,11 @@ class RoutedTeacher:
         self.hidden_layers, self.attention_layers = list(hidden_layers), sorted(set(attention_layers))
         self.augment, self.keep_samples, self.sar = augment, keep_samples, sar
         self.decisions, self.changed = 0, torch.zeros((), dtype=torch.float64)
+        self.capabilities = live_capabilities(moe=True, routing="sar" if sar is not None else "ka")
+
+    def at_step(self, step: int) -> None:
+        """The optimizer step about to run: KA's draws are seeded with it."""
+        self.step = step
 
     def pop_stats(self) -> tuple[torch.Tensor, int]:
         """KA since the last call: (routing decisions that chose other experts than the top k, decisions)."""

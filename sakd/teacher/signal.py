@@ -1,24 +1,36 @@
-"""The teacher signal the objective consumes, behind one interface: ``signal(batch) -> teacher output``.
+"""The teacher signal the objective consumes, behind one interface (:class:`TeacherSignal`):
+``signal(batch) -> teacher output``, and what it can give (:class:`~sakd.teacher.capabilities.Capabilities`).
 
 :class:`OnlineTeacher` runs the frozen teacher (replicated, quantized, or a ZeRO-3 engine) on each batch
 -- on its own tokens when the tokenizers differ -- and returns its final hidden states, output head,
 router probabilities (MoE) and whatever internals the auxiliary terms asked for (:class:`HiddenAndHead`).
 :class:`CachedTeacher` reads an offline cache instead (``sakd cache-teacher``; no teacher in memory) and
 returns the stored sparse distribution at every student position (:class:`StoredSignal`).
+:class:`sakd.teacher.moe.RoutedTeacher` is the live MoE teacher routed from outside (Knowledge Augmentation,
+the Student-Aware Router). :func:`sakd.training.builders.build_teacher_signal` makes the run's one signal.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeAlias
 
 import torch
+from torch import nn
 
 from sakd.losses import SparseTeacher
 from sakd.models.forward import HiddenAndHead, hidden_and_head
 from sakd.teacher.cache.lookup import aligned_fields, same_block_fields, stored_sparse
+from sakd.teacher.cache.manifest import SignalSpec
 from sakd.teacher.cache.reader import CacheReader
+from sakd.teacher.capabilities import Capabilities, live_capabilities
+from sakd.teacher.moe import routers
+
+Batch: TypeAlias = dict[str, torch.Tensor]
+
+# the sparse loss modes each stored mode serves; the first is used when distillation.loss.sparse is none
+LOSS_MODES = {"topk": ("subset", "topk_tail"), "topk_tail": ("topk_tail", "subset"), "sampled": ("sampled",)}
 
 
 class OnlineTeacher:
@@ -26,7 +38,7 @@ class OnlineTeacher:
 
     def __init__(
         self,
-        model: Any,
+        model: nn.Module,
         *,
         aligned: bool,
         hidden_layers: Sequence[int] = (),
@@ -36,6 +48,10 @@ class OnlineTeacher:
         self.aligned = aligned  # batches carry the teacher's own tokens (teacher_input_ids)
         self.hidden_layers = list(hidden_layers)
         self.attention_layers = sorted(set(attention_layers))
+        self.capabilities = live_capabilities(moe=bool(routers(model)))
+
+    def at_step(self, step: int) -> None:
+        """Nothing depends on the step here."""
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> HiddenAndHead:
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -72,6 +88,37 @@ class StoredSignal:
     router: torch.Tensor | None = None
 
 
+TeacherOutput: TypeAlias = HiddenAndHead | StoredSignal
+"""One micro-batch's teacher signal: a live forward's states and head, or a stored distribution."""
+
+
+class TeacherSignal(Protocol):
+    """The teacher signal of a run: what it can give, and its output for a batch."""
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    def at_step(self, step: int) -> None:
+        """Called before each optimizer step (Knowledge Augmentation seeds its draws with it)."""
+
+    def __call__(self, batch: Batch) -> TeacherOutput: ...
+
+
+def stored_capabilities(spec: SignalSpec) -> Capabilities:
+    """What a cache made as ``spec`` says can give: its stored distribution, exact at its temperature, in the
+    sparse modes its stored mode serves, and the router's probabilities when it stores them."""
+    return Capabilities(
+        live=False,
+        hidden_states=False,
+        router_probs=spec.router_shape is not None,
+        exact_temperature=spec.temperature,
+        scores_new_text=False,
+        full_distribution=False,
+        sparse_modes=LOSS_MODES[spec.mode],
+        reads_block_ids=True,
+    )
+
+
 class CachedTeacher:
     """The teacher signal of a batch, read from a cache by the batch's block ids (``sample_ids``), so it
     follows the batch plan under any micro-batch x accumulation x rank split and across resume.
@@ -85,6 +132,10 @@ class CachedTeacher:
     ) -> None:
         self.reader, self.index, self.top_k = reader, index, top_k
         self.chain_rule, self.device = chain_rule, device
+        self.capabilities = stored_capabilities(reader.spec)
+
+    def at_step(self, step: int) -> None:
+        """A block's stored signal does not depend on the step."""
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> StoredSignal:
         ids = batch["sample_ids"].reshape(-1).tolist()

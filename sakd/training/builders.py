@@ -7,9 +7,10 @@ builder               config                           builds
 ====================  ===============================  ==============================================
 build_tokenizers      model.tokenizer / teacher_tok.   the student's and the teacher's tokenizers
 build_student         model.student, dtype, peft, ...  the Hugging Face student (whole, not ZeRO-split)
+build_data            data                             the tokenized, packed blocks (+ the teacher's tokens)
 build_batch_plan      training.batch_size / accum.     which blocks each rank reads at each step
 build_objective       distillation.*                   the objective (logit loss + auxiliary terms)
-build_teacher_signal  distillation.moe                 the teacher signal (plain, KA, or SAR-routed)
+build_teacher_signal  distillation.moe / teacher_cache the teacher signal (online, KA / SAR-routed, cached)
 build_ema             training.ema*                    the EMA of the student's weights, or None
 ====================  ===============================  ==============================================
 
@@ -28,9 +29,10 @@ from typing import Any
 
 import torch
 
+from sakd.align.positions import alignment_coverage
 from sakd.align.setup import Alignment
 from sakd.config import ModelConfig, RunConfig, TrainingConfig
-from sakd.data import BatchPlan
+from sakd.data import BatchPlan, DataBundle, prepare_data
 from sakd.errors import ConfigError, DataError, SetupError
 from sakd.losses import VocabBridge
 from sakd.models import load_model, load_tokenizer
@@ -39,25 +41,20 @@ from sakd.models.peft import wrap_student
 from sakd.models.zero import built_whole
 from sakd.objective.aux_terms import AuxTerms
 from sakd.objective.composite import Objective
+from sakd.objective.terms import needs_teacher_terms
+from sakd.teacher.capabilities import LIVE, Capabilities
 from sakd.teacher.moe import RoutedTeacher
 from sakd.teacher.moe_router import StudentAwareRouter
-from sakd.teacher.signal import OnlineTeacher
+from sakd.teacher.signal import CachedTeacher, OnlineTeacher, TeacherSignal
 from sakd.training.ema import EMA_FILE, StudentEMA
 
 log = logging.getLogger(__name__)
 
 
 def needs_teacher(cfg: RunConfig) -> bool:
-    """Whether any term of the objective uses the teacher -- KD (``alpha > 0``) or an auxiliary term -- or the
+    """Whether any term of the objective that is on reads the teacher (:mod:`sakd.objective.terms`) or the
     teacher scores or writes text (``distillation.policy`` other than off)."""
-    d = cfg.distillation
-    return (
-        d.loss.alpha > 0
-        or d.feature.weight > 0
-        or d.attention.weight > 0
-        or d.contrastive.weight > 0
-        or d.policy != "off"
-    )
+    return needs_teacher_terms(cfg.distillation) or cfg.distillation.policy != "off"
 
 
 def build_tokenizers(mcfg: ModelConfig, *, use_teacher: bool) -> tuple[Any, Any | None]:
@@ -122,6 +119,26 @@ def check_qlora(accelerator: Any) -> None:
         )
 
 
+def build_data(
+    cfg: RunConfig, tokenizer: Any, alignment: Alignment, accelerator: Any, *, paired: bool
+) -> DataBundle:
+    """The run's data; ``paired``: with the teacher's tokens and the alignment when the tokenizers differ (a
+    live teacher; a cache brings its own alignment, :mod:`sakd.teacher.cache.lookup`)."""
+    acc, al = accelerator, alignment
+    paired = al.aligned and paired
+    with acc.main_process_first():
+        data = prepare_data(cfg.data, tokenizer, cfg.training.seed, al.teacher_tokenizer if paired else None)
+    acc.print(data.describe(cfg.data.sample_by))
+    if paired:
+        al.stats.update(alignment_coverage(data.train))
+        acc.print(
+            "alignment: {mapped}/{student_vocab} student tokens map to the teacher vocabulary "
+            "({student_coverage:.1%}); {anchored:.1%} of student positions end on a shared boundary, "
+            "{multi_token:.1%} are spelt by several teacher tokens".format(**al.stats)
+        )
+    return data
+
+
 def build_batch_plan(tcfg: TrainingConfig, num_blocks: int, world_size: int) -> BatchPlan:
     """Which blocks each rank reads at each optimizer step; at least one full step must fit."""
     plan = BatchPlan(
@@ -139,8 +156,15 @@ def build_batch_plan(tcfg: TrainingConfig, num_blocks: int, world_size: int) -> 
     return plan
 
 
-def build_objective(cfg: RunConfig, vocab_size: int, alignment: Alignment, aux: AuxTerms | None) -> Objective:
-    """The objective of ``distillation.*`` between this student vocabulary and the paired teacher's."""
+def build_objective(
+    cfg: RunConfig,
+    vocab_size: int,
+    alignment: Alignment,
+    aux: AuxTerms | None,
+    teacher: Capabilities = LIVE,
+) -> Objective:
+    """The objective of ``distillation.*`` between this student vocabulary and the paired teacher's, for a
+    teacher signal with capabilities ``teacher``."""
     teacher_tok = alignment.teacher_tokenizer
     return Objective(
         cfg.distillation.loss,
@@ -150,16 +174,29 @@ def build_objective(cfg: RunConfig, vocab_size: int, alignment: Alignment, aux: 
         distillation=cfg.distillation,
         aux=aux,
         seed=cfg.training.seed if cfg.distillation.cache.seed is None else cfg.distillation.cache.seed,
+        teacher=teacher,
     )
 
 
 def build_teacher_signal(
-    cfg: RunConfig, teacher: Any, alignment: Alignment, aux: AuxTerms | None, device: torch.device
-) -> tuple[Any, StudentAwareRouter | None]:
-    """The teacher signal (``distillation.moe``): the plain frozen teacher, or an MoE teacher routed from
-    outside -- Knowledge Augmentation, or all experts through a Student-Aware Router (returned too)."""
-    hidden = [t for t, _ in aux.heads.feature_layers] if aux else []
-    attention = [t for _, t in aux.attention_pairs] if aux else []
+    cfg: RunConfig,
+    teacher: torch.nn.Module | None,
+    alignment: Alignment,
+    aux: AuxTerms | None,
+    device: torch.device,
+    *,
+    cached: CachedTeacher | None = None,
+) -> tuple[TeacherSignal | None, StudentAwareRouter | None]:
+    """The run's one teacher signal: read from an offline cache (``cached``, made by
+    :func:`sakd.teacher.cache.attach.cached_teacher`), else the frozen teacher model -- plain, or an MoE
+    teacher routed from outside (``distillation.moe``): Knowledge Augmentation, or all experts through a
+    Student-Aware Router (returned too); None without either."""
+    if cached is not None:
+        return cached, None
+    if teacher is None:
+        return None, None
+    hidden = aux.teacher_layers if aux else []
+    attention = aux.teacher_attention if aux else []
     moe = cfg.distillation.moe
     if not (moe.augment_samples or moe.student_aware_router):
         return OnlineTeacher(

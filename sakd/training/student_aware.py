@@ -28,7 +28,8 @@ from sakd.models.forward import HiddenAndHead, hidden_and_head
 from sakd.objective.composite import IGNORE_INDEX, Objective
 from sakd.objective.curriculum import Curriculum, StepSchedule
 from sakd.objective.router import TokenRouter, token_signals, weight_stats
-from sakd.teacher.moe import RoutedTeacher, bare_model, override_routing
+from sakd.objective.terms import component_weights
+from sakd.teacher.moe import bare_model, override_routing
 from sakd.teacher.moe_router import StudentAwareRouter, router_kd_sum, router_terms
 
 STATE_FILE = "student_aware.json"
@@ -75,18 +76,6 @@ def detached_student(student: Any, mb: Batch) -> HiddenAndHead:
         return student(loss_fn=forward)
 
 
-def component_weights(cfg: RunConfig) -> dict[str, float]:
-    """The configured weight of every loss component (what balancing keeps the meaning of)."""
-    d = cfg.distillation
-    return {
-        "kd": d.loss.alpha,
-        "ce": 1.0 - d.loss.alpha,
-        "feature": d.feature.weight,
-        "attention": d.attention.weight,
-        "contrastive": d.contrastive.weight,
-    }
-
-
 class StudentAware:
     """Curriculum, token router and Student-Aware Router of one run (module docstring)."""
 
@@ -102,9 +91,9 @@ class StudentAware:
         d = cfg.distillation
         self.cfg, self.objective, self.accelerator = cfg, objective, accelerator
         self.signal, self.sar = signal, sar  # the teacher signal; the Student-Aware Router or None
-        self.curriculum = Curriculum(d.loss, d.curriculum, d.router, component_weights(cfg))
+        self.curriculum = Curriculum(d.loss, d.curriculum, d.router, component_weights(d))
         self.router = TokenRouter(d.router, vocab_size) if d.router.enabled and signal is not None else None
-        self.augmenting = isinstance(signal, RoutedTeacher) and signal.augment is not None
+        self.augmenting = signal is not None and signal.capabilities.routing == "ka"
         if accelerator.is_main_process:
             for line in self.describe():
                 print(f"student-aware: {line}")
@@ -157,18 +146,21 @@ class StudentAware:
         schedule: StepSchedule,
         global_tokens: int,
         student_out: Callable[[Batch], HiddenAndHead],
+        *,
+        use_teacher: bool = True,
     ) -> StepExtras:
-        """The router update and the step's token weights (see the module docstring)."""
+        """The router update and the step's token weights (see the module docstring); none of it on a step
+        whose objective does not read the teacher (``use_teacher`` False: sequence-level KD's CE steps)."""
         extras = StepExtras(multipliers=schedule.multipliers)
-        if isinstance(self.signal, RoutedTeacher):
-            self.signal.step = step
+        if self.signal is not None:
+            self.signal.at_step(step)
         students = None
-        if self.sar is not None:
+        if self.sar is not None and use_teacher:
             students = [student_out(mb) for mb in micro_batches]
             extras.metrics.update(
                 self._router_step(micro_batches, students, global_tokens, schedule.temperature)
             )
-        if self.router is not None:
+        if self.router is not None and use_teacher:
             students = students or [student_out(mb) for mb in micro_batches]
             extras.teacher_outs = [self.signal(mb) for mb in micro_batches]
             extras.kd_weights, stats = self._token_weights(
@@ -196,7 +188,8 @@ class StudentAware:
         signals = []
         for mb, s_out, t_out in zip(micro_batches, students, teachers, strict=True):
             rows = self.objective.kd_rows(s_out, t_out, mb["labels"][:, 1:].reshape(-1), mb)
-            signals.append(token_signals(rows, spec, t_out.router, self.cfg.distillation.loss.chunk_size))
+            router = t_out.router if self.signal.capabilities.live else None  # a cache's: in the rows
+            signals.append(token_signals(rows, spec, router, self.cfg.distillation.loss.chunk_size))
         weights = self.router.weights(signals, schedule.sharpness, self._reduce)
         stats = weight_stats(weights, signals, self._reduce)
         stats["router_sharpness"] = schedule.sharpness

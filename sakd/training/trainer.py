@@ -36,20 +36,22 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 
-from sakd.align.positions import alignment_coverage
 from sakd.align.setup import Alignment, setup_alignment
 from sakd.config import RunConfig, dump_config
 from sakd.config.deepspeed import zero_stage
-from sakd.data import DataBundle, prepare_data
 from sakd.models.student import TrainableStudent
 from sakd.models.zero import register_external_parameters
 from sakd.objective.aux_terms import build_aux_terms
+from sakd.objective.compose import check_composition
 from sakd.policy import Models, build_continuations, build_policy
 from sakd.teacher.cache.attach import cached_teacher, open_teacher_cache
+from sakd.teacher.capabilities import LIVE
 from sakd.teacher.placement import load_teacher
+from sakd.teacher.signal import stored_capabilities
 from sakd.training import checkpoint, rundir
 from sakd.training.builders import (
     build_batch_plan,
+    build_data,
     build_ema,
     build_objective,
     build_student,
@@ -85,36 +87,38 @@ class Distiller(RunLoop):
         set_seed(tcfg.seed)
 
         use_teacher = needs_teacher(cfg)
-        self.cache = None  # an offline teacher cache replaces the teacher (distillation.teacher_cache)
+        reader, caps, notes = (
+            None,
+            LIVE,
+            [],
+        )  # an offline cache replaces the teacher (distillation.teacher_cache)
         if use_teacher and cfg.distillation.teacher_cache:
-            self.cache, notes = open_teacher_cache(cfg)
-            for note in notes:
-                acc.print(f"note: {note}")
+            reader, cfg, notes = open_teacher_cache(cfg)  # cfg: loss.sparse resolved for the cache
+            self.cfg, caps = cfg, stored_capabilities(reader.spec)
+        for note in notes + check_composition(cfg, caps):  # what the teacher signal cannot give is refused
+            acc.print(f"note: {note}")
         self.tokenizer, teacher_tok = build_tokenizers(mcfg, use_teacher=use_teacher)
         self.alignment = (
             setup_alignment(cfg.distillation.alignment, self.tokenizer, teacher_tok, acc)
             if use_teacher
             else Alignment()
         )
-        self.data = self._prepare_data()
+        self.data = build_data(cfg, self.tokenizer, self.alignment, acc, paired=caps.live)
         student = build_student(mcfg, self.tokenizer, acc, seed=tcfg.seed)
         self.vocab_size = len(self.tokenizer)
         self.teacher, self.teacher_placement = None, None
-        if use_teacher and self.cache is None:
+        if use_teacher and reader is None:
             self.teacher, self.teacher_placement = load_teacher(
                 mcfg, self.alignment.teacher_tokenizer, acc, self.ds_config, seed=tcfg.seed + 1
             )
         self.aux_terms = build_aux_terms(cfg.distillation, student, self.teacher, self.alignment.differ)
-        self.aux = None if self.aux_terms is None else self.aux_terms.heads  # trainable projections
-        self.teacher_signal, sar = None, None
-        if self.teacher is not None:
-            self.teacher_signal, sar = build_teacher_signal(
-                cfg, self.teacher, self.alignment, self.aux_terms, acc.device
-            )
-        if self.cache is not None:
-            self.teacher_signal = cached_teacher(
-                cfg, self.cache, self.tokenizer, self.alignment, self.data.train, acc
-            )
+        cached = None
+        if reader is not None:
+            cached = cached_teacher(cfg, reader, self.tokenizer, self.alignment, self.data.train, acc)
+        self.teacher_signal, sar = build_teacher_signal(
+            cfg, self.teacher, self.alignment, self.aux_terms, acc.device, cached=cached
+        )
+        caps = self.teacher_signal.capabilities if self.teacher_signal is not None else caps
 
         self.plan = build_batch_plan(tcfg, len(self.data.train), acc.num_processes)
         self.stage_ends = stage_ends(cfg.optimization, tcfg, self.plan.steps_per_epoch)
@@ -124,11 +128,11 @@ class Distiller(RunLoop):
         optimizer, scheduler = self._optimizer_for(start_stage, student)
         # One module for Accelerate: the student and the projections are synced/partitioned alike.
         self.hf_student = student  # the Hugging Face model inside whatever wrapper prepare() returns
-        trainable = TrainableStudent(student, self.aux).to(acc.device)
+        trainable = TrainableStudent(student, self.aux_terms).to(acc.device)
         self.student, self.optimizer, self.scheduler = acc.prepare(trainable, optimizer, scheduler)
         if self.zero_stage == 3:
-            register_external_parameters(trainable, student.get_output_embeddings(), self.aux)
-        self.objective = build_objective(cfg, self.vocab_size, self.alignment, self.aux_terms)
+            register_external_parameters(trainable, student.get_output_embeddings(), self.aux_terms)
+        self.objective = build_objective(cfg, self.vocab_size, self.alignment, self.aux_terms, caps)
         self.aware = StudentAware(cfg, self.objective, acc, self.teacher_signal, sar, self.vocab_size)
         # distillation.policy: on-policy / sequence-level steps, their evaluation
         models = Models.of_run(self)
@@ -152,29 +156,9 @@ class Distiller(RunLoop):
 
     # ------------------------------------------------------------------------------ building
 
-    def _prepare_data(self) -> DataBundle:
-        acc, al = self.accelerator, self.alignment
-        paired = al.aligned and self.cache is None  # a cache brings its own (teacher/cache/lookup.py)
-        with acc.main_process_first():
-            data = prepare_data(
-                self.cfg.data,
-                self.tokenizer,
-                self.cfg.training.seed,
-                al.teacher_tokenizer if paired else None,
-            )
-        acc.print(data.describe(self.cfg.data.sample_by))
-        if paired:
-            al.stats.update(alignment_coverage(data.train))
-            acc.print(
-                "alignment: {mapped}/{student_vocab} student tokens map to the teacher vocabulary "
-                "({student_coverage:.1%}); {anchored:.1%} of student positions end on a shared boundary, "
-                "{multi_token:.1%} are spelt by several teacher tokens".format(**al.stats)
-            )
-        return data
-
     def _optimizer_for(self, stage: int, student: torch.nn.Module) -> tuple[Any, Any]:
         return stage_optimizer(
-            self.cfg.optimization, student, self.aux, stage, self.stage_ends, self.accelerator.print
+            self.cfg.optimization, student, self.aux_terms, stage, self.stage_ends, self.accelerator.print
         )
 
     def _enter_stage_if_due(self) -> None:
@@ -242,7 +226,12 @@ class Distiller(RunLoop):
             raise RuntimeError("an optimizer step has no valid target tokens")
         # the student-aware router's update, and the token weights over the whole step (cached signals)
         extras = self.aware.before_step(
-            self.state.step, micro_batches, schedule, global_tokens, partial(detached_student, self.student)
+            self.state.step,
+            micro_batches,
+            schedule,
+            global_tokens,
+            partial(detached_student, self.student),
+            use_teacher=use_teacher,
         )
         scale = acc.gradient_accumulation_steps * acc.num_processes / global_tokens
         sums: dict[str, torch.Tensor] = {}

@@ -1,14 +1,16 @@
 """A training run reading a teacher cache (``distillation.teacher_cache``) instead of running the teacher.
 
 Before anything is trained the recipe is checked against the manifest, each mismatch one line naming the
-field: the loss settings a stored distribution allows (:func:`open_teacher_cache`), then the teacher, its
-tokenizer and the training documents (:func:`cached_teacher`). Then the run reads the cache's own blocks
+field: the sparse loss mode it serves (:func:`open_teacher_cache`), then the teacher, its tokenizer and the
+training documents (:func:`cached_teacher`); what a stored signal cannot give at all (hidden states, other
+temperatures, new text) is refused from its capabilities (:mod:`sakd.objective.compose`). Then the run reads the cache's own blocks
 (same tokenizer and block size) or an alignment of its blocks with the cached positions
 (:mod:`~sakd.teacher.cache.lookup`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -26,41 +28,17 @@ from sakd.teacher.cache.fingerprint import (
 from sakd.teacher.cache.lookup import aligned_index
 from sakd.teacher.cache.manifest import SignalSpec, first_difference, lookup, read_manifest
 from sakd.teacher.cache.reader import CacheReader
-from sakd.teacher.signal import CachedTeacher
-
-# the sparse loss mode each stored mode supports; the first is used when distillation.loss.sparse is none
-LOSS_MODES = {"topk": ("subset", "topk_tail"), "topk_tail": ("topk_tail", "subset"), "sampled": ("sampled",)}
+from sakd.teacher.signal import LOSS_MODES, CachedTeacher
 
 
-def check_loss_settings(cfg: RunConfig, spec: SignalSpec) -> list[str]:
-    """Refuse what a stored distribution cannot give; resolve ``distillation.loss.sparse`` (in ``cfg``).
-    Returns notes for the user."""
-    d, loss, notes = cfg.distillation, cfg.distillation.loss, []
-    for name in ("feature", "attention", "contrastive"):
-        if getattr(d, name).weight > 0:
-            raise ConfigError(
-                f"distillation.{name} needs the teacher's hidden states, which a teacher cache does not hold; "
-                f"set distillation.{name}.weight=0 or train without distillation.teacher_cache"
-            )
-    if d.alignment.uld_weight > 0:
-        raise ConfigError(
-            "distillation.alignment.uld_weight needs the full teacher distribution; set it to 0"
-        )
-    if loss.temperature_schedule != "constant" or loss.temperature != spec.temperature:
-        raise ConfigError(
-            f"distillation.loss.temperature={loss.temperature} ({loss.temperature_schedule}) differs from the "
-            f"cache's {spec.temperature}: a stored distribution is exact only at the temperature it was made "
-            f"at; set distillation.loss.temperature={spec.temperature} (constant) or regenerate the cache"
-        )
-    allowed = LOSS_MODES[spec.mode]
+def cache_loss(cfg: RunConfig, spec: SignalSpec) -> tuple[RunConfig, list[str]]:
+    """The run's config with ``distillation.loss.sparse`` resolved for a cache of ``spec`` (a copy: ``cfg`` is
+    left as it was), and notes for the user. What the stored signal cannot give at all is refused by
+    :func:`sakd.objective.compose.check_composition` from the cache's capabilities."""
+    loss, notes = cfg.distillation.loss, []
     if loss.sparse == "none":
-        loss.sparse = allowed[0]
+        loss = dataclasses.replace(loss, sparse=LOSS_MODES[spec.mode][0])
         notes.append(f"training from a {spec.mode} cache: distillation.loss.sparse={loss.sparse}")
-    elif loss.sparse not in allowed:
-        raise ConfigError(
-            f"distillation.loss.sparse={loss.sparse} cannot use a {spec.mode} cache; use "
-            + " or ".join(allowed)
-        )
     if spec.mode == "topk" and loss.sparse == "topk_tail":
         notes.append("a topk cache stores no tail: topk_tail derives it as 1 - sum(top-k), inexact when tiny")
     if loss.kd_top_k and spec.top_k is not None and loss.kd_top_k > spec.top_k:
@@ -68,16 +46,18 @@ def check_loss_settings(cfg: RunConfig, spec: SignalSpec) -> list[str]:
             f"distillation.loss.kd_top_k={loss.kd_top_k} but the cache holds k={spec.top_k}; lower it "
             "(the best kd_top_k stored ids are used)"
         )
-    return notes
+    distillation = dataclasses.replace(cfg.distillation, loss=loss)
+    return dataclasses.replace(cfg, distillation=distillation), notes
 
 
-def open_teacher_cache(cfg: RunConfig) -> tuple[CacheReader, list[str]]:
-    """The reader of ``distillation.teacher_cache`` once the loss settings fit it and every shard verifies."""
+def open_teacher_cache(cfg: RunConfig) -> tuple[CacheReader, RunConfig, list[str]]:
+    """The reader of ``distillation.teacher_cache`` once every shard verifies, the run's config resolved for
+    it (:func:`cache_loss`) and notes for the user."""
     root = cfg.distillation.teacher_cache
     reader = CacheReader(root, read_manifest(root))
-    notes = check_loss_settings(cfg, reader.spec)
+    cfg, notes = cache_loss(cfg, reader.spec)
     reader.verify()
-    return reader, notes
+    return reader, cfg, notes
 
 
 def _check_teacher(cfg: RunConfig, reader: CacheReader, teacher_tok: Any) -> None:

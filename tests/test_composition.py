@@ -1,0 +1,211 @@
+"""Parts that compose: combinations that used to be refused (curriculum x cache, token router x cache with
+the cache's stored router probabilities, token router / curriculum x on-policy) and a sample of the
+compatibility table (:func:`sakd.objective.table.compatibility`), each trained for 2 steps on tiny models:
+finite losses, the metrics its parts log, and exact resume for a few of them."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sakd.cli import main
+from sakd.config import load_config
+from sakd.errors import ConfigError
+from sakd.objective.router import token_signals
+from sakd.training.student_aware import detached_student
+from sakd.training.trainer import Distiller
+
+pytestmark = pytest.mark.integration
+
+BLOCKS = 32
+CURRICULUM = {"phases": True, "balance": True, "structure_start": 0.0, "all_start": 0.5}
+ROUTER = {"enabled": True, "sharpen_start": 0.0, "sharpen_end": 0.5}
+ON_POLICY = {"prompt_tokens": 8, "max_new_tokens": 6, "eval_prompts": 0}
+
+
+@pytest.fixture(scope="module")
+def base(tiny_run_config_module, tmp_path_factory) -> dict:
+    raw = copy.deepcopy(tiny_run_config_module)
+    raw["data"]["max_train_blocks"] = BLOCKS
+    raw["data"]["max_eval_blocks"] = 2
+    raw["training"].update(max_steps=2, output_dir=str(tmp_path_factory.mktemp("runs") / "run"))
+    return raw
+
+
+@pytest.fixture(scope="module")
+def caches(base, tmp_path_factory) -> dict[str, str]:
+    """Two top-k caches of the tiny MoE teacher: without and with its router probabilities."""
+    out = {}
+    for name, router in (("plain", False), ("router", True)):
+        tmp = tmp_path_factory.mktemp(f"cache-{name}")
+        raw = copy.deepcopy(base)
+        raw["distillation"]["cache"] = {
+            "blocks_per_shard": 16,
+            "batch_size": 4,
+            "top_k": 16,
+            "router": router,
+        }
+        (tmp / "recipe.json").write_text(json.dumps(raw))
+        assert main(["cache-teacher", "--config", str(tmp / "recipe.json"), "--output", str(tmp / "c")]) == 0
+        out[name] = str(tmp / "c")
+    return out
+
+
+def _with(raw: dict, **distillation) -> dict:
+    raw = copy.deepcopy(raw)
+    for key, value in distillation.items():
+        raw["distillation"][key] = value
+    return raw
+
+
+def _train(raw: dict, out: Path) -> list[dict]:
+    raw = copy.deepcopy(raw)
+    raw["training"]["output_dir"] = str(out)
+    cfg, _ = load_config(raw)
+    Distiller(cfg, resume="none", overwrite=True).train()
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _steps(records: list[dict]) -> list[dict]:
+    return [r for r in records if "loss" in r]
+
+
+CASES = {
+    # name: (distillation section changes, cache or None, metric keys every step logs)
+    "cache x curriculum": ({"curriculum": CURRICULUM}, "plain", {"kd", "mult_kd", "mult_ce"}),
+    "cache x token router (stored router probabilities)": (
+        {"router": ROUTER},
+        "router",
+        {"kd", "router_w_mean", "router_w_share"},
+    ),
+    "cache x token router (no router probabilities)": ({"router": ROUTER}, "plain", {"kd", "router_w_mean"}),
+    "on-policy x token router": (
+        {"policy": "on", "generation": ON_POLICY, "router": ROUTER},
+        None,
+        {"kd", "router_w_mean", "router_w_share", "policy_step"},
+    ),
+    "on-policy x curriculum": (
+        {"policy": "on", "generation": ON_POLICY, "curriculum": CURRICULUM, "feature": {"weight": 0.5}},
+        None,
+        {"kd", "feature", "mult_feature", "policy_step"},
+    ),
+    "sequence-level x token router": (
+        {"policy": "sequence", "generation": {**ON_POLICY, "sequence_loss": "kd"}, "router": ROUTER},
+        None,
+        {"kd", "router_w_mean", "router_w_share", "policy_step"},
+    ),
+    "KA x curriculum x feature": (
+        {"moe": {"augment_samples": 2}, "curriculum": CURRICULUM, "feature": {"weight": 0.5}},
+        None,
+        {"kd", "feature", "ka_changed_share", "mult_feature"},
+    ),
+    "SAR x token router": (
+        {"moe": {"student_aware_router": True}, "router": ROUTER},
+        None,
+        {"kd", "sar_kd", "router_w_mean"},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_combination_trains_and_logs_its_parts(name, base, caches, tmp_path):
+    change, cache, keys = CASES[name]
+    raw = _with(base, **change)
+    if cache is not None:
+        raw["distillation"]["teacher_cache"] = caches[cache]
+    steps = _steps(_train(raw, tmp_path / "run"))
+    assert [r["step"] for r in steps] == [1, 2]
+    for record in steps:
+        assert math.isfinite(record["loss"]) and keys <= set(record), (name, sorted(record))
+    if cache == "plain":  # a cache without router probabilities: the expert signal is off
+        assert all("router_w_share" not in r for r in steps)
+
+
+def test_the_token_router_reads_the_caches_router_probabilities(base, caches, tmp_path):
+    """The expert signal from a cache that stores the router's probabilities is the live teacher's routing
+    at the same positions (stored in the cache's value dtype)."""
+    runs = {}
+    for name, cache in (("live", None), ("cached", caches["router"])):
+        raw = _with(base, router=ROUTER, teacher_cache=cache)
+        raw["training"]["output_dir"] = str(tmp_path / name)
+        cfg, _ = load_config(raw)
+        runs[name] = Distiller(cfg, resume="none", overwrite=True)
+    signals = []
+    for d in runs.values():
+        mb = d._micro_batches()[0]
+        rows = d.objective.kd_rows(
+            detached_student(d.student, mb), d.teacher_signal(mb), mb["labels"][:, 1:].reshape(-1), mb
+        )
+        router = d.teacher_signal(mb).router if d.teacher_signal.capabilities.live else None
+        signals.append(token_signals(rows, d.objective.spec.kd, router, 64))
+    live, cached = signals
+    assert cached.experts is not None and len(cached.experts) == len(live.experts) > 0
+    for a, b in zip(live.experts, cached.experts, strict=True):
+        torch.testing.assert_close(b, a, atol=2e-3, rtol=0)
+
+
+RESUMED = {
+    "cache x token router x curriculum": (
+        {"router": ROUTER, "curriculum": CURRICULUM},
+        "router",
+    ),
+    "on-policy x token router x curriculum": (
+        {
+            "policy": "mixed",
+            "generation": {**ON_POLICY, "fraction": 0.5},
+            "router": ROUTER,
+            "curriculum": CURRICULUM,
+        },
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(RESUMED))
+def test_a_combination_resumes_exactly(name, base, caches, tmp_path):
+    change, cache = RESUMED[name]
+    raw = _with(base, **change)
+    raw["training"].update(max_steps=4, save_every=2, keep_last_n=3)
+    if cache is not None:
+        raw["distillation"]["teacher_cache"] = caches[cache]
+    full = tmp_path / "full"
+    reference = _steps(_train(raw, full))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    for gone in ("checkpoints/step-00000004", "final"):
+        shutil.rmtree(resumed / gone)
+    (resumed / "summary.json").unlink()
+    raw["training"]["output_dir"] = str(resumed)
+    cfg, _ = load_config(raw)
+    d = Distiller(cfg, resume="auto")
+    assert d.state.step == 2
+    d.train()
+    again = _steps([json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()])
+    assert [r["loss"] for r in again] == [r["loss"] for r in reference]
+    a, b = (load_file(str(r / "final" / "model.safetensors")) for r in (full, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"policy": "on", "generation": ON_POLICY}, "cannot score"),
+        ({"moe": {"student_aware_router": True}}, "trains the live teacher's router"),
+        ({"moe": {"augment_samples": 2}}, "re-routes the live teacher's experts"),
+        ({"feature": {"weight": 1.0}}, "needs the teacher's hidden states"),
+    ],
+)
+def test_what_a_cache_cannot_give_is_refused_in_one_line(change, expected, base, caches, tmp_path):
+    raw = _with(base, **change, teacher_cache=caches["plain"])
+    raw["training"]["output_dir"] = str(tmp_path / "run")
+    cfg, _ = load_config(raw)
+    with pytest.raises(ConfigError, match=expected) as info:
+        Distiller(cfg, resume="none", overwrite=True)
+    assert "\n" not in str(info.value)
