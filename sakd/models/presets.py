@@ -102,3 +102,14 @@ def build_preset_config(
         kwargs["vocab_size"] = vocab_size
     kwargs.update({k: v for k, v in special_ids.items() if v is not None})
     return cls(**kwargs)
+
+
+def preset_config_for(name: str, tokenizer: Any) -> PretrainedConfig:
+    """Preset ``name``'s config for ``tokenizer``: its vocabulary size and its pad / bos / eos ids."""
+    return build_preset_config(
+        name,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )

@@ -108,11 +108,11 @@ def _router_shape(cfg: RunConfig, tokenizer: Any) -> list[int] | None:
     """``[layers, experts]`` of an MoE teacher when the router is to be stored (from its config)."""
     if not cfg.distillation.cache.router:
         return None
-    from sakd.models import build_preset_config, is_preset
+    from sakd.models import is_preset, preset_config_for
 
     spec = cfg.model.teacher
     if is_preset(spec):
-        config = build_preset_config(spec, vocab_size=len(tokenizer))
+        config = preset_config_for(spec, tokenizer)
     else:
         from transformers import AutoConfig
 
