@@ -153,9 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="losses: naive vs fused distillation loss, peak memory and time; step: one KD step of "
         "the real-size pair against its parts (teacher forward, student forward+backward), the overhead "
         "ratio; optim: one AdamW step of a real-size student per PyTorch implementation; gpu: the GPU "
-        "check (fp16 under 16 GB, bf16 MFU, quantized teachers, 8-bit optimizers, torch.compile), one JSON.",
+        "check (fp16 under 16 GB, bf16 MFU, quantized teachers, 8-bit optimizers, torch.compile), one JSON; "
+        "quality: your teacher -> student pair on your text, CE vs KD live vs KD from caches over a grid, held-out "
+        "bits per byte and the share of the CE -> teacher gap closed (JSON + PNG).",
     )
-    b.add_argument("suite", choices=["losses", "step", "optim", "gpu"], help="which benchmark")
+    b.add_argument("suite", choices=["losses", "step", "optim", "gpu", "quality"], help="which benchmark")
     b.add_argument(
         "bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help after the suite)"
     )
