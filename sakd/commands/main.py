@@ -154,8 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the real-size pair against its parts (teacher forward, student forward+backward), the overhead "
         "ratio; optim: one AdamW step of a real-size student per PyTorch implementation; gpu: the GPU "
         "check (fp16 under 16 GB, bf16 MFU, quantized teachers, 8-bit optimizers, torch.compile), one JSON; "
-        "quality: your teacher -> student pair on your text, CE vs KD live vs KD from caches over a grid, held-out "
-        "bits per byte and the share of the CE -> teacher gap closed (JSON + PNG).",
+        "quality: CE vs KD (live, from caches) on your pair and text: held-out bpb, share of the gap closed.",
     )
     b.add_argument("suite", choices=["losses", "step", "optim", "gpu", "quality"], help="which benchmark")
     b.add_argument(
