@@ -122,3 +122,14 @@ def test_bad_input_is_one_line(corpus, tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert err == f"sakd: error: --data file not found: {tmp_path / 'no.txt'}"
+
+
+def test_a_rerun_reuses_the_finished_runs_and_caches(bench, corpus):
+    out, report = bench
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    argv = ["bench", "quality", "--reduced", "--teacher", "tiny-moe", "--student", "tiny-dense"]
+    assert main([*argv, "--data", str(corpus), "--output-dir", str(out)]) == 0
+    again = json.loads((out / "quality.json").read_text())
+    assert (out / "runs.jsonl").read_text().splitlines() == lines  # nothing trained again
+    assert again["runs"] == report["runs"] and again["results"] == report["results"]
+    assert all(c["computed_positions"] == 0 for c in again["caches"])  # every cache found complete

@@ -37,11 +37,19 @@ REDUCED = dict(
 )  # fmt: skip
 
 
+def _d(key: str) -> str:
+    """The help text's defaults of a grid option."""
+    full, reduced = (
+        " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in (x if isinstance(x, list) else [x]))
+        for x in (FULL[key], REDUCED[key])
+    )
+    return f"(default: {full}; with --reduced: {reduced})"  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sakd bench quality",
         description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     a = p.add_argument
     a(
@@ -52,14 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--student", required=True, help="student: a preset (tiny-dense, small-llama-15m, ...) or a directory")
     a("--data", required=True, help="text file (.txt/.jsonl/.parquet), e.g. `sakd assets kjv DIR`'s kjv.txt")
-    a("--output-dir", default="runs/bench-quality", help="where caches, runs, quality.json/.png/.md go")
+    a(
+        "--output-dir",
+        default="runs/bench-quality",
+        help="where caches, runs, quality.json/.png/.md go (default: runs/bench-quality)",
+    )
     a(
         "--sample-by",
         default="line",
         choices=["document", "paragraph", "line"],
-        help="what one document of a .txt file is (the split moves whole documents)",
+        help="what one document of a .txt file is; the split moves whole documents (default: line, as in "
+        "`sakd assets kjv`: one chapter per line)",
     )
-    a("--text-field", default="text", help="column of .jsonl/.parquet records holding the text")
+    a(
+        "--text-field",
+        default="text",
+        help="column of .jsonl/.parquet records holding the text (default: text)",
+    )
     a(
         "--tokenizer",
         help="student tokenizer (default: the teacher's; with a preset teacher, a byte-level BPE "
@@ -70,54 +87,60 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets",
         type=int,
         nargs="+",
-        help=f"unique training tokens per run, student tokens (full: {FULL['budgets']})",
+        help=f"unique training tokens per run, student tokens {_d('budgets')}",
     )
-    a("--epochs", type=float, nargs="+", help=f"passes over the budget's tokens (full: {FULL['epochs']})")
+    a("--epochs", type=float, nargs="+", help=f"passes over the budget's tokens {_d('epochs')}")
     a(
         "--alphas",
         type=float,
         nargs="+",
-        help=f"KD weight alpha, chosen on validation (full: {FULL['alphas']})",
+        help=f"KD weight alpha, chosen on validation {_d('alphas')}",
     )
     a(
         "--temperatures",
         type=float,
         nargs="+",
-        help=f"KD temperature T, chosen on validation; one cache per T (full: {FULL['temperatures']})",
+        help=f"KD temperature T, chosen on validation; one cache per T {_d('temperatures')}",
     )
-    a("--seeds", type=int, help=f"seeds per setting, 0..N-1 (full: {FULL['seeds']})")
-    a("--cache-k", type=int, nargs="*", help=f"k of the topk_tail caches (full: {FULL['cache_k']})")
-    a("--cache-draws", type=int, nargs="*", help=f"draws of the sampled caches (full: {FULL['cache_draws']})")
-    a("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="which arms to train")
-    a("--block-size", type=int, help=f"tokens per block (full: {FULL['block_size']})")
-    a("--batch-size", type=int, help=f"blocks per optimizer step (full: {FULL['batch_size']})")
+    a("--seeds", type=int, help=f"seeds per setting, 0..N-1 {_d('seeds')}")
+    a("--cache-k", type=int, nargs="*", help=f"k of the topk_tail caches {_d('cache_k')}")
+    a("--cache-draws", type=int, nargs="*", help=f"draws of the sampled caches {_d('cache_draws')}")
+    a(
+        "--arms",
+        nargs="+",
+        choices=ARMS,
+        default=list(ARMS),
+        help="which arms to train: ce (CE only), live (KD with the live teacher), topk_tail and sampled "
+        "(KD from those caches) (default: all)",
+    )
+    a("--block-size", type=int, help=f"tokens per block {_d('block_size')}")
+    a("--batch-size", type=int, help=f"blocks per optimizer step {_d('batch_size')}")
     a(
         "--learning-rate",
         type=float,
-        help=f"student peak learning rate, cosine (full: {FULL['learning_rate']})",
+        help=f"student peak learning rate, cosine {_d('learning_rate')}",
     )
-    a("--warmup-steps", type=int, help=f"learning-rate warm-up steps (full: {FULL['warmup_steps']})")
+    a("--warmup-steps", type=int, help=f"learning-rate warm-up steps {_d('warmup_steps')}")
     a(
         "--teacher-steps",
         type=int,
-        help=f"pretraining steps of a preset teacher (full: {FULL['teacher_steps']})",
+        help=f"pretraining steps of a preset teacher {_d('teacher_steps')}",
     )
     a(
         "--vocab-size",
         type=int,
-        help=f"size of the tokenizer trained for a preset teacher (full: {FULL['vocab_size']})",
+        help=f"size of the tokenizer trained for a preset teacher {_d('vocab_size')}",
     )
     a(
         "--max-eval-tokens",
         type=int,
-        help="score only the first N tokens of each held-out split (default: all)",
+        help="score only the first N tokens of each held-out split (default: all; with --reduced: 1024)",
     )
     a(
         "--reduced",
         action="store_true",
-        help="tiny grid for a smoke test: "
-        + ", ".join(f"{k}={v}" for k, v in REDUCED.items())
-        + " (given options still win)",
+        help="a smoke test in well under a minute with tiny presets (e.g. --teacher tiny-moe --student "
+        "tiny-dense): the 'with --reduced' values above; options given still win",
     )
     return p  # fmt: skip
 
@@ -174,10 +197,12 @@ def _grid(opts: dict[str, Any], arms: list[str], caches: dict[str, str]) -> list
     return runs  # fmt: skip
 
 
-def _done_runs(path: Path) -> dict[str, dict[str, Any]]:
+def _done_runs(path: Path, key: str) -> dict[str, dict[str, Any]]:
+    """The runs a previous invocation finished with the same setup (OUT/runs.jsonl)."""
     if not path.is_file():
         return {}
-    return {r["name"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {r["name"]: r for r in rows if r.get("setup_key") == key}
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -190,7 +215,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     student_tok, teacher_tok = _tokenizers(args, teacher, opts, split)
     setup = qr.Setup(
         teacher, student, student_tok, teacher_tok, split["files"], opts["block_size"], opts["batch_size"],
-        opts["learning_rate"], opts["warmup_steps"], out, opts["block_size"] // 2, opts["max_eval_tokens"],
+        opts["learning_rate"], opts["warmup_steps"], out, opts["block_size"] // 2, opts["max_eval_tokens"], args.data,
     )  # fmt: skip
     from sakd.models.presets import is_preset
 
@@ -212,7 +237,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     caches = [qr.build_cache(setup, c, t_blocks) for c in specs]
     roots = {c.dir_name: row["dir"] for c, row in zip(specs, caches, strict=True)}
     log, rows = out / "runs.jsonl", []
-    done = _done_runs(log)
+    done = _done_runs(log, qr.setup_key(setup))
     grid = _grid(opts, args.arms, roots)
     for i, run in enumerate(grid):
         row = done.get(run.name)

@@ -10,7 +10,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,7 @@ class Setup:
     out: Path
     eval_stride: int
     max_eval_tokens: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    data: str = ""  # the user's file the splits come from
 
 
 def recipe(s: Setup, run_dir: Path, *, train_blocks: int | None, seed: int, epochs: float = 1.0) -> dict:
@@ -208,7 +208,7 @@ def build_cache(s: Setup, spec: CacheSpec, teacher_blocks: int | None) -> dict[s
     from sakd.commands.cache_teacher import write_cache
     from sakd.config import load_config
 
-    root = s.out / "caches" / spec.dir_name
+    root = s.out / "caches" / f"{spec.dir_name}_blocks{teacher_blocks}"  # a larger budget: a new cache
     raw = recipe(s, s.out / "caches" / "unused-run-dir", train_blocks=teacher_blocks, seed=0)
     raw["distillation"]["loss"].update(alpha=1.0, temperature=spec.temperature)
     key = "top_k" if spec.mode == "topk_tail" else "num_samples"
@@ -261,6 +261,18 @@ class Run:
         )
 
 
+def setup_key(s: Setup) -> str:
+    """What a run's numbers depend on besides its :class:`Run` fields: a finished run is reused on a rerun
+    only with the same key (same models, tokenizers, data, batch and schedule, scoring)."""
+    import hashlib
+
+    fields = [s.teacher, s.student, s.tokenizer, s.teacher_tokenizer, s.block_size, s.batch_size]
+    fields += [s.learning_rate, s.warmup_steps, s.eval_stride, s.max_eval_tokens]
+    h = hashlib.sha256(json.dumps(fields).encode())
+    h.update(Path(s.data).expanduser().read_bytes())
+    return h.hexdigest()[:16]
+
+
 def train_and_score(s: Setup, run: Run, scorer: Scorer) -> dict[str, Any]:
     """Train one run by `sakd distill`'s path, score its final student, keep only its metrics."""
     started = time.perf_counter()
@@ -276,6 +288,7 @@ def train_and_score(s: Setup, run: Run, scorer: Scorer) -> dict[str, Any]:
     return {
         **{k: getattr(run, k) for k in ("arm", "budget", "epochs", "alpha", "temperature", "seed")},
         "name": run.name,
+        "setup_key": setup_key(s),
         "steps": summary["steps"],
         "tokens_seen": summary["tokens_seen"],
         "train_seconds": summary["train_seconds"],
