@@ -133,3 +133,23 @@ def test_a_rerun_reuses_the_finished_runs_and_caches(bench, corpus):
     assert (out / "runs.jsonl").read_text().splitlines() == lines  # nothing trained again
     assert again["runs"] == report["runs"] and again["results"] == report["results"]
     assert all(c["computed_positions"] == 0 for c in again["caches"])  # every cache found complete
+
+
+def test_summary_chooses_on_validation_and_measures_against_the_best_ce_seed():
+    """Hand-made runs: the setting with the better validation mean wins though its test numbers are worse,
+    and the gap is measured against the better of two CE seeds (known values)."""
+
+    def run(arm, alpha, seed, val, test):
+        return {"budget": 100, "epochs": 1.0, "arm": arm, "alpha": alpha, "temperature": 1.0, "seed": seed} | {
+            "validation_bpb": val, "test_bpb": test, "train_seconds": 1.0, "seconds_per_step": 0.1
+        }  # fmt: skip
+
+    runs = [run("ce", 0.0, 0, 3.1, 3.0), run("ce", 0.0, 1, 2.9, 2.8)]
+    runs += [run("kd", 0.5, 0, 2.5, 2.4), run("kd", 0.5, 1, 2.5, 2.6)]
+    runs += [run("kd", 1.0, 0, 2.6, 2.2), run("kd", 1.0, 1, 2.6, 2.2)]
+    ce, kd = summarize(runs, teacher_test_bpb=2.0, cache_bpt={})
+    assert ce["ce_reference_test_bpb"] == kd["ce_reference_test_bpb"] == 2.8
+    assert kd["selected"] == {"alpha": 0.5, "temperature": 1.0} and kd["test_bpb"] == [2.4, 2.6]
+    assert kd["gap_closed"] == pytest.approx([0.5, 0.25])
+    assert kd["gap_closed_stats"]["mean"] == pytest.approx(0.375)
+    assert kd["gap_closed_stats"]["std"] == pytest.approx(math.sqrt(2 * 0.125**2))  # sample std of 2
