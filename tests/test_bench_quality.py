@@ -122,6 +122,10 @@ def test_bad_input_is_one_line(corpus, tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert err == f"sakd: error: --data file not found: {tmp_path / 'no.txt'}"
+    good = ["--teacher", "tiny-moe", "--student", "tiny-dense", "--data", str(corpus)]
+    assert main([*base, *good, "--budgets", "10000000"]) == 2  # checked before any teacher or training
+    err = capsys.readouterr().err.strip()
+    assert "--budgets 10000000 exceeds the training split's" in err and "\n" not in err
 
 
 def test_a_rerun_reuses_the_finished_runs_and_caches(bench, corpus):

@@ -46,6 +46,16 @@ def _d(key: str) -> str:
     return f"(default: {full}; with --reduced: {reduced})"  # fmt: skip
 
 
+def _budget(text: str) -> int:
+    """A --budgets value: a token count, or ``all`` (0 here: the training split's tokens, known later)."""
+    if text == "all":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a token count or `all`: {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sakd bench quality",
@@ -85,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--teacher-tokenizer", help="teacher tokenizer (default: the teacher's directory, else --tokenizer)")
     a(
         "--budgets",
-        type=int,
+        type=_budget,
         nargs="+",
-        help=f"unique training tokens per run, student tokens {_d('budgets')}",
+        help="unique training tokens per run (student tokens, whole blocks), or `all` (the whole training "
+        f"split: one pass over it with --epochs 1) {_d('budgets')}",
     )
     a("--epochs", type=float, nargs="+", help=f"passes over the budget's tokens {_d('epochs')}")
     a(
@@ -149,13 +160,13 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Every grid option: the given value, else the --reduced or full default; checked."""
     base = REDUCED if args.reduced else FULL
     opts = {k: base[k] if getattr(args, k) is None else getattr(args, k) for k in base}
-    for key in ("budgets", "epochs", "alphas", "temperatures"):
+    for key in ("epochs", "alphas", "temperatures"):
         if not opts[key] or min(opts[key]) <= 0 and key != "alphas":
             raise ConfigError(f"--{key} needs positive values, got {opts[key]}")
     if not all(0 <= a <= 1 for a in opts["alphas"]) or opts["seeds"] < 1:
         raise ConfigError("--alphas must lie in [0, 1] and --seeds be at least 1")
-    if min(opts["budgets"]) < opts["block_size"]:
-        raise ConfigError(f"--budgets must be at least one block ({opts['block_size']} tokens)")
+    if not all(b == 0 or b >= opts["block_size"] for b in opts["budgets"]):
+        raise ConfigError(f"--budgets must be `all` or at least one block ({opts['block_size']} tokens)")
     return opts
 
 
@@ -217,6 +228,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         teacher, student, student_tok, teacher_tok, split["files"], opts["block_size"], opts["batch_size"],
         opts["learning_rate"], opts["warmup_steps"], out, opts["block_size"] // 2, opts["max_eval_tokens"], args.data,
     )  # fmt: skip
+    tokens = {"student": qr.token_count(setup, student_tok), "teacher": qr.token_count(setup, teacher_tok)}
+    whole = tokens["student"] // setup.block_size * setup.block_size  # the split's full blocks
+    opts["budgets"] = [b or whole for b in opts["budgets"]]
+    if max(opts["budgets"]) // setup.block_size * setup.block_size > whole:
+        raise ConfigError(
+            f"--budgets {max(opts['budgets'])} exceeds the training split's {whole} tokens in whole blocks "
+            f"of {setup.block_size} (use a smaller budget, or `all`)"
+        )
     from sakd.models.presets import is_preset
 
     t_teacher = time.perf_counter()
@@ -225,11 +244,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     teacher_seconds = time.perf_counter() - t_teacher
     scorer = qr.Scorer(setup)
     teacher_scores = scorer.score(setup.teacher, teacher_tok)
-    tokens = {"student": qr.token_count(setup, student_tok), "teacher": qr.token_count(setup, teacher_tok)}
-    if max(opts["budgets"]) // setup.block_size * setup.block_size > tokens["student"]:
-        raise ConfigError(
-            f"--budgets {max(opts['budgets'])} exceeds the training split's {tokens['student']} student tokens"
-        )
     t_blocks = qr.teacher_blocks_for(setup, max(opts["budgets"]), tokens["student"], tokens["teacher"])
     specs = [qr.CacheSpec("topk_tail", k, t) for t in opts["temperatures"] for k in opts["cache_k"] or []]
     specs += [qr.CacheSpec("sampled", n, t) for t in opts["temperatures"] for n in opts["cache_draws"] or []]
