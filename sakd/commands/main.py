@@ -163,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="losses: naive vs fused distillation loss, peak memory and time; step: one KD step of "
         "the real-size pair against its parts (teacher forward, student forward+backward), the overhead "
         "ratio; optim: one AdamW step of a real-size student per PyTorch implementation; gpu: the GPU "
-        "check (fp16 under 16 GB, bf16 MFU, quantized teachers, 8-bit optimizers, torch.compile), one JSON.",
+        "check (fp16 under 16 GB, bf16 MFU, quantized teachers, 8-bit optimizers, torch.compile), one JSON; "
+        "quality: CE vs KD (live, from caches) on your pair and text: held-out bpb, share of the gap closed.",
     )
-    b.add_argument("suite", choices=["losses", "step", "optim", "gpu"], help="which benchmark")
+    b.add_argument("suite", choices=["losses", "step", "optim", "gpu", "quality"], help="which benchmark")
     b.add_argument(
         "bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help after the suite)"
     )
