@@ -117,7 +117,11 @@ def project_stored_teacher(
         # values is never below TAIL_FLOOR (else it vanishes where the fp16 top-k mass rounds to 1, and the
         # rest bucket with it: topk_tail would silently become subset there); the rescaled top-k is
         # renormalized below
-        _, t_tail = floored_tail(torch.where(live, t_lp, NEG_INF), teacher.tail_logprob)
+        t_tail = teacher.tail_logprob
+        if teacher.indices.shape[-1] < teacher_to_student.shape[-1]:  # a tail with ids (as sparse.py)
+            _, t_tail = floored_tail(torch.where(live, t_lp, NEG_INF), t_tail)
+        elif t_tail is None:
+            t_tail = torch.log1p(-torch.where(live, t_lp.exp(), 0.0).sum(-1).clamp(max=1.0))
         rest.append(t_tail.to(t_lp.dtype).unsqueeze(-1))
     t_rest = logsumexp_or_neginf(torch.cat(rest, -1))
     both = torch.isfinite(s_rest) & torch.isfinite(t_rest)  # as online: a one-sided rest is renormalized away
