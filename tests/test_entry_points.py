@@ -69,9 +69,14 @@ def test_library_log_lines_and_warnings_stay_off_the_terminal_unless_debug() -> 
         "logging.getLogger('DeepSpeed').warning('own-handler library line')\n"
         "warnings.warn('third-party warning')\n"
         "logging.getLogger('sakd.training.loop').warning('our own warning')\n"
+        "logging.getLogger('accelerate.state').error('a library error')\n"
+        "logging.getLogger('DeepSpeed').error('a DeepSpeed error')\n"
     )
     quiet = subprocess.run([sys.executable, "-c", code, "quiet"], capture_output=True, text=True, check=True)
-    assert quiet.stderr == "WARNING sakd.training.loop: our own warning\n"
+    assert quiet.stderr == (
+        "WARNING sakd.training.loop: our own warning\nERROR accelerate.state: a library error\n"
+        "ERROR DeepSpeed: a DeepSpeed error\n"
+    )
     loud = subprocess.run([sys.executable, "-c", code, "debug"], capture_output=True, text=True, check=True)
     assert "third-party log line" in loud.stderr and "third-party warning" in loud.stderr
 
