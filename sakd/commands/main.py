@@ -196,14 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (SakdError, FileNotFoundError, PermissionError, ValueError)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``key=value`` overrides may sit anywhere among the options
+    (``--config R a=1 --overwrite b=2``), anything else unknown is a usage error (exit 2)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # `key=value` overrides may sit anywhere among the options (`--config R a=1 --overwrite b=2`)
     if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     console.setup(args.debug)
     func: Callable[[argparse.Namespace], int] = args.func
     if args.debug:

@@ -223,7 +223,7 @@ class RunLoop:
             tok_window += metrics["tokens"]
             skipped = "skipped_sample_ids" in metrics
             s.scaler_skipped_steps += metrics.pop("scaler_skipped")
-            figures = {} if skipped else {"loss": f"{metrics['loss']:.4f}"}
+            figures = {"loss": "skipped" if skipped else f"{metrics['loss']:.4f}"}
             if skipped:
                 self._skipped(metrics["skipped_sample_ids"])
             else:
