@@ -157,16 +157,18 @@ class DistillationTrainer(Trainer):
         teacher_model = teacher if isinstance(teacher, nn.Module) else None
         if teacher_model is not None:
             freeze(teacher_model)
+        seed = args.seed if args is not None else 42  # TrainingArguments' default
         with torch.random.fork_rng(devices=[]):  # the projections' init depends on the seed alone
-            torch.manual_seed(args.seed if args is not None else 42)
+            torch.manual_seed(seed)
             self.aux_terms = build_aux_terms(self.distillation, model, teacher_model, self.alignment.differ)
         vocab = len(tokenizer) if tokenizer is not None else model.config.vocab_size
+        # the seed of on-the-fly sampled draws (sparse=sampled) is the Trainer's, as sakd distill's is its own
+        run = RunConfig(distillation=self.distillation, training=TrainingConfig(seed=seed))
         wrapper = _Student(model, self.aux_terms)
         super().__init__(model=wrapper, args=args, **kwargs)
         if self.args.label_names is None:
             self.label_names = ["labels"]
         self.teacher = self._place(teacher_model) if teacher_model is not None else None
-        run = RunConfig(distillation=self.distillation, training=TrainingConfig(seed=self.args.seed))
         cached = None
         if reader is not None:
             cached = cache_signal(reader, self.distillation, self.train_dataset, tokenizer, self.args.device)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .logit_grads import effective_kind, kd_rows_and_grad_, log_softmax_
 from .spec import KDSpec, VocabBridge
+from .vocab_map import many_to_one_buckets
 
 FLOOR = -1e30
 """log 0 in the closed-form path: finite, so that ``FLOOR − FLOOR = 0`` and ``exp(FLOOR) = 0`` exactly."""
@@ -188,11 +189,7 @@ class BridgeIndex:
         if bridge.teacher_to_student is not None:
             t2s = bridge.teacher_to_student.long()
             mapped_t = t2s >= 0
-            receives = torch.zeros(student_vocab, dtype=torch.bool, device=t2s.device)
-            receives[t2s[mapped_t]] = True
-            student_ids = receives.nonzero().squeeze(-1)
-            bucket_of = torch.full((student_vocab,), -1, dtype=torch.long, device=t2s.device)
-            bucket_of[student_ids] = torch.arange(student_ids.numel(), device=t2s.device)
+            receives, student_ids, bucket_of = many_to_one_buckets(t2s, student_vocab)
             teacher_bucket = torch.where(mapped_t, bucket_of[t2s.clamp_min(0)], student_ids.numel())
             teacher_rest = (~mapped_t).nonzero().squeeze(-1)
             return BridgeIndex(

@@ -151,6 +151,20 @@ def project_with_targets(
     return _normalize(student), _normalize(teacher)
 
 
+def many_to_one_buckets(teacher_to_student: Tensor, student_vocab: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The buckets of a many-to-one map: one per student id that some teacher id maps to, in id order.
+
+    Returns ``(receives [Vs] bool, student_ids [M] int64, bucket_of [Vs] int64: the bucket or -1)``.
+    """
+    t2s = teacher_to_student.long()
+    receives = torch.zeros(student_vocab, dtype=torch.bool, device=t2s.device)
+    receives[t2s[t2s >= 0]] = True
+    student_ids = receives.nonzero().squeeze(-1)
+    bucket_of = torch.full((student_vocab,), -1, dtype=torch.long, device=t2s.device)
+    bucket_of[student_ids] = torch.arange(student_ids.numel(), device=t2s.device)
+    return receives, student_ids, bucket_of
+
+
 def project_many_to_one(
     student_logprobs: Tensor,
     teacher_logprobs: Tensor,
@@ -178,11 +192,7 @@ def project_many_to_one(
     """
     vs, vt = student_logprobs.shape[-1], teacher_logprobs.shape[-1]
     mapped_t = teacher_to_student >= 0
-    receives = torch.zeros(vs, dtype=torch.bool, device=teacher_to_student.device)
-    receives[teacher_to_student[mapped_t]] = True
-    student_ids = receives.nonzero().squeeze(-1)
-    bucket_of = torch.full((vs,), -1, dtype=torch.long, device=receives.device)
-    bucket_of[student_ids] = torch.arange(student_ids.numel(), device=receives.device)
+    receives, student_ids, bucket_of = many_to_one_buckets(teacher_to_student, vs)
     m = student_ids.numel()
     lead = teacher_logprobs.shape[:-1]
     t_flat = teacher_logprobs.reshape(-1, vt)

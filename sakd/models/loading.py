@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from sakd.errors import SetupError
 from sakd.models.gguf import is_gguf, load_gguf_model, load_gguf_tokenizer
-from sakd.models.presets import build_preset_config, is_preset
+from sakd.models.presets import is_preset, preset_config_for
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,7 @@ def load_model(
     if is_preset(spec):
         if tokenizer is None:
             raise ModelLoadError(f"model preset '{spec}' needs a tokenizer (set model.tokenizer)")
-        config = build_preset_config(
-            spec,
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        config = preset_config_for(spec, tokenizer)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sakd.config import DataConfig, ModelConfig
-from sakd.models import build_preset_config, is_preset
+from sakd.models import is_preset, preset_config_for
 from sakd.models.loading import default_tokenizer_spec
 
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")
@@ -58,13 +58,7 @@ def teacher_identity(mcfg: ModelConfig, tokenizer: Any, *, seed: int) -> dict[st
     """
     spec = mcfg.teacher
     if is_preset(spec):
-        config = build_preset_config(
-            spec,
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        ).to_dict()
+        config = preset_config_for(spec, tokenizer).to_dict()
         return {"source": spec, "config_sha256": _config_sha256(config), "preset_seed": seed}
     path = Path(spec).expanduser()
     if path.is_dir():

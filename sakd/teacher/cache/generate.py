@@ -108,11 +108,11 @@ def _router_shape(cfg: RunConfig, tokenizer: Any) -> list[int] | None:
     """``[layers, experts]`` of an MoE teacher when the router is to be stored (from its config)."""
     if not cfg.distillation.cache.router:
         return None
-    from sakd.models import build_preset_config, is_preset
+    from sakd.models import is_preset, preset_config_for
 
     spec = cfg.model.teacher
     if is_preset(spec):
-        config = build_preset_config(spec, vocab_size=len(tokenizer))
+        config = preset_config_for(spec, tokenizer)
     else:
         from transformers import AutoConfig
 
@@ -267,12 +267,13 @@ def _run_shards(job: CacheJob, root: Path, teacher: OnlineTeacher, accelerator: 
     if lockstep and world > 1:  # a ZeRO-3 forward is a collective: every rank runs as many
         rounds = int(accelerator.reduce(torch.tensor(rounds, device=accelerator.device), reduction="max"))
     bs = job.spec.block_size
+    total = sum(len(ids) for _, ids in batches) * bs
     bar = Progress(
-        sum(len(ids) for _, ids in batches) * bs,
+        total,
         unit="tok",
         desc=f"cache-teacher (rank {rank})" if world > 1 else "cache-teacher",
         enabled=accelerator.is_main_process and job.cfg.logging.progress_bar,
-        every=job.cfg.logging.log_every,
+        every=max(1, total // 20),  # off a terminal: a line per 5 %
     )
     pending: dict[int, list] = {}
     done = 0
