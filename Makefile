@@ -62,7 +62,10 @@ format: $(STAMP)
 clean:
 	rm -rf $(VENV) .venv-latest .venv-lock runs .pytest_cache
 
-# Regenerate the README's config reference from the config dataclasses.
+# Regenerate the README's config reference (from the config dataclasses) and compatibility table (from the
+# parts' declarations).
 readme: $(STAMP)
 	$(PY) -c "import re, pathlib; from sakd.config.reference import reference_markdown as r; p = pathlib.Path('README.md'); \
 	p.write_text(re.sub(r'(<!-- config-reference:start -->\n).*(<!-- config-reference:end -->)', lambda m: m.group(1) + r() + m.group(2), p.read_text(), flags=re.S))"
+	$(PY) -c "import re, pathlib; from sakd.commands.compat_table import table_markdown as t; p = pathlib.Path('README.md'); \
+	p.write_text(re.sub(r'(<!-- compat-table:start -->\n).*(<!-- compat-table:end -->)', lambda m: m.group(1) + t() + m.group(2), p.read_text(), flags=re.S))"

@@ -1,7 +1,7 @@
 """Parts that compose: combinations that used to be refused (curriculum x cache, token router x cache with
-the cache's stored router probabilities, token router / curriculum x on-policy) and a sample of the
-compatibility table (:func:`sakd.objective.table.compatibility`), each trained for 2 steps on tiny models:
-finite losses, the metrics its parts log, and exact resume for a few of them."""
+the cache's stored router probabilities, token router / curriculum x on-policy) and every pair of the
+compatibility table that a recipe turns on (:func:`sakd.commands.compat_table.compatibility`), each trained
+for 2 steps on tiny models: finite losses, the metrics its parts log, and exact resume for a few of them."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from sakd.cli import main
+from sakd.commands.compat_table import PARTS, compatibility
 from sakd.config import load_config
 from sakd.errors import ConfigError
 from sakd.objective.router import token_signals
@@ -209,3 +210,41 @@ def test_what_a_cache_cannot_give_is_refused_in_one_line(change, expected, base,
     with pytest.raises(ConfigError, match=expected) as info:
         Distiller(cfg, resume="none", overwrite=True)
     assert "\n" not in str(info.value)
+
+
+PART = {p.name: p for p in PARTS}
+WALKED = [
+    pair
+    for pair, c in compatibility().items()
+    if c.status == "works" and PART[pair[0]].recipe is not None and PART[pair[1]].recipe is not None
+]
+
+
+def _merge(raw: dict, fragment: dict) -> None:
+    for key, value in fragment.items():
+        if isinstance(value, dict):
+            _merge(raw.setdefault(key, {}), value)
+        else:
+            raw[key] = value
+
+
+@pytest.mark.parametrize("pair", WALKED, ids=[" x ".join(p) for p in WALKED])
+def test_every_pair_of_the_table_trains(pair, base, caches, tmp_path):
+    """The compatibility table's cells that work, as the parts declare how a recipe turns them on: 2 steps,
+    finite losses, and the metrics both parts log."""
+    raw = copy.deepcopy(base)
+    for name in pair:
+        _merge(raw, copy.deepcopy(PART[name].recipe))
+    if "teacher_cache" in raw["distillation"]:
+        raw["distillation"]["teacher_cache"] = caches["router"]
+    steps = _steps(_train(raw, tmp_path / "run"))
+    keys = {k for name in pair for k in PART[name].metrics}
+    if any(
+        PART[name].recipe["distillation"].get("policy") == "mixed"
+        for name in pair
+        if "distillation" in PART[name].recipe
+    ):
+        keys -= {"policy_step"}  # logged on every step, 0 or 1
+    assert [r["step"] for r in steps] == [1, 2]
+    for record in steps:
+        assert math.isfinite(record["loss"]) and keys <= set(record), (pair, sorted(record))

@@ -138,6 +138,44 @@ def test_trainer_repeats_sakd_distill(
         torch.testing.assert_close(v, ref["aux"][k], rtol=0, atol=1e-6, msg=k)
 
 
+STEP_PARTS = {
+    "curriculum": ({"curriculum": {"phases": True, "balance": True, "structure_start": 0.0}}, "mult_feature"),
+    "token router": (
+        {"router": {"enabled": True, "sharpen_start": 0.0, "sharpen_end": 0.5}},
+        "router_w_mean",
+    ),
+    "student-aware router": ({"moe": {"student_aware_router": True, "router_lr": 1e-2}}, "sar_kd"),
+}
+
+
+@pytest.mark.parametrize("part", list(STEP_PARTS))
+def test_each_per_step_part_under_the_trainer_repeats_sakd_distill(
+    part, tiny_run_config, make_distiller, tokenizer_dir, tmp_path
+):
+    """The curriculum, the token router and the Student-Aware Router run as sakd distill's per-step hooks
+    inside DistillationTrainer (a TrainerCallback): the same losses and the same metric of the part."""
+    change, key = STEP_PARTS[part]
+    raw = copy.deepcopy(tiny_run_config)
+    raw["distillation"]["feature"] = {"weight": 0.5}
+    raw["distillation"].update(copy.deepcopy(change))
+    ref = _reference(make_distiller, raw)
+    tok = load_tokenizer(str(tokenizer_dir))
+    trainer = DistillationTrainer(
+        load_model("tiny-dense", tokenizer=tok, seed=0),
+        _args(tmp_path / "hf", seed=0),
+        teacher=load_model("tiny-moe", tokenizer=tok, seed=1),
+        distillation=raw["distillation"],
+        train_dataset=ref["rows"],
+        data_collator=DistillationCollator(ref["data"]),
+        processing_class=tok,
+    )
+    trainer.model.aux.load_state_dict(ref["aux0"])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for name in ("loss", "kd", "ce", "feature", key):
+        assert [h[name] for h in logs] == pytest.approx([m[name] for m in ref["metrics"]], rel=1e-5), name
+
+
 def _tiny_trainer(tokenizer_dir, corpus, out: Path, distillation: dict | None = None, **kw):
     from sakd.integrations import prepare_distillation_data
 
@@ -301,3 +339,21 @@ def test_sampled_draws_follow_the_trainers_seed(tokenizer_dir, corpus, tmp_path)
         with torch.no_grad():
             losses.append(float(trainer.compute_loss(trainer.model, batch)))
     assert losses[0] == losses[2] and losses[0] != losses[1]
+
+
+def test_a_policy_is_refused_by_the_trainer_in_one_line(tokenizer_dir, tmp_path):
+    """The Trainer's loop does not generate text: distillation.policy is refused, not silently ignored."""
+    from sakd.errors import ConfigError
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    with pytest.raises(
+        ConfigError, match="distillation.policy=on is not run by DistillationTrainer yet"
+    ) as info:
+        DistillationTrainer(
+            load_model("tiny-dense", tokenizer=tok, seed=0),
+            _args(tmp_path / "hf"),
+            teacher=load_model("tiny-moe", tokenizer=tok, seed=1),
+            distillation={"policy": "on"},
+            processing_class=tok,
+        )
+    assert "\n" not in str(info.value)

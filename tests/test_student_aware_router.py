@@ -23,6 +23,7 @@ from sakd.teacher.moe_router import (
     router_kd_sum,
     router_terms,
 )
+from sakd.training.student_aware import SARHook
 
 
 def _teacher(dtype: torch.dtype = torch.float32) -> Qwen3MoeForCausalLM:
@@ -145,10 +146,10 @@ def test_sar_trains_only_the_router_and_is_kept_apart_from_the_student(
     teacher_before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
     d.train()
     assert all(torch.equal(v, teacher_before[k]) for k, v in d.teacher.state_dict().items())
-    assert all(float(p.abs().max()) > 0 for p in d.aware.sar.offsets)  # the router did learn
+    assert all(float(p.abs().max()) > 0 for p in _sar(d).offsets)  # the router did learn
     ckpt = d.run_dir / "checkpoints" / "step-00000003"
     saved = load_file(str(ckpt / SAR_WEIGHTS))
-    assert all(torch.equal(saved[f"offset.{i}"], p.detach()) for i, p in enumerate(d.aware.sar.offsets))
+    assert all(torch.equal(saved[f"offset.{i}"], p.detach()) for i, p in enumerate(_sar(d).offsets))
     assert (ckpt / SAR_OPTIMIZER).is_file()
     plain = make_distiller(tiny_run_config, max_steps=1, output_dir=str(tmp_path / "plain"))
     plain.train()
@@ -188,3 +189,8 @@ def test_sar_resume_is_exact(make_distiller, tiny_run_config, tmp_path):
         for r in (full, resumed)
     )
     assert all(torch.equal(a["state"][i]["exp_avg_sq"], b["state"][i]["exp_avg_sq"]) for i in a["state"])
+
+
+def _sar(d):
+    """The run's Student-Aware Router (inside its per-step hook)."""
+    return next(hook.sar for hook in d.aware.hooks if isinstance(hook, SARHook))

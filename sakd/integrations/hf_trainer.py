@@ -35,23 +35,28 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
-from sakd.align.setup import setup_alignment
+from sakd.align.setup import Alignment, setup_alignment
 from sakd.config import ConfigError, DistillationConfig, RunConfig, TrainingConfig, load_config
 from sakd.integrations.data import SAMPLE_ID
+from sakd.integrations.step_hooks import StepHooksCallback
 from sakd.integrations.teacher_signals import as_signal, cache_signal, open_cache, teacher_output
 from sakd.models import freeze
 from sakd.models.student import TrainableStudent, student_state
 from sakd.models.zero import register_external_parameters
-from sakd.objective.aux_terms import build_aux_terms
+from sakd.objective.aux_terms import AuxTerms, build_aux_terms
 from sakd.objective.compose import check_composition
 from sakd.objective.composite import Objective
-from sakd.objective.curriculum import temperature_at
+from sakd.objective.curriculum import StepSchedule
+from sakd.teacher.cache.reader import CacheReader
 from sakd.teacher.capabilities import LIVE
+from sakd.teacher.moe_router import StudentAwareRouter
 from sakd.teacher.placement import teacher_engine
+from sakd.teacher.signal import CachedTeacher, TeacherSignal
 from sakd.training.builders import build_objective, build_teacher_signal
 from sakd.training.optim import param_groups
+from sakd.training.student_aware import StudentAware, detached_student
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +89,6 @@ def distillation_config(distillation: DistillationConfig | dict | None) -> Disti
         return distillation
     cfg, _ = load_config({"distillation": distillation or {}})
     return cfg.distillation
-
-
-def _refuse_step_level_parts(cfg: DistillationConfig) -> None:
-    """The student-aware parts that act once per optimizer step (the SAR router update, the token router's
-    step-wide weights, the curriculum) live in ``sakd distill``'s step; Knowledge Augmentation (a teacher
-    signal) works here."""
-    for on, key in (
-        (cfg.moe.student_aware_router, "distillation.moe.student_aware_router"),
-        (cfg.router.enabled, "distillation.router.enabled"),
-        (cfg.curriculum.phases or cfg.curriculum.balance, "distillation.curriculum"),
-    ):
-        if on:
-            raise ConfigError(f"{key} is not supported by DistillationTrainer yet: use `sakd distill` for it")
 
 
 class DistillationTrainer(Trainer):
@@ -135,13 +127,7 @@ class DistillationTrainer(Trainer):
     ) -> None:
         from accelerate import PartialState
 
-        self.distillation = distillation_config(distillation)
-        _refuse_step_level_parts(self.distillation)
-        reader = None
-        if self.distillation.teacher_cache:
-            reader, self.distillation = open_cache(self.distillation)  # loss.sparse resolved for the cache
-        if reader is not None and teacher is not None:
-            raise ConfigError("distillation.teacher_cache replaces the teacher: pass teacher=None")
+        self.distillation, reader = _open(distillation, teacher)
         self.lr_multipliers = dict(lr_multipliers or {})
         tokenizer = kwargs.get("processing_class")
         if teacher_tokenizer is not None and tokenizer is None:
@@ -168,20 +154,21 @@ class DistillationTrainer(Trainer):
         super().__init__(model=wrapper, args=args, **kwargs)
         if self.args.label_names is None:
             self.label_names = ["labels"]
-        self.teacher = self._place(teacher_model) if teacher_model is not None else None
+        self.teacher = None if teacher_model is None else _place(teacher_model, self._zero_stage(), self.args)
         cached = None
         if reader is not None:
             cached = cache_signal(reader, self.distillation, self.train_dataset, tokenizer, self.args.device)
-        signal, _ = build_teacher_signal(
-            run, self.teacher, self.alignment, self.aux_terms, self.args.device, cached=cached
+        signal, sar = _teacher_signal(
+            run, self.teacher, teacher, cached, self.alignment, self.aux_terms, self.args.device
         )
-        if signal is None and teacher is not None:  # a teacher-signal object of the caller's
-            signal = as_signal(teacher)
         self.teacher_signal = signal
         caps = LIVE if signal is None else signal.capabilities
-        for note in check_composition(run, caps):
-            log.info(note)
         self.objective: Objective = build_objective(run, vocab, self.alignment, self.aux_terms, caps)
+        # the curriculum, the token router and the Student-Aware Router: sakd distill's per-step hooks
+        self.hooks = StepHooksCallback(
+            StudentAware(run, self.objective, self.accelerator, signal, sar, vocab)
+        )
+        self.add_callback(self.hooks)
         if self._zero_stage() == 3:
             # the fused loss multiplies by the head itself (see sakd.models.zero)
             register_external_parameters(wrapper, model.get_output_embeddings(), wrapper.aux)
@@ -198,17 +185,6 @@ class DistillationTrainer(Trainer):
     def _zero_stage(self) -> int:
         plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
         return -1 if plugin is None else int(plugin.zero_stage)
-
-    def _place(self, teacher: nn.Module) -> Any:
-        """Under ZeRO-3 an inference-only engine partitions the frozen teacher; otherwise it moves to the
-        training device."""
-        if self._zero_stage() != 3:  # a bitsandbytes-quantized teacher is already placed (and cannot move)
-            return teacher if getattr(teacher, "is_quantized", False) else teacher.to(self.args.device)
-        batch = {
-            "train_micro_batch_size_per_gpu": self.args.per_device_train_batch_size,
-            "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
-        }
-        return teacher_engine(teacher, batch, offload=False)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """``TrainingArguments.optim``'s optimizer over sakd's parameter groups: ``lr_multipliers`` (0.0
@@ -245,25 +221,46 @@ class DistillationTrainer(Trainer):
             self.accelerator.reduce(torch.tensor(local, device=self.args.device), reduction="sum").item()
         )
         self._tokens += total
+        if self.hooks.active and batches:  # the per-step hooks see the step's micro-batches first
+            step = self.state.global_step
+            model = self.model_wrapped if self.model_wrapped is not None else self.model
+            self.hooks.begin_step(
+                step,
+                [self._prepare_inputs(b) for b in batches],
+                self._schedule(),
+                total,
+                partial(detached_student, model),
+            )
         return batches, total
+
+    def _schedule(self) -> StepSchedule:
+        """The curriculum's schedule of the optimizer step about to run (the Trainer's global step)."""
+        return self.hooks.aware.schedule(self.state.global_step, self.state.max_steps or 1)
 
     def _objective(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
         """The objective's sums for one micro-batch, computed inside the prepared module's forward."""
-        temperature = temperature_at(
-            self.distillation.loss, self.state.global_step, self.state.max_steps or 1
-        )
-        teacher_out = None
+        temperature = self._schedule().temperature
+        teacher_out, kwargs = None, {}
+        if self.model.training and self.hooks.active:  # this micro-batch's part of the step's extras
+            index, extras = self.hooks.next_micro_batch()
+            kwargs = extras.objective_kwargs(index)
+            if extras.teacher_outs is not None:
+                teacher_out = extras.teacher_outs[index]
         # a cache holds the training blocks only: held-out batches are scored by the CE alone
         live = self.teacher_signal is not None and self.teacher_signal.capabilities.scores_new_text
-        if self.teacher_signal is not None and (self.model.training or live):
+        if teacher_out is None and self.teacher_signal is not None and (self.model.training or live):
             teacher_out = teacher_output(self.teacher_signal, inputs, self.state.global_step)
-        loss_fn = partial(self._student_loss, batch=inputs, teacher_out=teacher_out, temperature=temperature)
+        loss_fn = partial(
+            self._student_loss, batch=inputs, teacher_out=teacher_out, temperature=temperature, **kwargs
+        )
         return model(loss_fn=loss_fn)
 
     def _student_loss(
-        self, wrapper: TrainableStudent, batch: dict, teacher_out: Any, temperature: float
+        self, wrapper: TrainableStudent, batch: dict, teacher_out: Any, temperature: float, **kwargs: Any
     ) -> Any:
-        return self.objective.student_loss(wrapper.module, batch, teacher_out, temperature=temperature)
+        return self.objective.student_loss(
+            wrapper.module, batch, teacher_out, temperature=temperature, **kwargs
+        )
 
     def compute_loss(
         self,
@@ -280,6 +277,8 @@ class DistillationTrainer(Trainer):
             loss = out.loss_sum * (self.accelerator.num_processes / num_items_in_batch)
             for k, v in out.component_sums.items():
                 self._sums[k] = self._sums.get(k, 0.0) + v.detach().double()
+            if self.hooks.active:
+                self.hooks.after_micro_batch(out.component_sums)
         else:
             loss = out.loss_sum / max(out.num_tokens, 1)
         return (loss, {}) if return_outputs else loss
@@ -304,6 +303,7 @@ class DistillationTrainer(Trainer):
                 {k: float(v) / max(self._tokens, 1) for k, v in zip(keys, totals.tolist(), strict=True)}
             )
             logs["tokens"] = self._tokens
+            logs.update(self.hooks.metrics)  # the last step's: mult_*, router_w_*, sar_*
             self._sums, self._tokens = {}, 0
         super().log(logs, start_time)
 
@@ -339,22 +339,70 @@ class DistillationTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         with self._student_as_model() as wrapper:
             super()._load_from_checkpoint(resume_from_checkpoint, None if model is None else wrapper.module)
-        self._load_aux(resume_from_checkpoint, wrapper)
+        _load_aux(resume_from_checkpoint, wrapper)
+        self.hooks.load(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         with self._student_as_model() as wrapper:
             super()._load_best_model()
         if not self.is_deepspeed_enabled:  # DeepSpeed's engine checkpoint already held the projections
-            self._load_aux(self.state.best_model_checkpoint, wrapper)
+            _load_aux(self.state.best_model_checkpoint, wrapper)
 
-    @staticmethod
-    def _load_aux(directory: str, wrapper: TrainableStudent) -> None:
-        path = f"{directory}/{AUX_FILE}"
-        if wrapper.aux is not None:
-            try:
-                state = load_file(path)
-            except FileNotFoundError:
-                raise ConfigError(
-                    f"{directory} has no {AUX_FILE}: the projections cannot be restored"
-                ) from None
-            wrapper.aux.load_state_dict(state)
+
+def _load_aux(directory: str, wrapper: TrainableStudent) -> None:
+    """The projections saved next to the student in ``directory`` (:data:`AUX_FILE`)."""
+    path = f"{directory}/{AUX_FILE}"
+    if wrapper.aux is not None:
+        try:
+            state = load_file(path)
+        except FileNotFoundError:
+            raise ConfigError(f"{directory} has no {AUX_FILE}: the projections cannot be restored") from None
+        wrapper.aux.load_state_dict(state)
+
+
+def _open(
+    distillation: DistillationConfig | dict | None, teacher: object
+) -> tuple[DistillationConfig, CacheReader | None]:
+    """The checked section (``loss.sparse`` resolved for a teacher cache) and the cache's reader, if any."""
+    cfg, reader = distillation_config(distillation), None
+    if cfg.teacher_cache:
+        reader, cfg = open_cache(cfg)
+    if reader is not None and teacher is not None:
+        raise ConfigError("distillation.teacher_cache replaces the teacher: pass teacher=None")
+    if cfg.policy != "off":
+        raise ConfigError(
+            f"distillation.policy={cfg.policy} is not run by DistillationTrainer yet (its loop does not generate "
+            "text): use `sakd distill`"
+        )
+    return cfg, reader
+
+
+def _teacher_signal(
+    run: RunConfig,
+    placed: nn.Module | None,
+    caller: object,
+    cached: CachedTeacher | None,
+    alignment: Alignment,
+    aux: AuxTerms | None,
+    device: torch.device,
+) -> tuple[TeacherSignal | None, StudentAwareRouter | None]:
+    """The one teacher signal (the placed teacher model's, a cache's, or the caller's signal object), checked
+    against the run's parts."""
+    signal, sar = build_teacher_signal(run, placed, alignment, aux, device, cached=cached)
+    if signal is None and caller is not None:  # a teacher-signal object of the caller's
+        signal = as_signal(caller)  # type: ignore[arg-type]
+    for note in check_composition(run, LIVE if signal is None else signal.capabilities):
+        log.info(note)
+    return signal, sar
+
+
+def _place(teacher: nn.Module, zero_stage: int, args: TrainingArguments) -> nn.Module:
+    """Under ZeRO-3 an inference-only engine partitions the frozen teacher; otherwise it moves to the training
+    device."""
+    if zero_stage != 3:  # a bitsandbytes-quantized teacher is already placed (and cannot move)
+        return teacher if getattr(teacher, "is_quantized", False) else teacher.to(args.device)
+    batch = {
+        "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+    }
+    return teacher_engine(teacher, batch, offload=False)

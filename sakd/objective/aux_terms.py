@@ -11,7 +11,8 @@ from torch import nn
 
 from sakd.config import DistillationConfig
 from sakd.models.forward import HiddenAndHead
-from sakd.objective.terms import COMPONENTS, AuxTerm, ModelShape, TermContext
+from sakd.objective import terms as registry
+from sakd.objective.terms import AuxTerm, ModelShape, TermContext
 
 
 class AuxTerms(nn.Module):
@@ -85,7 +86,7 @@ def build_aux_terms(
     t_model = getattr(teacher, "module", teacher)  # a ZeRO-3 engine has a `config` of its own
     ctx = TermContext(student, t_model, _shape(student.config), _shape(t_model.config), tokenizers_differ)
     terms, weights = {}, {}
-    for component in COMPONENTS:
+    for component in registry.COMPONENTS:
         term = component.build(d, ctx)
         if term is not None:
             terms[component.name] = term

@@ -1,11 +1,13 @@
-"""The student-aware parts of an optimizer step, in one place so the step itself stays readable:
+"""The student-aware parts of a run, as per-step hooks (:mod:`sakd.training.hooks`), in one place so the
+step itself stays readable:
 
 1. :meth:`StudentAware.schedule` -- the curriculum's temperature, per-component multipliers and router
    sharpness for this step (:mod:`sakd.objective.curriculum`);
-2. :meth:`StudentAware.before_step` -- before the student's micro-batches: one update of the Student-Aware
-   Router (:mod:`sakd.teacher.moe_router`) on this step's blocks, then, with the token router on, the
-   teacher signals of every micro-batch (kept for the step) and the per-token KD weights over the whole step
-   (:mod:`sakd.objective.router`);
+2. :meth:`StudentAware.before_step` -- before the student's micro-batches, each hook that is on: one update
+   of the Student-Aware Router (:class:`SARHook`, :mod:`sakd.teacher.moe_router`) on this step's blocks; the
+   token router's teacher signals and per-token KD weights over the whole step
+   (:class:`~sakd.training.hooks.TokenRouterHook`); the curriculum's multipliers
+   (:class:`~sakd.training.hooks.CurriculumHook`);
 3. :meth:`StudentAware.after_step` -- the balancer learns the step's magnitudes.
 
 Their state (the SAR offsets and optimizer, the router's running statistics, the balancer's magnitudes) is
@@ -14,53 +16,30 @@ written into every checkpoint by :meth:`save` and read back by :meth:`load`, so 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from sakd.config import RunConfig
 from sakd.models.forward import HiddenAndHead, hidden_and_head
 from sakd.objective.composite import IGNORE_INDEX, Objective
 from sakd.objective.curriculum import Curriculum, StepSchedule
-from sakd.objective.router import TokenRouter, token_signals, weight_stats
+from sakd.objective.router import Reduce, TokenRouter
 from sakd.objective.terms import component_weights
-from sakd.teacher.moe import bare_model, override_routing
+from sakd.teacher.moe import RoutedTeacher, bare_model, override_routing
 from sakd.teacher.moe_router import StudentAwareRouter, router_kd_sum, router_terms
-
-STATE_FILE = "student_aware.json"
-ROUTER_FILE = "token_router.safetensors"
-Batch = dict[str, torch.Tensor]
-
-
-@dataclass
-class StepExtras:
-    """What :meth:`StudentAware.before_step` hands to the step: cached teacher signals and KD weights per
-    micro-batch (None when not used) and metrics for metrics.jsonl."""
-
-    teacher_outs: list[HiddenAndHead] | None = None
-    kd_weights: list[torch.Tensor] | None = None
-    multipliers: dict[str, float] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-    def teacher_out(self, i: int, mb: Batch, signal: Callable[[Batch], HiddenAndHead] | None) -> Any:
-        """Micro-batch ``i``'s teacher signal: the one kept for the step, else a fresh one (None: no teacher)."""
-        if self.teacher_outs is not None:
-            return self.teacher_outs[i]
-        return None if signal is None else signal(mb)
-
-    def objective_kwargs(self, i: int) -> dict[str, Any]:
-        """What the objective of micro-batch ``i`` gets besides the tensors (nothing when all is off)."""
-        kwargs: dict[str, Any] = {}
-        if self.multipliers:
-            kwargs["multipliers"] = self.multipliers
-        if self.kd_weights is not None:
-            kwargs["kd_weights"] = self.kd_weights[i]
-        return kwargs
+from sakd.teacher.signal import TeacherSignal
+from sakd.training.hooks import (
+    Batch,
+    CurriculumHook,
+    Metric,
+    StepExtras,
+    StepHook,
+    StepInputs,
+    TokenRouterHook,
+)
 
 
 def detached_student(student: Any, mb: Batch) -> HiddenAndHead:
@@ -76,132 +55,45 @@ def detached_student(student: Any, mb: Batch) -> HiddenAndHead:
         return student(loss_fn=forward)
 
 
-class StudentAware:
-    """Curriculum, token router and Student-Aware Router of one run (module docstring)."""
+class SARHook:
+    """One Student-Aware Router update on the step's blocks (paper Algorithm 2, before the student step).
+
+    The KD term is divided by the step's global count of valid tokens, the anchor by the global count of the
+    teacher's real tokens, so both are per-token means however the step is split; the balance term is per
+    micro-batch, weighted by its share of the teacher's tokens."""
 
     def __init__(
         self,
+        sar: StudentAwareRouter,
         cfg: RunConfig,
         objective: Objective,
-        accelerator: Any,
-        signal: Any,
-        sar: StudentAwareRouter | None,
-        vocab_size: int,
+        signal: RoutedTeacher,
+        reduce: Reduce,
     ) -> None:
-        d = cfg.distillation
-        self.cfg, self.objective, self.accelerator = cfg, objective, accelerator
-        self.signal, self.sar = signal, sar  # the teacher signal; the Student-Aware Router or None
-        self.curriculum = Curriculum(d.loss, d.curriculum, d.router, component_weights(d))
-        self.router = TokenRouter(d.router, vocab_size) if d.router.enabled and signal is not None else None
-        self.augmenting = signal is not None and signal.capabilities.routing == "ka"
-        if accelerator.is_main_process:
-            for line in self.describe():
-                print(f"student-aware: {line}")
+        self.sar, self.cfg, self.objective, self.signal, self._reduce = sar, cfg, objective, signal, reduce
 
-    def describe(self) -> list[str]:
-        """One line per student-aware part that is on: what it does and the metrics it logs."""
-        d, lines = self.cfg.distillation, []
-        if self.augmenting:
-            m = d.moe
-            lines.append(
-                f"Knowledge Augmentation: {m.augment_samples} teacher forwards per block, each token drawing "
-                f"{m.augment_experts or 'E-1'} experts (sampled with p={m.augment_sampling_prob}, else top-k); "
-                "logs ka_changed_share"
-            )
-        if self.sar is not None:
-            lines.append(
-                "Student-Aware Router: the teacher's routers learn from the student's gap; logs sar_*"
-            )
-        if self.router is not None:
-            lines.append(
-                "token router: KD weighted per token by gap/confidence/trend/expert; logs router_w_*"
-            )
-        if d.curriculum.phases:
-            lines.append("loss curriculum: KD first, then structure terms, then all; logs mult_*")
-        if d.curriculum.balance:
-            lines.append("magnitude balancing of the loss components; logs mult_*")
-        return lines
+    def describe(self) -> str:
+        return "Student-Aware Router: the teacher's routers learn from the student's gap; logs sar_*"
 
-    def teacher_metrics(self) -> dict[str, float]:
-        """Knowledge Augmentation's share of routing decisions (all ranks, this step) that chose other
-        experts than the teacher's own top k -- about ``augment_sampling_prob`` when the draws work."""
-        if not self.augmenting:
-            return {}
-        changed, decisions = self.signal.pop_stats()
-        device = self.accelerator.device
-        counts = torch.stack(
-            [
-                torch.as_tensor(changed, device=device).double(),
-                torch.tensor(float(decisions), device=device).double(),
-            ]
-        )
-        totals = self._reduce(counts, "sum")
-        if totals[1] == 0:  # no teacher forward this step (e.g. a generated step that needs no teacher)
-            return {}
-        return {"ka_changed_share": float(totals[0] / totals[1])}
-
-    def _reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
-        return self.accelerator.reduce(tensor.to(self.accelerator.device), reduction=op)
-
-    def schedule(self, step: int, total_steps: int) -> StepSchedule:
-        return self.curriculum.at(step, total_steps)
-
-    def before_step(
-        self,
-        step: int,
-        micro_batches: list[Batch],
-        schedule: StepSchedule,
-        global_tokens: int,
-        student_out: Callable[[Batch], HiddenAndHead],
-        *,
-        use_teacher: bool = True,
-    ) -> StepExtras:
-        """The router update and the step's token weights (see the module docstring); none of it on a step
-        whose objective does not read the teacher (``use_teacher`` False: sequence-level KD's CE steps)."""
-        extras = StepExtras(multipliers=schedule.multipliers)
-        if self.signal is not None:
-            self.signal.at_step(step)
-        students = None
-        if self.sar is not None and use_teacher:
-            students = [student_out(mb) for mb in micro_batches]
+    def before_step(self, step: StepInputs, extras: StepExtras) -> None:
+        if step.use_teacher:
             extras.metrics.update(
-                self._router_step(micro_batches, students, global_tokens, schedule.temperature)
+                self._router_step(
+                    step.micro_batches, step.students(), step.global_tokens, step.schedule.temperature
+                )
             )
-        if self.router is not None and use_teacher:
-            students = students or [student_out(mb) for mb in micro_batches]
-            extras.teacher_outs = [self.signal(mb) for mb in micro_batches]
-            extras.kd_weights, stats = self._token_weights(
-                micro_batches, students, extras.teacher_outs, schedule
-            )
-            extras.metrics.update(stats)
-        if schedule.multipliers:
-            extras.metrics.update({f"mult_{c}": v for c, v in sorted(schedule.multipliers.items())})
-        return extras
+
+    def after_micro_batch(self, index: int, sums: dict[str, torch.Tensor]) -> None:
+        """Nothing per micro-batch."""
 
     def after_step(self, step_means: dict[str, float]) -> None:
-        """After a taken step (finite loss and gradient)."""
-        self.curriculum.update(step_means)
+        """The router stepped before the student did."""
 
-    # ------------------------------------------------------------------------------ the parts
+    def save(self, directory: Path) -> None:
+        self.sar.save(directory)
 
-    def _token_weights(
-        self,
-        micro_batches: list[Batch],
-        students: list[HiddenAndHead],
-        teachers: list[HiddenAndHead],
-        schedule: StepSchedule,
-    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
-        spec = self.objective.spec.at_temperature(schedule.temperature).kd
-        signals = []
-        for mb, s_out, t_out in zip(micro_batches, students, teachers, strict=True):
-            rows = self.objective.kd_rows(s_out, t_out, mb["labels"][:, 1:].reshape(-1), mb)
-            router = t_out.router if self.signal.capabilities.live else None  # a cache's: in the rows
-            signals.append(token_signals(rows, spec, router, self.cfg.distillation.loss.chunk_size))
-        weights = self.router.weights(signals, schedule.sharpness, self._reduce)
-        stats = weight_stats(weights, signals, self._reduce)
-        stats["router_sharpness"] = schedule.sharpness
-        self.router.update(signals, self._reduce)
-        return weights, stats
+    def load(self, directory: Path) -> None:
+        self.sar.load(directory)
 
     def _router_step(
         self,
@@ -209,12 +101,7 @@ class StudentAware:
         students: list[HiddenAndHead],
         global_tokens: int,
         temperature: float,
-    ) -> dict[str, Any]:
-        """One Student-Aware Router update on the step's blocks (paper Algorithm 2, before the student step).
-
-        The KD term is divided by the step's global count of valid tokens, the anchor by the global count of
-        the teacher's real tokens, so both are per-token means however the step is split; the balance term is
-        per micro-batch, weighted by its share of the teacher's tokens."""
+    ) -> dict[str, Metric]:
         moe, chunk = self.cfg.distillation.moe, self.cfg.distillation.loss.chunk_size
         # the bare module, also under a ZeRO-3 teacher engine: its parameter hooks still gather (and, in this
         # backward, re-gather) the partitions, while the engine's own backward hooks would demand an optimizer
@@ -265,24 +152,110 @@ class StudentAware:
             "sar_grad_norm": norm,
         }
 
-    # ------------------------------------------------------------------------------ checkpoints
+
+class StudentAware:
+    """Curriculum, token router and Student-Aware Router of one run, as hooks (module docstring)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        objective: Objective,
+        accelerator: Any,
+        signal: TeacherSignal | None,
+        sar: StudentAwareRouter | None,
+        vocab_size: int,
+    ) -> None:
+        d = cfg.distillation
+        self.cfg, self.accelerator, self.signal = cfg, accelerator, signal
+        self.curriculum = Curriculum(d.loss, d.curriculum, d.router, component_weights(d))
+        self.augmenting = signal is not None and signal.capabilities.routing == "ka"
+        self.hooks: list[StepHook] = []
+        if sar is not None:
+            self.hooks.append(SARHook(sar, cfg, objective, signal, self._reduce))  # type: ignore[arg-type]
+        if d.router.enabled and signal is not None:
+            router = TokenRouter(d.router, vocab_size)
+            self.hooks.append(TokenRouterHook(router, objective, signal, d.loss.chunk_size, self._reduce))
+        self.balance = CurriculumHook(self.curriculum)
+        if self.curriculum.active:
+            self.hooks.append(self.balance)
+        if accelerator.is_main_process:
+            for line in self.describe():
+                print(f"student-aware: {line}")
+
+    def describe(self) -> list[str]:
+        """One line per student-aware part that is on: what it does and the metrics it logs."""
+        lines = []
+        if self.augmenting:
+            m = self.cfg.distillation.moe
+            lines.append(
+                f"Knowledge Augmentation: {m.augment_samples} teacher forwards per block, each token drawing "
+                f"{m.augment_experts or 'E-1'} experts (sampled with p={m.augment_sampling_prob}, else top-k); "
+                "logs ka_changed_share"
+            )
+        return lines + [hook.describe() for hook in self.hooks]
+
+    def teacher_metrics(self) -> dict[str, float]:
+        """Knowledge Augmentation's share of routing decisions (all ranks, this step) that chose other
+        experts than the teacher's own top k -- about ``augment_sampling_prob`` when the draws work."""
+        if not self.augmenting:
+            return {}
+        changed, decisions = self.signal.pop_stats()
+        device = self.accelerator.device
+        counts = torch.stack(
+            [
+                torch.as_tensor(changed, device=device).double(),
+                torch.tensor(float(decisions), device=device).double(),
+            ]
+        )
+        totals = self._reduce(counts, "sum")
+        if totals[1] == 0:  # no teacher forward this step (e.g. a generated step that needs no teacher)
+            return {}
+        return {"ka_changed_share": float(totals[0] / totals[1])}
+
+    def _reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        return self.accelerator.reduce(tensor.to(self.accelerator.device), reduction=op)
+
+    def schedule(self, step: int, total_steps: int) -> StepSchedule:
+        return self.curriculum.at(step, total_steps)
+
+    def before_step(
+        self,
+        step: int,
+        micro_batches: list[Batch],
+        schedule: StepSchedule,
+        global_tokens: int,
+        student_out: Callable[[Batch], HiddenAndHead],
+        *,
+        use_teacher: bool = True,
+    ) -> StepExtras:
+        """Every hook's part before the step (see the module docstring); none of the teacher's on a step whose
+        objective does not read it (``use_teacher`` False: sequence-level KD's CE steps)."""
+        if self.signal is not None:
+            self.signal.at_step(step)
+        inputs = StepInputs(step, micro_batches, schedule, global_tokens, student_out, use_teacher)
+        extras = StepExtras()
+        for hook in self.hooks:
+            hook.before_step(inputs, extras)
+        return extras
+
+    def after_micro_batch(self, index: int, sums: dict[str, torch.Tensor]) -> None:
+        for hook in self.hooks:
+            hook.after_micro_batch(index, sums)
+
+    def after_step(self, step_means: dict[str, float]) -> None:
+        """After a taken step (finite loss and gradient)."""
+        for hook in self.hooks:
+            hook.after_step(step_means)
 
     def save(self, directory: Path) -> None:
-        """Write this state into a checkpoint directory (main process; every rank holds the same)."""
-        (directory / STATE_FILE).write_text(json.dumps({"balancer": self.curriculum.state_dict()}))
-        if self.router is not None:
-            save_file(
-                {k: v.contiguous() for k, v in self.router.state_dict().items()}, str(directory / ROUTER_FILE)
-            )
-        if self.sar is not None:
-            self.sar.save(directory)
+        """Write the hooks' state into a checkpoint directory (main process; every rank holds the same); the
+        balancer's file is written even when it is off (a run may turn it on when resumed)."""
+        self.balance.save(directory)
+        for hook in self.hooks:
+            if hook is not self.balance:
+                hook.save(directory)
 
     def load(self, directory: Path) -> None:
         """Restore what :meth:`save` wrote (a checkpoint of a run without these parts restores nothing)."""
-        path = directory / STATE_FILE
-        if path.is_file():
-            self.curriculum.load_state_dict(json.loads(path.read_text()).get("balancer", {}))
-        if self.router is not None and (directory / ROUTER_FILE).is_file():
-            self.router.load_state_dict(load_file(str(directory / ROUTER_FILE)))
-        if self.sar is not None:
-            self.sar.load(directory)
+        for hook in self.hooks:
+            hook.load(directory)

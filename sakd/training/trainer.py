@@ -249,6 +249,7 @@ class Distiller(RunLoop):
                 out = self.student(loss_fn=partial(loss_fn, objective=objective))
                 for k, v in out.component_sums.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().double()
+                self.aware.after_micro_batch(i, out.component_sums)
                 non_finite = non_finite + (~torch.isfinite(out.loss_sum.detach())).any().float()
                 # decided before the synchronising backward, on every rank alike; a non-finite gradient
                 # of an earlier micro-batch only sits in the accumulation the dropped step discards
