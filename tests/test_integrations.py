@@ -357,3 +357,29 @@ def test_a_policy_is_refused_by_the_trainer_in_one_line(tokenizer_dir, tmp_path)
             processing_class=tok,
         )
     assert "\n" not in str(info.value)
+
+
+def test_the_per_step_parts_resume_exactly_from_a_trainer_checkpoint(tokenizer_dir, corpus, tmp_path):
+    """The hooks' state (the balancer's magnitudes, the token router's statistics) is in the Trainer's
+    checkpoint: 2 steps + resume + 2 steps == 4 steps, losses and weights."""
+    parts = {
+        "feature": {"weight": 0.5},
+        "curriculum": {"balance": True},
+        "router": {"enabled": True, "sharpen_start": 0.0, "sharpen_end": 0.5},
+    }
+    full = _tiny_trainer(tokenizer_dir, corpus, tmp_path / "full", parts, args={"max_steps": 4})
+    full.train()
+    save = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}
+    _tiny_trainer(tokenizer_dir, corpus, tmp_path / "resumed", parts, args=save).train()
+    checkpoint = tmp_path / "resumed" / "checkpoint-2"
+    assert (checkpoint / "student_aware.json").is_file() and (
+        checkpoint / "token_router.safetensors"
+    ).is_file()
+    resumed = _tiny_trainer(tokenizer_dir, corpus, tmp_path / "resumed", parts, args={"max_steps": 4})
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    logs = {h["step"]: h for h in full.state.log_history if "loss" in h}
+    for h in (h for h in resumed.state.log_history if "loss" in h):
+        for key in ("loss", "kd", "mult_kd", "router_w_max"):
+            assert h[key] == pytest.approx(logs[h["step"]][key], rel=1e-6), (h["step"], key)
+    for k, v in resumed.student.state_dict().items():
+        torch.testing.assert_close(v, full.student.state_dict()[k], rtol=0, atol=1e-6, msg=k)

@@ -250,3 +250,17 @@ def test_router_weights_are_logged_and_sharpen(make_distiller, tiny_run_config):
     assert 0 < last["router_w_entropy"] < 1
     share = last["router_w_share"]  # the tiny-moe teacher: 4 layers x 4 experts
     assert len(share) == 4 and all(len(row) == 4 for row in share)
+
+
+def test_the_router_parts_run_with_the_default_chunk_size(make_distiller, tiny_run_config):
+    """distillation.loss.chunk_size: auto (the default) reaches the token router's and the Student-Aware
+    Router's own chunk loops resolved to a number (they used to fail comparing "auto" with 1)."""
+    raw = copy.deepcopy(tiny_run_config)
+    raw["distillation"]["loss"]["chunk_size"] = "auto"
+    raw["distillation"]["router"] = {"enabled": True, "sharpen_start": 0.0, "sharpen_end": 0.5}
+    raw["distillation"]["moe"] = {"student_aware_router": True}
+    d = make_distiller(raw, max_steps=1)
+    metrics = d.train_step(d._micro_batches())
+    assert (
+        math.isfinite(metrics["loss"]) and metrics["router_w_mean"] > 0 and math.isfinite(metrics["sar_kd"])
+    )

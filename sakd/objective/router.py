@@ -34,7 +34,7 @@ from torch import Tensor
 
 from sakd.align.positions import gather_at_anchors
 from sakd.config import TokenRouterConfig
-from sakd.losses import KDSpec, SparseTeacher, kd_per_position, over_chunks
+from sakd.losses import KDSpec, SparseTeacher, kd_per_position, over_chunks, resolve_chunk_size
 from sakd.losses.mixture import mixture_logits
 from sakd.models.capture import RouterSignal
 from sakd.objective.composite import KDRows
@@ -65,7 +65,7 @@ class TokenSignals:
 
 
 def token_signals(
-    rows: KDRows, spec: KDSpec, router: RouterSignal | None, chunk_size: int, ignore_index: int = -100
+    rows: KDRows, spec: KDSpec, router: RouterSignal | None, chunk_size: int | str, ignore_index: int = -100
 ) -> TokenSignals:
     """The router's inputs for one micro-batch, from the rows the KD term is taken on (no gradients): the
     per-token divergence at the step's temperature (a live teacher's dense one; a stored signal's in its
@@ -101,8 +101,13 @@ def token_signals(
         entropy = -(logq.exp() * logq).sum(-1) / math.log(vocab)
         return torch.stack([gap, entropy], -1)
 
+    n = student.hidden.shape[0]
+    t_size = (0, 0) if stored else (teacher.head.weight.shape[0], teacher.hidden.shape[-1])
+    chunk_rows = resolve_chunk_size(
+        chunk_size, n, (student.head.weight.shape[0], t_size[0]), (student.hidden.shape[-1], t_size[1])
+    )
     with torch.no_grad():
-        both = over_chunks(chunk, student.hidden.shape[0], chunk_size, combine="cat")
+        both = over_chunks(chunk, n, chunk_rows, combine="cat")
     valid = rows.targets != ignore_index
     if rows.kd_mask is not None:
         valid = valid & rows.kd_mask

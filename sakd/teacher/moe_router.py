@@ -40,7 +40,7 @@ from torch import nn
 
 from sakd.config import MoEConfig
 from sakd.errors import CheckpointError
-from sakd.losses import HeadInput, KDSpec, VocabBridge, kd_per_position, over_chunks
+from sakd.losses import HeadInput, KDSpec, VocabBridge, kd_per_position, over_chunks, resolve_chunk_size
 from sakd.teacher.moe import RoutingSpec, require_moe
 
 SAR_WEIGHTS = "sar_router.safetensors"
@@ -97,10 +97,11 @@ def router_kd_sum(
     valid: torch.Tensor,
     temperature: float,
     bridge: VocabBridge,
-    chunk_size: int,
+    chunk_size: int | str,
 ) -> torch.Tensor:
     """``sum over valid rows of KL(p_T || q_S)`` with the gradient flowing into the teacher's hidden states
-    only, one chunk of logits at a time (recomputed in backward: O(chunk x V) memory)."""
+    only, one chunk of logits at a time (recomputed in backward: O(chunk x V) memory; ``chunk_size``: rows,
+    or ``auto``)."""
     spec = KDSpec(kind="fkl", temperature=temperature)  # fkl is KL(teacher || student): Eq. 9's order
     s_hidden = student.hidden.detach()
 
@@ -116,7 +117,13 @@ def router_kd_sum(
         )
         return torch.where(valid[rows], kd, 0.0).sum()
 
-    return over_chunks(chunk, s_hidden.shape[0], chunk_size, recompute=torch.is_grad_enabled())
+    rows = resolve_chunk_size(
+        chunk_size,
+        s_hidden.shape[0],
+        (student.head.weight.shape[0], teacher.head.weight.shape[0]),
+        (s_hidden.shape[-1], teacher.hidden.shape[-1]),
+    )
+    return over_chunks(chunk, s_hidden.shape[0], rows, recompute=torch.is_grad_enabled())
 
 
 class StudentAwareRouter(nn.Module):
