@@ -109,6 +109,16 @@ class SparseTeacher:
         )
 
 
+def check_stored_temperature(teacher: SparseTeacher, mode: str, temperature: float) -> None:
+    """A stored ``topk_tail`` / ``sampled`` signal is only exact at its own temperature (a stored ``subset``
+    is rescaled to any); one check for every path that reads a stored signal."""
+    if mode != "subset" and teacher.temperature != temperature:
+        raise ValueError(
+            f"a stored {mode} teacher signal is only exact at its own temperature "
+            f"({teacher.temperature}); got temperature={temperature}"
+        )
+
+
 def logsumexp_or_neginf(x: Tensor) -> Tensor:
     """``logsumexp`` over the last dim that returns ``-inf`` for an all ``-inf`` row with a
     zero (not NaN) gradient."""
@@ -245,11 +255,8 @@ def sparse_per_position(
         raise ValueError(f"unknown sparse mode {mode!r}; expected one of {SPARSE_MODES}")
     if mode == "sampled" and kind != "fkl":
         raise ValueError(f"sampled KD estimates forward KL only; got kind={kind!r}")
-    if isinstance(teacher, SparseTeacher) and mode != "subset" and teacher.temperature != temperature:
-        raise ValueError(
-            f"a stored {mode} teacher signal is only exact at its own temperature "
-            f"({teacher.temperature}); got temperature={temperature}"
-        )
+    if isinstance(teacher, SparseTeacher):
+        check_stored_temperature(teacher, mode, temperature)
     student_logits = student_logits.to(compute_dtype(student_logits.dtype))
     if mode == "sampled":
         if not isinstance(teacher, SparseTeacher):

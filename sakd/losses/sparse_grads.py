@@ -18,18 +18,8 @@ from torch import Tensor
 
 from .bucket_grads import FLOOR, BridgeIndex, Buckets, bridge_buckets, bucket_kd_, logsumexp_
 from .logit_grads import KDBlock, dense_kd_block, log_softmax_
-from .sparse import SparseTeacher, floored_tail
+from .sparse import SparseTeacher, check_stored_temperature, floored_tail
 from .spec import KDSpec
-
-
-def check_stored_temperature(teacher: SparseTeacher, mode: str, temperature: float) -> None:
-    """A stored ``topk_tail`` / ``sampled`` signal is only exact at its own temperature (as in
-    :func:`sakd.losses.sparse.sparse_per_position`)."""
-    if mode != "subset" and teacher.temperature != temperature:
-        raise ValueError(
-            f"a stored {mode} teacher signal is only exact at its own temperature "
-            f"({teacher.temperature}); got temperature={temperature}"
-        )
 
 
 @torch.no_grad()

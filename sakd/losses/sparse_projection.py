@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .divergences import divergence_from_logprobs, tempered_logprobs
-from .sparse import SparseTeacher, floored_tail, logsumexp_or_neginf
+from .sparse import SparseTeacher, check_stored_temperature, floored_tail, logsumexp_or_neginf
 from .spec import KDSpec
 
 NEG_INF = float("-inf")
@@ -193,11 +193,7 @@ def stored_projected_kd(
         raise ValueError(
             "uld_weight needs the full teacher distribution; a stored SparseTeacher has a few ids"
         )
-    if spec.sparse != "subset" and teacher.temperature != spec.temperature:
-        raise ValueError(
-            f"a stored {spec.sparse} teacher signal is only exact at its own temperature "
-            f"({teacher.temperature}); got temperature={spec.temperature}"
-        )
+    check_stored_temperature(teacher, spec.sparse, spec.temperature)
     lead = student_logits.shape[:-1]
     student = tempered_logprobs(student_logits, spec.temperature).reshape(-1, student_logits.shape[-1])
     flat = teacher.reshape(-1)
