@@ -32,11 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sakd.config import MoEConfig
 from sakd.errors import SetupError
 from sakd.models.capture import RouterSignal
 from sakd.models.forward import HiddenAndHead, hidden_and_head
-from sakd.teacher.capabilities import live_capabilities
 
 MODES = ("topk", "ka", "all")
 Selector = Callable[[torch.Tensor, int, torch.Generator | None], torch.Tensor]
@@ -243,85 +241,3 @@ def augmented_forward(
         attentions={i: t.reshape(samples, b, *t.shape[1:]).mean(0) for i, t in out.attentions.items()},
         samples=stacked if keep_samples else None,
     )
-
-
-class RoutedTeacher:
-    """The frozen MoE teacher as a teacher signal (``signal(batch) -> HiddenAndHead``, like
-    :class:`sakd.teacher.signal.OnlineTeacher`) with its routing decided from outside: Knowledge
-    Augmentation (``augment``: ``distillation.moe`` with ``augment_samples > 0``; ``keep_samples`` keeps the M
-    final hidden states for a forward-KL mixture) or all experts through the Student-Aware Router's
-    learned logits (``sar``, a :class:`sakd.teacher.moe_router.StudentAwareRouter`). ``step`` (set by the
-    trainer before each step) seeds KA's draws together with ``seed`` and each block's sample id."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        aligned: bool,
-        hidden_layers: list[int],
-        attention_layers: list[int],
-        seed: int,
-        augment: MoEConfig | None = None,
-        keep_samples: bool = False,
-        sar: object | None = None,
-    ) -> None:
-        require_moe(model, "distillation.moe")
-        self.model, self.aligned, self.seed, self.step = model, aligned, seed, 0
-        self.hidden_layers, self.attention_layers = list(hidden_layers), sorted(set(attention_layers))
-        self.augment, self.keep_samples, self.sar = augment, keep_samples, sar
-        self.decisions, self.changed = 0, 0
-        self.capabilities = live_capabilities(moe=True, routing="sar" if sar is not None else "ka")
-
-    def at_step(self, step: int) -> None:
-        """The optimizer step about to run: KA's draws are seeded with it."""
-        self.step = step
-
-    def pop_stats(self) -> tuple[torch.Tensor | int, int]:
-        """KA since the last call: (routing decisions that chose other experts than the top k -- a tensor on
-        the teacher's device, no host sync per forward --, decisions)."""
-        out = (self.changed, self.decisions)
-        self.decisions, self.changed = 0, 0
-        return out
-
-    def inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's own tokens of ``batch`` (its tokenization when the tokenizers differ)."""
-        if self.aligned:
-            return batch["teacher_input_ids"], batch["teacher_attention_mask"]
-        return batch["input_ids"], batch["attention_mask"]
-
-    def __call__(self, batch: dict[str, torch.Tensor]) -> HiddenAndHead:
-        ids, mask = self.inputs(batch)
-        if self.sar is not None:
-            with torch.no_grad(), override_routing(self.model, self.sar.routing()):
-                return hidden_and_head(
-                    self.model,
-                    self.model,
-                    ids,
-                    mask,
-                    router=True,
-                    hidden_layers=self.hidden_layers,
-                    attention_layers=self.attention_layers,
-                )
-        samples = self.augment.augment_samples
-        sample_ids = (
-            batch["sample_ids"].reshape(-1).tolist() if "sample_ids" in batch else list(range(len(ids)))
-        )
-        spec = RoutingSpec(
-            "ka",
-            k=self.augment.augment_experts,
-            sampling_prob=self.augment.augment_sampling_prob,
-            generators=block_generators(self.seed, self.step, sample_ids, samples, ids.device),
-        )
-        out = augmented_forward(
-            self.model,
-            ids,
-            mask,
-            spec,
-            samples,
-            keep_samples=self.keep_samples,
-            hidden_layers=self.hidden_layers,
-            attention_layers=self.attention_layers,
-        )
-        self.decisions += spec.decisions
-        self.changed = self.changed + spec.changed
-        return out

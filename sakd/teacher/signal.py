@@ -6,7 +6,7 @@
 router probabilities (MoE) and whatever internals the auxiliary terms asked for (:class:`HiddenAndHead`).
 :class:`CachedTeacher` reads an offline cache instead (``sakd cache-teacher``; no teacher in memory) and
 returns the stored sparse distribution at every student position (:class:`StoredSignal`).
-:class:`sakd.teacher.moe.RoutedTeacher` is the live MoE teacher routed from outside (Knowledge Augmentation,
+:class:`sakd.teacher.routed.RoutedTeacher` is the live MoE teacher routed from outside (Knowledge Augmentation,
 the Student-Aware Router). :func:`sakd.training.builders.build_teacher_signal` makes the run's one signal.
 """
 
@@ -53,10 +53,14 @@ class OnlineTeacher:
     def at_step(self, step: int) -> None:
         """Nothing depends on the step here."""
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> HiddenAndHead:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+    def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's own tokens of ``batch`` (its tokenization when the tokenizers differ)."""
         if self.aligned:
-            ids, mask = batch["teacher_input_ids"], batch["teacher_attention_mask"]
+            return batch["teacher_input_ids"], batch["teacher_attention_mask"]
+        return batch["input_ids"], batch["attention_mask"]
+
+    def __call__(self, batch: Batch) -> HiddenAndHead:
+        ids, mask = self.inputs(batch)
         with torch.no_grad():
             return hidden_and_head(
                 self.model,

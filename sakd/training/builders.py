@@ -43,8 +43,8 @@ from sakd.objective.aux_terms import AuxTerms
 from sakd.objective.composite import Objective
 from sakd.objective.terms import needs_teacher_terms
 from sakd.teacher.capabilities import LIVE, Capabilities
-from sakd.teacher.moe import RoutedTeacher
 from sakd.teacher.moe_router import StudentAwareRouter
+from sakd.teacher.routed import RoutedTeacher
 from sakd.teacher.signal import CachedTeacher, OnlineTeacher, TeacherSignal
 from sakd.training.ema import EMA_FILE, StudentEMA
 

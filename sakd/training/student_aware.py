@@ -28,8 +28,9 @@ from sakd.objective.composite import IGNORE_INDEX, Objective
 from sakd.objective.curriculum import Curriculum, StepSchedule
 from sakd.objective.router import Reduce, TokenRouter
 from sakd.objective.terms import component_weights
-from sakd.teacher.moe import RoutedTeacher, bare_model, override_routing
+from sakd.teacher.moe import bare_model, override_routing
 from sakd.teacher.moe_router import StudentAwareRouter, router_kd_sum, router_terms
+from sakd.teacher.routed import RoutedTeacher
 from sakd.teacher.signal import TeacherSignal
 from sakd.training.hooks import (
     Batch,
