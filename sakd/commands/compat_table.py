@@ -11,20 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sakd.objective.terms import COMPONENTS
+from sakd.teacher.cache.manifest import SignalSpec
 from sakd.teacher.capabilities import Capabilities
-from sakd.teacher.signal import LOSS_MODES
+from sakd.teacher.signal import stored_capabilities
 
-CACHE = Capabilities(
-    live=False,
-    hidden_states=False,
-    router_probs=True,
-    exact_temperature=2.0,
-    scores_new_text=False,
-    full_distribution=False,
-    sparse_modes=LOSS_MODES["topk"],
-    reads_block_ids=True,
+CACHE = stored_capabilities(
+    SignalSpec("topk", 64, None, 2.0, "float16", 49152, 16, 256, router_shape=[24, 8])
 )
-"""What a teacher cache gives (its router probabilities when made with ``distillation.cache.router``)."""
+"""What a top-k teacher cache made with ``distillation.cache.router`` gives (:func:`stored_capabilities`)."""
 
 NEW_TEXT = "new text cannot be scored from a cache (it holds the teacher's signal on the data's text only)"
 HIDDEN = "hidden-state terms need the teacher's hidden states, which a cache does not store"

@@ -12,7 +12,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,7 +27,20 @@ from sakd.training.distributed import stop_if_a_peer_dies
 from sakd.training.export import student_to_save
 from sakd.training.finish import run_summary, write_final
 from sakd.training.state import TrainerState, memory_metrics
-from sakd.training.stop_signals import TrainingStopped
+from sakd.training.stop_signals import StopSignals, TrainingStopped
+
+if TYPE_CHECKING:  # what RunLoop declares of a built run
+    from accelerate import Accelerator
+    from torch import nn
+    from torch.optim.lr_scheduler import LRScheduler
+    from transformers import PreTrainedTokenizerBase
+
+    from sakd.align.setup import Alignment
+    from sakd.config import RunConfig
+    from sakd.data import BatchPlan, DataBundle
+    from sakd.policy import RunContinuations
+    from sakd.training.ema import StudentEMA
+    from sakd.training.student_aware import StudentAware
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +60,73 @@ def restore_state(accelerator: Any, resumed_from: Path | None, run_dir: Path) ->
     return state
 
 
+def any_rank_stopped(accelerator: Accelerator, signals: StopSignals) -> bool:
+    """Whether any rank got a stop signal (all ranks must stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return signals.signum is not None
+    flag = torch.tensor(signals.signum or 0, device=accelerator.device)
+    return int(accelerator.reduce(flag, reduction="max").item()) != 0
+
+
+def eval_chunk_size(
+    cfg: RunConfig,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    alignment: Alignment,
+    vocab_size: int,
+    batch_size: int,
+) -> int:
+    """Rows per chunk of held-out logits: distillation.loss.chunk_size, resolved for an eval batch."""
+
+    def sizes(model: nn.Module, vocab: int) -> tuple[int, int]:
+        config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+        return vocab, int(getattr(config, "hidden_size", 0) or 0)
+
+    s_vocab, s_hidden = sizes(student, vocab_size)
+    t_vocab, t_hidden = (0, 0) if teacher is None else sizes(teacher, vocab_size)
+    if alignment.teacher_tokenizer is not None and teacher is not None:
+        t_vocab = len(alignment.teacher_tokenizer)
+    return resolve_chunk_size(
+        cfg.distillation.loss.chunk_size,
+        batch_size * cfg.data.block_size,
+        (s_vocab, t_vocab),
+        (s_hidden, t_hidden),
+    )
+
+
 class RunLoop:
     """Runs a built run: :meth:`train` calls ``train_step`` until the run's last step, evaluating,
-    checkpointing and logging along the way. The attributes it reads (accelerator, cfg, state, plan,
-    student, ema, data, ...) are those :class:`~sakd.training.trainer.Distiller` builds."""
+    checkpointing and logging along the way. What it reads of the run is declared here; a subclass builds it
+    (:class:`~sakd.training.trainer.Distiller`) and owns the step."""
 
-    # ------------------------------------------------------------------------------ the loop
+    accelerator: Accelerator
+    cfg: RunConfig
+    run_dir: Path
+    resumed_from: Path | None
+    state: TrainerState
+    plan: BatchPlan
+    total_steps: int
+    data: DataBundle
+    tokenizer: PreTrainedTokenizerBase
+    alignment: Alignment
+    vocab_size: int
+    student: nn.Module  # the prepared module (DDP / DeepSpeed engine around TrainableStudent)
+    hf_student: nn.Module  # the Hugging Face model inside it
+    teacher: nn.Module | None
+    scheduler: LRScheduler
+    ema: StudentEMA | None
+    aware: StudentAware
+    continuations: RunContinuations | None
+    _signals: StopSignals
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        raise NotImplementedError  # the subclass's: one optimizer step over this rank's micro-batches
+
+    def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError  # the subclass's: this rank's micro-batches of the step
+
+    def _enter_stage_if_due(self) -> None:
+        raise NotImplementedError  # the subclass's: a new stage's optimizer at its first step
 
     def score_continuations(self) -> dict[str, float]:
         """The teacher's loss on the student's own continuations of held-out prompts (sakd/policy); the EMA's
@@ -69,7 +143,7 @@ class RunLoop:
         if self.ema is not None and self.cfg.training.eval_with_ema:
             model = unwrapped = self.ema.module
         al, batch_size = self.alignment, self.cfg.training.eval_batch_size
-        chunk = self._eval_chunk_size(batch_size)
+        chunk = eval_chunk_size(self.cfg, self.hf_student, self.teacher, al, self.vocab_size, batch_size)
         out = evaluate(
             model,
             self.data.heldout(),
@@ -97,24 +171,6 @@ class RunLoop:
             out["agreement"] = cross["agreement"]
             out["teacher_mass_mapped"] = cross["teacher_mass_mapped"]
         return out
-
-    def _eval_chunk_size(self, batch_size: int) -> int:
-        """Rows per chunk of held-out logits: distillation.loss.chunk_size, resolved for an eval batch."""
-
-        def sizes(model: Any, vocab: int) -> tuple[int, int]:
-            config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
-            return vocab, int(getattr(config, "hidden_size", 0) or 0)
-
-        s_vocab, s_hidden = sizes(self.hf_student, self.vocab_size)
-        t_vocab, t_hidden = (0, 0) if self.teacher is None else sizes(self.teacher, self.vocab_size)
-        if self.alignment.teacher_tokenizer is not None and self.teacher is not None:
-            t_vocab = len(self.alignment.teacher_tokenizer)
-        return resolve_chunk_size(
-            self.cfg.distillation.loss.chunk_size,
-            batch_size * self.cfg.data.block_size,
-            (s_vocab, t_vocab),
-            (s_hidden, t_hidden),
-        )
 
     def save_checkpoint(self) -> Path:
         protect = [self.resumed_from] if self.resumed_from is not None else []
@@ -158,14 +214,6 @@ class RunLoop:
                 "stopped without saving -- the newest checkpoint holds the last good weights "
                 "(lower optimization.learning_rate or check the data)"
             )
-
-    def _stop_requested(self) -> bool:
-        """Whether any rank got a stop signal (all ranks must stop at the same step)."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return self._signals.signum is not None
-        flag = torch.tensor(self._signals.signum or 0, device=acc.device)
-        return int(acc.reduce(flag, reduction="max").item()) != 0
 
     def _stop(self, saved_step: int | None) -> None:
         """Checkpoint (unless this step already is) and raise :class:`TrainingStopped`."""
@@ -253,7 +301,7 @@ class RunLoop:
                 saved_step = s.step
             if s.stop_reason is not None:
                 break
-            if self._stop_requested():
+            if any_rank_stopped(self.accelerator, self._signals):
                 bar.close()
                 self._stop(saved_step)
         bar.close()
@@ -263,7 +311,9 @@ class RunLoop:
         if s.stop_reason is None:  # the last step may be the best
             s.track_best(final_eval["loss"], tcfg.early_stopping_patience, tcfg.early_stopping_min_delta)
         self.save_checkpoint()
-        if self._stop_requested():  # the run is trained and saved but not finished: resuming finishes it
+        if any_rank_stopped(
+            self.accelerator, self._signals
+        ):  # the run is trained and saved but not finished: resuming finishes it
             self._stop(s.step)
         return self.finish(final_eval)
 
