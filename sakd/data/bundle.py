@@ -4,12 +4,14 @@ how a list of block indices becomes a model batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from sakd.config import DataConfig
+from sakd.data.documents import document_mask
 from sakd.data.packing import pack, pack_pair
 from sakd.data.stream import TokenStream
 from sakd.data.text import load_text_dataset
@@ -49,8 +51,22 @@ class DataBundle:
         )
 
     def batch(self, blocks: datasets.Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
-        rows = blocks[indices]
-        out = make_batch(rows["input_ids"], indices, eos_id=self.eos_id)
+        return self.rows_batch(blocks[indices], indices)
+
+    def rows_batch(self, rows: dict, sample_ids: list[int]) -> dict[str, torch.Tensor]:
+        """The model batch of a set of packed rows (column -> list): :func:`make_batch` on their
+        ``input_ids`` (+ ``position``, ``target`` when packed so), plus the teacher's fields when aligned."""
+
+        def column(name: str) -> torch.Tensor | None:
+            return _stack(rows[name]) if name in rows else None
+
+        out = make_batch(
+            _stack(rows["input_ids"]),
+            sample_ids,
+            eos_id=self.eos_id,
+            positions=column("position"),
+            targets=column("target"),
+        )
         if self.aligned:
             out.update(self.teacher_fields(rows))
         return out
@@ -72,6 +88,8 @@ class DataBundle:
             seq = torch.as_tensor(seq, dtype=torch.long)
             ids[i, : len(seq)] = seq
             mask[i, : len(seq)] = 1
+            if "teacher_position" in rows and len(seq):  # within_document: the teacher's document mask
+                mask[i, : len(seq)] = document_mask(_stack([rows["teacher_position"][i]]))[0]
         return {
             "teacher_input_ids": ids,
             "teacher_attention_mask": mask,
@@ -80,18 +98,41 @@ class DataBundle:
         }
 
 
+def _stack(rows: Any) -> torch.Tensor:
+    if isinstance(rows, torch.Tensor):
+        return rows.long()
+    return torch.stack([torch.as_tensor(r, dtype=torch.long) for r in rows])
+
+
 def make_batch(
-    input_ids: torch.Tensor, sample_ids: list[int] | torch.Tensor, *, eos_id: int | None = None
+    input_ids: torch.Tensor,
+    sample_ids: list[int] | torch.Tensor,
+    *,
+    eos_id: int | None = None,
+    positions: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A model batch from packed blocks; labels equal inputs (the loss shifts them), except that the
-    EOS packing put after each document (``eos_id``) is never a target (label -100)."""
+    """A model batch from packed blocks; labels equal inputs (the loss shifts them), except where a token
+    is not a target (label -100): the EOS packing put after each document (``eos_id``), or -- with
+    ``targets`` (conversations, :mod:`sakd.data.chat`) -- every token whose ``targets`` entry is 0.
+
+    With ``positions`` (each token's index inside its document: within-document packing) the attention
+    mask is the document mask of :mod:`sakd.data.documents`, and a document's first token is not a target:
+    no earlier token of its document predicts it, just as when the document runs alone."""
     input_ids = torch.as_tensor(input_ids, dtype=torch.long)
     labels = input_ids.clone()
-    if eos_id is not None:
+    if targets is not None:
+        labels[torch.as_tensor(targets) == 0] = IGNORE_INDEX
+    elif eos_id is not None:
         labels[input_ids == eos_id] = IGNORE_INDEX
+    mask = torch.ones_like(input_ids)
+    if positions is not None:
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        labels[positions == 0] = IGNORE_INDEX
+        mask = document_mask(positions)
     return {
         "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
+        "attention_mask": mask,
         "labels": labels,
         "sample_ids": torch.as_tensor(sample_ids, dtype=torch.long),
     }
@@ -140,11 +181,12 @@ def prepare_data(
     With ``teacher_tokenizer`` the blocks also carry the teacher's tokens and the alignment.
     """
     train_docs, eval_docs = split_documents(cfg, seed)
+    opts = {"num_proc": cfg.num_proc, "with_positions": cfg.resolved_packing() == "within_document"}
     if teacher_tokenizer is None:
-        train = pack(train_docs, tokenizer, cfg.block_size, num_proc=cfg.num_proc)
-        evalset = pack(eval_docs, tokenizer, cfg.block_size, with_bytes=True, num_proc=cfg.num_proc)
+        train = pack(train_docs, tokenizer, cfg.block_size, **opts)
+        evalset = pack(eval_docs, tokenizer, cfg.block_size, with_bytes=True, **opts)
     else:
-        pair = {"num_proc": cfg.num_proc}
+        pair = opts
         train = pack_pair(train_docs, tokenizer, teacher_tokenizer, cfg.block_size, **pair)
         evalset = pack_pair(eval_docs, tokenizer, teacher_tokenizer, cfg.block_size, with_bytes=True, **pair)
     for name, blocks in (("training", train), ("held-out", evalset)):

@@ -69,6 +69,17 @@ class DocumentStream:
         skip = lo - int(self.starts[d0])
         return values[skip : skip + hi - lo]
 
+    def positions(self, lo: int, hi: int) -> np.ndarray:
+        """Each stream position's index inside its document (0 at every document start), ``[lo, hi)``."""
+        return document_positions(self.starts, lo, hi)
+
+
+def document_positions(starts: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Stream positions ``[lo, hi)`` as indices inside their documents (document ``d`` is
+    ``[starts[d], starts[d + 1])``)."""
+    at = np.arange(lo, hi, dtype=np.int64)
+    return at - starts[np.searchsorted(starts, at, side="right") - 1]
+
 
 def _blocks(
     stream: DocumentStream,
@@ -105,23 +116,35 @@ def pack(
     block_size: int,
     *,
     with_bytes: bool = False,
+    with_positions: bool = False,
     num_proc: int = 1,
+    rows: datasets.Dataset | None = None,
 ) -> datasets.Dataset:
     """Tokenize documents (EOS after each), concatenate, cut into ``block_size`` blocks (``input_ids``;
-    with ``with_bytes`` also ``byte_counts``, the UTF-8 bytes each token covers)."""
-    rows = tokenize_documents(ds, tokenizer, with_bytes=with_bytes, num_proc=num_proc)
+    with ``with_bytes`` also ``byte_counts``, the UTF-8 bytes each token covers; with ``with_positions``
+    ``position``, each token's index inside its document, which within-document packing turns into a
+    block-diagonal attention mask). ``rows``: documents already tokenized (conversations,
+    :mod:`sakd.data.chat`: their per-token ``target`` column is packed too)."""
+    if rows is None:
+        rows = tokenize_documents(ds, tokenizer, with_bytes=with_bytes, num_proc=num_proc)
     stream = DocumentStream(rows)
-    columns = ["input_ids"] + (["byte_counts"] if with_bytes else [])
+    columns = ["input_ids"] + [c for c in ("byte_counts", "target") if c in rows.column_names]
+    if not with_bytes and "byte_counts" in columns:
+        columns.remove("byte_counts")
 
     def build(k0: int, k1: int) -> dict[str, Any]:
         lo, hi = k0 * block_size, k1 * block_size
         d0, d1 = stream.docs(lo, hi)
         table = stream.table[d0:d1]
         skip = lo - int(stream.starts[d0])
-        return {c: flat_column(table, c)[skip : skip + hi - lo].reshape(k1 - k0, block_size) for c in columns}
+        out = {c: flat_column(table, c)[skip : skip + hi - lo].reshape(k1 - k0, block_size) for c in columns}
+        if with_positions:
+            out["position"] = stream.positions(lo, hi).reshape(k1 - k0, block_size)
+        return out
 
-    features = datasets.Features({c: IDS for c in columns})
-    key = cache_key("pack", dataset_fingerprint(rows), block_size)
+    names = columns + (["position"] if with_positions else [])
+    features = datasets.Features({c: rows.features[c] if c == "target" else IDS for c in names})
+    key = cache_key("pack", dataset_fingerprint(rows), block_size, with_bytes, with_positions)
     return _blocks(stream, block_size, build, features, key, num_proc)
 
 
@@ -143,6 +166,7 @@ def pack_pair(
     block_size: int,
     *,
     with_bytes: bool = False,
+    with_positions: bool = False,
     num_proc: int = 1,
 ) -> datasets.Dataset:
     """Like :func:`pack`, plus the teacher's tokens of the same text and the position alignment.
@@ -150,7 +174,8 @@ def pack_pair(
     Each block holds ``block_size`` student tokens (``input_ids``); ``teacher_input_ids`` are the
     teacher tokens whose end falls inside the block's character range (after the previous block's last
     student token, up to this block's last), a variable number; ``anchor`` / ``span_end`` are the
-    :class:`~sakd.align.positions.PositionAlignment` of the block.
+    :class:`~sakd.align.positions.PositionAlignment` of the block; with ``with_positions`` also
+    ``position`` / ``teacher_position`` (each token's index inside its document, both tokenizations).
     """
     rows = tokenize_documents(
         ds, tokenizer, teacher_tokenizer=teacher_tokenizer, with_bytes=with_bytes, num_proc=num_proc
@@ -161,6 +186,8 @@ def pack_pair(
     char_base = np.concatenate([[0], np.cumsum(n_chars + 1)])
     t_lengths = pc.list_value_length(stream.table["teacher_input_ids"]).to_numpy(zero_copy_only=False)
     extra = ["byte_counts"] if with_bytes else []
+    positions = ["position", "teacher_position"] if with_positions else []
+    t_starts = np.concatenate([[0], np.cumsum(t_lengths)]).astype(np.int64)  # teacher stream, per document
 
     def build(k0: int, k1: int) -> dict[str, Any]:
         lo, hi = k0 * block_size, k1 * block_size
@@ -172,7 +199,7 @@ def pack_pair(
         t_ends = flat_column(table, "teacher_ends") + np.repeat(char_base[d0:d1], t_lengths[d0:d1])
         s_ids = flat_column(table, "input_ids")
         skip = int(stream.starts[d0])
-        out: dict[str, list] = {c: [] for c in [*PAIR_FEATURES, *extra]}
+        out: dict[str, list] = {c: [] for c in [*PAIR_FEATURES, *extra, *positions]}
         flats = {c: flat_column(table, c) for c in extra}
         for k in range(k0, k1):
             a, b = k * block_size - skip, (k + 1) * block_size - skip
@@ -186,8 +213,12 @@ def pack_pair(
             out["span_end"].append(al.span_end.numpy())
             for c in extra:
                 out[c].append(flats[c][a:b])
+            if with_positions:
+                out["position"].append(stream.positions(skip + a, skip + b))
+                base = int(t_starts[d0])
+                out["teacher_position"].append(document_positions(t_starts, base + t_lo, base + t_hi))
         return out
 
-    features = datasets.Features({**PAIR_FEATURES, **{c: IDS for c in extra}})
-    key = cache_key("pack_pair", dataset_fingerprint(rows), block_size)
+    features = datasets.Features({**PAIR_FEATURES, **{c: IDS for c in [*extra, *positions]}})
+    key = cache_key("pack_pair", dataset_fingerprint(rows), block_size, with_bytes, with_positions)
     return _blocks(stream, block_size, build, features, key, num_proc)
