@@ -70,6 +70,13 @@ class ModelConfig:
         False,
         "With a ZeRO-3 teacher: keep its partitioned parameters in CPU memory (slower, less GPU memory).",
     )
+    chat_template: str = _f(
+        "student",
+        "data.format=chat: the chat template the student renders conversations with, in training, evaluation and "
+        "its export. student = its tokenizer's own; teacher = the teacher tokenizer's (e.g. a base student "
+        "whose tokenizer has none: the template's special tokens should be in the student's vocabulary).",
+        choices=["student", "teacher"],
+    )
     peft: PeftConfig = field(
         default_factory=PeftConfig, metadata={"help": "Train the student through adapters (LoRA/DoRA)."}
     )

@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from sakd.config import DataConfig
+from sakd.data.chat import load_conversations, tokenize_conversations
 from sakd.data.documents import document_mask
 from sakd.data.packing import pack, pack_pair
 from sakd.data.stream import TokenStream
@@ -153,12 +154,23 @@ def split_documents(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datas
     An offline teacher cache covers exactly the training documents, so it calls this too."""
     if not cfg.train:
         raise DataError("no training data: set data.train to a .txt/.jsonl/.parquet file or a dataset name")
-    opts = {"text_field": cfg.text_field, "dataset_config": cfg.dataset_config, "sample_by": cfg.sample_by}
-    docs = load_text_dataset(cfg.train, split=cfg.split, **opts)
+    if cfg.format == "chat":
+        opts = {"messages_field": cfg.messages_field, "dataset_config": cfg.dataset_config}
+        load = load_conversations
+    else:
+        opts = {
+            "text_field": cfg.text_field,
+            "dataset_config": cfg.dataset_config,
+            "sample_by": cfg.sample_by,
+        }
+        load = load_text_dataset
+    docs = load(cfg.train, split=cfg.split, **opts)
     if len(docs) == 0:
         raise DataError(f"data {cfg.train} holds no non-empty documents")
     if cfg.eval:
-        return docs, load_text_dataset(cfg.eval, split=cfg.eval_split, **opts)
+        return docs, load(cfg.eval, split=cfg.eval_split, **opts)
+    if len(docs) == 1 and cfg.format == "chat":
+        raise DataError(f"data {cfg.train} holds one conversation: hold some out with data.eval")
     if len(docs) == 1:
         head, tail = _split_one_document(docs[0]["text"], cfg.eval_fraction)
         if not head.strip() or not tail.strip():
@@ -182,7 +194,23 @@ def prepare_data(
     """
     train_docs, eval_docs = split_documents(cfg, seed)
     opts = {"num_proc": cfg.num_proc, "with_positions": cfg.resolved_packing() == "within_document"}
-    if teacher_tokenizer is None:
+    if cfg.format == "chat":
+        if teacher_tokenizer is not None:
+            raise DataError(
+                "data.format=chat needs one tokenizer for teacher and student for now (conversations across "
+                "tokenizers are not supported yet); use a teacher with the student's tokenizer or data.format=text"
+            )
+        chat = {"loss_on": cfg.loss_on, "num_proc": cfg.num_proc}
+        train = pack(
+            None,
+            tokenizer,
+            cfg.block_size,
+            rows=tokenize_conversations(train_docs, tokenizer, **chat),
+            **opts,
+        )
+        rows = tokenize_conversations(eval_docs, tokenizer, **chat)
+        evalset = pack(None, tokenizer, cfg.block_size, rows=rows, with_bytes=True, **opts)
+    elif teacher_tokenizer is None:
         train = pack(train_docs, tokenizer, cfg.block_size, **opts)
         evalset = pack(eval_docs, tokenizer, cfg.block_size, with_bytes=True, **opts)
     else:
