@@ -257,3 +257,13 @@ def test_chat_run_evaluates_exports_and_generates_with_its_template(
     assert 0 < result["tokens"] <= expected  # assistant tokens only (a window's first token is not scored)
     assert result["bytes"] <= sum(_by_hand(chat_tok, m)[3] for m in convs["messages"])
     assert result["bpb"] > 0 and result["ppl"] > 1
+
+
+def test_what_chat_does_not_support_yet_is_refused_in_one_line(tmp_path):
+    from sakd.errors import ConfigError
+
+    base = {"data": {"train": "x.jsonl", "format": "chat"}}
+    with pytest.raises(ConfigError, match="offline teacher cache is not supported yet"):
+        load_config({**base, "distillation": {"teacher_cache": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="policy=on is not supported yet"):
+        load_config({**base, "distillation": {"policy": "on"}})

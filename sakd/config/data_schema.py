@@ -4,8 +4,10 @@ documents are packed into blocks (README: "Text in, numbers out", "Distilling a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sakd.config.fields import documented as _f
+from sakd.errors import ConfigError
 
 SAMPLE_BY = ("document", "paragraph", "line")
 """What one document of a .txt file can be (the ``sample_by`` option of ``datasets``' text loader)."""
@@ -82,3 +84,18 @@ class DataConfig:
         if self.packing is not None:
             return self.packing
         return "within_document" if self.format == "chat" else "cross_document"
+
+
+def check_chat(cfg: Any, *, caching: bool = False) -> None:
+    """What conversations (``data.format: chat``) do not support yet, refused in one line each."""
+    if cfg.data.format != "chat":
+        return
+    if caching or cfg.distillation.teacher_cache:
+        raise ConfigError(
+            "data.format=chat with an offline teacher cache is not supported yet (the cache stores text blocks)"
+        )
+    if cfg.distillation.policy != "off":
+        raise ConfigError(
+            f"data.format=chat with distillation.policy={cfg.distillation.policy} is not supported yet "
+            "(prompts are cut from text blocks, not conversations); use policy=off"
+        )
