@@ -25,7 +25,8 @@ class Progress:
     """Counts ``total`` units from ``initial``; ``advance`` moves it on and updates the shown figures.
 
     On a terminal it is a tqdm bar; otherwise (``stream`` not a tty) a line ``desc: n/total (pct) k=v ...
-    elapsed, eta`` is written every ``every`` calls of ``advance`` and at the end, and nothing else.
+    elapsed, eta`` is written each time the count passes a multiple of ``every`` (in the count's units: a
+    resumed run keeps the same lines), and at the end, and nothing else.
     ``enabled=False`` shows nothing (other ranks, ``logging.progress_bar=false``).
     """
 
@@ -41,7 +42,7 @@ class Progress:
         stream: TextIO | None = None,
     ) -> None:
         self.total, self.n, self.desc, self.unit = total, initial, desc, unit
-        self.every, self.calls, self.start_n = max(1, every), 0, initial
+        self.every, self.start_n = max(1, every), initial
         self.stream = stream if stream is not None else sys.stderr
         self.plain = enabled and not self.stream.isatty()
         self.bar = None
@@ -55,13 +56,12 @@ class Progress:
 
     def advance(self, n: int = 1, **figures: str) -> None:
         self.n += n
-        self.calls += 1
         self.figures.update(figures)
         if self.bar is not None:
             self.bar.update(n)
             if figures:
                 self.bar.set_postfix(self.figures, refresh=False)
-        elif self.plain and (self.calls % self.every == 0 or self.n >= self.total):
+        elif self.plain and ((self.n - n) // self.every < self.n // self.every or self.n >= self.total):
             self._line()
 
     def _line(self) -> None:

@@ -87,3 +87,49 @@ def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank(tiny_run_config_mo
         assert error.startswith("CheckpointError: could not write checkpoint step-00000002"), error
     assert "No space left on device" in errors[1] and "another process" in errors[0]
     assert not list((tmp_path / "run" / "checkpoints").glob("*"))
+
+
+_PEER = """
+import json, os, signal, torch, torch.distributed as dist
+from sakd.training.distributed import peer_lost
+dist.init_process_group("gloo")
+t = torch.ones(1)
+dist.all_reduce(t)
+if dist.get_rank() == 1:
+    os.kill(os.getpid(), signal.SIGKILL)
+try:
+    dist.all_reduce(t)
+except RuntimeError as e:
+    print(json.dumps([peer_lost(e), peer_lost(RuntimeError("shape mismatch"))]), flush=True)
+os._exit(0)  # a broken gloo group aborts the interpreter's exit
+"""
+
+
+def test_a_collective_whose_peer_was_killed_is_told_apart_from_a_bug():
+    """Two gloo processes (no launcher: it would end the survivor first); rank 1 SIGKILLs itself and rank
+    0's next all-reduce fails: :func:`peer_lost` recognises that failure, in one short line, and not others."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PEER],
+            env={**env, "RANK": str(r), "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for r in (1, 0)
+    ]
+    (_, _), (out, err) = (p.communicate(timeout=120) for p in procs)
+    assert procs[0].returncode == -9 and procs[1].returncode == 0, err[-2000:]
+    why, other = json.loads(out)
+    assert other is None and why is not None
+    assert "by peer" in why and "\n" not in why and not why.startswith("[") and "GLHF" not in why, why
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

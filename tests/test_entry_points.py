@@ -57,6 +57,12 @@ def test_overrides_may_sit_between_options(tmp_path: Path) -> None:
     mods, err, rc = _imported_after(argv)
     assert rc == 2 and mods == []
     assert err.startswith("sakd: error: ") and "data.nonsense" in err and err.count("\n") == 1
+    from sakd.commands.main import parse_args
+
+    args = parse_args(
+        ["distill", "--config", "r", "a.b=1", "--overwrite", "c.d=2", "--resume", "none", "e.f=3"]
+    )
+    assert args.overrides == ["a.b=1", "c.d=2", "e.f=3"] and args.overwrite and args.resume == "none"
     _, err, rc = _imported_after(["distill", "--config", str(recipe), "a.b=1", "--overwrite", "stray"])
     assert rc == 2 and "unrecognized arguments: stray" in err
 
@@ -69,9 +75,14 @@ def test_library_log_lines_and_warnings_stay_off_the_terminal_unless_debug() -> 
         "logging.getLogger('DeepSpeed').warning('own-handler library line')\n"
         "warnings.warn('third-party warning')\n"
         "logging.getLogger('sakd.training.loop').warning('our own warning')\n"
+        "logging.getLogger('accelerate.state').error('a library error')\n"
+        "logging.getLogger('DeepSpeed').error('a DeepSpeed error')\n"
     )
     quiet = subprocess.run([sys.executable, "-c", code, "quiet"], capture_output=True, text=True, check=True)
-    assert quiet.stderr == "WARNING sakd.training.loop: our own warning\n"
+    assert quiet.stderr == (
+        "WARNING sakd.training.loop: our own warning\nERROR accelerate.state: a library error\n"
+        "ERROR DeepSpeed: a DeepSpeed error\n"
+    )
     loud = subprocess.run([sys.executable, "-c", code, "debug"], capture_output=True, text=True, check=True)
     assert "third-party log line" in loud.stderr and "third-party warning" in loud.stderr
 
@@ -117,3 +128,11 @@ def test_distill_log_to_a_file_is_plain(tiny_run_config: dict, tmp_path: Path) -
     assert [ln.split()[1] for ln in progress] == ["3/6", "6/6"]
     others = [ln for ln in out.stderr.splitlines() if ln not in progress]
     assert all(ln.startswith(("student optimizer groups", "  ")) for ln in others), others
+
+
+def test_progress_lines_follow_the_count_after_a_resume() -> None:
+    stream = io.StringIO()
+    bar = Progress(10, desc="distill", every=4, initial=3, stream=stream)  # resumed at step 3
+    for _ in range(7):
+        bar.advance(1)
+    assert [ln.split()[1] for ln in stream.getvalue().splitlines()] == ["4/10", "8/10", "10/10"]

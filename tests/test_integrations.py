@@ -284,3 +284,20 @@ def test_example_script_on_two_processes(example_run, mode):
         for who in ("student_held", "teacher_held"):
             (m0, full), (m1, _) = ranks[0][who], ranks[1][who]
             assert 0.4 * full <= m0 <= 0.6 * full and m0 + m1 >= full, who
+
+
+def test_sampled_draws_follow_the_trainers_seed(tokenizer_dir, corpus, tmp_path):
+    """sparse=sampled without a cache: the draws are seeded by TrainingArguments.seed (review of issue 21:
+    they were seeded by a default config's 42 whatever the Trainer's seed), so two seeds give two losses
+    from the same batch and weights, and one seed gives one."""
+    distillation = {"loss": {"sparse": "sampled", "num_samples": 4, "temperature": 1.0}}
+    losses = []
+    for seed in (5, 6, 5):
+        trainer = _tiny_trainer(
+            tokenizer_dir, corpus, tmp_path / f"s{seed}", distillation, args={"seed": seed}
+        )
+        assert trainer.objective.seed == seed
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+        with torch.no_grad():
+            losses.append(float(trainer.compute_loss(trainer.model, batch)))
+    assert losses[0] == losses[2] and losses[0] != losses[1]

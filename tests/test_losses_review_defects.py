@@ -72,6 +72,46 @@ def test_topk_tail_floor_leaves_a_non_peaked_teacher_unchanged(kind):
     torch.testing.assert_close(fused.loss, want.sum(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "srkl"])
+def test_an_exact_tail_is_not_floored(kind):
+    """An exact tail (online top-k, or a topk_tail cache's stored tail) far below TAIL_FLOOR is the tail:
+    the loss equals the divergence over the exact k + 1 buckets (the floor is for derived tails only)."""
+    z = rand(8, V, seed=11)
+    z[:, 0] += 25.0  # exact tail about 1e-10
+    top = topk_teacher(z, K)
+    q = torch.log_softmax(rand(8, V, seed=12), -1)
+    p = torch.log_softmax(z, -1)
+    rest = torch.ones_like(p, dtype=torch.bool).scatter_(-1, top.indices, False)
+    p_tail = torch.logsumexp(p.masked_fill(~rest, float("-inf")), -1, keepdim=True)
+    assert (p_tail.exp() < 1e-8).all()
+    q_tail = torch.logsumexp(q.masked_fill(~rest, float("-inf")), -1, keepdim=True)
+    want = divergence_from_logprobs(
+        torch.cat([q.gather(-1, top.indices), q_tail], -1),
+        torch.cat([p.gather(-1, top.indices), p_tail], -1),
+        kind,
+    )
+    got = sparse_divergence(q, top, "topk_tail", kind, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    stored = SparseTeacher(top.indices, top.logprobs, top.temperature, tail_logprob=p_tail.squeeze(-1))
+    torch.testing.assert_close(sparse_divergence(q, stored, "topk_tail", kind, reduction="none"), want)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl"])
+def test_a_peaked_fp16_topk_cache_across_tokenizers_keeps_its_tail(kind):
+    """Across tokenizers (an identity map: the same outcomes) the stored topk_tail loss equals one
+    tokenizer's, also where the fp16 top-k mass rounds to 1 (there the derived tail is floored, not
+    dropped: without it topk_tail turned into subset at those positions)."""
+    from sakd.losses.sparse_projection import project_stored_teacher
+
+    t = peaked_teacher(64, seed=1)
+    stored = fp16_topk_cache(t)
+    q = torch.log_softmax(rand(64, V, seed=3), -1)
+    same = sparse_divergence(q, stored, "topk_tail", kind, reduction="none")
+    s_b, t_b, _ = project_stored_teacher(q, stored, torch.arange(V), tail=True)
+    bridged = divergence_from_logprobs(s_b, t_b, kind)
+    torch.testing.assert_close(bridged, same.to(bridged.dtype), rtol=1e-4, atol=1e-5)
+
+
 def test_knowledge_augmentation_span_probability_is_the_mixtures():
     """With M augmented teachers the chain-rule probability of a multi-token span is mean_m Π_j p_m(j):
     each sampled teacher spells the whole span. It was Π_j mean_m p_m(j)."""

@@ -39,6 +39,28 @@ def test_tiny_presets():
     assert c.num_experts >= 4 and c.num_experts_per_tok == 2
 
 
+def _llama_params(vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int) -> int:
+    """Closed form of a Llama with tied embeddings: embedding + per layer (q, k, v, o, gate/up/down, two
+    RMSNorms) + the final norm."""
+    head_dim = hidden // heads
+    attn = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim
+    return vocab * hidden + layers * (attn + 3 * hidden * ffn + 2 * hidden) + hidden
+
+
+def test_small_llama_student_has_its_stated_size(tokenizer_dir):
+    """small-llama-15m: 15,534,336 parameters with the SmolLM2 vocabulary (49,152, tied), 2,951,424 outside
+    the embedding; built through the run's model loading with a tokenizer of another size, the head follows
+    the tokenizer."""
+    assert _params_on_meta("small-llama-15m") == _llama_params(49152, 256, 704, 4, 4, 2) == 15_534_336
+    assert _params_on_meta("small-llama-15m") - 49152 * 256 == 2_951_424
+    c = build_preset_config("small-llama-15m")
+    assert (c.vocab_size, c.tie_word_embeddings, c.model_type) == (49152, True, "llama")
+    tok = load_tokenizer(str(tokenizer_dir))
+    model = load_model("small-llama-15m", tokenizer=tok, seed=0)
+    n = sum(p.numel() for p in model.parameters())  # tied: the head is the embedding, counted once
+    assert n == _llama_params(len(tok), 256, 704, 4, 4, 2)
+
+
 def test_teacher_is_frozen(tokenizer_dir):
     tok = load_tokenizer(str(tokenizer_dir))
     teacher = freeze(load_model("tiny-moe", tokenizer=tok, seed=0))

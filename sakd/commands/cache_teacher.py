@@ -81,18 +81,29 @@ def run(args: argparse.Namespace) -> int:
     cfg, notes = load_config(args.config, args.overrides)  # a bad recipe fails before torch is imported
     check_chat(cfg, caching=True)
     runtime()
-    from sakd.teacher.cache.generate import generate_cache
-    from sakd.training.distributed import build_accelerator, check_cuda_arch
 
     for note in notes:
         print(f"sakd: note: {note}", file=sys.stderr)
+    summary = write_cache(cfg, args.output, overwrite=args.overwrite)
+    if summary is not None:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def write_cache(cfg: Any, output: str, *, overwrite: bool = False) -> dict[str, Any] | None:
+    """Write (or finish) the teacher cache of a loaded recipe at ``output`` -- the path of `sakd cache-teacher`
+    (and of `sakd bench quality`). Returns the summary on the main process, None on the others."""
+    from sakd.teacher.cache.generate import generate_cache
+    from sakd.training.distributed import build_accelerator, check_cuda_arch
+
     check_cuda_arch()
     accelerator = build_accelerator(cfg)
-    result = generate_cache(cfg, args.output, accelerator, overwrite=args.overwrite)
+    result = generate_cache(cfg, output, accelerator, overwrite=overwrite)
+    summary = None
     if accelerator.is_main_process:
         seconds, computed = result["seconds"], result["computed_positions"]
         summary = {
-            "output": args.output,
+            "output": output,
             "mode": result["signal"]["mode"],
             "blocks": result["layout"]["blocks"],
             "positions": result["layout"]["positions"],
@@ -104,6 +115,5 @@ def run(args: argparse.Namespace) -> int:
             "seconds": seconds,
             "tokens_per_s": round(computed / seconds, 1) if seconds else None,
         }
-        print(json.dumps(summary, indent=1))
     accelerator.end_training()
-    return 0
+    return summary

@@ -1,8 +1,8 @@
 """What the ``sakd`` command prints besides its own output: one place for library logging.
 
-Without ``--debug`` the terminal shows sakd's own log records (warnings and above) and nothing that the
-libraries under it log or warn -- including what they print while being imported (a bitsandbytes/kernels
-hub check, DeepSpeed's accelerator probe, transformers' deprecation notes). With ``--debug`` everything is
+Without ``--debug`` the terminal shows sakd's own log records (warnings and above) and the libraries' errors,
+and none of the libraries' warnings and info lines -- including what they print while being imported (a
+bitsandbytes/kernels hub check, DeepSpeed's accelerator probe, transformers' deprecation notes). With ``--debug`` everything is
 shown at INFO. The heavy libraries are imported only by :func:`runtime`, which the commands call once they
 have parsed and validated their input: ``sakd --help`` and argument or config errors import no torch.
 """
@@ -33,17 +33,20 @@ _SAKD_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 class _OnlySakd(logging.Filter):
-    """sakd's own records, and Python warnings raised from sakd's code (their text starts with its path)."""
+    """sakd's own records, any library's errors, and Python warnings raised from sakd's code (their text
+    starts with its path)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
         if record.name == "py.warnings":
             return str(record.args[0] if record.args else record.msg).startswith(_SAKD_DIR)
         return record.name == "sakd" or record.name.startswith("sakd.")
 
 
-class _Nothing(logging.Filter):
+class _OnlyErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.CRITICAL
+        return record.levelno >= logging.ERROR
 
 
 def setup(debug: bool) -> None:
@@ -62,7 +65,7 @@ def setup(debug: bool) -> None:
     for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
     for name in _OWN_HANDLER_LOGGERS:
-        logging.getLogger(name).addFilter(_Nothing())
+        logging.getLogger(name).addFilter(_OnlyErrors())
 
 
 def runtime() -> None:

@@ -163,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="losses: naive vs fused distillation loss, peak memory and time; step: one KD step of "
         "the real-size pair against its parts (teacher forward, student forward+backward), the overhead "
         "ratio; optim: one AdamW step of a real-size student per PyTorch implementation; gpu: the GPU "
-        "check (fp16 under 16 GB, bf16 MFU, quantized teachers, 8-bit optimizers, torch.compile), one JSON.",
+        "check (fp16 under 16 GB, bf16 MFU, quantized teachers, 8-bit optimizers, torch.compile), one JSON; "
+        "quality: CE vs KD (live, from caches) on your pair and text: held-out bpb, share of the gap closed.",
     )
-    b.add_argument("suite", choices=["losses", "step", "optim", "gpu"], help="which benchmark")
+    b.add_argument("suite", choices=["losses", "step", "optim", "gpu", "quality"], help="which benchmark")
     b.add_argument(
         "bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help after the suite)"
     )
@@ -195,14 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (SakdError, FileNotFoundError, PermissionError, ValueError)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``key=value`` overrides may sit anywhere among the options
+    (``--config R a=1 --overwrite b=2``), anything else unknown is a usage error (exit 2)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # `key=value` overrides may sit anywhere among the options (`--config R a=1 --overwrite b=2`)
     if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     console.setup(args.debug)
     func: Callable[[argparse.Namespace], int] = args.func
     if args.debug:

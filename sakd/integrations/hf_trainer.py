@@ -151,13 +151,14 @@ class DistillationTrainer(Trainer):
         teacher_model = teacher if isinstance(teacher, nn.Module) else None
         if teacher_model is not None:
             freeze(teacher_model)
+        seed = args.seed if args is not None else 42  # TrainingArguments' default
         with torch.random.fork_rng(devices=[]):  # the projections' init depends on the seed alone
-            torch.manual_seed(args.seed if args is not None else 42)
+            torch.manual_seed(seed)
             self.aux_terms = build_aux_terms(self.distillation, model, teacher_model, self.alignment.differ)
         vocab = len(tokenizer) if tokenizer is not None else model.config.vocab_size
-        self.objective: Objective = build_objective(
-            RunConfig(distillation=self.distillation), vocab, self.alignment, self.aux_terms
-        )
+        # the seed of on-the-fly sampled draws (sparse=sampled) is the Trainer's, as sakd distill's is its own
+        run = RunConfig(distillation=self.distillation, training=TrainingConfig(seed=seed))
+        self.objective: Objective = build_objective(run, vocab, self.alignment, self.aux_terms)
         wrapper = _Student(model, None if self.aux_terms is None else self.aux_terms.heads)
         super().__init__(model=wrapper, args=args, **kwargs)
         if self.args.label_names is None:
@@ -165,7 +166,6 @@ class DistillationTrainer(Trainer):
         self.teacher = self._place(teacher_model) if teacher_model is not None else None
         self.cached = reader is not None  # the cache holds training blocks: evaluation is the CE alone
         if self.teacher is not None:
-            run = RunConfig(distillation=self.distillation, training=TrainingConfig(seed=self.args.seed))
             signal = build_teacher_signal(run, self.teacher, self.alignment, self.aux_terms, self.args.device)
             self.teacher_signal = signal[0]
         elif reader is not None:

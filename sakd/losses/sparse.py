@@ -36,26 +36,32 @@ from .reduction import check_reduction, compute_dtype, reduce_positions, zero_ma
 SPARSE_MODES = ("subset", "topk_tail", "sampled")
 
 TAIL_FLOOR = 1e-6
-"""The least teacher tail mass ``topk_tail`` compares against (when the top-k leaves ids out). A tail
-derived as ``1 − Σ exp(stored log-probs)`` is only known to the rounding of the stored values: fp16
-log-probs carry a relative error of about 2⁻¹¹ each, so on a peaked teacher the derived tail is noise
-of order 1e-4 and is 0 (log −inf) wherever the rounded top-k mass reaches 1 -- and reverse / symmetric
-divergences are then +inf for any student with mass outside the top-k. A floor of 1e-6 is far below what
-fp16 values resolve (so no tail the data can tell apart is changed), while it bounds the reverse-KL tail
-term ``q·log(q/1e-6)`` by about 13.8 per position (the cost of one confident wrong token), not +inf."""
+"""The least teacher tail mass ``topk_tail`` compares against when the tail is *derived* from stored top-k
+values (``1 − Σ exp(stored log-probs)``, no stored tail). Such a tail is only known to the rounding of the
+stored values: fp16 log-probs carry a relative error of about 2⁻¹¹ each, so on a peaked teacher the
+derived tail is noise of order 1e-4 and is 0 (log −inf) wherever the rounded top-k mass reaches 1 -- and
+reverse / symmetric divergences are then +inf for any student with mass outside the top-k. A floor of 1e-6
+lies below what fp16 values resolve, and bounds the reverse-KL tail term ``q·log(q/1e-6)`` by about 13.8
+per position (the cost of one confident wrong token), not +inf. An exact tail (computed from the full
+distribution: online, or stored by a ``topk_tail`` cache) is kept as it is, down to
+:data:`EXACT_TAIL_FLOOR`, which only replaces a tail that underflowed to 0."""
+
+EXACT_TAIL_FLOOR = torch.finfo(torch.float32).tiny
 
 
 def floored_tail(top: Tensor, tail: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The teacher's top-k log-probs ``[..., K]`` and tail log-mass ``[...]`` (derived from ``top`` when
-    None) with the tail at least :data:`TAIL_FLOOR`; where the floor applies the top-k is rescaled so that
-    the K + 1 buckets sum to 1. Elsewhere both are returned unchanged (computed in ``top``'s dtype)."""
+    """The teacher's top-k log-probs ``[..., K]`` and tail log-mass ``[...]`` with the tail at least
+    :data:`TAIL_FLOOR` when derived from ``top`` (``tail`` None), at least :data:`EXACT_TAIL_FLOOR` when
+    given; where a floor applies the top-k is rescaled so that the K + 1 buckets sum to 1. Elsewhere both
+    are returned unchanged (computed in ``top``'s dtype)."""
+    floor = TAIL_FLOOR if tail is None else EXACT_TAIL_FLOOR
     if tail is None:
         tail = torch.log1p(-top.exp().sum(-1).clamp(max=1.0))
     tail = tail.to(top.dtype)
-    low = ~(tail >= math.log(TAIL_FLOOR))  # NaN-free inputs: tail < log floor, including -inf
-    rescale = math.log1p(-TAIL_FLOOR) - torch.logsumexp(top, dim=-1)
+    low = ~(tail >= math.log(floor))  # NaN-free inputs: tail < log floor, including -inf
+    rescale = math.log1p(-floor) - torch.logsumexp(top, dim=-1)
     top = torch.where(low.unsqueeze(-1), top + rescale.unsqueeze(-1), top)
-    return top, torch.where(low, math.log(TAIL_FLOOR), tail)
+    return top, torch.where(low, math.log(floor), tail)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .divergences import divergence_from_logprobs, tempered_logprobs
-from .sparse import SparseTeacher, logsumexp_or_neginf
+from .sparse import SparseTeacher, floored_tail, logsumexp_or_neginf
 from .spec import KDSpec
 
 NEG_INF = float("-inf")
@@ -113,8 +113,14 @@ def project_stored_teacher(
     s_rest = logsumexp_or_neginf(torch.where(outside, student_logprobs, NEG_INF))
     rest = [torch.where(live & ~mapped, t_lp, NEG_INF)]  # stored mass on teacher ids no student id gets
     if tail:
+        # the same floors as one tokenizer's topk_tail (sparse.floored_tail): a tail derived from rounded
+        # values is never below TAIL_FLOOR (else it vanishes where the fp16 top-k mass rounds to 1, and the
+        # rest bucket with it: topk_tail would silently become subset there); the rescaled top-k is
+        # renormalized below
         t_tail = teacher.tail_logprob
-        if t_tail is None:
+        if teacher.indices.shape[-1] < teacher_to_student.shape[-1]:  # a tail with ids (as sparse.py)
+            _, t_tail = floored_tail(torch.where(live, t_lp, NEG_INF), t_tail)
+        elif t_tail is None:
             t_tail = torch.log1p(-torch.where(live, t_lp.exp(), 0.0).sum(-1).clamp(max=1.0))
         rest.append(t_tail.to(t_lp.dtype).unsqueeze(-1))
     t_rest = logsumexp_or_neginf(torch.cat(rest, -1))

@@ -2,7 +2,8 @@
 
 ``tiny-moe`` / ``tiny-dense`` are for tests and the demo; ``huihui-moe-1.2b`` and ``smollm-135m``
 reproduce the real architectures (dimensions of Huihui-MoE-1.2B-A0.6B and SmolLM-135M) for
-benchmarks and memory planning without downloading weights.
+benchmarks and memory planning without downloading weights; ``small-llama-15m`` is a student small enough
+to train at a useful speed on 2 CPU cores with the real SmolLM2 tokenizer (``sakd bench quality``).
 """
 
 from __future__ import annotations
@@ -79,6 +80,24 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
             num_hidden_layers=30,
             num_attention_heads=9,
             num_key_value_heads=3,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+        ),
+    ),
+    # A Llama student for CPU benchmarks with the SmolLM2 tokenizer: 4 layers, hidden 256, 4 heads / 2 KV
+    # heads (head_dim 64), FFN 704, tied embeddings. With the 49,152-token vocabulary: 15,534,336
+    # parameters, of which the embedding is 12,582,912 and the 4 layers + final norm 2,951,424.
+    "small-llama-15m": (
+        LlamaConfig,
+        dict(
+            vocab_size=49152,
+            hidden_size=256,
+            intermediate_size=704,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
             max_position_embeddings=2048,
             tie_word_embeddings=True,
             rope_theta=10000.0,

@@ -268,12 +268,13 @@ class RoutedTeacher:
         self.model, self.aligned, self.seed, self.step = model, aligned, seed, 0
         self.hidden_layers, self.attention_layers = list(hidden_layers), sorted(set(attention_layers))
         self.augment, self.keep_samples, self.sar = augment, keep_samples, sar
-        self.decisions, self.changed = 0, torch.zeros((), dtype=torch.float64)
+        self.decisions, self.changed = 0, 0
 
-    def pop_stats(self) -> tuple[torch.Tensor, int]:
-        """KA since the last call: (routing decisions that chose other experts than the top k, decisions)."""
+    def pop_stats(self) -> tuple[torch.Tensor | int, int]:
+        """KA since the last call: (routing decisions that chose other experts than the top k -- a tensor on
+        the teacher's device, no host sync per forward --, decisions)."""
         out = (self.changed, self.decisions)
-        self.decisions, self.changed = 0, torch.zeros((), dtype=torch.float64)
+        self.decisions, self.changed = 0, 0
         return out
 
     def inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,5 +317,5 @@ class RoutedTeacher:
             attention_layers=self.attention_layers,
         )
         self.decisions += spec.decisions
-        self.changed = self.changed + torch.as_tensor(spec.changed, dtype=torch.float64).cpu()
+        self.changed = self.changed + spec.changed
         return out

@@ -8,6 +8,9 @@ holds what Accelerate does not do for us, each piece small and tested:
 * :func:`repair_cpu_world` -- Accelerate 1.15 reports ``num_processes == 1`` on every rank of a
   DeepSpeed run without CUDA (its backend detection only knows accelerators), although DeepSpeed set up
   a real multi-process group; we take the world from ``torch.distributed`` itself;
+* :func:`stop_if_a_peer_dies` -- when another rank dies (SIGKILL, the OOM killer, a lost machine), the
+  survivors' collectives fail (:func:`peer_lost` tells that apart); they stop with one line that says so
+  and which checkpoint the same command resumes from, not the backend's traceback;
 * :func:`check_cuda_arch` -- a GPU whose architecture the installed PyTorch has no kernels for (a P100
   under a CUDA 12.8+ wheel) stops the run at start with the fix, instead of failing in the first kernel.
 
@@ -16,14 +19,19 @@ The teacher's placement is :mod:`sakd.teacher.placement`; ZeRO-3 parameter handl
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from sakd.config import RunConfig
 from sakd.config.deepspeed import run_ds_config
-from sakd.errors import SetupError
+from sakd.errors import SetupError, TrainingError
+from sakd.training import checkpoint
 from sakd.upstream import set_process_world
 
 
@@ -81,6 +89,42 @@ def repair_cpu_world(accelerator: Any) -> bool:
         return False
     set_process_world(world, rank, int(os.environ.get("LOCAL_RANK", rank)))
     return True
+
+
+# What a collective raises on a rank whose peer is gone: gloo's sockets to it close ("Connection reset by
+# peer", "Connection closed by peer", a broken pipe) or its wait times out; NCCL aborts the communicator.
+_PEER_GONE = ("by peer", "Broken pipe", "Timed out waiting", "communicator was aborted")
+
+
+def peer_lost(error: BaseException) -> str | None:
+    """Why a collective failed when ``error`` says another process of the run died or stopped answering
+    (gloo raises a plain RuntimeError, NCCL a DistBackendError), else None."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or not isinstance(error, RuntimeError):
+        return None
+    text = str(error).strip()
+    if not (isinstance(error, dist.DistError) or any(s in text for s in _PEER_GONE)):
+        return None
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(error).__name__)
+    return first.split(". ")[0]  # gloo's own line adds advice about remote workers and "GLHF"
+
+
+@contextlib.contextmanager
+def stop_if_a_peer_dies(checkpoints: Path) -> Iterator[None]:
+    """Turn a collective's failure for a dead or silent peer into a one-line :class:`TrainingError` that
+    names the newest complete checkpoint under ``checkpoints``; any other error passes unchanged."""
+    try:
+        yield
+    except RuntimeError as e:
+        if (why := peer_lost(e)) is None:
+            raise
+        newest = checkpoint.latest(checkpoints)
+        resume = f"the newest complete checkpoint is {newest}" if newest else "no checkpoint exists yet"
+        raise TrainingError(
+            f"another process of this run died or stopped answering ({why}); {resume} -- run the same "
+            "command again to resume"
+        ) from None
 
 
 def check_cuda_arch() -> None:

@@ -23,6 +23,7 @@ from sakd.models.student import student_state
 from sakd.models.zero import built_whole
 from sakd.progress import Progress
 from sakd.training import checkpoint, rundir
+from sakd.training.distributed import stop_if_a_peer_dies
 from sakd.training.export import student_to_save
 from sakd.training.finish import run_summary, write_final
 from sakd.training.state import TrainerState, memory_metrics
@@ -178,7 +179,7 @@ class RunLoop:
 
     def train(self) -> dict[str, Any]:
         """Train to the end and :meth:`finish`; on SIGTERM/SIGINT, checkpoint and raise TrainingStopped."""
-        with self._signals:
+        with self._signals, stop_if_a_peer_dies(self.run_dir / "checkpoints"):
             return self._train()
 
     def _evaluate_and_track(self) -> bool:
@@ -222,7 +223,7 @@ class RunLoop:
             tok_window += metrics["tokens"]
             skipped = "skipped_sample_ids" in metrics
             s.scaler_skipped_steps += metrics.pop("scaler_skipped")
-            figures = {} if skipped else {"loss": f"{metrics['loss']:.4f}"}
+            figures = {"loss": "skipped" if skipped else f"{metrics['loss']:.4f}"}
             if skipped:
                 self._skipped(metrics["skipped_sample_ids"])
             else:

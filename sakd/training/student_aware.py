@@ -139,10 +139,17 @@ class StudentAware:
         if not self.augmenting:
             return {}
         changed, decisions = self.signal.pop_stats()
-        totals = self._reduce(
-            torch.stack([changed, torch.tensor(float(decisions), dtype=torch.float64)]), "sum"
+        device = self.accelerator.device
+        counts = torch.stack(
+            [
+                torch.as_tensor(changed, device=device).double(),
+                torch.tensor(float(decisions), device=device).double(),
+            ]
         )
-        return {"ka_changed_share": float(totals[0] / totals[1].clamp(min=1))}
+        totals = self._reduce(counts, "sum")
+        if totals[1] == 0:  # no teacher forward this step (e.g. a generated step that needs no teacher)
+            return {}
+        return {"ka_changed_share": float(totals[0] / totals[1])}
 
     def _reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         return self.accelerator.reduce(tensor.to(self.accelerator.device), reduction=op)

@@ -267,12 +267,13 @@ def _run_shards(job: CacheJob, root: Path, teacher: OnlineTeacher, accelerator: 
     if lockstep and world > 1:  # a ZeRO-3 forward is a collective: every rank runs as many
         rounds = int(accelerator.reduce(torch.tensor(rounds, device=accelerator.device), reduction="max"))
     bs = job.spec.block_size
+    total = sum(len(ids) for _, ids in batches) * bs
     bar = Progress(
-        sum(len(ids) for _, ids in batches) * bs,
+        total,
         unit="tok",
         desc=f"cache-teacher (rank {rank})" if world > 1 else "cache-teacher",
         enabled=accelerator.is_main_process and job.cfg.logging.progress_bar,
-        every=job.cfg.logging.log_every,
+        every=max(1, total // 20),  # off a terminal: a line per 5 %
     )
     pending: dict[int, list] = {}
     done = 0

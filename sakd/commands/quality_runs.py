@@ -1,0 +1,315 @@
+"""The parts of ``sakd bench quality`` that make things: the three-way split of the data, the teacher (a
+preset is pretrained first), the teacher caches (through `sakd cache-teacher`'s code path), and one student
+run (through `sakd distill`'s :class:`~sakd.training.trainer.Distiller`) scored on the validation and test
+splits by `sakd eval`'s scorer (:func:`sakd.evaluation.heldout.evaluate`)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sakd.errors import ConfigError, DataError
+
+SPLITS = ("train", "validation", "test")
+SEGMENTS = 20
+"""The documents, in file order, are cut into this many contiguous segments; segment ``i`` is validation
+when ``i % 10 == 4``, test when ``i % 10 == 9``, else train (80 / 10 / 10, each held-out part spread over
+the file but made of whole runs of documents the students never train on)."""
+
+
+def segment_role(index: int, count: int) -> str:
+    """The split of document ``index`` of ``count`` (see :data:`SEGMENTS`)."""
+    seg = index * SEGMENTS // count
+    return "validation" if seg % 10 == 4 else "test" if seg % 10 == 9 else "train"
+
+
+def split_data(data: str, sample_by: str, text_field: str, out: Path) -> dict[str, Any]:
+    """Write ``out/{train,validation,test}.jsonl`` (one record per document) from ``data``; deterministic."""
+    from sakd.data import load_text_dataset
+
+    if not Path(data).expanduser().is_file():
+        raise DataError(f"--data file not found: {data}")
+    docs = load_text_dataset(data, text_field=text_field, sample_by=sample_by)
+    n = len(docs)
+    if n < SEGMENTS:
+        raise DataError(
+            f"{data} holds {n} documents (--sample-by {sample_by}); the train/validation/test split needs at "
+            f"least {SEGMENTS}: use --sample-by line or paragraph"
+        )
+    parts: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for i, text in enumerate(docs["text"]):
+        parts[segment_role(i, n)].append(text)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, texts in parts.items():
+        files[name] = out / f"{name}.jsonl"
+        tmp = files[name].with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        tmp.replace(files[name])
+    return {
+        "rule": f"{SEGMENTS} contiguous segments in file order; segment i is validation if i % 10 == 4, "
+        "test if i % 10 == 9, else train",
+        "documents": {k: len(v) for k, v in parts.items()},
+        "characters": {k: sum(map(len, v)) for k, v in parts.items()},
+        "files": {k: str(v) for k, v in files.items()},
+    }
+
+
+@dataclass
+class Setup:
+    """What every run of one benchmark shares."""
+
+    teacher: str
+    student: str
+    tokenizer: str
+    teacher_tokenizer: str | None
+    files: dict[str, str]
+    block_size: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int
+    out: Path
+    eval_stride: int
+    max_eval_tokens: int | None = None
+    data: str = ""  # the user's file the splits come from
+
+
+def recipe(s: Setup, run_dir: Path, *, train_blocks: int | None, seed: int, epochs: float = 1.0) -> dict:
+    """A `sakd distill` recipe of this benchmark (CE only until the caller sets the loss)."""
+    return {
+        "model": {
+            "teacher": s.teacher,
+            "student": s.student,
+            "tokenizer": s.tokenizer,
+            "teacher_tokenizer": s.teacher_tokenizer,
+        },
+        "data": {
+            "train": s.files["train"],
+            "eval": s.files["validation"],  # the trainer's own evaluation: never the test split
+            "block_size": s.block_size,
+            "max_train_blocks": train_blocks,
+            "max_eval_blocks": 4,
+        },
+        "distillation": {"loss": {"kind": "fkl", "alpha": 0.0, "temperature": 1.0}},
+        "optimization": {
+            "learning_rate": s.learning_rate,
+            "warmup_steps": s.warmup_steps,
+            "lr_scheduler": "cosine",
+            "weight_decay": 0.0,
+        },
+        "training": {
+            "output_dir": str(run_dir),
+            "batch_size": s.batch_size,
+            "num_epochs": epochs,
+            "eval_every": 0,
+            "save_every": 0,
+            "seed": seed,
+        },
+        "logging": {"log_every": 10, "progress_bar": False},
+    }
+
+
+def _train(raw: dict[str, Any]) -> dict[str, Any]:
+    from sakd.config import load_config
+    from sakd.training.trainer import Distiller
+
+    cfg, _ = load_config(raw)
+    distiller = Distiller(cfg, resume="none", overwrite=True)
+    summary = distiller.train()
+    del distiller
+    gc.collect()
+    return summary
+
+
+def pretrain_teacher(s: Setup, steps: int) -> str:
+    """A preset teacher, pretrained on the training split for ``steps`` steps (CE only) once: its directory."""
+    final = s.out / "teacher" / "final"
+    if (final / "model.safetensors").is_file():
+        return str(final)
+    raw = recipe(s, s.out / "teacher", train_blocks=None, seed=0)
+    raw["model"].update(student=s.teacher, teacher=s.teacher, tokenizer=s.teacher_tokenizer or s.tokenizer)
+    raw["training"].update(max_steps=steps)
+    raw["optimization"]["learning_rate"] = 2e-3
+    _train(raw)
+    shutil.rmtree(s.out / "teacher" / "checkpoints", ignore_errors=True)
+    return str(final)
+
+
+class Scorer:
+    """Held-out bits per byte on the validation and test splits, as `sakd eval` scores them (strided)."""
+
+    def __init__(self, s: Setup) -> None:
+        self.setup, self.streams = s, {}
+
+    def stream(self, tokenizer_spec: str, split: str) -> Any:
+        from sakd.data import load_text_dataset, text_stream
+        from sakd.models import load_tokenizer
+
+        key = (tokenizer_spec, split)
+        if key not in self.streams:
+            docs = load_text_dataset(self.setup.files[split])
+            stream = text_stream(docs, load_tokenizer(tokenizer_spec))
+            if self.setup.max_eval_tokens:
+                stream = stream.prefix(self.setup.max_eval_tokens)
+            self.streams[key] = stream
+        return self.streams[key]
+
+    def score(self, model_dir: str, tokenizer_spec: str) -> dict[str, dict[str, Any]]:
+        from sakd.evaluation.heldout import evaluate
+        from sakd.models import load_model, load_tokenizer
+
+        model = load_model(model_dir, tokenizer=load_tokenizer(tokenizer_spec)).eval()
+        s, out = self.setup, {}
+        for split in SPLITS[1:]:
+            r = evaluate(
+                model,
+                self.stream(tokenizer_spec, split),
+                batch_size=8,
+                window=s.block_size,
+                stride=s.eval_stride,
+            )
+            out[split] = {k: r[k] for k in ("bpb", "loss", "tokens", "bytes", "method")}
+        return out
+
+
+def token_count(s: Setup, tokenizer_spec: str) -> int:
+    """Tokens of the training split under a tokenizer (documents joined by EOS, as packing sees them)."""
+    from sakd.data import load_text_dataset, text_stream
+    from sakd.models import load_tokenizer
+
+    return len(text_stream(load_text_dataset(s.files["train"]), load_tokenizer(tokenizer_spec)))
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One cache arm: a stored signal (mode with k or draws) at one temperature."""
+
+    mode: str
+    size: int  # top_k (topk_tail) or num_samples (sampled)
+    temperature: float
+
+    @property
+    def arm(self) -> str:
+        return f"cache_{self.mode}_{'k' if self.mode == 'topk_tail' else 'n'}{self.size}"
+
+    @property
+    def dir_name(self) -> str:
+        return f"{self.arm}_T{self.temperature:g}"
+
+
+def build_cache(s: Setup, spec: CacheSpec, teacher_blocks: int | None) -> dict[str, Any]:
+    """Write the cache of one arm once (a rerun finds it complete), by `sakd cache-teacher`'s path."""
+    from sakd.commands.cache_teacher import write_cache
+    from sakd.config import load_config
+
+    root = s.out / "caches" / f"{spec.dir_name}_blocks{teacher_blocks}"  # a larger budget: a new cache
+    raw = recipe(s, s.out / "caches" / "unused-run-dir", train_blocks=teacher_blocks, seed=0)
+    raw["distillation"]["loss"].update(alpha=1.0, temperature=spec.temperature)
+    key = "top_k" if spec.mode == "topk_tail" else "num_samples"
+    raw["distillation"]["cache"] = {"mode": spec.mode, key: spec.size, "temperature": spec.temperature}
+    cfg, _ = load_config(raw)
+    started = time.perf_counter()
+    summary = write_cache(cfg, str(root), overwrite=False) or {}
+    manifest = json.loads((root / "manifest.json").read_text())
+    positions = manifest["layout"]["positions"]
+    return {
+        "arm": spec.arm,
+        "mode": spec.mode,
+        key: spec.size,
+        "temperature": spec.temperature,
+        "dir": str(root),
+        "blocks": manifest["layout"]["blocks"],
+        "positions": positions,
+        "bytes": manifest["totals"]["bytes"],
+        "bytes_per_token": manifest["totals"]["bytes"] / positions,
+        "seconds": round(time.perf_counter() - started, 3),
+        "computed_positions": summary.get("computed_positions", 0),
+    }
+
+
+def teacher_blocks_for(s: Setup, budget_tokens: int, student_tokens: int, teacher_tokens: int) -> int:
+    """Teacher blocks that cover the text of the student's first ``budget_tokens`` tokens: the same count
+    with one tokenizer, else scaled by the token ratio with a 10 % margin (never past the training split)."""
+    blocks = math.ceil(budget_tokens / s.block_size)
+    if teacher_tokens != student_tokens:
+        blocks = math.ceil(blocks * teacher_tokens / student_tokens * 1.1) + 1
+    return min(blocks, teacher_tokens // s.block_size)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One student run of the grid."""
+
+    arm: str
+    budget: int
+    epochs: float
+    alpha: float
+    temperature: float
+    seed: int
+    cache: str | None = None
+
+    @property
+    def name(self) -> str:
+        return (
+            f"{self.arm}_b{self.budget}_e{self.epochs:g}_a{self.alpha:g}_T{self.temperature:g}_s{self.seed}"
+        )
+
+
+def setup_key(s: Setup) -> str:
+    """What a run's numbers depend on besides its :class:`Run` fields: a finished run is reused on a rerun
+    only with the same key (same models, tokenizers, data, batch and schedule, scoring)."""
+    import hashlib
+
+    fields = [s.teacher, s.student, s.tokenizer, s.teacher_tokenizer, s.block_size, s.batch_size]
+    fields += [s.learning_rate, s.warmup_steps, s.eval_stride, s.max_eval_tokens]
+    h = hashlib.sha256(json.dumps(fields).encode())
+    h.update(Path(s.data).expanduser().read_bytes())
+    return h.hexdigest()[:16]
+
+
+def train_and_score(s: Setup, run: Run, scorer: Scorer) -> dict[str, Any]:
+    """Train one run by `sakd distill`'s path, score its final student, keep only its metrics."""
+    started = time.perf_counter()
+    run_dir = s.out / "runs" / run.name
+    raw = recipe(s, run_dir, train_blocks=run.budget // s.block_size, seed=run.seed, epochs=run.epochs)
+    raw["distillation"]["loss"].update(alpha=run.alpha, temperature=run.temperature)
+    if run.cache:
+        raw["distillation"]["teacher_cache"] = run.cache
+    summary = _train(raw)
+    scores = scorer.score(summary["final_dir"], s.tokenizer)
+    for sub in ("final", "checkpoints"):  # the students are not kept: only their scores
+        shutil.rmtree(run_dir / sub, ignore_errors=True)
+    return {
+        **{k: getattr(run, k) for k in ("arm", "budget", "epochs", "alpha", "temperature", "seed")},
+        "name": run.name,
+        "setup_key": setup_key(s),
+        "steps": summary["steps"],
+        "tokens_seen": summary["tokens_seen"],
+        "train_seconds": summary["train_seconds"],
+        "seconds_per_step": summary["train_seconds"] / max(summary["steps"], 1),
+        "wall_seconds": round(time.perf_counter() - started, 3),  # with setup, final evaluation, scoring
+        "validation_bpb": scores["validation"]["bpb"],
+        "test_bpb": scores["test"]["bpb"],
+    }
+
+
+def check_model(spec: str, role: str) -> str:
+    """A preset name, a local model directory (made absolute) or a hub id (owner/name); else one line."""
+    from sakd.models.presets import PRESETS
+
+    if spec in PRESETS:
+        return spec
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return spec
+    raise ConfigError(
+        f"--{role} {spec}: not a preset ({', '.join(PRESETS)}), a model directory or a hub id (owner/name)"
+    )
