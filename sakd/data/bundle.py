@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sakd.config import DataConfig
 from sakd.data.chat import load_conversations, tokenize_conversations
+from sakd.data.chat_pair import tokenize_conversation_pairs
 from sakd.data.documents import document_mask
 from sakd.data.packing import pack, pack_pair
 from sakd.data.stream import TokenStream
@@ -194,13 +195,14 @@ def prepare_data(
     """
     train_docs, eval_docs = split_documents(cfg, seed)
     opts = {"num_proc": cfg.num_proc, "with_positions": cfg.resolved_packing() == "within_document"}
-    if cfg.format == "chat":
-        if teacher_tokenizer is not None:
-            raise DataError(
-                "data.format=chat needs one tokenizer for teacher and student for now (conversations across "
-                "tokenizers are not supported yet); use a teacher with the student's tokenizer or data.format=text"
-            )
-        chat = {"loss_on": cfg.loss_on, "num_proc": cfg.num_proc}
+    chat = {"loss_on": cfg.loss_on, "num_proc": cfg.num_proc}
+    if cfg.format == "chat" and teacher_tokenizer is not None:  # each its own template, aligned on contents
+        toks = (tokenizer, teacher_tokenizer)
+        rows = tokenize_conversation_pairs(train_docs, *toks, **chat)
+        train = pack_pair(None, *toks, cfg.block_size, rows=rows, **opts)
+        rows = tokenize_conversation_pairs(eval_docs, *toks, **chat)
+        evalset = pack_pair(None, *toks, cfg.block_size, rows=rows, with_bytes=True, **opts)
+    elif cfg.format == "chat":
         train = pack(
             None,
             tokenizer,

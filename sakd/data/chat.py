@@ -158,6 +158,14 @@ def encode_conversation(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], loss_on: str, where: str = "a conversation"
 ) -> dict[str, np.ndarray]:
     """``input_ids``, ``target`` (1: a target under ``loss_on``) and ``byte_counts`` of one conversation."""
+    return encode_rendered(tokenizer, messages, loss_on, where)[0]
+
+
+def encode_rendered(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], loss_on: str, where: str = "a conversation"
+) -> tuple[dict[str, np.ndarray], np.ndarray, Rendered]:
+    """:func:`encode_conversation`'s row, plus each token's character end in the rendered text and the
+    rendering itself (what the alignment across tokenizers, :mod:`sakd.data.chat_pair`, works from)."""
     r = render(tokenizer, messages, where)
     enc = tokenizer(r.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ends = monotone_ends(enc["offset_mapping"], len(r.text))
@@ -165,11 +173,12 @@ def encode_conversation(
         target, spans = np.ones(len(ends), dtype=bool), [(0, len(r.text))]
     else:
         target, spans = _inside(ends, r.turns), r.assistant_contents
-    return {
+    row = {
         "input_ids": np.asarray(enc["input_ids"], dtype=np.int64),
         "target": target.astype(np.int8),
         "byte_counts": content_bytes(r.text, ends, spans),
     }
+    return row, ends, r
 
 
 def tokenize_conversations(
