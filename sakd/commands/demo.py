@@ -48,19 +48,19 @@ DEMO: dict[str, Any] = {
     "corpus_docs": 6000,
     "heldout_docs": 300,  # reported on
     "validation_docs": 300,  # settings chosen on
-    "student_docs": 200,  # the student's unique training text: a subset of the teacher's
+    "student_docs": 20,  # the student's unique training text (~1k tokens): a subset of the teacher's
     # the student's tokenizer, and the teacher's own, larger one (as in the real pairs; the generated
     # corpus supports at most ~1,870 BPE tokens, so larger requests stop there)
     "vocab_size": 1024,
     "teacher_vocab_size": 2048,
     "block_size": 128,
-    "teacher_steps": 600,
+    "teacher_steps": 200,
     "teacher_batch_size": 16,
-    "teacher_lr": 2e-3,
-    "student_epochs": 10,
+    "teacher_lr": 3e-3,
+    "student_epochs": 100,
     "batch_size": 8,
     "student_lr": 3e-3,
-    "alpha": 0.5,
+    "alpha": 0.9,
     "temperature": 1.0,
     "seeds": 3,
 }
