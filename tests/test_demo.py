@@ -133,6 +133,8 @@ def test_demo_stopped_during_teacher_pretraining_resumes(tmp_path):
     again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert "resuming the stopped tiny-moe teacher" in again.stdout
+    resumed = [ln for ln in again.stdout.splitlines() if ln.startswith("resumed from ")]
+    assert resumed and resumed[0].endswith(f"at step {stopped_at}")  # not a silent restart
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert CONTRACT <= summary.keys()
     steps = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()] if metrics.exists() else []

@@ -166,8 +166,10 @@ def prepare_teacher(splits: DemoSplits, tokenizers: tuple[Path, Path], budget: d
         _train(raw, resume=resume)
     except TrainingStopped:
         raise  # checkpointed: the next demo resumes it
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # never leave a half-trained teacher behind
+    except Exception:
+        # a failure: never leave a half-trained teacher behind. Not on KeyboardInterrupt (a second Ctrl-C
+        # while the stop's checkpoint is written): the complete checkpoints are kept and resumed
+        shutil.rmtree(work, ignore_errors=True)
         raise
     shutil.rmtree(cached, ignore_errors=True)
     (work / "final").rename(cached)
