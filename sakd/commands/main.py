@@ -85,14 +85,7 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="sakd",
-        description="Student-Aware Knowledge Distillation: distill a (MoE) teacher LM into a small student.",
-    )
-    p.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_distill(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser(
         "distill",
         help="train a student; writes a run directory",
@@ -113,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     d.set_defaults(func=_cmd_distill)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sakd",
+        description="Student-Aware Knowledge Distillation: distill a (MoE) teacher LM into a small student.",
+    )
+    p.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_distill(sub)
 
     m = sub.add_parser(
         "demo",
