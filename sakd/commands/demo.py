@@ -1,142 +1,120 @@
-"""`sakd demo`: the offline end-to-end demo.
+"""`sakd demo`: the offline end-to-end demo, in the regime distillation is for.
 
 corpus (generated: one document per line, read with ``sample_by=line``; or --data FILE, read as
-``data.sample_by`` says -- the whole file is one document unless --sample-by says otherwise) -> two
-byte-level BPE tokenizers trained on it (the student's,
-and a larger one for the teacher, so the default path exercises cross-tokenizer alignment) -> a
-``tiny-moe`` teacher pretrained briefly on it with its own tokenizer (cached: it stands in for "the teacher you already have") ->
-the ``tiny-dense`` student distilled from it (KD) and, as a baseline, the same student trained on
-CE only with the same data order and step budget -> held-out perplexities and bits per byte (all three
-models on the same held-out documents, strided scoring), top-1 agreement with the teacher, a loss-curve
-PNG, the exported student and ``summary.json``.
+``data.sample_by`` says -- the whole file is one document unless --sample-by says otherwise) -> four splits
+(:mod:`sakd.commands.demo_data`: the teacher's training text, a small subset of it for the student,
+validation, held-out) -> two byte-level BPE tokenizers (the student's, and a larger one for the teacher, so
+the default path exercises cross-tokenizer alignment) -> a ``tiny-moe`` teacher pretrained on the teacher's
+text with its own tokenizer (cached: it stands in for "the teacher you already have") -> per student seed,
+the ``tiny-dense`` student distilled from it (KD) on the student's few documents for several epochs and, as a
+baseline, the same student trained on CE only with the same initialisation, data order and steps ->
+held-out perplexities and bits per byte (the teacher and every student on the same held-out documents,
+strided), the share of the CE student's gap to the teacher that KD closed (mean and spread over seeds), top-1
+agreement with the teacher, a loss-curve PNG, the exported students and ``summary.json``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import sakd
-from sakd.align import load_or_build_vocab_map
+from sakd.commands.demo_data import (
+    DemoSplits,
+    cache_root,
+    corpus_file,
+    file_hash,
+    tokenizers_for,
+    train_tokenizer,
+    write_splits,
+)
+from sakd.commands.demo_report import demo_line, evaluate_all, gap_closed, plot_curves, quality
 from sakd.config import load_config
-from sakd.data import prepare_data, split_documents, text_stream
-from sakd.data.synthetic import write_corpus
 from sakd.data.tokenize import DATA_FORMAT_VERSION
-from sakd.evaluation.heldout import cross_tokenizer_agreement, evaluate
-from sakd.models import load_tokenizer
 from sakd.training import checkpoint
 from sakd.training.stop_signals import TrainingStopped
 from sakd.training.trainer import Distiller
 
-# Budgets measured to keep the whole demo within ~5 minutes on 2 CPU cores (see README).
-DEMO = {
+__all__ = ["DEMO", "cache_root", "demo_line", "gap_closed", "run_demo", "train_tokenizer"]
+
+# The demo's regime and budget, chosen on the validation documents (README, "What the demo does").
+DEMO: dict[str, Any] = {
     "corpus_docs": 6000,
+    "heldout_docs": 300,  # reported on
+    "validation_docs": 300,  # settings chosen on
+    "student_docs": 20,  # the student's unique training text (~1k tokens): a subset of the teacher's
     # the student's tokenizer, and the teacher's own, larger one (as in the real pairs; the generated
     # corpus supports at most ~1,870 BPE tokens, so larger requests stop there)
     "vocab_size": 1024,
     "teacher_vocab_size": 2048,
     "block_size": 128,
-    "teacher_steps": 600,
-    "student_steps": 200,
-    "batch_size": 16,
+    "teacher_steps": 200,
+    "teacher_batch_size": 16,
+    "teacher_lr": 3e-3,
+    "student_epochs": 100,
+    "batch_size": 8,
+    "student_lr": 3e-3,
+    "alpha": 0.9,
+    "temperature": 1.0,
+    "seeds": 3,
 }
-# Held-out scoring of the demo's summary: strided windows of block_size tokens advanced by half a block.
-EVAL_STRIDE_FRACTION = 2
-
-
-_SAMPLE_BY_WORDS = {
+SAMPLE_BY_WORDS = {
     "line": "one document per line",
     "paragraph": "one per blank-line separated paragraph",
     "document": "the whole file as one document",
 }
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("SAKD_CACHE_DIR", Path.home() / ".cache" / "sakd"))
-
-
-def train_tokenizer(corpus: Path, out_dir: Path, vocab_size: int) -> Path:
-    """A byte-level BPE tokenizer trained on ``corpus``, saved as a transformers tokenizer directory."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train([str(corpus)], trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|pad|>"
-    )
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fast.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def _run_config(
     out: Path,
-    corpus: Path,
-    tokenizer: Path,
-    budget: dict[str, int],
+    train: Path,
+    splits: DemoSplits,
+    tokenizers: tuple[Path, Path],
+    budget: dict[str, Any],
     *,
-    teacher_tokenizer: Path | None = None,
     teacher: str,
     student: str,
     alpha: float,
     steps: int,
-    lr: float,
-    sample_by: str,
+    seed: int,
 ) -> dict[str, Any]:
+    is_student = student != teacher
     return {
         "model": {
             "teacher": teacher,
             "student": student,
-            "tokenizer": str(tokenizer),
-            "teacher_tokenizer": None if teacher_tokenizer is None else str(teacher_tokenizer),
+            "tokenizer": str(tokenizers[0] if is_student else tokenizers[1]),
+            "teacher_tokenizer": str(tokenizers[1]),
         },
+        # the run's own evaluation is on the validation documents; the summary's on the held-out ones
         "data": {
-            "train": str(corpus),
-            "sample_by": sample_by,
+            "train": str(train),
+            "eval": str(splits["validation"]),
             "block_size": budget["block_size"],
-            "max_eval_blocks": 128,
+            "max_eval_blocks": 32,
         },
-        # T=1: on this corpus T=2 made the student worse than CE-only (measured; see README).
-        "distillation": {"loss": {"kind": "fkl", "alpha": alpha, "temperature": 1.0, "chunk_size": 1024}},
+        "distillation": {
+            "loss": {"kind": "fkl", "alpha": alpha, "temperature": budget["temperature"], "chunk_size": 1024}
+        },
         "optimization": {
-            "learning_rate": lr,
-            "warmup_steps": 20,
+            "learning_rate": budget["student_lr" if is_student else "teacher_lr"],
+            "warmup_steps": max(1, min(20, steps // 10)),
             "lr_scheduler": "cosine",
             "weight_decay": 0.0,
         },
         "training": {
             "output_dir": str(out),
-            "batch_size": budget["batch_size"],
+            "batch_size": budget["batch_size" if is_student else "teacher_batch_size"],
             "max_steps": steps,
             "eval_every": 0,
             "save_every": 0,
-            "seed": 0,
+            "seed": seed,
         },
         "logging": {"log_every": 5},
     }
@@ -149,12 +127,18 @@ def _train(raw: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     return Distiller(cfg, resume="none", overwrite=True).train()
 
 
-def prepare_teacher(corpus: Path, tokenizer: Path, key: str, budget: dict[str, int], sample_by: str) -> Path:
-    """Pretrain the ``tiny-moe`` teacher on the corpus once; later demos reuse the cached directory.
+def prepare_teacher(splits: DemoSplits, tokenizers: tuple[Path, Path], budget: dict[str, Any]) -> Path:
+    """Pretrain the ``tiny-moe`` teacher on the teacher's split once; later demos reuse the cached directory.
 
     A stop signal during pretraining keeps the run's checkpoint: the next demo resumes from it. Any other
     failure removes the half-trained run, so a later demo starts it afresh.
     """
+    # the cache key names everything that shapes the teacher
+    key = (
+        f"{file_hash(splits['teacher'])}-{file_hash(tokenizers[1] / 'tokenizer.json')}-s{budget['teacher_steps']}"
+        f"-b{budget['block_size']}x{budget['teacher_batch_size']}-lr{budget['teacher_lr']:g}"
+        f"-d{DATA_FORMAT_VERSION}-sakd{sakd.__version__}"
+    )
     cached = cache_root() / "demo-teacher" / key
     if (cached / "model.safetensors").is_file():
         print(f"[demo] reusing cached teacher {cached}")
@@ -162,26 +146,30 @@ def prepare_teacher(corpus: Path, tokenizer: Path, key: str, budget: dict[str, i
     work = cached.with_name(key + ".run")
     resume = checkpoint.latest(work / "checkpoints") is not None
     print(
-        f"[demo] {'resuming the stopped' if resume else 'pretraining the'} tiny-moe teacher (cached for later runs)"
+        f"[demo] {'resuming the stopped' if resume else 'pretraining the'} tiny-moe teacher on "
+        f"{splits.documents['teacher']} documents (cached for later runs)"
     )
+    steps = budget["teacher_steps"]
     raw = _run_config(
         work,
-        corpus,
-        tokenizer,
+        splits["teacher"],
+        splits,
+        tokenizers,
         budget,
         teacher="tiny-moe",
         student="tiny-moe",
         alpha=0.0,
-        steps=budget["teacher_steps"],
-        lr=2e-3,
-        sample_by=sample_by,
+        steps=steps,
+        seed=0,
     )
     try:
         _train(raw, resume=resume)
     except TrainingStopped:
         raise  # checkpointed: the next demo resumes it
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # never leave a half-trained teacher behind
+    except Exception:
+        # a failure: never leave a half-trained teacher behind. Not on KeyboardInterrupt (a second Ctrl-C
+        # while the stop's checkpoint is written): the complete checkpoints are kept and resumed
+        shutil.rmtree(work, ignore_errors=True)
         raise
     shutil.rmtree(cached, ignore_errors=True)
     (work / "final").rename(cached)
@@ -189,152 +177,60 @@ def prepare_teacher(corpus: Path, tokenizer: Path, key: str, budget: dict[str, i
     return cached
 
 
-def _curve(run_dir: Path, key: str) -> tuple[list[int], list[float]]:
-    steps, values = [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if key in rec:
-            steps.append(rec["step"])
-            values.append(rec[key])
-    return steps, values
+def _student_steps(splits: DemoSplits, budget: dict[str, Any], tokenizer_dir: Path) -> int:
+    """``student_epochs`` passes over the student's packed blocks, in optimizer steps."""
+    from sakd.data import pack
+    from sakd.data.text import load_text_dataset
+    from sakd.models import load_tokenizer
 
-
-def plot_curves(out: Path, kd_dir: Path, ce_dir: Path, teacher_loss: float) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for run, label in ((kd_dir, "KD student"), (ce_dir, "CE-only student")):
-        ax.plot(*_curve(run, "ce"), label=f"{label}: train CE")
-    ax.axhline(teacher_loss, color="k", ls="--", lw=1, label="teacher: held-out CE")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("next-token cross-entropy (nats)")
-    ax.set_title("sakd demo: tiny-moe teacher -> tiny-dense student")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def _corpus(out: Path, data: str | Path | None, budget: dict[str, int]) -> Path:
-    if data is None:
-        corpus = write_corpus(out / "corpus.txt", num_docs=budget["corpus_docs"])
-        print(f"[demo] generated corpus {corpus}")
-        return corpus
-    corpus = Path(data)
-    if not corpus.is_file():
-        raise FileNotFoundError(f"demo data file not found: {data}")
-    return corpus
-
-
-def _tokenizers(corpus: Path, budget: dict[str, int]) -> tuple[Path, Path]:
-    """The student's and the teacher's tokenizer directories, trained on the corpus once (cached)."""
-    toks = {}
-    for role, size in (("student", budget["vocab_size"]), ("teacher", budget["teacher_vocab_size"])):
-        key = f"{_file_hash(corpus)}-v{size}"
-        toks[role] = cache_root() / "demo-tokenizer" / key
-        if not (toks[role] / "tokenizer.json").is_file():
-            print(f"[demo] training the {role}'s byte-level BPE tokenizer ({size} tokens) on the corpus")
-            train_tokenizer(corpus, toks[role], size)
-    return toks["student"], toks["teacher"]
-
-
-def _evaluate_all(
-    kd_raw: dict[str, Any],
-    runs: dict[str, dict[str, Any]],
-    tok_dir: Path,
-    teacher_tok_dir: Path,
-    teacher_dir: Path,
-) -> dict[str, dict[str, Any]]:
-    """Held-out loss, perplexity (per each model's own tokens) and bits per byte of the teacher and both
-    students -- all three on the same held-out documents, strided -- and each student's agreement with
-    the teacher at the anchors."""
-    cfg, _ = load_config(kd_raw)
-    tokenizer, teacher_tok = load_tokenizer(str(tok_dir)), load_tokenizer(str(teacher_tok_dir))
-    _, eval_docs = split_documents(cfg.data, cfg.training.seed)
-    window = cfg.data.block_size
-    scoring = {"batch_size": 16, "window": window, "stride": window // EVAL_STRIDE_FRACTION}
-    aligned = prepare_data(cfg.data, tokenizer, cfg.training.seed, teacher_tok)
-    vmap, _ = load_or_build_vocab_map(tokenizer, teacher_tok, cache_root() / "vocab_maps")
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
-    results: dict[str, dict[str, Any]] = {
-        "teacher": evaluate(teacher, text_stream(eval_docs, teacher_tok), **scoring)
-    }
-    student_stream = text_stream(eval_docs, tokenizer)
-    for name in ("kd", "ce"):
-        student = AutoModelForCausalLM.from_pretrained(runs[name]["final_dir"]).eval()
-        results[name] = evaluate(student, student_stream, **scoring)
-        results[name].update(
-            cross_tokenizer_agreement(
-                student,
-                teacher,
-                aligned,
-                vmap.student_to_teacher,
-                batch_size=16,
-                vocab_size=len(tokenizer),
-                teacher_vocab_size=len(teacher_tok),
-            )
+    blocks = len(
+        pack(
+            load_text_dataset(str(splits["student"])),
+            load_tokenizer(str(tokenizer_dir)),
+            budget["block_size"],
         )
-    results["vocab"] = {"student": len(tokenizer), "teacher": len(teacher_tok)}
-    results["documents"] = {"eval": len(eval_docs)}
-    return results
+    )
+    return max(1, math.ceil(blocks * budget["student_epochs"] / budget["batch_size"]))
 
 
-def gap_closed(teacher: float, kd: float, ce: float) -> float | None:
-    """The share of the CE-only student's distance to the teacher that KD closed: 1 = KD reached the
-    teacher, 0 = no better than CE-only, < 0 = worse (None when CE-only already matches the teacher)."""
-    return None if ce == teacher else (ce - kd) / (ce - teacher)
-
-
-def _quality(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The summary's held-out figures: perplexities (per each model's own tokens), bits per byte (one
-    scale for all three), the share of the CE-only student's gap to the teacher that KD closed."""
-    kd_beats_ce = results["kd"]["ppl"] < results["ce"]["ppl"]
-    bpb = {name: results[name]["bpb"] for name in ("teacher", "kd", "ce")}
-    return {
-        "teacher_ppl": results["teacher"]["ppl"],
-        "kd_student_ppl": results["kd"]["ppl"],
-        "ce_student_ppl": results["ce"]["ppl"],
-        "teacher_bpb": bpb["teacher"],
-        "kd_student_bpb": bpb["kd"],
-        "ce_student_bpb": bpb["ce"],
-        "kd_gap_closed": gap_closed(bpb["teacher"], bpb["kd"], bpb["ce"]),
-        "kd_student_agreement": results["kd"]["agreement"],
-        "ce_student_agreement": results["ce"]["agreement"],
-        "teacher_loss": results["teacher"]["loss"],
-        "kd_student_loss": results["kd"]["loss"],
-        "ce_student_loss": results["ce"]["loss"],
-        "kd_beats_ce": kd_beats_ce,
-        "verdict": (
-            "KD student beats the CE-only student at equal budget"
-            if kd_beats_ce
-            else "KD did NOT beat the CE-only baseline on this corpus at this budget"
-        ),
-        "eval_method": results["kd"]["method"],
-        "eval_window": results["kd"]["window"],
-        "eval_stride": results["kd"]["stride"],
-        "eval_documents": results["documents"]["eval"],
-        "eval_tokens": results["kd"]["tokens"],
-        "teacher_eval_tokens": results["teacher"]["tokens"],
-        "eval_bytes": results["kd"]["bytes"],
-        "teacher_eval_bytes": results["teacher"]["bytes"],
-    }
+def train_students(
+    out: Path, splits: DemoSplits, tokenizers: tuple[Path, Path], teacher_dir: Path, budget: dict[str, Any]
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Per seed: the KD student and its CE-only twin (same initialisation, data order and steps)."""
+    steps = _student_steps(splits, budget, tokenizers[0])
+    runs, raw = {}, {}
+    for seed in range(budget["seeds"]):
+        for kind, alpha in (("kd", budget["alpha"]), ("ce", 0.0)):
+            name = f"{kind}_seed{seed}"
+            print(f"[demo] training the {'KD' if alpha else 'CE-only'} student, seed {seed} ({steps} steps)")
+            raw = _run_config(
+                out / f"{kind}_student" / f"seed{seed}",
+                splits["student"],
+                splits,
+                tokenizers,
+                budget,
+                teacher=str(teacher_dir),
+                student="tiny-dense",
+                alpha=alpha,
+                steps=steps,
+                seed=seed,
+            )
+            runs[name] = _train(raw)
+    return runs, raw
 
 
 def run_demo(
     output_dir: str | Path = "runs/demo",
     data: str | Path | None = None,
-    budget: dict[str, int] | None = None,
+    budget: dict[str, Any] | None = None,
     sample_by: str | None = None,
+    score_on: str = "heldout",
 ) -> dict[str, Any]:
     """Run the demo; ``budget`` overrides entries of :data:`DEMO` (the tests use a tiny one).
 
     ``sample_by`` (what one document of the text is): default ``line`` for the generated corpus (one
-    document per line), ``document`` for ``data`` (as ``data.sample_by``'s default).
+    document per line), ``document`` for ``data`` (as ``data.sample_by``'s default). ``score_on``:
+    ``heldout`` (the summary's numbers) or ``validation`` (what the demo's settings were chosen on).
     """
     budget = {**DEMO, **(budget or {})}
     t_start = time.perf_counter()
@@ -342,57 +238,46 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    corpus = _corpus(out, data, budget)
+    corpus = corpus_file(out, data, budget)
     sample_by = sample_by or ("line" if data is None else "document")
-    print(f"[demo] documents: data.sample_by={sample_by} ({_SAMPLE_BY_WORDS[sample_by]} of {corpus.name})")
-    tok_dir, teacher_tok_dir = _tokenizers(corpus, budget)
-    # the teacher is trained on the packed data: its cache key names everything that shapes that data
-    teacher_key = (
-        f"{_file_hash(corpus)}-v{budget['teacher_vocab_size']}-s{budget['teacher_steps']}"
-        f"-b{budget['block_size']}x{budget['batch_size']}-{sample_by}-d{DATA_FORMAT_VERSION}"
-        f"-sakd{sakd.__version__}"
-    )
+    print(f"[demo] documents: data.sample_by={sample_by} ({SAMPLE_BY_WORDS[sample_by]} of {corpus.name})")
+    splits = write_splits(corpus, out, budget, sample_by)
+    tokenizers = tokenizers_for(corpus, budget)
     t_teacher = time.perf_counter()
-    teacher_dir = prepare_teacher(corpus, teacher_tok_dir, teacher_key, budget, sample_by)
+    teacher_dir = prepare_teacher(splits, tokenizers, budget)
     teacher_seconds = time.perf_counter() - t_teacher
 
-    raws, runs = {}, {}
-    for name, alpha in (("kd", 0.5), ("ce", 0.0)):
-        print(f"[demo] training the {'KD' if alpha else 'CE-only'} student")
-        raws[name] = _run_config(
-            out / f"{name}_student",
-            corpus,
-            tok_dir,
-            budget,
-            teacher_tokenizer=teacher_tok_dir,
-            teacher=str(teacher_dir),
-            student="tiny-dense",
-            alpha=alpha,
-            steps=budget["student_steps"],
-            lr=3e-3,
-            sample_by=sample_by,
-        )
-        runs[name] = _train(raws[name])
-
-    print("[demo] evaluating teacher and students on held-out text")
-    results = _evaluate_all(raws["kd"], runs, tok_dir, teacher_tok_dir, teacher_dir)
+    runs, raw = train_students(out, splits, tokenizers, teacher_dir, budget)
+    print(f"[demo] evaluating the teacher and the students on the {score_on} documents")
+    scoring = {**raw, "data": {**raw["data"], "eval": str(splits[score_on])}}
+    students = {name: run["final_dir"] for name, run in runs.items()}
+    results = evaluate_all(scoring, students, teacher_dir, cache_root() / "vocab_maps")
+    seeds = list(range(budget["seeds"]))
     plot = plot_curves(
-        out / "loss_curves.png", out / "kd_student", out / "ce_student", results["teacher"]["loss"]
+        out / "loss_curves.png",
+        out / "kd_student" / "seed0",
+        out / "ce_student" / "seed0",
+        results["teacher"]["loss"],
     )
     summary = {
-        **_quality(results),
+        **quality(results, seeds),
+        "scored_on": score_on,
         "sample_by": sample_by,
+        "documents": splits.documents,
         "student_vocab": results["vocab"]["student"],
         "teacher_vocab": results["vocab"]["teacher"],
-        "alignment": runs["kd"].get("alignment", {}),
-        "student_steps": budget["student_steps"],
-        "train_seconds": round(runs["kd"]["train_seconds"] + runs["ce"]["train_seconds"], 2),
-        "kd_train_seconds": runs["kd"]["train_seconds"],
-        "ce_train_seconds": runs["ce"]["train_seconds"],
+        "alignment": runs["kd_seed0"].get("alignment", {}),
+        "student_steps": runs["kd_seed0"]["steps"],
+        "student_epochs": budget["student_epochs"],
+        "alpha": budget["alpha"],
+        "temperature": budget["temperature"],
+        "train_seconds": round(sum(r["train_seconds"] for r in runs.values()), 2),
+        "kd_train_seconds": round(sum(r["train_seconds"] for n, r in runs.items() if n.startswith("kd")), 2),
+        "ce_train_seconds": round(sum(r["train_seconds"] for n, r in runs.items() if n.startswith("ce")), 2),
         "teacher_prepare_seconds": round(teacher_seconds, 2),
         "total_seconds": round(time.perf_counter() - t_start, 2),
-        "student_dir": runs["kd"]["final_dir"],
-        "ce_student_dir": runs["ce"]["final_dir"],
+        "student_dir": runs["kd_seed0"]["final_dir"],
+        "ce_student_dir": runs["ce_seed0"]["final_dir"],
         "teacher_dir": str(teacher_dir),
         "loss_curve_png": str(plot),
         "corpus": str(corpus),

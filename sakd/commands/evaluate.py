@@ -4,7 +4,9 @@ The text is read as ``data.sample_by`` says (a .txt file is one document unless 
 document's tokens joined by EOS into one stream -- nothing dropped -- and scored blocked (``--block-size``
 windows, each alone) or strided (``--stride``: sliding windows, every token with at least
 ``block-size - stride`` tokens of context). The output says which, and how many tokens and bytes
-were scored.
+were scored. With ``--format chat`` the rows are conversations rendered by the model's chat template,
+each its own document (attention never crosses two), and only the assistant tokens (content and the
+end-of-turn token) are scored; ``bpb`` is over the assistant contents' bytes.
 """
 
 from __future__ import annotations
@@ -27,10 +29,16 @@ def run(args: argparse.Namespace) -> int:
     if args.stride is not None and not 1 <= args.stride <= args.block_size:
         raise DataError(f"--stride {args.stride} must be between 1 and --block-size {args.block_size}")
     tokenizer = load_tokenizer(args.model_dir)
-    docs = load_text_dataset(args.data, text_field=args.text_field, sample_by=args.sample_by)
-    if len(docs) == 0:
-        raise DataError(f"{args.data} holds no non-empty documents")
-    stream = text_stream(docs, tokenizer)
+    if args.format == "chat":  # conversations: each its own document, assistant tokens scored
+        from sakd.data.chat import chat_stream, load_conversations
+
+        docs = load_conversations(args.data, messages_field=args.messages_field)
+        stream = chat_stream(docs, tokenizer, loss_on=args.loss_on)
+    else:
+        docs = load_text_dataset(args.data, text_field=args.text_field, sample_by=args.sample_by)
+        if len(docs) == 0:
+            raise DataError(f"{args.data} holds no non-empty documents")
+        stream = text_stream(docs, tokenizer)
     if args.max_blocks:
         stream = stream.prefix(args.max_blocks * args.block_size)
     if len(stream) < 2:
@@ -50,8 +58,14 @@ def run(args: argparse.Namespace) -> int:
         teacher=teacher if same_vocab else None,  # top-1 agreement needs one vocabulary
         vocab_size=len(tokenizer),
     )
-    result.update(data=args.data, sample_by=args.sample_by, documents=stream.documents)
-    if teacher is not None and args.prompts:  # the teacher on what the model writes (sakd/policy)
+    result.update(data=args.data, format=args.format, documents=stream.documents)
+    if args.format == "chat":
+        result.update(loss_on=args.loss_on)
+    else:
+        result.update(sample_by=args.sample_by)
+    if (
+        teacher is not None and args.prompts and args.format == "text"
+    ):  # the teacher on what the model writes (sakd/policy)
         n = len(stream) // args.block_size
         blocks = stream.ids[: n * args.block_size].view(n, args.block_size)
         result.update(
@@ -111,6 +125,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of cont_sampled_*")
     v.add_argument("--seed", type=int, default=0, help="seed of the sampled continuations")
     v.add_argument("--text-field", default="text", help="column of .jsonl/.parquet records holding the text")
+    v.add_argument(
+        "--format",
+        choices=["text", "chat"],
+        default="text",
+        help="chat: rows of {role, content} messages (--messages-field), rendered by the model's chat template; "
+        "each conversation is scored alone and only its assistant tokens count (--loss-on); bits per byte over "
+        "the assistant contents. The teacher's loss on continuations (cont_*) is text-only for now",
+    )
+    v.add_argument(
+        "--messages-field", default="messages", help="column holding the conversation (--format chat)"
+    )
+    v.add_argument(
+        "--loss-on",
+        choices=["assistant", "all"],
+        default="assistant",
+        help="which tokens are scored (--format chat)",
+    )
     v.add_argument("--block-size", type=int, default=256, help="tokens per window (default 256)")
     v.add_argument(
         "--stride",

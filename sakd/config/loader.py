@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from sakd.config.data_schema import check_chat
 from sakd.config.generation import check_generation
 from sakd.config.legacy_keys import SEED_EXTRA_KEYS, SEED_KEY_MAP, SEED_KEYS_NOT_YET_SUPPORTED, seed_key_value
 from sakd.config.schema import SECTIONS, RunConfig, all_keys, field_types, is_dataclass_type
@@ -291,6 +292,7 @@ def validate(cfg: RunConfig) -> None:
             "tokens between windows would never be scored; lower it"
         )
     _validate_student_aware(cfg)
+    check_chat(cfg)  # data.format=chat: what it does not support yet (config/data_schema.py)
     check_generation(cfg.distillation.policy, cfg.distillation.generation, cfg.data.block_size)
     if cfg.distillation.contrastive.weight > 0 and cfg.training.batch_size < 2:
         raise ConfigError(

@@ -15,6 +15,7 @@ from typing import Any
 from sakd.config.aux_schema import AttentionConfig, ContrastiveConfig, FeatureConfig
 from sakd.config.aware_schema import CurriculumConfig, MoEConfig, TokenRouterConfig
 from sakd.config.cache_schema import CacheConfig
+from sakd.config.data_schema import SAMPLE_BY, DataConfig  # noqa: F401  (SAMPLE_BY: re-exported)
 from sakd.config.fields import documented as _f
 from sakd.config.generation import POLICIES, GenerationConfig
 from sakd.config.peft_schema import PeftConfig
@@ -69,53 +70,15 @@ class ModelConfig:
         False,
         "With a ZeRO-3 teacher: keep its partitioned parameters in CPU memory (slower, less GPU memory).",
     )
+    chat_template: str = _f(
+        "student",
+        "data.format=chat: the chat template the student renders conversations with, in training, evaluation and "
+        "its export. student = its tokenizer's own; teacher = the teacher tokenizer's (e.g. a base student "
+        "whose tokenizer has none: the template's special tokens should be in the student's vocabulary).",
+        choices=["student", "teacher"],
+    )
     peft: PeftConfig = field(
         default_factory=PeftConfig, metadata={"help": "Train the student through adapters (LoRA/DoRA)."}
-    )
-
-
-SAMPLE_BY = ("document", "paragraph", "line")
-"""What one document of a .txt file can be (the ``sample_by`` option of ``datasets``' text loader)."""
-
-
-@dataclass
-class DataConfig:
-    train: str | None = _f(
-        None,
-        "Training text: a local .txt (documents as `sample_by` says), .jsonl/.json or .parquet file (one "
-        "document per record), or a datasets hub name (loaded with datasets.load_dataset).",
-    )
-    sample_by: str = _f(
-        "document",
-        "What one document of a .txt file is (datasets' text loader option): document = the whole file, "
-        "paragraph = blank-line separated, line = each line. Line breaks inside a document are kept; EOS "
-        "goes only after a document. .jsonl/.parquet/hub records are always one document each.",
-        choices=list(SAMPLE_BY),
-    )
-    dataset_config: str | None = _f(None, "Hub dataset configuration name (e.g. wikitext-2-raw-v1).")
-    split: str = _f("train", "Split of `train` to read.")
-    text_field: str = _f("text", "Column holding the text in .jsonl/.parquet/hub datasets.")
-    eval: str | None = _f(
-        None, "Held-out text (same formats). Default: `eval_fraction` of the training documents."
-    )
-    eval_split: str = _f("train", "Split of `eval` to read.")
-    eval_fraction: float = _f(
-        0.05, "Share of training documents held out for evaluation when `eval` is not given.", gt=0, max=0.5
-    )
-    block_size: int = _f(256, "Tokens per packed training block (the seed's `max_length`).", min=8)
-    max_train_blocks: int | None = _f(None, "Use at most this many training blocks (None: all).", min=1)
-    max_eval_blocks: int | None = _f(256, "Evaluate on at most this many held-out blocks.", min=1)
-    eval_stride: int | None = _f(
-        None,
-        "Held-out scoring: None = blocked (each block alone); N = strided (sliding windows of block_size "
-        "tokens advanced N at a time, each token scored once with >= block_size - N tokens of context; "
-        "block_size/N times the forwards). Must be <= block_size.",
-        min=1,
-    )
-    num_proc: int = _f(
-        1,
-        "Processes for tokenizing and packing (datasets.map num_proc); results are cached on disk either way.",
-        min=1,
     )
 
 

@@ -4,12 +4,16 @@ how a list of block indices becomes a model batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from sakd.config import DataConfig
+from sakd.data.chat import load_conversations, tokenize_conversations
+from sakd.data.chat_pair import tokenize_conversation_pairs
+from sakd.data.documents import document_mask
 from sakd.data.packing import pack, pack_pair
 from sakd.data.stream import TokenStream
 from sakd.data.text import load_text_dataset
@@ -49,8 +53,22 @@ class DataBundle:
         )
 
     def batch(self, blocks: datasets.Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
-        rows = blocks[indices]
-        out = make_batch(rows["input_ids"], indices, eos_id=self.eos_id)
+        return self.rows_batch(blocks[indices], indices)
+
+    def rows_batch(self, rows: dict, sample_ids: list[int]) -> dict[str, torch.Tensor]:
+        """The model batch of a set of packed rows (column -> list): :func:`make_batch` on their
+        ``input_ids`` (+ ``position``, ``target`` when packed so), plus the teacher's fields when aligned."""
+
+        def column(name: str) -> torch.Tensor | None:
+            return _stack(rows[name]) if name in rows else None
+
+        out = make_batch(
+            _stack(rows["input_ids"]),
+            sample_ids,
+            eos_id=self.eos_id,
+            positions=column("position"),
+            targets=column("target"),
+        )
         if self.aligned:
             out.update(self.teacher_fields(rows))
         return out
@@ -72,6 +90,8 @@ class DataBundle:
             seq = torch.as_tensor(seq, dtype=torch.long)
             ids[i, : len(seq)] = seq
             mask[i, : len(seq)] = 1
+            if "teacher_position" in rows and len(seq):  # within_document: the teacher's document mask
+                mask[i, : len(seq)] = document_mask(_stack([rows["teacher_position"][i]]))[0]
         return {
             "teacher_input_ids": ids,
             "teacher_attention_mask": mask,
@@ -80,18 +100,41 @@ class DataBundle:
         }
 
 
+def _stack(rows: Any) -> torch.Tensor:
+    if isinstance(rows, torch.Tensor):
+        return rows.long()
+    return torch.stack([torch.as_tensor(r, dtype=torch.long) for r in rows])
+
+
 def make_batch(
-    input_ids: torch.Tensor, sample_ids: list[int] | torch.Tensor, *, eos_id: int | None = None
+    input_ids: torch.Tensor,
+    sample_ids: list[int] | torch.Tensor,
+    *,
+    eos_id: int | None = None,
+    positions: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A model batch from packed blocks; labels equal inputs (the loss shifts them), except that the
-    EOS packing put after each document (``eos_id``) is never a target (label -100)."""
+    """A model batch from packed blocks; labels equal inputs (the loss shifts them), except where a token
+    is not a target (label -100): the EOS packing put after each document (``eos_id``), or -- with
+    ``targets`` (conversations, :mod:`sakd.data.chat`) -- every token whose ``targets`` entry is 0.
+
+    With ``positions`` (each token's index inside its document: within-document packing) the attention
+    mask is the document mask of :mod:`sakd.data.documents`, and a document's first token is not a target:
+    no earlier token of its document predicts it, just as when the document runs alone."""
     input_ids = torch.as_tensor(input_ids, dtype=torch.long)
     labels = input_ids.clone()
-    if eos_id is not None:
+    if targets is not None:
+        labels[torch.as_tensor(targets) == 0] = IGNORE_INDEX
+    elif eos_id is not None:
         labels[input_ids == eos_id] = IGNORE_INDEX
+    mask = torch.ones_like(input_ids)
+    if positions is not None:
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        labels[positions == 0] = IGNORE_INDEX
+        mask = document_mask(positions)
     return {
         "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
+        "attention_mask": mask,
         "labels": labels,
         "sample_ids": torch.as_tensor(sample_ids, dtype=torch.long),
     }
@@ -112,12 +155,23 @@ def split_documents(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datas
     An offline teacher cache covers exactly the training documents, so it calls this too."""
     if not cfg.train:
         raise DataError("no training data: set data.train to a .txt/.jsonl/.parquet file or a dataset name")
-    opts = {"text_field": cfg.text_field, "dataset_config": cfg.dataset_config, "sample_by": cfg.sample_by}
-    docs = load_text_dataset(cfg.train, split=cfg.split, **opts)
+    if cfg.format == "chat":
+        opts = {"messages_field": cfg.messages_field, "dataset_config": cfg.dataset_config}
+        load = load_conversations
+    else:
+        opts = {
+            "text_field": cfg.text_field,
+            "dataset_config": cfg.dataset_config,
+            "sample_by": cfg.sample_by,
+        }
+        load = load_text_dataset
+    docs = load(cfg.train, split=cfg.split, **opts)
     if len(docs) == 0:
         raise DataError(f"data {cfg.train} holds no non-empty documents")
     if cfg.eval:
-        return docs, load_text_dataset(cfg.eval, split=cfg.eval_split, **opts)
+        return docs, load(cfg.eval, split=cfg.eval_split, **opts)
+    if len(docs) == 1 and cfg.format == "chat":
+        raise DataError(f"data {cfg.train} holds one conversation: hold some out with data.eval")
     if len(docs) == 1:
         head, tail = _split_one_document(docs[0]["text"], cfg.eval_fraction)
         if not head.strip() or not tail.strip():
@@ -140,11 +194,29 @@ def prepare_data(
     With ``teacher_tokenizer`` the blocks also carry the teacher's tokens and the alignment.
     """
     train_docs, eval_docs = split_documents(cfg, seed)
-    if teacher_tokenizer is None:
-        train = pack(train_docs, tokenizer, cfg.block_size, num_proc=cfg.num_proc)
-        evalset = pack(eval_docs, tokenizer, cfg.block_size, with_bytes=True, num_proc=cfg.num_proc)
+    opts = {"num_proc": cfg.num_proc, "with_positions": cfg.resolved_packing() == "within_document"}
+    chat = {"loss_on": cfg.loss_on, "num_proc": cfg.num_proc}
+    if cfg.format == "chat" and teacher_tokenizer is not None:  # each its own template, aligned on contents
+        toks = (tokenizer, teacher_tokenizer)
+        rows = tokenize_conversation_pairs(train_docs, *toks, **chat)
+        train = pack_pair(None, *toks, cfg.block_size, rows=rows, **opts)
+        rows = tokenize_conversation_pairs(eval_docs, *toks, **chat)
+        evalset = pack_pair(None, *toks, cfg.block_size, rows=rows, with_bytes=True, **opts)
+    elif cfg.format == "chat":
+        train = pack(
+            None,
+            tokenizer,
+            cfg.block_size,
+            rows=tokenize_conversations(train_docs, tokenizer, **chat),
+            **opts,
+        )
+        rows = tokenize_conversations(eval_docs, tokenizer, **chat)
+        evalset = pack(None, tokenizer, cfg.block_size, rows=rows, with_bytes=True, **opts)
+    elif teacher_tokenizer is None:
+        train = pack(train_docs, tokenizer, cfg.block_size, **opts)
+        evalset = pack(eval_docs, tokenizer, cfg.block_size, with_bytes=True, **opts)
     else:
-        pair = {"num_proc": cfg.num_proc}
+        pair = opts
         train = pack_pair(train_docs, tokenizer, teacher_tokenizer, cfg.block_size, **pair)
         evalset = pack_pair(eval_docs, tokenizer, teacher_tokenizer, cfg.block_size, with_bytes=True, **pair)
     for name, blocks in (("training", train), ("held-out", evalset)):

@@ -69,6 +69,17 @@ class DocumentStream:
         skip = lo - int(self.starts[d0])
         return values[skip : skip + hi - lo]
 
+    def positions(self, lo: int, hi: int) -> np.ndarray:
+        """Each stream position's index inside its document (0 at every document start), ``[lo, hi)``."""
+        return document_positions(self.starts, lo, hi)
+
+
+def document_positions(starts: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Stream positions ``[lo, hi)`` as indices inside their documents (document ``d`` is
+    ``[starts[d], starts[d + 1])``)."""
+    at = np.arange(lo, hi, dtype=np.int64)
+    return at - starts[np.searchsorted(starts, at, side="right") - 1]
+
 
 def _blocks(
     stream: DocumentStream,
@@ -105,23 +116,35 @@ def pack(
     block_size: int,
     *,
     with_bytes: bool = False,
+    with_positions: bool = False,
     num_proc: int = 1,
+    rows: datasets.Dataset | None = None,
 ) -> datasets.Dataset:
     """Tokenize documents (EOS after each), concatenate, cut into ``block_size`` blocks (``input_ids``;
-    with ``with_bytes`` also ``byte_counts``, the UTF-8 bytes each token covers)."""
-    rows = tokenize_documents(ds, tokenizer, with_bytes=with_bytes, num_proc=num_proc)
+    with ``with_bytes`` also ``byte_counts``, the UTF-8 bytes each token covers; with ``with_positions``
+    ``position``, each token's index inside its document, which within-document packing turns into a
+    block-diagonal attention mask). ``rows``: documents already tokenized (conversations,
+    :mod:`sakd.data.chat`: their per-token ``target`` column is packed too)."""
+    if rows is None:
+        rows = tokenize_documents(ds, tokenizer, with_bytes=with_bytes, num_proc=num_proc)
     stream = DocumentStream(rows)
-    columns = ["input_ids"] + (["byte_counts"] if with_bytes else [])
+    columns = ["input_ids"] + [c for c in ("byte_counts", "target") if c in rows.column_names]
+    if not with_bytes and "byte_counts" in columns:
+        columns.remove("byte_counts")
 
     def build(k0: int, k1: int) -> dict[str, Any]:
         lo, hi = k0 * block_size, k1 * block_size
         d0, d1 = stream.docs(lo, hi)
         table = stream.table[d0:d1]
         skip = lo - int(stream.starts[d0])
-        return {c: flat_column(table, c)[skip : skip + hi - lo].reshape(k1 - k0, block_size) for c in columns}
+        out = {c: flat_column(table, c)[skip : skip + hi - lo].reshape(k1 - k0, block_size) for c in columns}
+        if with_positions:
+            out["position"] = stream.positions(lo, hi).reshape(k1 - k0, block_size)
+        return out
 
-    features = datasets.Features({c: IDS for c in columns})
-    key = cache_key("pack", dataset_fingerprint(rows), block_size)
+    names = columns + (["position"] if with_positions else [])
+    features = datasets.Features({c: rows.features[c] if c == "target" else IDS for c in names})
+    key = cache_key("pack", dataset_fingerprint(rows), block_size, with_bytes, with_positions)
     return _blocks(stream, block_size, build, features, key, num_proc)
 
 
@@ -143,24 +166,36 @@ def pack_pair(
     block_size: int,
     *,
     with_bytes: bool = False,
+    with_positions: bool = False,
     num_proc: int = 1,
+    rows: datasets.Dataset | None = None,
 ) -> datasets.Dataset:
     """Like :func:`pack`, plus the teacher's tokens of the same text and the position alignment.
 
     Each block holds ``block_size`` student tokens (``input_ids``); ``teacher_input_ids`` are the
     teacher tokens whose end falls inside the block's character range (after the previous block's last
     student token, up to this block's last), a variable number; ``anchor`` / ``span_end`` are the
-    :class:`~sakd.align.positions.PositionAlignment` of the block.
+    :class:`~sakd.align.positions.PositionAlignment` of the block; with ``with_positions`` also
+    ``position`` / ``teacher_position`` (each token's index inside its document, both tokenizations).
+
+    ``rows``: documents already tokenized by both (conversations, :mod:`sakd.data.chat_pair`: their
+    ``ends`` are content coordinates, their ``target`` column is packed too, and a student position whose
+    ``anchorable`` flag is 0 gets no anchor).
     """
-    rows = tokenize_documents(
-        ds, tokenizer, teacher_tokenizer=teacher_tokenizer, with_bytes=with_bytes, num_proc=num_proc
-    )
+    if rows is None:
+        rows = tokenize_documents(
+            ds, tokenizer, teacher_tokenizer=teacher_tokenizer, with_bytes=with_bytes, num_proc=num_proc
+        )
     stream = DocumentStream(rows)
     # document d covers the global characters [char_base[d], char_base[d + 1]) (its text, then its EOS)
     n_chars = stream.table["n_chars"].to_numpy(zero_copy_only=False).astype(np.int64)
     char_base = np.concatenate([[0], np.cumsum(n_chars + 1)])
     t_lengths = pc.list_value_length(stream.table["teacher_input_ids"]).to_numpy(zero_copy_only=False)
     extra = ["byte_counts"] if with_bytes else []
+    extra += ["target"] if "target" in rows.column_names else []
+    gate = "anchorable" in rows.column_names  # conversations: only content positions may be anchored
+    positions = ["position", "teacher_position"] if with_positions else []
+    t_starts = np.concatenate([[0], np.cumsum(t_lengths)]).astype(np.int64)  # teacher stream, per document
 
     def build(k0: int, k1: int) -> dict[str, Any]:
         lo, hi = k0 * block_size, k1 * block_size
@@ -172,22 +207,31 @@ def pack_pair(
         t_ends = flat_column(table, "teacher_ends") + np.repeat(char_base[d0:d1], t_lengths[d0:d1])
         s_ids = flat_column(table, "input_ids")
         skip = int(stream.starts[d0])
-        out: dict[str, list] = {c: [] for c in [*PAIR_FEATURES, *extra]}
-        flats = {c: flat_column(table, c) for c in extra}
+        out: dict[str, list] = {c: [] for c in [*PAIR_FEATURES, *extra, *positions]}
+        flats = {c: flat_column(table, c) for c in extra + (["anchorable"] if gate else [])}
         for k in range(k0, k1):
             a, b = k * block_size - skip, (k + 1) * block_size - skip
-            lo_char = int(s_ends[a - 1]) if k > 0 else 0
+            lo_char = int(s_ends[a - 1]) if k > 0 else -1  # from the start: template tokens end at 0
             t_lo, t_hi = np.searchsorted(t_ends, [lo_char, int(s_ends[b - 1])], side="right")
             al = align_ends(s_ends[a:b], t_ends[t_lo:t_hi])
+            anchor, span_end = al.anchor.numpy(), al.span_end.numpy()
+            if gate:  # span_end keeps the next token's shared boundary: it ends on a content character
+                keep = flats["anchorable"][a:b] > 0
+                anchor, span_end = np.where(keep, anchor, -1), np.where(keep, span_end, -1)
             out["input_ids"].append(s_ids[a:b])
             out["teacher_input_ids"].append(t_ids[t_lo:t_hi])
             out["teacher_length"].append(int(t_hi - t_lo))
-            out["anchor"].append(al.anchor.numpy())
-            out["span_end"].append(al.span_end.numpy())
+            out["anchor"].append(anchor)
+            out["span_end"].append(span_end)
             for c in extra:
                 out[c].append(flats[c][a:b])
+            if with_positions:
+                out["position"].append(stream.positions(skip + a, skip + b))
+                base = int(t_starts[d0])
+                out["teacher_position"].append(document_positions(t_starts, base + t_lo, base + t_hi))
         return out
 
-    features = datasets.Features({**PAIR_FEATURES, **{c: IDS for c in extra}})
-    key = cache_key("pack_pair", dataset_fingerprint(rows), block_size)
+    columns = {c: rows.features[c] if c == "target" else IDS for c in [*extra, *positions]}
+    features = datasets.Features({**PAIR_FEATURES, **columns})
+    key = cache_key("pack_pair", dataset_fingerprint(rows), block_size, with_bytes, with_positions)
     return _blocks(stream, block_size, build, features, key, num_proc)

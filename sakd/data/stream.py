@@ -32,39 +32,65 @@ class TokenStream:
         nbytes: ``[N]`` int64 UTF-8 bytes of text each token covers (0 for EOS), or None (no bits per byte).
         eos_id: the EOS that separates documents: a target that is never scored (None: no EOS).
         documents: how many documents the text held (None when unknown, e.g. from packed blocks).
+        positions: ``[N]`` each token's index inside its document, or None: with them every window keeps
+            attention inside each document and a document's first token is not scored (within-document
+            packing, :mod:`sakd.data.documents`).
+        targets: ``[N]`` bool, which tokens are targets (conversations: the assistant's), or None: all but
+            the packing EOS.
     """
 
     ids: torch.Tensor
     nbytes: torch.Tensor | None
     eos_id: int | None
     documents: int | None = None
+    positions: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.ids.numel())
 
     def scored(self) -> torch.Tensor:
-        """``[N]`` bool: tokens that count as targets (all but the packing EOS)."""
-        if self.eos_id is None:
-            return torch.ones_like(self.ids, dtype=torch.bool)
-        return self.ids != self.eos_id
+        """``[N]`` bool: tokens that count as targets (all but the packing EOS, or ``targets``; with
+        ``positions`` never a document's first token)."""
+        if self.targets is not None:
+            out = self.targets.bool().clone()
+        elif self.eos_id is None:
+            out = torch.ones_like(self.ids, dtype=torch.bool)
+        else:
+            out = self.ids != self.eos_id
+        if self.positions is not None:
+            out &= self.positions != 0
+        return out
 
     def prefix(self, n_tokens: int) -> TokenStream:
         """The first ``n_tokens`` tokens."""
-        nbytes = None if self.nbytes is None else self.nbytes[:n_tokens]
-        return TokenStream(self.ids[:n_tokens], nbytes, self.eos_id, self.documents)
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:n_tokens]
+
+        return TokenStream(
+            self.ids[:n_tokens],
+            cut(self.nbytes),
+            self.eos_id,
+            self.documents,
+            cut(self.positions),
+            cut(self.targets),
+        )
 
     @classmethod
     def from_blocks(cls, blocks: Any, eos_id: int | None) -> TokenStream:
-        """The stream of packed blocks (``input_ids`` [+ ``byte_counts``] rows, or an ``[N, L]`` tensor)
-        laid end to end: consecutive blocks are consecutive stretches of one stream."""
+        """The stream of packed blocks (``input_ids`` [+ ``byte_counts``, ``position``, ``target``] rows, or
+        an ``[N, L]`` tensor) laid end to end: consecutive blocks are consecutive stretches of one stream."""
         if isinstance(blocks, torch.Tensor):
             return cls(blocks.reshape(-1).long(), None, eos_id)
         rows = blocks.with_format("arrow")[:]
-        nbytes = None
-        if "byte_counts" in rows.column_names:
-            nbytes = torch.from_numpy(pc.list_flatten(rows["byte_counts"]).to_numpy().astype(np.int64))
-        ids = torch.from_numpy(pc.list_flatten(rows["input_ids"]).to_numpy().astype(np.int64))
-        return cls(ids, nbytes, eos_id)
+
+        def flat(name: str) -> torch.Tensor | None:
+            if name not in rows.column_names:
+                return None
+            return torch.from_numpy(pc.list_flatten(rows[name]).to_numpy().astype(np.int64))
+
+        return cls(flat("input_ids"), flat("byte_counts"), eos_id, None, flat("position"), flat("target"))
 
 
 def text_stream(

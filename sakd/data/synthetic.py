@@ -109,3 +109,38 @@ def write_corpus(path: str | Path, num_docs: int = 12000, seed: int = 0) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(generate(num_docs, seed)) + "\n", encoding="utf-8")
     return path
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""A ChatML chat template (the format of Qwen's and SmolLM2's instruct models), for generated examples."""
+
+_QUESTIONS = [
+    ("Where does {n} live?", lambda w, n, rng: f"{n} lives in {w.city[n]} ."),
+    ("What does {n} do?", lambda w, n, rng: f"{n} works as a {w.job[n]} in {w.city[n]} ."),
+    ("What does {n} like to eat?", lambda w, n, rng: f"{n} likes to eat {_weighted(rng, w.foods_of[n])} ."),
+    ("Who is a friend of {n}?", lambda w, n, rng: f"{n} has a friend called {rng.choice(w.friends[n])} ."),
+]
+
+
+def conversations(num: int = 2000, seed: int = 0) -> list[list[dict[str, str]]]:
+    """``num`` conversations about the generated world: an optional system message, then 1-3 turns of a
+    user question and the assistant's answer (``{role, content}`` messages, as ``data.format: chat`` reads)."""
+    w = World(seed)
+    rng = random.Random(seed + 2)
+    out = []
+    for _ in range(num):
+        name = rng.choice(w.names)
+        messages = (
+            [{"role": "system", "content": "You answer in one sentence."}] if rng.random() < 0.5 else []
+        )
+        for _ in range(rng.randint(1, 3)):
+            question, answer = rng.choice(_QUESTIONS)
+            messages += [
+                {"role": "user", "content": question.format(n=name)},
+                {"role": "assistant", "content": answer(w, name, rng)},
+            ]
+        out.append(messages)
+    return out

@@ -31,18 +31,10 @@ def _builder_options(builder: str, sample_by: str, spec: str) -> dict[str, objec
     return {}
 
 
-def load_text_dataset(
-    spec: str,
-    *,
-    split: str = "train",
-    text_field: str = "text",
-    dataset_config: str | None = None,
-    sample_by: str = "document",
+def load_records(
+    spec: str, *, split: str = "train", dataset_config: str | None = None, sample_by: str = "document"
 ) -> datasets.Dataset:
-    """A `datasets.Dataset` with one ``text`` column, from a local file or a hub dataset name.
-
-    ``sample_by`` says what one document of a ``.txt`` file is (see the module docstring).
-    """
+    """The raw rows of a local file or a hub dataset (every column), each problem a one-line DataError."""
     if sample_by not in SAMPLE_BY:
         raise DataError(f"sample_by must be one of {', '.join(SAMPLE_BY)}, got {sample_by!r}")
     path = Path(spec).expanduser()
@@ -65,20 +57,39 @@ def load_text_dataset(
             raise DataError(f"data file is empty: {spec}")
         options = _builder_options(builder, sample_by, spec)
         try:
-            ds = datasets.load_dataset(builder, data_files={"train": str(path)}, split="train", **options)
+            return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train", **options)
         except Exception as e:  # datasets raises many types for malformed files
             raise DataError(f"cannot parse data file {spec} as {builder}: {str(e).splitlines()[0]}") from None
-    else:
-        _builder_options("hub", sample_by, spec)
-        try:
-            ds = datasets.load_dataset(spec, dataset_config, split=split)
-        except Exception as e:
-            raise DataError(f"cannot load dataset '{spec}': {str(e).splitlines()[0]}") from None
-    if text_field not in ds.column_names:
+    _builder_options("hub", sample_by, spec)
+    try:
+        return datasets.load_dataset(spec, dataset_config, split=split)
+    except Exception as e:
+        raise DataError(f"cannot load dataset '{spec}': {str(e).splitlines()[0]}") from None
+
+
+def select_field(ds: datasets.Dataset, spec: str, name: str, key: str) -> datasets.Dataset:
+    """``ds`` with only column ``name``, or a one-line DataError naming the columns and ``key`` to set."""
+    if name not in ds.column_names:
         raise DataError(
-            f"dataset {spec} has no column '{text_field}' (columns: {', '.join(ds.column_names)}); set data.text_field"
+            f"dataset {spec} has no column '{name}' (columns: {', '.join(ds.column_names)}); set {key}"
         )
-    ds = ds.select_columns([text_field])
+    return ds.select_columns([name])
+
+
+def load_text_dataset(
+    spec: str,
+    *,
+    split: str = "train",
+    text_field: str = "text",
+    dataset_config: str | None = None,
+    sample_by: str = "document",
+) -> datasets.Dataset:
+    """A `datasets.Dataset` with one ``text`` column, from a local file or a hub dataset name.
+
+    ``sample_by`` says what one document of a ``.txt`` file is (see the module docstring).
+    """
+    ds = load_records(spec, split=split, dataset_config=dataset_config, sample_by=sample_by)
+    ds = select_field(ds, spec, text_field, "data.text_field")
     if text_field != "text":
         ds = ds.rename_column(text_field, "text")
     return ds.filter(lambda t: bool(t and t.strip()), input_columns="text")

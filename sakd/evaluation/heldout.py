@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from sakd.data.bundle import IGNORE_INDEX
+from sakd.data.documents import document_mask
 from sakd.data.stream import TokenStream
 from sakd.evaluation.windows import Window, method_name, plan_windows
 from sakd.models.forward import hidden_and_head
@@ -77,20 +78,24 @@ def rank_batches(n_blocks: int, batch_size: int, rank: int, world: int) -> Itera
 
 def _window_batch(
     stream: TokenStream, windows: list[Window]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``[B, W]`` ids of a batch of windows (a short last window right-padded: causal attention keeps the
-    padding out of every real position), ``[B, W-1]`` the scored targets, ``[B, W-1]`` their stream index."""
+    padding out of every real position), ``[B, W-1]`` the scored targets, ``[B, W-1]`` their stream index,
+    and -- when the stream has document positions -- the windows' document mask (:mod:`sakd.data.documents`)."""
     width = max(w.end - w.begin for w in windows)
     ids = torch.zeros(len(windows), width, dtype=torch.long)
+    docs = None if stream.positions is None else torch.zeros(len(windows), width, dtype=torch.long)
     for i, w in enumerate(windows):
         ids[i, : w.end - w.begin] = stream.ids[w.begin : w.end]
+        if docs is not None:
+            docs[i, : w.end - w.begin] = document_mask(stream.positions[w.begin : w.end].unsqueeze(0))[0]
     begin, first, end = (
         torch.tensor([getattr(w, f) for w in windows]).unsqueeze(1) for f in ("begin", "first", "end")
     )
     target = begin + 1 + torch.arange(width - 1).unsqueeze(0)  # stream index of each position's target
     at = target.clamp(max=len(stream) - 1)
     mask = (target >= first) & (target < end) & stream.scored()[at]
-    return ids, mask, at
+    return ids, mask, at, docs
 
 
 @torch.no_grad()
@@ -136,14 +141,15 @@ def evaluate(
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # nll_sum, agree, tokens, bytes
     for lo, counted in rank_batches(len(windows), batch_size, rank, world):
-        ids, mask, at = _window_batch(heldout, windows[lo : lo + batch_size])
+        ids, mask, at, docs = _window_batch(heldout, windows[lo : lo + batch_size])
         ids, mask = ids.to(device), mask.to(device)
-        s = hidden_and_head(model, unwrapped, ids)
+        docs = None if docs is None else docs.to(device)
+        s = hidden_and_head(model, unwrapped, ids, docs)
         h = s.hidden[:, :-1][mask]
         targets = ids[:, 1:][mask]
         t = None
         if teacher is not None:
-            th = hidden_and_head(teacher, teacher, ids)
+            th = hidden_and_head(teacher, teacher, ids, docs)
             t = (th.hidden[:, :-1][mask], th.head_weight, th.head_bias)
         ce, agree = _chunk_stats(h, s.head_weight, s.head_bias, targets, t, vocab, chunk_size)
         if counted:
@@ -214,7 +220,7 @@ def cross_tokenizer_agreement(
     for lo, counted in rank_batches(n, batch_size, rank, world):
         batch = bundle.batch(blocks, list(range(lo, min(lo + batch_size, n))))
         batch = {k: v.to(device) for k, v in batch.items()}
-        s = hidden_and_head(model, unwrapped, batch["input_ids"])
+        s = hidden_and_head(model, unwrapped, batch["input_ids"], batch["attention_mask"])
         t = hidden_and_head(teacher, teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"])
         anchor = batch["anchor"]
         # as in training, a position whose next token is the packing EOS is not scored (the block's last

@@ -12,7 +12,7 @@ import datasets
 import torch
 
 from sakd.config import DataConfig, load_config
-from sakd.data import DataBundle, make_batch, prepare_data
+from sakd.data import DataBundle, prepare_data
 
 SAMPLE_ID = "sample_id"
 """The column holding each row's block id: its index in the packed training (or held-out) blocks, what
@@ -38,15 +38,10 @@ class DistillationCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = {k: [f[k] for f in features] for k in features[0]}
         ids = rows.get(SAMPLE_ID)
-        batch = make_batch(
-            torch.stack([torch.as_tensor(x) for x in rows["input_ids"]]),
-            [int(i) for i in ids] if ids is not None else [],
-            eos_id=self.bundle.eos_id,  # a packing EOS is never a target, as in sakd distill
-        )
+        # the same batch as sakd distill's: a packing EOS is never a target, documents stay apart when packed so
+        batch = self.bundle.rows_batch(rows, [int(i) for i in ids] if ids is not None else [])
         if ids is None:  # no block ids: Knowledge Augmentation and a teacher cache refuse such batches
             del batch["sample_ids"]
-        if self.bundle.aligned:
-            batch.update(self.bundle.teacher_fields(rows))
         return batch
 
 

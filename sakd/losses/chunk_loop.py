@@ -278,9 +278,11 @@ class FusedLinearKD(torch.autograd.Function):
         )
         starts = range(0, n_tokens, plan.chunk_size)
         # chunks without a valid position are skipped; decided for all chunks with one host sync
-        nonempty = torch.stack(
-            [plan.valid[start : start + plan.chunk_size].any() for start in starts]
-        ).tolist()
+        nonempty = (
+            torch.stack([plan.valid[start : start + plan.chunk_size].any() for start in starts]).tolist()
+            if n_tokens
+            else []
+        )
         for start, has_valid in zip(starts, nonempty, strict=True):
             rows = slice(start, start + plan.chunk_size)
             if has_valid:

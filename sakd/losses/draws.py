@@ -8,6 +8,7 @@ of how a step is split into micro-batches, or of the rank. An offline cache
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,8 +21,10 @@ ROWS_PER_CHUNK = 256  # part of the sampled mode's definition: the draws of a bl
 
 
 def block_generator(seed: int, block: int, device: torch.device) -> torch.Generator:
-    """The sampled mode's generator of block ``block``."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + block)
+    """The sampled mode's generator of block ``block``: seeded from a hash of ``(seed, block)``, so no two
+    pairs share a stream (an affine ``seed·c + block`` gives ``(s, b + c)`` the stream of ``(s + 1, b)``)."""
+    digest = hashlib.sha256(f"sampled/{seed}/{block}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,10 @@ What transformers 5.x gives and how it is used here (checked against 5.23's sour
   additive float mask that ``eager_mask`` builds, so the probabilities equal a fully eager run.
   Consequently ``outputs.attentions`` holds one tensor per *selected* layer, in layer order;
   :func:`collect_attentions` maps them back to layer indices.
+* **Documents.** A document mask (:mod:`sakd.data.documents`: document indices 1, 2, ... instead of 0/1)
+  becomes ``position_ids`` that restart at each document and ``attention_mask=None``: ``masking_utils``
+  (5.25: ``find_packed_sequence_indices``) then builds a block-diagonal causal mask, and the flash kernels
+  take the varlen path from the same position ids (one row: ``[B, L]`` is flattened to ``[1, B*L]``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sakd.data.documents import document_positions, is_document_mask
 from sakd.upstream import attn_implementation
 
 SELECTIVE_ATTENTION = "sakd_selective"
@@ -354,15 +359,23 @@ def capture(
         kwargs["output_router_logits"] = True
     if attention_layers:
         kwargs["output_attentions"] = True
+    ids, model_mask, shape = input_ids, attention_mask, tuple(input_ids.shape)
+    if is_document_mask(attention_mask):  # packed within_document: see sakd.data.documents
+        model_mask, kwargs["position_ids"] = None, document_positions(attention_mask)
+        if attn_implementation(config).startswith("flash") and shape[0] > 1:
+            # flash-attention's varlen path reads the documents from the position ids of one row
+            ids, kwargs["position_ids"] = ids.reshape(1, -1), kwargs["position_ids"].reshape(1, -1)
     out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
+        input_ids=ids,
+        attention_mask=model_mask,
         output_hidden_states=wanted_hidden,
         logits_to_keep=1,
         use_cache=False,
         **kwargs,
     )
     hs = out.hidden_states
+    if ids.shape != shape:  # flattened for flash-attention: back to [B, L, H]
+        hs = tuple(None if h is None else h.reshape(*shape, h.shape[-1]) for h in hs)
     captured = Captured(hidden=hs[-1], logits=out.logits)
     captured.layers = select_hidden(hs, list(hidden_layers))
     if attention_layers:

@@ -67,12 +67,15 @@ def build_tokenizers(mcfg: ModelConfig, *, use_teacher: bool) -> tuple[Any, Any 
     if spec is None:
         raise SetupError(f"student preset '{mcfg.student}' needs model.tokenizer (a tokenizer directory)")
     student_tok = load_tokenizer(spec, trust_remote_code=mcfg.trust_remote_code)
-    if not use_teacher:
-        return student_tok, None
     teacher_spec = default_tokenizer_spec(mcfg.teacher, mcfg.teacher_tokenizer) or spec
-    if teacher_spec == spec:
-        return student_tok, student_tok
-    return student_tok, load_tokenizer(teacher_spec, trust_remote_code=mcfg.trust_remote_code)
+    teacher_tok = student_tok
+    if teacher_spec != spec and (use_teacher or mcfg.chat_template == "teacher"):
+        teacher_tok = load_tokenizer(teacher_spec, trust_remote_code=mcfg.trust_remote_code)
+    if mcfg.chat_template == "teacher":  # the student renders (and exports) the teacher's chat template
+        if not getattr(teacher_tok, "chat_template", None):
+            raise SetupError("model.chat_template=teacher but the teacher's tokenizer has no chat template")
+        student_tok.chat_template = teacher_tok.chat_template
+    return student_tok, teacher_tok if use_teacher else None
 
 
 def build_student(mcfg: ModelConfig, tokenizer: Any, accelerator: Any, *, seed: int) -> Any:
