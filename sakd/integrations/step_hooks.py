@@ -79,7 +79,7 @@ class StepHooksCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object
     ) -> None:
         if state.is_world_process_zero:
-            self.aware.save(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            self.aware.save(Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
     def load(self, directory: str) -> None:
         """The hooks' state from a Trainer checkpoint (what :meth:`on_save` wrote)."""

@@ -6,6 +6,8 @@ by the step's global count of them); see each term's module for what it compares
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -60,8 +62,8 @@ class AuxTerms(nn.Module):
         curriculum's factor per term (absent: 1).
         """
         sums, mult = dict(sums), multipliers or {}
-        for name, term in self.terms.items():
-            value = term.loss_sum(student, teacher, batch, predicted)
+        for name, module in self.terms.items():
+            value = cast(AuxTerm, module).loss_sum(student, teacher, batch, predicted)
             loss = loss + self.weights[name] * mult.get(name, 1.0) * value
             sums[name] = value.detach()
         sums["loss"] = loss.detach()

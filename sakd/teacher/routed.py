@@ -10,6 +10,7 @@ from sakd.config import MoEConfig
 from sakd.models.forward import HiddenAndHead
 from sakd.teacher.capabilities import live_capabilities
 from sakd.teacher.moe import RoutingSpec, augmented_forward, block_generators, override_routing, require_moe
+from sakd.teacher.moe_router import StudentAwareRouter
 from sakd.teacher.signal import OnlineTeacher
 
 
@@ -31,7 +32,7 @@ class RoutedTeacher(OnlineTeacher):
         seed: int,
         augment: MoEConfig | None = None,
         keep_samples: bool = False,
-        sar: object | None = None,
+        sar: StudentAwareRouter | None = None,
     ) -> None:
         require_moe(model, "distillation.moe")
         super().__init__(
@@ -39,7 +40,8 @@ class RoutedTeacher(OnlineTeacher):
         )
         self.seed, self.step = seed, 0
         self.augment, self.keep_samples, self.sar = augment, keep_samples, sar
-        self.decisions, self.changed = 0, 0
+        self.decisions = 0
+        self.changed: torch.Tensor | int = 0  # on the teacher's device once counted
         self.capabilities = live_capabilities(moe=True, routing="sar" if sar is not None else "ka")
 
     def at_step(self, step: int) -> None:
@@ -57,15 +59,18 @@ class RoutedTeacher(OnlineTeacher):
         if self.sar is not None:  # every expert, through the router's learned logits
             with override_routing(self.model, self.sar.routing()):
                 return super().__call__(batch)
+        moe = self.augment
+        if moe is None:
+            raise ValueError("RoutedTeacher needs augment (Knowledge Augmentation) or sar")
         ids, mask = self.inputs(batch)
-        samples = self.augment.augment_samples
+        samples = moe.augment_samples
         sample_ids = (
             batch["sample_ids"].reshape(-1).tolist() if "sample_ids" in batch else list(range(len(ids)))
         )
         spec = RoutingSpec(
             "ka",
-            k=self.augment.augment_experts,
-            sampling_prob=self.augment.augment_sampling_prob,
+            k=moe.augment_experts,
+            sampling_prob=moe.augment_sampling_prob,
             generators=block_generators(self.seed, self.step, sample_ids, samples, ids.device),
         )
         out = augmented_forward(

@@ -12,11 +12,12 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from sakd.models.capture import RouterSignal
 from sakd.models.forward import HiddenAndHead
 from sakd.objective.composite import Objective
 from sakd.objective.curriculum import Curriculum, StepSchedule
@@ -26,7 +27,7 @@ from sakd.teacher.signal import TeacherOutput, TeacherSignal
 STATE_FILE = "student_aware.json"
 ROUTER_FILE = "token_router.safetensors"
 Batch = dict[str, torch.Tensor]
-Metric = float | int | list[float] | list[list[float]]
+Metric = object  # a number, or a list of them (metrics.jsonl)
 
 
 @dataclass
@@ -151,7 +152,7 @@ class TokenRouterHook:
         signals = []
         for mb, s_out, t_out in zip(step.micro_batches, step.students(), extras.teacher_outs, strict=True):
             rows = self.objective.kd_rows(s_out, t_out, mb["labels"][:, 1:].reshape(-1), mb)
-            router = t_out.router if live else None  # a cache's are in the rows
+            router = cast(RouterSignal | None, t_out.router) if live else None  # a cache's: in the rows
             signals.append(token_signals(rows, spec, router, self.chunk_size))
         weights = self.router.weights(signals, step.schedule.sharpness, self.reduce)
         stats = weight_stats(weights, signals, self.reduce)

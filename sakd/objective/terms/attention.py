@@ -39,10 +39,12 @@ class AttentionTerm(AuxTerm):
         batch: dict[str, torch.Tensor],
         predicted: torch.Tensor,
     ) -> torch.Tensor:
-        total = sum(
-            attention_transfer_loss(student.attentions[s], teacher.attentions[t], self.proj, predicted)
-            for s, t in self.pairs
-        )
+        total: torch.Tensor | None = None
+        for s, t in self.pairs:
+            loss = attention_transfer_loss(student.attentions[s], teacher.attentions[t], self.proj, predicted)
+            total = loss if total is None else total + loss
+        if total is None:
+            raise ValueError("no attention layer pairs")
         return total / len(self.pairs)
 
 

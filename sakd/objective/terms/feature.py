@@ -3,6 +3,8 @@ predicted positions (across tokenizers, at each student position's anchor), aver
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -25,29 +27,32 @@ class FeatureTerm(AuxTerm):
         self.pairs, self.kind = [(int(t), int(s)) for t, s in pairs], kind
         self.student_layers = [s for _, s in self.pairs]
         self.teacher_layers = [t for t, _ in self.pairs]
-        self.proj = nn.ModuleList(nn.Linear(teacher_hidden, student_hidden) for _ in self.pairs)
+        projs = [nn.Linear(teacher_hidden, student_hidden) for _ in self.pairs]
         if teacher_hidden == student_hidden:
             with torch.no_grad():
-                for proj in self.proj:
+                for proj in projs:
                     proj.weight.copy_(torch.eye(student_hidden))
                     proj.bias.zero_()
+        self.proj = nn.ModuleList(projs)
 
     def project(self, i: int, teacher_h: torch.Tensor) -> torch.Tensor:
         """Project (detached) teacher hidden states ``[..., Ht]`` of pair ``i`` to ``[..., Hs]``."""
-        proj = self.proj[i]
+        proj = cast(nn.Linear, self.proj[i])
         return proj(teacher_h.detach().to(proj.weight.dtype))
 
     def layer_losses(
         self, student: dict[int, torch.Tensor], teacher: dict[int, torch.Tensor], mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Mean over the pairs of :func:`~sakd.losses.auxiliary.feature_loss` (each a sum over ``mask``)."""
-        total = None
+        total: torch.Tensor | None = None
         for i, (t, s) in enumerate(self.pairs):
             t_state = teacher[t]
             if mask is not None:  # zero masked rows before projecting: no inf·0 in the weight gradient
                 t_state = torch.where(mask.unsqueeze(-1), t_state, 0.0)
             loss = feature_loss(student[s], self.project(i, t_state), self.kind, mask)
             total = loss if total is None else total + loss
+        if total is None:
+            raise ValueError("no feature layer pairs")
         return total / len(self.pairs)
 
     def loss_sum(
