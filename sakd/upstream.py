@@ -36,6 +36,17 @@ def forget_prepared(accelerator: Any, optimizer: Any, scheduler: Any) -> None:
     accelerator._schedulers.remove(scheduler)
 
 
+def release_engine(accelerator: Any, engine: Any, optimizer: Any, scheduler: Any) -> Any:
+    """Drop a prepared DeepSpeed engine, its optimizer and scheduler from the accelerator, free the engine
+    (its gradient hooks and buffers: ``engine.destroy()``) and return the module it wrapped, to be prepared
+    again with another optimizer. Accelerate can free everything (``free_memory``) but not one engine."""
+    forget_prepared(accelerator, optimizer, scheduler)
+    accelerator._models.remove(engine)
+    accelerator.deepspeed_engine_wrapped = None
+    engine.destroy()
+    return engine.module
+
+
 def set_process_world(num_processes: int, process_index: int, local_process_index: int) -> None:
     """Make Accelerate's shared process state report this world (the CPU DeepSpeed repair).
 

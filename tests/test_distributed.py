@@ -231,3 +231,46 @@ def test_student_aware_parts_on_two_ranks_equal_one_process(
     assert router.keys() == aware_reference["router"].keys()
     for k in router:
         torch.testing.assert_close(router[k], aware_reference["router"][k], rtol=0, atol=atol, msg=k)
+
+
+STAGES = [{"name": "a", "steps": 2}, {"name": "b", "steps": 2, "learning_rate": 1e-3, "warmup_steps": 0}]
+
+
+def test_stages_under_zero2_two_cpu_ranks_equal_one_process(tiny_run_config_module, tmp_path):
+    """optimization.stages under DeepSpeed ZeRO-2: each stage's optimizer comes with a new engine around the
+    same module; 2 ranks give the single-process run's losses and weights (it used to be refused)."""
+    from sakd.config import load_config
+    from sakd.training.trainer import Distiller
+
+    single = _recipe(tiny_run_config_module, tmp_path / "single", gradient_accumulation_steps=2)
+    single["optimization"]["stages"] = STAGES
+    cfg, _ = load_config(single)
+    d = Distiller(cfg, resume="none", overwrite=True)
+    steps = [[sorted(i for mb in d.plan.micro_batches(0, s, 0) for i in mb)] for s in range(STEPS)]
+    d.train()
+    run = tmp_path / "single" / "run"
+    reference = {
+        "steps": steps,
+        "final": load_file(str(run / "final" / "model.safetensors")),
+        "metrics": _metrics(run),
+    }
+    raw = _recipe(tiny_run_config_module, tmp_path, deepspeed=str(ROOT / "ds_configs/zero2.json"))
+    raw["optimization"]["stages"] = STAGES
+    ranks = _launch(raw, tmp_path)
+    assert ranks[0]["zero_stage"] == 2
+    _check_common(ranks, reference, tmp_path / "run", atol=1e-5)
+    assert [m["stage"] for m in _metrics(tmp_path / "run")] == [0, 0, 1, 1]
+    assert [m["lr"] for m in _metrics(tmp_path / "run")] == pytest.approx(
+        [m["lr"] for m in reference["metrics"]]
+    )
+    # resumed from the last checkpoint of stage 0: its engine restores, then the stage-1 engine takes over
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "run", resumed / "run")
+    shutil.rmtree(resumed / "run" / "checkpoints" / "step-00000004")
+    shutil.rmtree(resumed / "run" / "final")
+    (resumed / "run" / "summary.json").unlink()
+    raw["training"]["output_dir"] = str(resumed / "run")
+    assert _launch(raw, resumed, resume="auto")[0]["start_step"] == 2
+    a, b = (load_file(str(r / "run" / "final" / "model.safetensors")) for r in (tmp_path, resumed))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)

@@ -40,21 +40,23 @@ def stage_settings(ocfg: OptimizationConfig, stage: int) -> tuple[float, dict[st
     return st.learning_rate or ocfg.learning_rate, rules, st.warmup_steps, st.name or f"stage-{stage}"
 
 
-def check_stages(ocfg: OptimizationConfig, student: torch.nn.Module, *, deepspeed: bool, world: int) -> None:
-    """Stages re-create the optimizer: a DeepSpeed engine owns its optimizer, and DDP fixes the set of
-    trainable parameters when it wraps the model."""
+def check_stages(ocfg: OptimizationConfig, student: torch.nn.Module, *, zero: int, world: int) -> None:
+    """Stages re-create the optimizer: under DeepSpeed ZeRO-1/2 with a new engine around the same module
+    (the engine owns its optimizer); ZeRO-3's partitioned parameters would need re-partitioning; and DDP
+    (like DeepSpeed) fixes the set of trainable parameters when it wraps the model. ``zero``: the ZeRO
+    stage, -1 without DeepSpeed."""
     if not ocfg.stages:
         return
-    if deepspeed:
+    if zero == 3:
         raise ConfigError(
-            "optimization.stages is not supported under DeepSpeed (its engine owns the optimizer); run "
-            "the stages as separate runs, each starting from the previous one's export"
+            "optimization.stages is not supported under ZeRO-3 yet (a stage's new engine would re-partition "
+            "the parameters the last one partitioned); use ZeRO-1/2, or run the stages as separate runs"
         )
     frozen = {frozenset(frozen_names(student, stage_settings(ocfg, i)[1])) for i in range(len(ocfg.stages))}
     if world > 1 and len(frozen) > 1:
         raise ConfigError(
-            "optimization.stages freeze different parameters, which DDP cannot follow after wrapping the "
-            "model; keep the same 0.0 rules in every stage or train the stages in one process"
+            "optimization.stages freeze different parameters, which DDP / DeepSpeed cannot follow after "
+            "wrapping the model; keep the same 0.0 rules in every stage or train the stages in one process"
         )
 
 

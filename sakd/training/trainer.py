@@ -66,7 +66,7 @@ from sakd.training.stages import check_stages, stage_ends, stage_optimizer
 from sakd.training.state import tracker_config, tracker_init_kwargs
 from sakd.training.stop_signals import StopSignals
 from sakd.training.student_aware import StudentAware, detached_student
-from sakd.upstream import forget_prepared
+from sakd.upstream import forget_prepared, release_engine
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Distiller(RunLoop):
         self.plan = build_batch_plan(tcfg, len(self.data.train), acc.num_processes)
         self.stage_ends = stage_ends(cfg.optimization, tcfg, self.plan.steps_per_epoch)
         self.total_steps = self.stage_ends[-1]
-        check_stages(cfg.optimization, student, deepspeed=self.ds_config is not None, world=acc.num_processes)
+        check_stages(cfg.optimization, student, zero=self.zero_stage, world=acc.num_processes)
         start_stage = checkpoint.read_state(self.resumed_from).get("stage", 0) if self.resumed_from else 0
         optimizer, scheduler = self._optimizer_for(start_stage, student)
         # One module for Accelerate: the student and the projections are synced/partitioned alike.
@@ -162,13 +162,21 @@ class Distiller(RunLoop):
         )
 
     def _enter_stage_if_due(self) -> None:
-        """At a stage's first step: the next stage's optimizer and schedule replace the current ones."""
+        """At a stage's first step: the next stage's optimizer and schedule replace the current ones (under
+        DeepSpeed, which owns its optimizer, with a new engine around the same module)."""
         s, acc = self.state, self.accelerator
         while s.stage + 1 < len(self.stage_ends) and s.step >= self.stage_ends[s.stage]:
             s.stage += 1
             optimizer, scheduler = self._optimizer_for(s.stage, self.hf_student)
-            forget_prepared(acc, self.optimizer, self.scheduler)  # checkpoints hold the current stage only
-            self.optimizer, self.scheduler = acc.prepare(optimizer, scheduler)
+            if self.ds_config is not None:
+                module = release_engine(acc, self.student, self.optimizer, self.scheduler)
+                self.student, self.optimizer, self.scheduler = acc.prepare(module, optimizer, scheduler)
+                self._engine_skips = 0  # the new engine counts its own skipped steps
+            else:
+                forget_prepared(
+                    acc, self.optimizer, self.scheduler
+                )  # checkpoints hold the current stage only
+                self.optimizer, self.scheduler = acc.prepare(optimizer, scheduler)
 
     # ------------------------------------------------------------------------------ the step
 
