@@ -37,24 +37,25 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from sakd.align.setup import Alignment, setup_alignment
-from sakd.config import ConfigError, DistillationConfig, RunConfig, TrainingConfig, load_config
+from sakd.align.setup import setup_alignment
+from sakd.config import ConfigError, DistillationConfig, RunConfig, TrainingConfig
 from sakd.integrations.data import SAMPLE_ID
 from sakd.integrations.step_hooks import StepHooksCallback
-from sakd.integrations.teacher_signals import as_signal, cache_signal, open_cache, teacher_output
+from sakd.integrations.teacher_signals import (
+    cache_signal,
+    open_section,
+    teacher_output,
+    trainer_signal,
+)
 from sakd.models import freeze
 from sakd.models.student import TrainableStudent, student_state
 from sakd.models.zero import register_external_parameters
-from sakd.objective.aux_terms import AuxTerms, build_aux_terms
-from sakd.objective.compose import check_composition
+from sakd.objective.aux_terms import build_aux_terms
 from sakd.objective.composite import Objective
 from sakd.objective.curriculum import StepSchedule
-from sakd.teacher.cache.reader import CacheReader
 from sakd.teacher.capabilities import LIVE
-from sakd.teacher.moe_router import StudentAwareRouter
 from sakd.teacher.placement import teacher_engine
-from sakd.teacher.signal import CachedTeacher, TeacherSignal
-from sakd.training.builders import build_objective, build_teacher_signal
+from sakd.training.builders import build_objective
 from sakd.training.optim import param_groups
 from sakd.training.student_aware import StudentAware, detached_student
 
@@ -81,14 +82,6 @@ class _Student(TrainableStudent):
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         self.module.gradient_checkpointing_enable(**kwargs)
-
-
-def distillation_config(distillation: DistillationConfig | dict | None) -> DistillationConfig:
-    """A checked ``distillation`` section: the dataclass as given, or a dict validated like a recipe's."""
-    if isinstance(distillation, DistillationConfig):
-        return distillation
-    cfg, _ = load_config({"distillation": distillation or {}})
-    return cfg.distillation
 
 
 class DistillationTrainer(Trainer):
@@ -127,7 +120,7 @@ class DistillationTrainer(Trainer):
     ) -> None:
         from accelerate import PartialState
 
-        self.distillation, reader = _open(distillation, teacher)
+        self.distillation, reader = open_section(distillation, teacher)
         self.lr_multipliers = dict(lr_multipliers or {})
         tokenizer = kwargs.get("processing_class")
         if teacher_tokenizer is not None and tokenizer is None:
@@ -158,7 +151,7 @@ class DistillationTrainer(Trainer):
         cached = None
         if reader is not None:
             cached = cache_signal(reader, self.distillation, self.train_dataset, tokenizer, self.args.device)
-        signal, sar = _teacher_signal(
+        signal, sar = trainer_signal(
             run, self.teacher, teacher, cached, self.alignment, self.aux_terms, self.args.device
         )
         self.teacher_signal = signal
@@ -358,42 +351,6 @@ def _load_aux(directory: str, wrapper: TrainableStudent) -> None:
         except FileNotFoundError:
             raise ConfigError(f"{directory} has no {AUX_FILE}: the projections cannot be restored") from None
         wrapper.aux.load_state_dict(state)
-
-
-def _open(
-    distillation: DistillationConfig | dict | None, teacher: object
-) -> tuple[DistillationConfig, CacheReader | None]:
-    """The checked section (``loss.sparse`` resolved for a teacher cache) and the cache's reader, if any."""
-    cfg, reader = distillation_config(distillation), None
-    if cfg.teacher_cache:
-        reader, cfg = open_cache(cfg)
-    if reader is not None and teacher is not None:
-        raise ConfigError("distillation.teacher_cache replaces the teacher: pass teacher=None")
-    if cfg.policy != "off":
-        raise ConfigError(
-            f"distillation.policy={cfg.policy} is not run by DistillationTrainer yet (its loop does not generate "
-            "text): use `sakd distill`"
-        )
-    return cfg, reader
-
-
-def _teacher_signal(
-    run: RunConfig,
-    placed: nn.Module | None,
-    caller: object,
-    cached: CachedTeacher | None,
-    alignment: Alignment,
-    aux: AuxTerms | None,
-    device: torch.device,
-) -> tuple[TeacherSignal | None, StudentAwareRouter | None]:
-    """The one teacher signal (the placed teacher model's, a cache's, or the caller's signal object), checked
-    against the run's parts."""
-    signal, sar = build_teacher_signal(run, placed, alignment, aux, device, cached=cached)
-    if signal is None and caller is not None:  # a teacher-signal object of the caller's
-        signal = as_signal(caller)  # type: ignore[arg-type]
-    for note in check_composition(run, LIVE if signal is None else signal.capabilities):
-        log.info(note)
-    return signal, sar
 
 
 def _place(teacher: nn.Module, zero_stage: int, args: TrainingArguments) -> nn.Module:

@@ -1,5 +1,7 @@
-"""The teacher signals of a :class:`~sakd.integrations.DistillationTrainer` that read each batch's block ids
-(``sample_ids``, from the rows' ``sample_id`` column through :class:`~sakd.integrations.DistillationCollator`):
+"""The teacher signal of a :class:`~sakd.integrations.DistillationTrainer`: its checked ``distillation``
+section (:func:`open_section`), the one signal (:func:`trainer_signal`: the teacher model's, a cache's or
+the caller's), and the signals that read each batch's block ids (``sample_ids``, from the rows'
+``sample_id`` column through :class:`~sakd.integrations.DistillationCollator`):
 
 * **Knowledge Augmentation** (``distillation.moe.augment_samples``): every block's expert draws come from
   a generator seeded by (``TrainingArguments.seed``, the Trainer's global step, the block's id, the sample
@@ -22,15 +24,21 @@ from typing import Any
 
 import datasets
 import torch
+from torch import nn
 
-from sakd.config import ConfigError, DistillationConfig, RunConfig
+from sakd.align.setup import Alignment
+from sakd.config import ConfigError, DistillationConfig, RunConfig, load_config
 from sakd.errors import DataError
 from sakd.integrations.data import SAMPLE_ID
+from sakd.objective.aux_terms import AuxTerms
+from sakd.objective.compose import check_composition
 from sakd.teacher.cache.attach import open_teacher_cache
 from sakd.teacher.cache.fingerprint import tokenizer_sha256
 from sakd.teacher.cache.reader import CacheReader
 from sakd.teacher.capabilities import LIVE
+from sakd.teacher.moe_router import StudentAwareRouter
 from sakd.teacher.signal import CachedTeacher, TeacherOutput, TeacherSignal
+from sakd.training.builders import build_teacher_signal
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +108,9 @@ class CallableSignal:
 
 
 def as_signal(signal: TeacherSignal | Callable[[dict[str, torch.Tensor]], TeacherOutput]) -> TeacherSignal:
-    """``signal`` itself when it declares its capabilities, else wrapped as a live one."""
-    return signal if hasattr(signal, "capabilities") else CallableSignal(signal)
+    """``signal`` itself when it is a :class:`TeacherSignal` (capabilities, ``at_step``), else wrapped as a live
+    one."""
+    return signal if isinstance(signal, TeacherSignal) else CallableSignal(signal)
 
 
 def teacher_output(signal: TeacherSignal, batch: dict[str, torch.Tensor], step: int) -> TeacherOutput:
@@ -116,3 +125,47 @@ def teacher_output(signal: TeacherSignal, batch: dict[str, torch.Tensor], step: 
         )
     signal.at_step(step)
     return signal(batch)
+
+
+def distillation_config(distillation: DistillationConfig | dict | None) -> DistillationConfig:
+    """A checked ``distillation`` section: the dataclass as given, or a dict validated like a recipe's."""
+    if isinstance(distillation, DistillationConfig):
+        return distillation
+    cfg, _ = load_config({"distillation": distillation or {}})
+    return cfg.distillation
+
+
+def open_section(
+    distillation: DistillationConfig | dict | None, teacher: object
+) -> tuple[DistillationConfig, CacheReader | None]:
+    """The checked section (``loss.sparse`` resolved for a teacher cache) and the cache's reader, if any."""
+    cfg, reader = distillation_config(distillation), None
+    if cfg.teacher_cache:
+        reader, cfg = open_cache(cfg)
+    if reader is not None and teacher is not None:
+        raise ConfigError("distillation.teacher_cache replaces the teacher: pass teacher=None")
+    if cfg.policy != "off":
+        raise ConfigError(
+            f"distillation.policy={cfg.policy} is not run by DistillationTrainer yet (its loop does not generate "
+            "text): use `sakd distill`"
+        )
+    return cfg, reader
+
+
+def trainer_signal(
+    run: RunConfig,
+    placed: nn.Module | None,
+    caller: object,
+    cached: CachedTeacher | None,
+    alignment: Alignment,
+    aux: AuxTerms | None,
+    device: torch.device,
+) -> tuple[TeacherSignal | None, StudentAwareRouter | None]:
+    """The one teacher signal (the placed teacher model's, a cache's, or the caller's signal object), checked
+    against the run's parts."""
+    signal, sar = build_teacher_signal(run, placed, alignment, aux, device, cached=cached)
+    if signal is None and caller is not None:  # a teacher-signal object of the caller's
+        signal = as_signal(caller)  # type: ignore[arg-type]
+    for note in check_composition(run, LIVE if signal is None else signal.capabilities):
+        log.info(note)
+    return signal, sar

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import torch
 from torch import nn
@@ -96,6 +96,7 @@ TeacherOutput: TypeAlias = HiddenAndHead | StoredSignal
 """One micro-batch's teacher signal: a live forward's states and head, or a stored distribution."""
 
 
+@runtime_checkable
 class TeacherSignal(Protocol):
     """The teacher signal of a run: what it can give, and its output for a batch."""
 
@@ -149,7 +150,7 @@ class CachedTeacher:
         else:
             fields, kd_mask, chain = aligned_fields(self.reader, self.index[ids], self.chain_rule)
         sparse = stored_sparse(fields, self.reader.spec.temperature, self.top_k)
-        dev = self.device
+        dev, router = self.device, fields.get("router")
         return StoredSignal(
             sparse=SparseTeacher(
                 sparse.indices.to(dev),
@@ -160,5 +161,5 @@ class CachedTeacher:
             ),
             kd_mask=None if kd_mask is None else kd_mask.to(dev),
             target_logprob=None if chain is None else chain.to(dev),
-            router=None if fields.get("router") is None else fields["router"].to(dev),
+            router=None if router is None else router.to(dev),
         )
