@@ -105,6 +105,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow  # 19-30 s; multi_gpu.sh's runs stay in the default tier
 def test_multi_node_accelerate_config_two_machines_on_localhost(corpus, tokenizer_dir, tmp_path):
     """accelerate_configs/multi_node.yaml as two "machines" (one process each) on this host, started
     separately the way each node starts its own `accelerate launch`: they meet, and share the work."""
@@ -138,6 +139,7 @@ def test_multi_node_accelerate_config_two_machines_on_localhost(corpus, tokenize
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow  # 19-30 s; multi_gpu.sh's runs stay in the default tier
 def test_multi_node_script_with_a_single_host_hostfile(corpus, tokenizer_dir, tmp_path):
     """launch/multi_node.sh through DeepSpeed's runner with a hostfile. DeepSpeed checks each host over
     ssh first; a stand-in `ssh` answers for localhost (this machine has no ssh server). With one host the
