@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 CONSTRAINTS ?= constraints.txt
 PIN    := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install demo test test-latest lock lint format clean readme
+.PHONY: install demo test test-latest lock lint typecheck format clean readme
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -51,9 +51,13 @@ lock:
 	mv constraints.txt.new constraints.txt
 	rm -rf .venv-lock
 
-lint: $(STAMP)
+lint: $(STAMP) typecheck
 	$(VENV)/bin/ruff check sakd tests
 	$(VENV)/bin/ruff format --check sakd tests
+
+# mypy on sakd/ (configuration and the not-yet-checked baseline in pyproject.toml)
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format sakd tests
