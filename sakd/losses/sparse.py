@@ -87,7 +87,7 @@ class SparseTeacher:
     counts: Tensor | None = None
     tail_logprob: Tensor | None = None
 
-    def rows(self, index: Tensor | slice) -> SparseTeacher:
+    def rows(self, index: Tensor | slice | tuple[slice, ...]) -> SparseTeacher:
         """The same signal for a subset of positions (indexes the leading dims)."""
         return SparseTeacher(
             indices=self.indices[index],

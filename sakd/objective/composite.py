@@ -22,15 +22,11 @@ from typing import Any
 
 import torch
 
-from sakd.align.positions import gather_at_anchors, span_logprob
 from sakd.config import DistillationConfig, LossConfig
 from sakd.losses import (
     BlockDraws,
-    Head,
-    HeadInput,
     KDSpec,
     ObjectiveSpec,
-    SparseTeacher,
     Targets,
     VocabBridge,
     cross_entropy,
@@ -42,31 +38,11 @@ from sakd.losses import (
 from sakd.models.forward import HiddenAndHead, hidden_and_head
 from sakd.models.zero import is_partitioned
 from sakd.objective.aux_terms import AuxTerms
-from sakd.objective.chain import inside_spans, teacher_token_logprobs
+from sakd.objective.kd_rows import KDRows, live_kd_rows, stored_kd_rows, student_rows
 from sakd.teacher.capabilities import LIVE, Capabilities
 from sakd.teacher.signal import StoredSignal, TeacherOutput
 
 IGNORE_INDEX = -100
-
-
-@dataclass
-class KDRows:
-    """Where the KD term of one micro-batch is taken, one row per student position (``N = B·(Ls-1)``): the
-    student's hidden states and head; the teacher's side at the same positions -- a live teacher's hidden
-    states and head at its anchors across tokenizers (``[N, M, H]`` with ``mixture`` for M knowledge-augmentation
-    samples), or a stored distribution's rows; the vocabulary bridge, the rows where KD applies (``kd_mask``,
-    None = all), the student targets, and the teacher's chain-rule log-prob of each target's text (NaN where
-    unknown; None without the chain rule)."""
-
-    student: HeadInput
-    teacher: HeadInput | SparseTeacher
-    bridge: VocabBridge
-    targets: torch.Tensor
-    kd_mask: torch.Tensor | None
-    anchor: torch.Tensor | None  # [B, Ls-1] teacher position per student position, or None
-    target_logprob: torch.Tensor | None = None
-    mixture: bool = False
-    router: torch.Tensor | None = None  # [N, layers, experts] a stored signal's router probabilities
 
 
 @dataclass
@@ -210,13 +186,9 @@ class Objective:
         )
         return ObjectiveOutput(loss, sums, n)
 
-    def _student_rows(self, student: HiddenAndHead) -> HeadInput:
-        hidden = student.hidden[:, :-1].reshape(-1, student.hidden.shape[-1])
-        return HeadInput(hidden, Head(student.head_weight, student.head_bias, self.vocab_size))
-
     def _ce_only(self, student: HiddenAndHead, targets: torch.Tensor, n: torch.Tensor) -> ObjectiveOutput:
         """Summed CE, one chunk of logits at a time (recomputed in backward: O(chunk x V) extra memory)."""
-        rows = self._student_rows(student)
+        rows = student_rows(student, self.vocab_size)
 
         def chunk_ce(r: slice) -> torch.Tensor:
             return cross_entropy(
@@ -256,54 +228,19 @@ class Objective:
         chain = self.dcfg.alignment.chain_rule and self.bridge.crosses
         if not self.teacher.live:  # the stored distribution at each student position (already at its anchor)
             stored: StoredSignal = teacher  # type: ignore[assignment]
-            kd_mask = None if stored.kd_mask is None else stored.kd_mask[:, :-1].reshape(-1)
-            router = stored.router
-            return KDRows(
-                student=self._student_rows(student),
-                teacher=stored.sparse.rows((slice(None), slice(None, -1))).reshape(-1),
-                bridge=bridge,
-                targets=targets,
-                kd_mask=kd_mask,
-                anchor=None,
-                target_logprob=stored.target_logprob[:, :-1].reshape(-1)
-                if chain and stored.target_logprob is not None
-                else None,
-                router=None if router is None else router[:, :-1].reshape(-1, *router.shape[2:]),
-            )
+            return stored_kd_rows(student_rows(student, self.vocab_size), stored, bridge, targets, chain)
         live: HiddenAndHead = teacher  # type: ignore[assignment]
-        anchor = batch["anchor"][:, :-1] if "anchor" in batch else None
-        samples = getattr(live, "samples", None)  # [M, B, Lt, H]: a mixture of M teachers (fkl only)
-        mixture = samples is not None and self.cfg.kind == "fkl"
-        states = samples.permute(1, 2, 0, 3) if mixture else live.hidden  # [B, Lt, (M,) H]
-        if anchor is not None:
-            t_hidden = gather_at_anchors(states, anchor)
-        else:
-            t_hidden = states[:, :-1]
-        t_hidden = t_hidden.reshape(-1, *states.shape[2:])
-        teacher_head = Head(
-            live.head_weight,
-            live.head_bias,
-            self.teacher_vocab_size if self.bridge.crosses else self.vocab_size,
-        )
-        target_logprob = None
-        if anchor is not None and chain and temperature is not None:
-            span_end = batch["span_end"][:, :-1]
-            multi = (span_end > anchor + 1) & (anchor >= 0)
-            teacher_ids = batch["teacher_input_ids"]
-            needed = inside_spans(anchor, span_end, multi, teacher_ids.shape[1])
-            tok_lp = teacher_token_logprobs(
-                live, teacher_ids, temperature, needed, self.teacher_vocab_size, self.cfg.chunk_size
-            )
-            target_logprob = span_logprob(tok_lp, anchor, torch.where(multi, span_end, -1)).reshape(-1)
-        return KDRows(
-            student=self._student_rows(student),
-            teacher=HeadInput(t_hidden, teacher_head, mixture=mixture),
-            bridge=bridge,
-            targets=targets,
-            kd_mask=None if anchor is None else (anchor >= 0).reshape(-1),
-            anchor=anchor,
-            target_logprob=target_logprob,
-            mixture=mixture,
+        return live_kd_rows(
+            student_rows(student, self.vocab_size),
+            live,
+            bridge,
+            targets,
+            batch,
+            cfg=self.cfg,
+            chain=chain,
+            temperature=temperature,
+            head_vocab=self.teacher_vocab_size if self.bridge.crosses else self.vocab_size,
+            teacher_vocab_size=self.teacher_vocab_size,
         )
 
     def _distill(

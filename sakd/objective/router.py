@@ -37,7 +37,7 @@ from sakd.config import TokenRouterConfig
 from sakd.losses import KDSpec, SparseTeacher, kd_per_position, over_chunks, resolve_chunk_size
 from sakd.losses.mixture import mixture_logits
 from sakd.models.capture import RouterSignal
-from sakd.objective.composite import KDRows
+from sakd.objective.kd_rows import KDRows
 
 Reduce = Callable[[Tensor, str], Tensor]
 _CLIP, _EPS, _BISECTIONS = 3.0, 1e-8, 60
