@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sakd.config import TrainingConfig
+from sakd.models.student import student_state
+from sakd.models.zero import built_whole
 from sakd.policy import continuation_summary
-from sakd.training.export import export_run, save_model_dir
+from sakd.training.export import export_run, save_model_dir, student_to_save
 from sakd.training.state import TrainerState
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from sakd.align.setup import Alignment
+    from sakd.config import RunConfig
+    from sakd.training.ema import StudentEMA
 
 
 def run_summary(
@@ -75,3 +86,54 @@ def write_final(
     else:
         save_model_dir(model, tokenizer, final_dir, state_dict=state_dict)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def finish_run(
+    final_eval: dict[str, float],
+    *,
+    accelerator: Accelerator,
+    cfg: RunConfig,
+    state: TrainerState,
+    run_dir: Path,
+    student: nn.Module,
+    hf_student: nn.Module,
+    ema: StudentEMA | None,
+    alignment: Alignment,
+    tokenizer: PreTrainedTokenizerBase,
+) -> dict[str, Any]:
+    """:meth:`sakd.training.loop.RunLoop.finish`: export ``final/`` and write ``summary.json`` (last: its presence marks the run
+    finished)."""
+    acc, tcfg = accelerator, cfg.training
+    use_ema = ema is not None and tcfg.export_ema
+    # all ranks take part (ZeRO-3 gathers the shards); only the main process gets the tensors
+    state_dict = None if use_ema else acc.get_state_dict(student)
+    state_dict = student_state(state_dict) if state_dict is not None else None
+    summary = run_summary(
+        state,
+        tcfg,
+        final_eval,
+        run_dir / "final",
+        use_ema=use_ema,
+        alignment_stats=alignment.stats,
+    )
+    if acc.is_main_process:
+        # a PEFT student is written with its adapters merged, into a copy built whole (not by zero.Init)
+        with built_whole(acc):
+            model, state_dict = student_to_save(
+                ema.module if ema is not None and use_ema else hf_student, state_dict, cfg, tokenizer
+            )
+        write_final(
+            run_dir,
+            summary,
+            best_step=summary.get("best_step"),
+            model=model,
+            tokenizer=tokenizer,
+            state_dict=state_dict,
+        )
+    acc.wait_for_everyone()
+    # Trackers only: accelerator.end_training() would also destroy the process group, and with gloo a
+    # rank that tears it down right after the last barrier can reset the other rank's connection while
+    # that one is still reading the barrier's reply (seen in CI: "Connection reset by peer").
+    for tracker in acc.trackers:
+        tracker.finish()
+    return summary

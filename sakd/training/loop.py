@@ -19,13 +19,10 @@ import torch
 from sakd.errors import TrainingError
 from sakd.evaluation.heldout import cross_tokenizer_agreement, evaluate
 from sakd.losses import resolve_chunk_size
-from sakd.models.student import student_state
-from sakd.models.zero import built_whole
 from sakd.progress import Progress
 from sakd.training import checkpoint, rundir
 from sakd.training.distributed import stop_if_a_peer_dies
-from sakd.training.export import student_to_save
-from sakd.training.finish import run_summary, write_final
+from sakd.training.finish import finish_run
 from sakd.training.state import TrainerState, memory_metrics
 from sakd.training.stop_signals import StopSignals, TrainingStopped
 
@@ -94,6 +91,52 @@ def eval_chunk_size(
     )
 
 
+def heldout_metrics(
+    model: nn.Module,
+    unwrapped: nn.Module,
+    *,
+    cfg: RunConfig,
+    data: DataBundle,
+    alignment: Alignment,
+    hf_student: nn.Module,
+    teacher: nn.Module | None,
+    vocab_size: int,
+    accelerator: Accelerator,
+) -> dict[str, float]:
+    """:meth:`RunLoop.evaluate` of ``model`` (the prepared student or its EMA; ``unwrapped`` its Hugging Face
+    model): held-out loss, and agreement with the teacher (one vocabulary: at every position; across
+    tokenizers: at the anchors)."""
+    al, batch_size = alignment, cfg.training.eval_batch_size
+    chunk = eval_chunk_size(cfg, hf_student, teacher, al, vocab_size, batch_size)
+    out = evaluate(
+        model,
+        data.heldout(),
+        batch_size=batch_size,
+        window=cfg.data.block_size,
+        stride=cfg.data.eval_stride,
+        accelerator=accelerator,
+        unwrapped=unwrapped,
+        vocab_size=vocab_size,
+        teacher=None if al.differ else teacher,  # agreement needs one vocabulary
+        chunk_size=chunk,
+    )
+    if teacher is not None and al.differ and al.vocab_map is not None:
+        cross = cross_tokenizer_agreement(
+            model,
+            teacher,
+            data,
+            al.vocab_map,
+            batch_size=batch_size,
+            vocab_size=vocab_size,
+            teacher_vocab_size=len(al.teacher_tokenizer),
+            chunk_size=chunk,
+            accelerator=accelerator,
+        )
+        out["agreement"] = cross["agreement"]
+        out["teacher_mass_mapped"] = cross["teacher_mass_mapped"]
+    return out
+
+
 class RunLoop:
     """Runs a built run: :meth:`train` calls ``train_step`` until the run's last step, evaluating,
     checkpointing and logging along the way. What it reads of the run is declared here; a subclass builds it
@@ -142,35 +185,17 @@ class RunLoop:
         model, unwrapped = self.student, self.hf_student
         if self.ema is not None and self.cfg.training.eval_with_ema:
             model = unwrapped = self.ema.module
-        al, batch_size = self.alignment, self.cfg.training.eval_batch_size
-        chunk = eval_chunk_size(self.cfg, self.hf_student, self.teacher, al, self.vocab_size, batch_size)
-        out = evaluate(
+        return heldout_metrics(
             model,
-            self.data.heldout(),
-            batch_size=batch_size,
-            window=self.cfg.data.block_size,
-            stride=self.cfg.data.eval_stride,
-            accelerator=self.accelerator,
-            unwrapped=unwrapped,
+            unwrapped,
+            cfg=self.cfg,
+            data=self.data,
+            alignment=self.alignment,
+            hf_student=self.hf_student,
+            teacher=self.teacher,
             vocab_size=self.vocab_size,
-            teacher=None if al.differ else self.teacher,  # agreement needs one vocabulary
-            chunk_size=chunk,
+            accelerator=self.accelerator,
         )
-        if self.teacher is not None and al.differ and al.vocab_map is not None:
-            cross = cross_tokenizer_agreement(
-                model,
-                self.teacher,
-                self.data,
-                al.vocab_map,
-                batch_size=batch_size,
-                vocab_size=self.vocab_size,
-                teacher_vocab_size=len(al.teacher_tokenizer),
-                chunk_size=chunk,
-                accelerator=self.accelerator,
-            )
-            out["agreement"] = cross["agreement"]
-            out["teacher_mass_mapped"] = cross["teacher_mass_mapped"]
-        return out
 
     def save_checkpoint(self) -> Path:
         protect = [self.resumed_from] if self.resumed_from is not None else []
@@ -319,37 +344,15 @@ class RunLoop:
 
     def finish(self, final_eval: dict[str, float]) -> dict[str, Any]:
         """Export ``final/`` and write ``summary.json`` (last: its presence marks the run finished)."""
-        acc, tcfg = self.accelerator, self.cfg.training
-        use_ema = self.ema is not None and tcfg.export_ema
-        # all ranks take part (ZeRO-3 gathers the shards); only the main process gets the tensors
-        state_dict = None if use_ema else acc.get_state_dict(self.student)
-        state_dict = student_state(state_dict) if state_dict is not None else None
-        summary = run_summary(
-            self.state,
-            tcfg,
+        return finish_run(
             final_eval,
-            self.run_dir / "final",
-            use_ema=use_ema,
-            alignment_stats=self.alignment.stats,
+            accelerator=self.accelerator,
+            cfg=self.cfg,
+            state=self.state,
+            run_dir=self.run_dir,
+            student=self.student,
+            hf_student=self.hf_student,
+            ema=self.ema,
+            alignment=self.alignment,
+            tokenizer=self.tokenizer,
         )
-        if acc.is_main_process:
-            # a PEFT student is written with its adapters merged, into a copy built whole (not by zero.Init)
-            with built_whole(acc):
-                model, state_dict = student_to_save(
-                    self.ema.module if use_ema else self.hf_student, state_dict, self.cfg, self.tokenizer
-                )
-            write_final(
-                self.run_dir,
-                summary,
-                best_step=summary.get("best_step"),
-                model=model,
-                tokenizer=self.tokenizer,
-                state_dict=state_dict,
-            )
-        acc.wait_for_everyone()
-        # Trackers only: accelerator.end_training() would also destroy the process group, and with gloo a
-        # rank that tears it down right after the last barrier can reset the other rank's connection while
-        # that one is still reading the barrier's reply (seen in CI: "Connection reset by peer").
-        for tracker in acc.trackers:
-            tracker.finish()
-        return summary
