@@ -45,7 +45,7 @@ from sakd.objective.aux_terms import build_aux_terms
 from sakd.objective.compose import check_composition
 from sakd.policy import Models, build_continuations, build_policy
 from sakd.teacher.cache.attach import cached_teacher, open_teacher_cache
-from sakd.teacher.capabilities import LIVE
+from sakd.teacher.capabilities import LIVE, Capabilities
 from sakd.teacher.placement import load_teacher
 from sakd.teacher.signal import stored_capabilities
 from sakd.training import checkpoint, rundir
@@ -71,6 +71,66 @@ from sakd.upstream import forget_prepared, release_engine
 log = logging.getLogger(__name__)
 
 
+def teacher_source(cfg: RunConfig, acc: Any, use_teacher: bool) -> tuple[Any, RunConfig, Capabilities]:
+    """The offline cache that replaces the teacher (distillation.teacher_cache; None: a live teacher or none),
+    the config with loss.sparse resolved for that cache, and what the signal can give; prints the notes of
+    :func:`sakd.objective.compose.check_composition` (what the teacher signal cannot give is refused)."""
+    reader, caps, notes = None, LIVE, []
+    if use_teacher and cfg.distillation.teacher_cache:
+        reader, cfg, notes = open_teacher_cache(cfg)  # cfg: loss.sparse resolved for the cache
+        caps = stored_capabilities(reader.spec)
+    for note in notes + check_composition(cfg, caps):
+        acc.print(f"note: {note}")
+    return reader, cfg, caps
+
+
+def record_run_start(cfg: RunConfig, acc: Any, hf_student: Any, tokenizer: Any, run_dir: Path) -> None:
+    """The run directory's config.yaml and student_config/ (main process), and the trackers' start."""
+    if acc.is_main_process:
+        dump_config(cfg, run_dir / "config.yaml")
+        save_model_dir(hf_student, tokenizer, run_dir / "student_config", weights=False)
+    if cfg.logging.report_to != "none":
+        acc.init_trackers(
+            cfg.logging.project,
+            config=tracker_config(cfg),
+            init_kwargs=tracker_init_kwargs(cfg.logging.report_to, run_dir),
+        )
+
+
+def accumulating(accelerator: Any, student: Any, last: bool) -> Any:
+    """The context of one micro-batch's backward: gradients are synchronised (and DeepSpeed steps)
+    only after the step's last one."""
+    # decided by the step being run, not by accumulate()'s own micro-batch counter, which is only right
+    # while every step has exactly gradient_accumulation_steps micro-batches and none is skipped
+    accelerator.sync_gradients = last
+    return contextlib.nullcontext() if last else accelerator.no_sync(student)
+
+
+def all_ranks_finite(accelerator: Any, non_finite: torch.Tensor) -> bool:
+    """Whether no rank counted a non-finite micro-batch loss (all ranks then take the same branch)."""
+    return bool(accelerator.reduce(non_finite, reduction="sum").item() == 0)
+
+
+def drop_step(accelerator: Any, student: Any, zero_stage: int, loss: torch.Tensor, scale: float) -> bool:
+    """Throw away the gradients accumulated so far in this step, on every rank; True when that took a
+    boundary backward through DeepSpeed (whose engine then counts a skipped step).
+
+    Without DeepSpeed, and under ZeRO stage 0, gradients are plain ``.grad`` until the step's last
+    backward all-reduces them (the earlier micro-batches ran under ``no_sync``, so no rank is waiting in
+    an all-reduce): zeroing them is enough. ZeRO-1/2/3 keep their own accumulation buffers: the step ends
+    with a boundary backward of a non-finite loss, and DeepSpeed's overflow path (a non-finite global
+    gradient norm) clears them and skips its update -- a path its optimizer takes in every precision.
+    """
+    if zero_stage < 0:
+        return False  # the optimizer's zero_grad at the end of the step clears them
+    if zero_stage == 0:
+        student.zero_grad()  # the engine's: its parameters' .grad
+        return False
+    accelerator.sync_gradients = True
+    accelerator.backward(loss * scale * math.nan)
+    return True
+
+
 class Distiller(RunLoop):
     """Builds everything a run needs from a :class:`RunConfig` (here) and trains it (the loop around
     :meth:`train_step` is :class:`~sakd.training.loop.RunLoop`)."""
@@ -87,16 +147,8 @@ class Distiller(RunLoop):
         set_seed(tcfg.seed)
 
         use_teacher = needs_teacher(cfg)
-        reader, caps, notes = (
-            None,
-            LIVE,
-            [],
-        )  # an offline cache replaces the teacher (distillation.teacher_cache)
-        if use_teacher and cfg.distillation.teacher_cache:
-            reader, cfg, notes = open_teacher_cache(cfg)  # cfg: loss.sparse resolved for the cache
-            self.cfg, caps = cfg, stored_capabilities(reader.spec)
-        for note in notes + check_composition(cfg, caps):  # what the teacher signal cannot give is refused
-            acc.print(f"note: {note}")
+        reader, cfg, caps = teacher_source(cfg, acc, use_teacher)
+        self.cfg = cfg
         self.tokenizer, teacher_tok = build_tokenizers(mcfg, use_teacher=use_teacher)
         self.alignment = (
             setup_alignment(cfg.distillation.alignment, self.tokenizer, teacher_tok, acc)
@@ -144,15 +196,7 @@ class Distiller(RunLoop):
         self.ema = build_ema(tcfg, self.hf_student, self.resumed_from, self.zero_stage)
         skips = getattr(self.student, "skipped_steps", None)  # a DeepSpeed engine's (restored) count
         self._engine_skips = skips if isinstance(skips, int) else 0
-        if acc.is_main_process:
-            dump_config(cfg, self.run_dir / "config.yaml")
-            save_model_dir(self.hf_student, self.tokenizer, self.run_dir / "student_config", weights=False)
-        if cfg.logging.report_to != "none":
-            acc.init_trackers(
-                cfg.logging.project,
-                config=tracker_config(cfg),
-                init_kwargs=tracker_init_kwargs(cfg.logging.report_to, self.run_dir),
-            )
+        record_run_start(cfg, acc, self.hf_student, self.tokenizer, self.run_dir)
 
     # ------------------------------------------------------------------------------ building
 
@@ -173,9 +217,8 @@ class Distiller(RunLoop):
                 self.student, self.optimizer, self.scheduler = acc.prepare(module, optimizer, scheduler)
                 self._engine_skips = 0  # the new engine counts its own skipped steps
             else:
-                forget_prepared(
-                    acc, self.optimizer, self.scheduler
-                )  # checkpoints hold the current stage only
+                # checkpoints hold the current stage only
+                forget_prepared(acc, self.optimizer, self.scheduler)
                 self.optimizer, self.scheduler = acc.prepare(optimizer, scheduler)
 
     # ------------------------------------------------------------------------------ the step
@@ -200,18 +243,6 @@ class Distiller(RunLoop):
         return (objective or self.objective).student_loss(
             student.module, mb, teacher_out, temperature=temperature, **objective_kwargs
         )
-
-    def _accumulating(self, last: bool) -> Any:
-        """The context of one micro-batch's backward: gradients are synchronised (and DeepSpeed steps)
-        only after the step's last one."""
-        # decided by the step being run, not by accumulate()'s own micro-batch counter, which is only right
-        # while every step has exactly gradient_accumulation_steps micro-batches and none is skipped
-        self.accelerator.sync_gradients = last
-        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.student)
-
-    def _all_finite(self, non_finite: torch.Tensor) -> bool:
-        """Whether no rank counted a non-finite micro-batch loss (all ranks then take the same branch)."""
-        return bool(self.accelerator.reduce(non_finite, reduction="sum").item() == 0)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches; returns step metrics (global means)."""
@@ -247,7 +278,7 @@ class Distiller(RunLoop):
         non_finite = torch.zeros((), device=acc.device)  # micro-batches of this rank with a non-finite loss
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            with self._accumulating(last):
+            with accumulating(acc, self.student, last):
                 teacher_out = extras.teacher_out(i, mb, self.teacher_signal) if use_teacher else None
                 # the student forward and the loss run inside the wrapped module (module docstring)
                 kwargs = extras.objective_kwargs(i)
@@ -261,9 +292,10 @@ class Distiller(RunLoop):
                 non_finite = non_finite + (~torch.isfinite(out.loss_sum.detach())).any().float()
                 # decided before the synchronising backward, on every rank alike; a non-finite gradient
                 # of an earlier micro-batch only sits in the accumulation the dropped step discards
-                if last and not self._all_finite(non_finite):
+                if last and not all_ranks_finite(acc, non_finite):
                     finite = False
-                    self._drop_step(out.loss_sum, scale)
+                    if drop_step(acc, self.student, self.zero_stage, out.loss_sum, scale):
+                        self._scaler_skipped()  # the engine counted it as a skipped step: not an fp16 overflow
                     break
                 acc.backward(out.loss_sum * scale)
         acc.sync_gradients = True  # the wrapped optimizer steps and zeroes only when this is set
@@ -298,24 +330,6 @@ class Distiller(RunLoop):
             ids = torch.cat([mb["sample_ids"].reshape(-1) for mb in micro_batches if "sample_ids" in mb])
             metrics["skipped_sample_ids"] = acc.gather(ids).tolist() if len(ids) else []
         return metrics
-
-    def _drop_step(self, loss: torch.Tensor, scale: float) -> None:
-        """Throw away the gradients accumulated so far in this step, on every rank.
-
-        Without DeepSpeed, and under ZeRO stage 0, gradients are plain ``.grad`` until the step's last
-        backward all-reduces them (the earlier micro-batches ran under ``no_sync``, so no rank is waiting in
-        an all-reduce): zeroing them is enough. ZeRO-1/2/3 keep their own accumulation buffers: the step ends
-        with a boundary backward of a non-finite loss, and DeepSpeed's overflow path (a non-finite global
-        gradient norm) clears them and skips its update -- a path its optimizer takes in every precision.
-        """
-        if self.zero_stage < 0:
-            return  # the optimizer's zero_grad at the end of the step clears them
-        if self.zero_stage == 0:
-            self.student.zero_grad()  # the engine's: its parameters' .grad
-            return
-        self.accelerator.sync_gradients = True
-        self.accelerator.backward(loss * scale * math.nan)
-        self._scaler_skipped()  # the engine counted it as a skipped step: not an fp16 overflow
 
     def _scaler_skipped(self) -> bool:
         """Whether fp16 loss scaling just skipped the optimizer step (an overflow; not counted as a
