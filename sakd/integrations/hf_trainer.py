@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from sakd.align.setup import setup_alignment
+from sakd.align.setup import Alignment, setup_alignment
 from sakd.config import ConfigError, DistillationConfig, RunConfig, TrainingConfig
 from sakd.integrations.data import SAMPLE_ID
 from sakd.integrations.step_hooks import StepHooksCallback
@@ -118,21 +118,10 @@ class DistillationTrainer(Trainer):
         lr_multipliers: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        from accelerate import PartialState
-
         self.distillation, reader = open_section(distillation, teacher)
         self.lr_multipliers = dict(lr_multipliers or {})
         tokenizer = kwargs.get("processing_class")
-        if teacher_tokenizer is not None and tokenizer is None:
-            raise ConfigError(
-                "teacher_tokenizer needs processing_class: the student's tokenizer to align it with"
-            )
-        self.alignment = setup_alignment(
-            self.distillation.alignment,
-            tokenizer,
-            teacher_tokenizer if teacher_tokenizer is not None else tokenizer,
-            PartialState(),
-        )
+        self.alignment = _alignment(self.distillation, tokenizer, teacher_tokenizer)
         teacher_model = teacher if isinstance(teacher, nn.Module) else None
         if teacher_model is not None:
             freeze(teacher_model)
@@ -186,14 +175,7 @@ class DistillationTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         wrapper = self.model if model is None else model
-        lr = self.args.learning_rate
-        groups = param_groups(wrapper.module, self.args.weight_decay, lr, self.lr_multipliers)
-        if not groups:
-            raise ConfigError("lr_multipliers freeze every student parameter: nothing to train")
-        for group in groups:
-            group.pop("names")
-        if wrapper.aux is not None:
-            groups.append({"params": list(wrapper.aux.parameters()), "lr": lr, "weight_decay": 0.0})
+        groups = _param_groups(wrapper, self.args.weight_decay, self.args.learning_rate, self.lr_multipliers)
         optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, wrapper)
         self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
@@ -244,16 +226,14 @@ class DistillationTrainer(Trainer):
         if teacher_out is None and self.teacher_signal is not None and (self.model.training or live):
             teacher_out = teacher_output(self.teacher_signal, inputs, self.state.global_step)
         loss_fn = partial(
-            self._student_loss, batch=inputs, teacher_out=teacher_out, temperature=temperature, **kwargs
+            _student_loss,
+            self.objective,
+            batch=inputs,
+            teacher_out=teacher_out,
+            temperature=temperature,
+            **kwargs,
         )
         return model(loss_fn=loss_fn)
-
-    def _student_loss(
-        self, wrapper: TrainableStudent, batch: dict, teacher_out: Any, temperature: float, **kwargs: Any
-    ) -> Any:
-        return self.objective.student_loss(
-            wrapper.module, batch, teacher_out, temperature=temperature, **kwargs
-        )
 
     def compute_loss(
         self,
@@ -289,29 +269,13 @@ class DistillationTrainer(Trainer):
         """Training logs gain the objective's components (kd, ce, the auxiliary terms), per token over the
         steps since the last log, as ``sakd distill`` writes them to metrics.jsonl."""
         if "loss" in logs and self._sums:
-            keys = sorted(self._sums)
-            device = self.args.device
-            totals = self.accelerator.reduce(torch.stack([self._sums[k].to(device) for k in keys]), "sum")
-            logs.update(
-                {k: float(v) / max(self._tokens, 1) for k, v in zip(keys, totals.tolist(), strict=True)}
-            )
+            logs.update(_per_token(self._sums, self._tokens, self.accelerator, self.args.device))
             logs["tokens"] = self._tokens
             logs.update(self.hooks.metrics)  # the last step's: mult_*, router_w_*, sar_*
             self._sums, self._tokens = {}, 0
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------ saving and loading
-
-    @contextlib.contextmanager
-    def _student_as_model(self) -> Iterator[TrainableStudent]:
-        """The Trainer's own saving/loading code, run on the Hugging Face student (a ``PreTrainedModel`` or
-        ``peft`` model it knows how to save and load) instead of the wrapper."""
-        wrapper = self.model
-        self.model = wrapper.module
-        try:
-            yield wrapper
-        finally:
-            self.model = wrapper
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The student as the Trainer saves a model (``from_pretrained`` loads it), and the projections in
@@ -321,7 +285,7 @@ class DistillationTrainer(Trainer):
         if state_dict is not None:  # DeepSpeed gathered the wrapper's state: split it
             aux_state = {k[len("aux.") :]: v for k, v in state_dict.items() if k.startswith("aux.")}
             state_dict = student_state(state_dict)
-        with self._student_as_model() as wrapper:
+        with _student_as_model(self) as wrapper:
             super()._save(output_dir, state_dict=state_dict)
         if wrapper.aux is not None and self.args.should_save and aux_state != {}:  # {}: in DeepSpeed's files
             aux_state = aux_state if aux_state is not None else wrapper.aux.state_dict()
@@ -330,16 +294,80 @@ class DistillationTrainer(Trainer):
             )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        with self._student_as_model() as wrapper:
+        with _student_as_model(self) as wrapper:
             super()._load_from_checkpoint(resume_from_checkpoint, None if model is None else wrapper.module)
         _load_aux(resume_from_checkpoint, wrapper)
         self.hooks.load(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        with self._student_as_model() as wrapper:
+        with _student_as_model(self) as wrapper:
             super()._load_best_model()
         if not self.is_deepspeed_enabled:  # DeepSpeed's engine checkpoint already held the projections
             _load_aux(self.state.best_model_checkpoint, wrapper)
+
+
+def _alignment(distillation: DistillationConfig, tokenizer: Any, teacher_tokenizer: Any) -> Alignment:
+    """The alignment of the student's tokenizer with the teacher's (``teacher_tokenizer``; None: the same)."""
+    from accelerate import PartialState
+
+    if teacher_tokenizer is not None and tokenizer is None:
+        raise ConfigError(
+            "teacher_tokenizer needs processing_class: the student's tokenizer to align it with"
+        )
+    return setup_alignment(
+        distillation.alignment,
+        tokenizer,
+        teacher_tokenizer if teacher_tokenizer is not None else tokenizer,
+        PartialState(),
+    )
+
+
+def _param_groups(
+    wrapper: TrainableStudent, weight_decay: float, lr: float, lr_multipliers: dict[str, float]
+) -> list[dict[str, Any]]:
+    """sakd's parameter groups of the student inside ``wrapper`` (``lr_multipliers``, no decay on biases and
+    norms), and the auxiliary projections at the base rate."""
+    groups = param_groups(wrapper.module, weight_decay, lr, lr_multipliers)
+    if not groups:
+        raise ConfigError("lr_multipliers freeze every student parameter: nothing to train")
+    for group in groups:
+        group.pop("names")
+    if wrapper.aux is not None:
+        groups.append({"params": list(wrapper.aux.parameters()), "lr": lr, "weight_decay": 0.0})
+    return groups
+
+
+def _student_loss(
+    objective: Objective,
+    wrapper: TrainableStudent,
+    batch: dict,
+    teacher_out: Any,
+    temperature: float,
+    **kwargs: Any,
+) -> Any:
+    """Student forward + objective of one micro-batch, run inside the prepared module's forward."""
+    return objective.student_loss(wrapper.module, batch, teacher_out, temperature=temperature, **kwargs)
+
+
+def _per_token(
+    sums: dict[str, torch.Tensor], tokens: int, accelerator: Any, device: torch.device
+) -> dict[str, float]:
+    """The objective's component sums since the last log, summed over ranks, per token."""
+    keys = sorted(sums)
+    totals = accelerator.reduce(torch.stack([sums[k].to(device) for k in keys]), "sum")
+    return {k: float(v) / max(tokens, 1) for k, v in zip(keys, totals.tolist(), strict=True)}
+
+
+@contextlib.contextmanager
+def _student_as_model(trainer: Trainer) -> Iterator[TrainableStudent]:
+    """The Trainer's own saving/loading code, run on the Hugging Face student (a ``PreTrainedModel`` or
+    ``peft`` model it knows how to save and load) instead of the wrapper."""
+    wrapper = trainer.model
+    trainer.model = wrapper.module
+    try:
+        yield wrapper
+    finally:
+        trainer.model = wrapper
 
 
 def _load_aux(directory: str, wrapper: TrainableStudent) -> None:
