@@ -26,7 +26,7 @@ LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 # packages at the bottom that must stay free of the rest of sakd (pure functions, the config tree)
 SELF_CONTAINED = {"losses": {"losses"}, "config": {"config", "errors"}}
 
-MAX_MODULE_LINES, MAX_CLASS_LINES, MAX_FUNCTION_LINES, MAX_PARAMS = 420, 260, 100, 12
+MAX_MODULE_LINES, MAX_CLASS_LINES, MAX_FUNCTION_LINES, MAX_PARAMS = 400, 220, 100, 12
 # (path, name) -> why it may exceed a limit
 EXCEPTIONS: dict[tuple[str, str], str] = {
     ("losses/fused.py", "fused_linear_divergence"): "the stable public every-option-a-keyword call form (29 "
