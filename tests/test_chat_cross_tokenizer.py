@@ -249,3 +249,40 @@ def test_real_pair_qwen_teacher_smollm2_student_align_on_contents():
         s.message(c, int(e)) is not None for c in range(len(convs)) for e in s.ends[c][: len(blocks) * 48]
     )
     assert anchored > 0.5 * content_tokens and spans > 0
+
+
+def test_one_vocabulary_two_templates_each_model_reads_its_own(tiny_run_config, student_tok, tmp_path):
+    """A teacher with the student's vocabulary but another chat template reads its own rendering: the batches
+    are aligned on the message contents (review of issue 24: the teacher read the student's template)."""
+    from accelerate import PartialState
+
+    from sakd.align.setup import setup_alignment
+    from sakd.cli import main
+    from sakd.config import load_config
+
+    same_vocab = AutoTokenizer.from_pretrained(str(student_tok.name_or_path))
+    same_vocab.chat_template = (  # ChatML with a default system prompt: one vocabulary, another text
+        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe careful."
+        "<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    teacher_dir = tmp_path / "teacher_tok"
+    same_vocab.save_pretrained(teacher_dir)
+    acfg = load_config({})[0].distillation.alignment
+    state = PartialState()
+    assert setup_alignment(acfg, student_tok, same_vocab, state, own_templates=True).aligned
+    assert not setup_alignment(acfg, student_tok, same_vocab, state).aligned  # text: one rendering
+    assert not setup_alignment(acfg, student_tok, student_tok, state, own_templates=True).aligned
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS * 8))
+    raw = copy.deepcopy(tiny_run_config)
+    raw["model"].update(tokenizer=str(student_tok.name_or_path), teacher_tokenizer=str(teacher_dir))
+    raw["data"] = {"train": str(data), "format": "chat", "block_size": 32, "max_eval_blocks": 4}
+    raw["training"].update(max_steps=2)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(raw))
+    assert main(["distill", "--config", str(recipe)]) == 0
+    steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "kd" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) and r["kd"] > 0 for r in steps)

@@ -29,11 +29,24 @@ class Alignment:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def setup_alignment(acfg: AlignmentConfig, student_tok: Any, teacher_tok: Any, accelerator: Any) -> Alignment:
+def setup_alignment(
+    acfg: AlignmentConfig,
+    student_tok: Any,
+    teacher_tok: Any,
+    accelerator: Any,
+    *,
+    own_templates: bool = False,
+) -> Alignment:
     """Plain KD for identical tokenizers; a cached vocab map and text-aligned positions for different
-    ones (and with ``alignment.mode=always``)."""
+    ones (and with ``alignment.mode=always``). ``own_templates`` (conversations, each model rendering with its
+    own chat template): two tokenizers with one vocabulary but different templates read different texts, so
+    their positions are aligned too (else the teacher would read the student's template)."""
     differ = teacher_tok is not student_tok and teacher_tok.get_vocab() != student_tok.get_vocab()
-    out = Alignment(teacher_tokenizer=teacher_tok, differ=differ, aligned=differ or acfg.mode == "always")
+    templates_differ = own_templates and getattr(teacher_tok, "chat_template", None) != getattr(
+        student_tok, "chat_template", None
+    )
+    aligned = differ or acfg.mode == "always" or templates_differ
+    out = Alignment(teacher_tokenizer=teacher_tok, differ=differ, aligned=aligned)
     if not differ:
         n = len(student_tok)
         if out.aligned:

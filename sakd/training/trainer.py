@@ -151,7 +151,13 @@ class Distiller(RunLoop):
         self.cfg = cfg
         self.tokenizer, teacher_tok = build_tokenizers(mcfg, use_teacher=use_teacher)
         self.alignment = (
-            setup_alignment(cfg.distillation.alignment, self.tokenizer, teacher_tok, acc)
+            setup_alignment(
+                cfg.distillation.alignment,
+                self.tokenizer,
+                teacher_tok,
+                acc,
+                own_templates=cfg.data.format == "chat",
+            )
             if use_teacher
             else Alignment()
         )
