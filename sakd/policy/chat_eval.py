@@ -2,7 +2,7 @@
 chat form of :mod:`sakd.policy.continuations`, with the same ``cont_*`` keys).
 
 Each held-out conversation is cut at its last user turn and rendered by the *student's* template with the
-generation prompt (:mod:`sakd.policy.chat`); the student answers it greedily and by sampling (seeded per
+generation prompt (:mod:`sakd.policy.chat_answers`); the student answers it greedily and by sampling (seeded per
 prompt: ``generation.temperature`` / ``top_p`` and the seed, as :func:`~sakd.policy.sampling.generate`),
 until its end-of-turn token, EOS or ``max_new_tokens``. The teacher reads the prompt messages plus that
 answer as the assistant message rendered by *its own* template, and its NLL (T = 1) is summed over its
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from sakd.evaluation.heldout import rank_batches
-from sakd.policy.chat import generation_prompt, prompt_messages, reading_side, spell_answer, stop_ids
+from sakd.policy.chat_answers import generation_prompt, prompt_messages, reading_side, spell_answer, stop_ids
 from sakd.policy.continuations import MODES, ROLE_EVAL, ContinuationSpec, _teacher_nll
 from sakd.policy.engines import student_for_generation
 from sakd.policy.sampling import generate, row_seed

@@ -204,7 +204,7 @@ def build_continuations(
     count = resolved_eval_prompts(cfg.distillation.policy, g)
     if count == 0 or models.teacher is None:
         return None
-    settings = {
+    settings: dict[str, Any] = {
         "max_new_tokens": g.max_new_tokens,
         "temperature": g.temperature,
         "top_p": g.top_p,

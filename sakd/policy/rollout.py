@@ -21,6 +21,8 @@ sequence   the teacher's samples of the step's prompts (Kim & Rush 2016): CE on 
            loss temperature, as off-policy KD)
 =========  =================================================================================================
 
+Over conversations (``data.format: chat``) the prompts and rows are those of :mod:`sakd.policy.chat_answers`.
+
 A step is of one kind on every rank and micro-batch (the draw does not depend on the rank), so the
 step's token count, and hence its normalisation, stays global, and under ZeRO-3 every rank enters the
 parameter gather of the generation together.
@@ -43,7 +45,7 @@ from sakd.errors import ConfigError
 from sakd.objective.composite import Objective
 from sakd.objective.curriculum import StepSchedule
 from sakd.policy.batches import collate, student_written, teacher_written
-from sakd.policy.chat import ChatPrompts, chat_prompts
+from sakd.policy.chat_answers import ChatPrompts, chat_prompts
 from sakd.policy.engines import student_for_generation, teacher_for_generation
 from sakd.policy.models import Models
 from sakd.policy.prompts import Prompts

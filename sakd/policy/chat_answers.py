@@ -91,7 +91,8 @@ def spell_answer(ids: list[int], tokenizer: Any) -> tuple[str, np.ndarray]:
         data = table.data[token_id] if 0 <= token_id < len(table.data) else None
         if data is None:  # a special token: its literal text
             tail = decoder.decode(b"", final=True)
-            out = tail + (table.tokens[token_id] if 0 <= token_id < len(table.tokens) else "") or ""
+            literal = table.tokens[token_id] if 0 <= token_id < len(table.tokens) else None
+            out = tail + (literal or "")
             pending = False
         else:
             out = decoder.decode(data)
