@@ -263,8 +263,8 @@ def test_what_chat_does_not_support_yet_is_refused_in_one_line(tmp_path):
     base = {"data": {"train": "x.jsonl", "format": "chat"}}
     with pytest.raises(ConfigError, match="offline teacher cache is not supported yet"):
         load_config({**base, "distillation": {"teacher_cache": str(tmp_path)}})
-    with pytest.raises(ConfigError, match="policy=on is not supported yet"):
-        load_config({**base, "distillation": {"policy": "on"}})
+    with pytest.raises(ConfigError, match="set distillation.generation.prompts=train"):
+        load_config({**base, "distillation": {"policy": "on", "generation": {"prompts": "p.txt"}}})
 
 
 def test_smollm2_chat_template_from_its_gguf_gives_content_and_end_of_turn(chat_tok):

@@ -7,6 +7,14 @@ windows, each alone) or strided (``--stride``: sliding windows, every token with
 were scored. With ``--format chat`` the rows are conversations rendered by the model's chat template,
 each its own document (attention never crosses two), and only the assistant tokens (content and the
 end-of-turn token) are scored; ``bpb`` is over the assistant contents' bytes.
+
+With ``--teacher``: top-1 agreement (one vocabulary) and the teacher's loss on the model's own greedy and
+sampled (seeded by ``--seed``) continuations of ``--prompts`` held-out prompts (``cont_*``). Text: the
+first ``--prompt-tokens`` tokens of the first blocks, continued. Chat: the first conversations cut at
+their last user turn, rendered by the model's template with its generation prompt; the model answers
+(up to ``--max-new-tokens``, or its end-of-turn token) and the teacher scores the answer under its own
+chat template: nats per answer token (``cont_*_teacher_nll``), bits per byte of the answer text
+(``cont_*_teacher_bpb``).
 """
 
 from __future__ import annotations
@@ -71,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         result.update(
             _continuations(args, model, teacher, tokenizer, None if same_vocab else teacher_tok, blocks)
         )
+    if teacher is not None and args.prompts and args.format == "chat":  # the teacher on the model's answers
+        result.update(_answers(args, model, teacher, tokenizer, teacher_tok, docs))
     print(json.dumps(result, indent=1))
     return 0
 
@@ -91,6 +101,29 @@ def _continuations(
         batch_size=args.batch_size,
     )
     return score_continuations(
+        model, teacher, spec, student_tokenizer=tokenizer, teacher_tokenizer=teacher_tok
+    )
+
+
+def _answers(
+    args: argparse.Namespace, model: Any, teacher: Any, tokenizer: Any, teacher_tok: Any, docs: Any
+) -> dict[str, float]:
+    """The teacher's loss (under its own chat template) on the model's answers to the first ``--prompts``
+    conversations cut at their last user turn (``cont_*``; :mod:`sakd.policy.chat_eval`)."""
+    from sakd.data.chat import require_template
+    from sakd.policy.chat_eval import chat_spec, score_chat_answers
+
+    require_template(teacher_tok, "teacher")
+    spec = chat_spec(
+        list(docs.select(range(min(args.prompts, len(docs))))["messages"]),
+        tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    return score_chat_answers(
         model, teacher, spec, student_tokenizer=tokenizer, teacher_tokenizer=teacher_tok
     )
 
@@ -117,7 +150,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "loss on the model's greedy and sampled continuations of held-out prompts (cont_*; any tokenizer)",
     )
     v.add_argument(
-        "--prompts", type=int, default=16, help="held-out prompts to continue (0: skip; default 16)"
+        "--prompts",
+        type=int,
+        default=16,
+        help="held-out prompts to continue (chat: conversations to answer; 0: skip; default 16)",
     )
     v.add_argument("--prompt-tokens", type=int, default=32, help="prompt length: a block's first tokens")
     v.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
@@ -131,7 +167,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="text",
         help="chat: rows of {role, content} messages (--messages-field), rendered by the model's chat template; "
         "each conversation is scored alone and only its assistant tokens count (--loss-on); bits per byte over "
-        "the assistant contents. The teacher's loss on continuations (cont_*) is text-only for now",
+        "the assistant contents. With --teacher, cont_* scores the model's answers to the conversations cut at "
+        "their last user turn, read by the teacher under its own chat template",
     )
     v.add_argument(
         "--messages-field", default="messages", help="column holding the conversation (--format chat)"

@@ -105,8 +105,8 @@ def check_chat(cfg: Any, *, caching: bool = False) -> None:
         raise ConfigError(
             "data.format=chat with an offline teacher cache is not supported yet (the cache stores text blocks)"
         )
-    if cfg.distillation.policy != "off":
+    if cfg.distillation.policy != "off" and cfg.distillation.generation.prompts != "train":
         raise ConfigError(
-            f"data.format=chat with distillation.policy={cfg.distillation.policy} is not supported yet "
-            "(prompts are cut from text blocks, not conversations); use policy=off"
+            "data.format=chat takes on-policy prompts from the training conversations (cut at the last user "
+            "turn): set distillation.generation.prompts=train"
         )

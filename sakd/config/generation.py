@@ -45,13 +45,16 @@ class GenerationConfig:
     prompts: str = _f(
         "train",
         "Where prompts come from: train (the first prompt_tokens tokens of each training block of the "
-        "step) or a local .txt / .jsonl / .json / .parquet file (one prompt per line / record).",
+        "step, inside one document with within_document packing; data.format=chat: the training "
+        "conversations cut at their last user turn) or a local .txt / .jsonl / .json / .parquet file (one "
+        "prompt per line / record; text only).",
     )
     prompt_field: str = _f("text", "Column holding the prompt in a .jsonl / .json / .parquet prompt file.")
     prompt_tokens: int = _f(
         32,
         "Prompt length in tokens: the prefix cut from each training block (prompts=train), or the most "
-        "tokens kept from the end of a prompt from a file.",
+        "tokens kept from the end of a prompt from a file; data.format=chat: the longest rendered prompt "
+        "kept (conversations with longer prompts are left out).",
         min=1,
     )
     sequence_loss: str = _f(
@@ -62,7 +65,8 @@ class GenerationConfig:
     )
     eval_prompts: int | None = _f(
         None,
-        "Held-out prompts (prefixes of held-out blocks) whose greedy and sampled student continuations the "
+        "Held-out prompts (prefixes of held-out blocks; chat: held-out conversations cut at their last user "
+        "turn, scored under the teacher's template) whose greedy and sampled student continuations the "
         "teacher scores at the end of the run (summary: teacher_nll_*). None: 32 when policy is not off, "
         "else 0 (off).",
         min=0,

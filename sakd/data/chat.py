@@ -93,7 +93,9 @@ def require_template(tokenizer: PreTrainedTokenizerBase, role: str = "student") 
         )
 
 
-def _apply(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation: bool, where: str) -> str:
+def apply_template(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation: bool, where: str
+) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
     except Exception as e:  # jinja errors (raise_exception in a template, bad roles)
@@ -105,16 +107,16 @@ def render(
 ) -> Rendered:
     """``messages`` rendered by ``tokenizer``'s chat template, with the spans of the module docstring."""
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    text = _apply(tokenizer, messages, False, where)
+    text = apply_template(tokenizer, messages, False, where)
     turns, contents, assistant = [], [], []
     prev = ""  # the rendering of the messages before message i
     for i, m in enumerate(messages):
-        upto = _apply(tokenizer, messages[: i + 1], False, where)
+        upto = apply_template(tokenizer, messages[: i + 1], False, where)
         if not (text.startswith(upto) and upto.startswith(prev)):
             raise DataError(f"{where}: the chat template does not render the conversation prefix by prefix")
         begin = len(prev)
         if m["role"] == "assistant":
-            head = _apply(tokenizer, messages[:i], True, where)
+            head = apply_template(tokenizer, messages[:i], True, where)
             if not (upto.startswith(head) and len(head) >= begin):
                 raise DataError(
                     f"{where}: the chat template's generation prompt is not where turn {i} starts"
@@ -133,7 +135,7 @@ def render(
     return Rendered(text, turns, contents, assistant)
 
 
-def _inside(ends: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+def ends_inside(ends: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
     """Tokens (by end offset) that end inside one of ``spans`` (``start < end <= stop``)."""
     out = np.zeros(len(ends), dtype=bool)
     for a, b in spans:
@@ -172,7 +174,7 @@ def encode_rendered(
     if loss_on == "all":
         target, spans = np.ones(len(ends), dtype=bool), [(0, len(r.text))]
     else:
-        target, spans = _inside(ends, r.turns), r.assistant_contents
+        target, spans = ends_inside(ends, r.turns), r.assistant_contents
     row = {
         "input_ids": np.asarray(enc["input_ids"], dtype=np.int64),
         "target": target.astype(np.int8),

@@ -5,7 +5,9 @@ on, scored by the teacher -- also across tokenizers.
 :mod:`.sampling` (batched, seeded generation with a KV cache), :mod:`.engines` (which module generates under
 DDP / ZeRO-2 / ZeRO-3), :mod:`.retokenize` (generated text in the other tokenizer, aligned by character
 spans), :mod:`.batches` (generated sequences to a training micro-batch, with prompt masking),
-:mod:`.continuations` (the teacher's loss on the student's own continuations of held-out prompts).
+:mod:`.continuations` (the teacher's loss on the student's own continuations of held-out prompts),
+:mod:`.chat_answers` / :mod:`.chat_eval` (the same over conversations: prompts cut at the last user turn,
+each model reading its own chat template).
 """
 
 from sakd.policy.continuations import (

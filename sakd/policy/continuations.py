@@ -37,7 +37,8 @@ MODES = ("greedy", "sampled")
 
 @dataclass(frozen=True)
 class ContinuationSpec:
-    """Held-out prompts (student token ids) and how to continue them."""
+    """Held-out prompts (student token ids) and how to continue them; ``prefixes``: for conversations, the
+    prompt messages of each (:mod:`sakd.policy.chat_eval`)."""
 
     prompts: list[list[int]]
     max_new_tokens: int = 64
@@ -45,6 +46,7 @@ class ContinuationSpec:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 8
+    prefixes: list[list[dict]] | None = None
 
     def sampling(self, mode: str) -> Sampling:
         return Sampling(self.max_new_tokens, self.temperature, self.top_p, greedy=mode == "greedy")
@@ -168,13 +170,27 @@ class RunContinuations:
     def __call__(self, plain_student: Any = None) -> dict[str, float]:
         """Score the prepared student, or ``plain_student`` (a whole model on every rank: the EMA)."""
         m = self.models
+        student = m.student if plain_student is None else plain_student
+        zero = m.zero_stage if plain_student is None else -1
+        if self.spec.prefixes is not None:  # conversations: the teacher reads its own template
+            from sakd.policy.chat_eval import score_chat_answers
+
+            return score_chat_answers(
+                student,
+                m.teacher,
+                self.spec,
+                student_tokenizer=m.student_tokenizer,
+                teacher_tokenizer=m.teacher_tokenizer or m.student_tokenizer,
+                zero_stage=zero,
+                accelerator=self.accelerator,
+            )
         return score_continuations(
-            m.student if plain_student is None else plain_student,
+            student,
             m.teacher,
             self.spec,
             student_tokenizer=m.student_tokenizer,
             teacher_tokenizer=m.teacher_tokenizer,
-            zero_stage=m.zero_stage if plain_student is None else -1,
+            zero_stage=zero,
             accelerator=self.accelerator,
         )
 
@@ -188,12 +204,21 @@ def build_continuations(
     count = resolved_eval_prompts(cfg.distillation.policy, g)
     if count == 0 or models.teacher is None:
         return None
-    spec = ContinuationSpec(
-        heldout_prompts(heldout[: min(count, len(heldout))]["input_ids"], count, g.prompt_tokens),
-        max_new_tokens=g.max_new_tokens,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        seed=cfg.training.seed,
-        batch_size=cfg.training.eval_batch_size,
-    )
-    return RunContinuations(spec, models, accelerator)
+    settings: dict[str, Any] = {
+        "max_new_tokens": g.max_new_tokens,
+        "temperature": g.temperature,
+        "top_p": g.top_p,
+        "seed": cfg.training.seed,
+        "batch_size": cfg.training.eval_batch_size,
+    }
+    if cfg.data.format == "chat":  # the held-out conversations, cut at their last user turn
+        from sakd.data import split_documents
+        from sakd.policy.chat_eval import chat_spec
+
+        convs = split_documents(cfg.data, cfg.training.seed)[1]
+        messages = list(convs.select(range(min(count, len(convs))))["messages"])
+        return RunContinuations(
+            chat_spec(messages, models.student_tokenizer, **settings), models, accelerator
+        )
+    prompts = heldout_prompts(heldout[: min(count, len(heldout))]["input_ids"], count, g.prompt_tokens)
+    return RunContinuations(ContinuationSpec(prompts, **settings), models, accelerator)

@@ -15,6 +15,7 @@ import torch
 
 from sakd.config import GenerationConfig
 from sakd.data import BatchPlan, load_text_dataset
+from sakd.data.documents import is_document_mask
 from sakd.errors import DataError
 from sakd.policy.retokenize import encode, spell
 
@@ -30,6 +31,8 @@ class Prompts:
         retokenize: the generator's tokenizer differs from the student's (prefixes are re-encoded).
         plan: the run's batch plan (micro-batch, accumulation, world size, seed) for a prompt file.
     """
+
+    stop_ids: tuple[int, ...] = ()  # generation stops at EOS only
 
     def __init__(
         self,
@@ -61,9 +64,17 @@ class Prompts:
                     f"{self.plan.blocks_per_step} (training.batch_size x gradient_accumulation_steps x processes)"
                 )
 
-    def from_blocks(self, input_ids: torch.Tensor) -> list[list[int]]:
-        """The first ``prompt_tokens`` student tokens of each block, in the generator's tokens."""
-        prefixes = input_ids[:, : self.length].tolist()
+    def from_blocks(self, input_ids: torch.Tensor, documents: torch.Tensor | None = None) -> list[list[int]]:
+        """The first ``prompt_tokens`` student tokens of each block, in the generator's tokens; with a
+        document mask (``data.packing: within_document``) of one document of the block (see
+        :func:`one_document`)."""
+        if documents is None:
+            prefixes = input_ids[:, : self.length].tolist()
+        else:
+            eos = self.student_tokenizer.eos_token_id
+            prefixes = [
+                one_document(r, d, self.length, eos) for r, d in zip(input_ids, documents, strict=True)
+            ]
         if not self.retokenize:
             return prefixes
         return [encode(spell(p, self.student_tokenizer).pieces, self.tokenizer).ids for p in prefixes]
@@ -73,10 +84,37 @@ class Prompts:
     ) -> list[tuple[list[list[int]], torch.Tensor]]:
         """Per micro-batch of this rank's step: (prompt ids per row, the rows' sample ids)."""
         if self.file_ids is None:
-            return [(self.from_blocks(mb["input_ids"]), mb["sample_ids"]) for mb in micro_batches]
+            return [
+                (self.from_blocks(mb["input_ids"], _documents(mb)), mb["sample_ids"]) for mb in micro_batches
+            ]
         assert self.plan is not None
         epoch, in_epoch = divmod(step, self.plan.steps_per_epoch)
         out = []
         for idx in self.plan.micro_batches(epoch, in_epoch, rank):
             out.append(([self.file_ids[i] for i in idx], torch.as_tensor(idx, dtype=torch.long)))
         return out
+
+
+def _documents(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """A batch's document mask when its blocks keep documents apart (within_document packing), else None."""
+    mask = batch.get("attention_mask")
+    return mask if is_document_mask(mask) else None
+
+
+def one_document(ids: torch.Tensor, documents: torch.Tensor, length: int, eos: int | None) -> list[int]:
+    """A prompt of one block that keeps documents apart: the first ``length`` tokens of its first document
+    piece with that many tokens before its EOS, else of its longest piece (the first of equals) -- a prompt
+    never spans two documents, since the student's attention never does on these blocks."""
+    best, best_len = (0, 0), -1
+    for doc in documents.unique().tolist():
+        if doc <= 0:  # padding
+            continue
+        at = (documents == doc).nonzero().flatten()
+        start, stop = int(at[0]), int(at[-1]) + 1
+        if eos is not None and int(ids[stop - 1]) == eos:
+            stop -= 1
+        if stop - start >= length:
+            return ids[start : start + length].tolist()
+        if stop - start > best_len:
+            best, best_len = (start, stop), stop - start
+    return ids[best[0] : best[1]].tolist()

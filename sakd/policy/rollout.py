@@ -21,6 +21,8 @@ sequence   the teacher's samples of the step's prompts (Kim & Rush 2016): CE on 
            loss temperature, as off-policy KD)
 =========  =================================================================================================
 
+Over conversations (``data.format: chat``) the prompts and rows are those of :mod:`sakd.policy.chat_answers`.
+
 A step is of one kind on every rank and micro-batch (the draw does not depend on the rank), so the
 step's token count, and hence its normalisation, stays global, and under ZeRO-3 every rank enters the
 parameter gather of the generation together.
@@ -43,6 +45,7 @@ from sakd.errors import ConfigError
 from sakd.objective.composite import Objective
 from sakd.objective.curriculum import StepSchedule
 from sakd.policy.batches import collate, student_written, teacher_written
+from sakd.policy.chat_answers import ChatPrompts, chat_prompts
 from sakd.policy.engines import student_for_generation, teacher_for_generation
 from sakd.policy.models import Models
 from sakd.policy.prompts import Prompts
@@ -102,7 +105,12 @@ class PolicyRunner:
     """Builds each step's :class:`Rollout` for ``distillation.policy`` on / mixed / sequence."""
 
     def __init__(
-        self, cfg: RunConfig, objective: Objective, models: Models, prompts: Prompts, accelerator: Any
+        self,
+        cfg: RunConfig,
+        objective: Objective,
+        models: Models,
+        prompts: Prompts | ChatPrompts,
+        accelerator: Any,
     ) -> None:
         d = cfg.distillation
         self.policy, self.gcfg, self.seed = d.policy, d.generation, cfg.training.seed
@@ -163,8 +171,12 @@ class PolicyRunner:
                 model = stack.enter_context(student_for_generation(m.student, m.zero_stage))
             stack.enter_context(acc.autocast())
 
+            stops = self.prompts.stop_ids
+
             def write(prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[int]]:
-                return generate(model, prompts, sampling, seeds=seeds, tokenizer=tok, synced_gpus=synced)
+                return generate(
+                    model, prompts, sampling, seeds=seeds, tokenizer=tok, synced_gpus=synced, stop_ids=stops
+                )
 
             yield write
 
@@ -172,8 +184,17 @@ class PolicyRunner:
         self, prompts: list[list[int]], completions: list[list[int]], sample_ids: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         m = self.models
-        write = teacher_written if self.teacher_writes else student_written
-        rows = write(prompts, completions, m.student_tokenizer, m.teacher_tokenizer)
+        if isinstance(self.prompts, ChatPrompts):  # conversations: each model reads its own template
+            rows = self.prompts.rows(
+                sample_ids,
+                completions,
+                m.student_tokenizer,
+                m.teacher_tokenizer,
+                teacher_writes=self.teacher_writes,
+            )
+        else:
+            write = teacher_written if self.teacher_writes else student_written
+            rows = write(prompts, completions, m.student_tokenizer, m.teacher_tokenizer)
         t_tok = m.teacher_tokenizer
         batch = collate(
             rows,
@@ -198,7 +219,7 @@ def build_policy(
     if d.policy == "off":
         return None
     teacher_writes = d.policy == "sequence"
-    writer_tok = (models.teacher_tokenizer or models.student_tokenizer) if teacher_writes else None
+    writer_tok = (models.teacher_tokenizer if teacher_writes else None) or models.student_tokenizer
     writer = models.teacher if teacher_writes else models.student
     limit = getattr(getattr(writer, "config", None), "max_position_embeddings", None)
     length = d.generation.prompt_tokens + d.generation.max_new_tokens
@@ -207,10 +228,12 @@ def build_policy(
             f"distillation.generation.prompt_tokens + max_new_tokens = {length} exceeds the "
             f"{'teacher' if teacher_writes else 'student'}'s {limit} positions; lower them"
         )
+    if cfg.data.format == "chat":
+        return PolicyRunner(cfg, objective, models, chat_prompts(cfg, writer_tok, plan), accelerator)
     prompts = Prompts(
         d.generation,
         models.student_tokenizer,
-        writer_tok or models.student_tokenizer,
+        writer_tok,
         plan,
         retokenize=teacher_writes and models.teacher_tokenizer is not None,
     )

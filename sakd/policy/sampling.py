@@ -119,8 +119,10 @@ def generate(
     seeds: Sequence[int],
     tokenizer: Any,
     synced_gpus: bool = False,
+    stop_ids: Sequence[int] = (),
 ) -> list[list[int]]:
-    """Each prompt's continuation (up to and including the first EOS; at most ``max_new_tokens``).
+    """Each prompt's continuation (up to and including the first EOS or ``stop_ids`` token; at most
+    ``max_new_tokens``).
 
     Args:
         model: a bare Hugging Face causal LM (not a DDP / DeepSpeed wrapper: see
@@ -131,10 +133,12 @@ def generate(
         tokenizer: gives EOS, pad and the vocabulary size.
         synced_gpus: keep every rank stepping until all ranks are done (a model whose forward is a
             collective: a ZeRO-3 engine gathering parameters per layer).
+        stop_ids: more tokens that end a continuation (a chat template's end-of-turn token).
     """
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
+    stops = [eos, *(int(i) for i in stop_ids if i != eos)]
     ids, mask = left_pad(prompts, pad)
     processors: list[LogitsProcessor] = [_VocabLimit(len(tokenizer))]
     if not sampling.greedy:
@@ -147,7 +151,7 @@ def generate(
         do_sample=False,  # argmax of the (noised) scores: sampling happens in SeededGumbel
         num_beams=1,
         max_new_tokens=sampling.max_new_tokens,
-        eos_token_id=eos,
+        eos_token_id=stops if len(stops) > 1 else eos,
         pad_token_id=pad,
         use_cache=True,
     )
@@ -166,6 +170,6 @@ def generate(
         model.train(was_training)
     completions = []
     for row in out[:, ids.shape[1] :].tolist():
-        cut = row.index(eos) + 1 if eos in row else len(row)
+        cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
         completions.append(row[:cut])
     return completions
