@@ -166,19 +166,3 @@ def test_cache_teacher_argument_errors(capsys, tmp_path):
     assert main(["cache-teacher", "--verify", str(tmp_path), "--output", str(tmp_path)]) == 2
     assert main(["cache-teacher", "--verify", str(tmp_path / "none")]) == 2
     assert "teacher cache not found" in _last_err(capsys)
-
-
-def test_a_cache_with_documents_kept_apart_is_refused_in_one_line(tmp_path):
-    """The cache's teacher attends across the documents of a block: a student trained with
-    data.packing=within_document would be distilled towards the wrong distributions (review of issue 24)."""
-    from sakd.config import load_config
-    from sakd.errors import ConfigError
-
-    raw = {
-        "data": {"train": "x.txt", "packing": "within_document"},
-        "distillation": {"teacher_cache": str(tmp_path)},
-    }
-    with pytest.raises(ConfigError) as err:
-        load_config(raw)
-    assert "data.packing=within_document with an offline teacher cache" in str(err.value)
-    assert len(str(err.value).splitlines()) == 1

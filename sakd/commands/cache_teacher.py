@@ -115,5 +115,12 @@ def write_cache(cfg: Any, output: str, *, overwrite: bool = False) -> dict[str, 
             "seconds": seconds,
             "tokens_per_s": round(computed / seconds, 1) if seconds else None,
         }
+        for key in (
+            "stored_positions",
+            "bytes_all_positions",
+            "bytes_saved",
+        ):  # conversations: KD positions only
+            if key in result["totals"]:
+                summary[key] = result["totals"][key]
     accelerator.end_training()
     return summary

@@ -87,24 +87,10 @@ class DataConfig:
 
 
 def check_chat(cfg: Any, *, caching: bool = False) -> None:
-    """What conversations (``data.format: chat``) and documents kept apart do not support yet, refused in one
-    line each."""
-    if (
-        cfg.data.format != "chat"
-        and cfg.data.resolved_packing() == "within_document"
-        and (caching or cfg.distillation.teacher_cache)
-    ):
-        # the cache's teacher attends across the documents of a block; the student would not
-        raise ConfigError(
-            "data.packing=within_document with an offline teacher cache is not supported yet (the cache's teacher "
-            "saw whole blocks, across documents): use data.packing=cross_document or the live teacher"
-        )
+    """What conversations (``data.format: chat``) do not support yet, refused in one line each (``caching``:
+    the recipe of ``sakd cache-teacher``, which takes conversations and documents kept apart)."""
     if cfg.data.format != "chat":
         return
-    if caching or cfg.distillation.teacher_cache:
-        raise ConfigError(
-            "data.format=chat with an offline teacher cache is not supported yet (the cache stores text blocks)"
-        )
     if cfg.distillation.policy != "off" and cfg.distillation.generation.prompts != "train":
         raise ConfigError(
             "data.format=chat takes on-policy prompts from the training conversations (cut at the last user "

@@ -76,6 +76,85 @@ def anchorable(message: np.ndarray) -> np.ndarray:
     return out
 
 
+def content_kd(
+    ends: np.ndarray, contents: list[tuple[int, int]], roles: list[str], loss_on: str
+) -> np.ndarray:
+    """Tokens that end inside a message content before its last character -- an assistant's (``loss_on:
+    assistant``) or any (``all``): the only positions a student aligned on the contents can anchor a KD
+    position at (its token and its next token end in one content, so the anchor's teacher token ends
+    inside that content, short of its end). The rest of a teacher's positions carry no KD for any student."""
+    ends = np.asarray(ends, dtype=np.int64)
+    out = np.zeros(len(ends), dtype=np.int8)
+    for (a, b), role in zip(contents, roles, strict=True):
+        if loss_on == "all" or role == "assistant":
+            out |= ((ends > a) & (ends < b)).astype(np.int8)
+    return out
+
+
+def encode_ends(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], loss_on: str, where: str = "a conversation"
+) -> dict[str, np.ndarray]:
+    """One conversation for an offline teacher cache: the model's own row (``input_ids``, ``target``),
+    content-coordinate ``ends`` and ``n_chars``, the ``content_kd`` flag (:func:`content_kd`: what the
+    teacher's cache stores) and ``anchorable`` (:func:`anchorable`: where a student reading it may anchor)."""
+    row, ends, r = encode_rendered(tokenizer, messages, loss_on, where)
+    coord, message = content_coordinates(ends, r.contents)
+    return {
+        "input_ids": row["input_ids"],
+        "target": row["target"],
+        "ends": coord,
+        "n_chars": content_length(r.contents),
+        "content_kd": content_kd(ends, r.contents, [m["role"] for m in messages], loss_on),
+        "anchorable": anchorable(message),
+    }
+
+
+def tokenize_conversation_ends(
+    convs: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    loss_on: str = "assistant",
+    role: str = "teacher",
+) -> datasets.Dataset:
+    """One row per conversation (:func:`encode_ends`), cached on disk: what the offline teacher cache packs,
+    and what a student with another tokenizer or template aligns with it (:mod:`sakd.teacher.cache`)."""
+    require_template(tokenizer, role)
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"the {role} tokenizer is not a fast (Rust) tokenizer; a chat cache needs offsets")
+    features = datasets.Features(
+        {
+            "input_ids": IDS,
+            "target": datasets.List(datasets.Value("int8")),
+            "ends": IDS,
+            "n_chars": datasets.Value("int64"),
+            "content_kd": datasets.List(datasets.Value("int8")),
+            "anchorable": datasets.List(datasets.Value("int8")),
+        }
+    )
+
+    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        rows = [
+            encode_ends(tokenizer, m, loss_on, f"conversation {i}")
+            for m, i in zip(batch["messages"], indices, strict=True)
+        ]
+        return {k: [r[k] for r in rows] for k in features}
+
+    template = hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()[:16]
+    key = cache_key(
+        "chat_ends", dataset_fingerprint(convs), tokenizer_fingerprint(tokenizer), template, loss_on
+    )
+    return convs.map(
+        encode,
+        batched=True,
+        with_indices=True,
+        batch_size=256,
+        remove_columns=convs.column_names,
+        features=features,
+        new_fingerprint=key,
+        desc="rendering conversations (teacher cache)",
+    )
+
+
 def encode_pair(
     tokenizer: PreTrainedTokenizerBase,
     teacher_tokenizer: PreTrainedTokenizerBase,

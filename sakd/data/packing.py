@@ -199,7 +199,7 @@ def pack_pair(
 
     def build(k0: int, k1: int) -> dict[str, Any]:
         lo, hi = k0 * block_size, k1 * block_size
-        d0, d1 = stream.docs(max(lo - 1, 0), hi)  # from the token before the first block: its end
+        d0, d1 = stream.docs(max(lo - 1, 0), min(hi + 1, stream.total))  # a token either side: their ends
         table = stream.table[d0:d1]
         lengths = np.diff(stream.starts[d0 : d1 + 1])
         s_ends = flat_column(table, "ends") + np.repeat(char_base[d0:d1], lengths)  # global, non-decreasing
@@ -209,10 +209,21 @@ def pack_pair(
         skip = int(stream.starts[d0])
         out: dict[str, list] = {c: [] for c in [*PAIR_FEATURES, *extra, *positions]}
         flats = {c: flat_column(table, c) for c in extra + (["anchorable"] if gate else [])}
+
+        def cut(at: int) -> int:
+            """The teacher stream index where student position ``at`` (stream-relative) starts a block: after
+            every teacher token ending at or before the previous student token's end -- but in a run of
+            template tokens that share one coordinate (conversations), the teacher's tokens at it go with
+            the later block, which holds the rest of that run and the content it introduces."""
+            if at <= 0:
+                return 0  # from the start: template tokens end at 0
+            end = int(s_ends[at - 1])
+            tie = gate and at < len(s_ends) and int(s_ends[at]) == end
+            return int(np.searchsorted(t_ends, end, side="left" if tie else "right"))
+
         for k in range(k0, k1):
             a, b = k * block_size - skip, (k + 1) * block_size - skip
-            lo_char = int(s_ends[a - 1]) if k > 0 else -1  # from the start: template tokens end at 0
-            t_lo, t_hi = np.searchsorted(t_ends, [lo_char, int(s_ends[b - 1])], side="right")
+            t_lo, t_hi = cut(a) if k > 0 else 0, cut(b)
             al = align_ends(s_ends[a:b], t_ends[t_lo:t_hi])
             anchor, span_end = al.anchor.numpy(), al.span_end.numpy()
             if gate:  # span_end keeps the next token's shared boundary: it ends on a content character
@@ -233,5 +244,5 @@ def pack_pair(
 
     columns = {c: rows.features[c] if c == "target" else IDS for c in [*extra, *positions]}
     features = datasets.Features({**PAIR_FEATURES, **columns})
-    key = cache_key("pack_pair", dataset_fingerprint(rows), block_size, with_bytes, with_positions)
+    key = cache_key("pack_pair", dataset_fingerprint(rows), block_size, with_bytes, with_positions, "runs")
     return _blocks(stream, block_size, build, features, key, num_proc)

@@ -72,10 +72,25 @@ class TokenStream:
             self.ids[:n_tokens],
             cut(self.nbytes),
             self.eos_id,
-            self.documents,
+            self.scored_documents(n_tokens),
             cut(self.positions),
             cut(self.targets),
         )
+
+    def scored_documents(self, n_tokens: int) -> int | None:
+        """How many documents have a scored token among the first ``n_tokens`` (None when unknown)."""
+        if self.documents is None or n_tokens >= len(self):
+            return self.documents
+        if self.positions is not None:
+            starts = self.positions[:n_tokens] == 0
+        elif self.eos_id is not None:  # a document starts after each packing EOS
+            starts = torch.zeros(min(n_tokens, len(self)), dtype=torch.bool)
+            starts[1:] = self.ids[: n_tokens - 1] == self.eos_id
+        else:
+            return None
+        starts[:1] = True
+        doc = starts.long().cumsum(0)
+        return int(doc[self.scored()[:n_tokens]].unique().numel())
 
     @classmethod
     def from_blocks(cls, blocks: Any, eos_id: int | None) -> TokenStream:

@@ -147,6 +147,7 @@ class CachedTeacher:
         kd_mask = chain = None
         if self.index is None:
             fields = same_block_fields(self.reader, batch["sample_ids"].reshape(-1), batch["input_ids"])
+            kd_mask = fields.get("kept")  # positions=kd: only the stored positions (all that carry KD)
         else:
             fields, kd_mask, chain = aligned_fields(self.reader, self.index[ids], self.chain_rule)
         sparse = stored_sparse(fields, self.reader.spec.temperature, self.top_k)

@@ -18,10 +18,12 @@ import torch
 from sakd.align.positions import alignment_coverage
 from sakd.config import RunConfig
 from sakd.data import split_documents
+from sakd.data.chat_pair import tokenize_conversation_ends
 from sakd.errors import ConfigError, DataError, SetupError
 from sakd.teacher.cache.fingerprint import (
     data_settings,
     documents_fingerprint,
+    layout_settings,
     teacher_identity,
     tokenizer_sha256,
 )
@@ -87,6 +89,24 @@ def _check_teacher(cfg: RunConfig, reader: CacheReader, teacher_tok: Any) -> Non
         )
 
 
+def _check_layout(cfg: RunConfig, reader: CacheReader, teacher_tok: Any) -> None:
+    """The packing, and for conversations the teacher's chat template and ``data.loss_on``: the same
+    documents give other teacher positions (or other stored ones) when they differ."""
+    m = {"format": "text", "packing": "cross_document", **reader.manifest["data"]}  # older text caches
+    found = layout_settings(cfg.data, teacher_tok)
+    field = first_difference(found, {k: m.get(k) for k in found})
+    if field == "chat_template_sha256":
+        raise DataError(
+            f"teacher cache {reader.root} does not match this recipe: the teacher's chat template differs from "
+            "the one the cache was made with; regenerate the cache"
+        )
+    if field is not None:
+        raise DataError(
+            f"teacher cache {reader.root} does not match this recipe: data.{field} differs (cache: {m.get(field)}, "
+            f"recipe: {found[field]}); regenerate the cache"
+        )
+
+
 def _check_documents(cfg: RunConfig, reader: CacheReader, docs: Any) -> None:
     m = reader.manifest["data"]
     found = documents_fingerprint(docs)
@@ -115,9 +135,10 @@ def cached_teacher(
     with accelerator.main_process_first():
         docs, _ = split_documents(cfg.data, cfg.training.seed)
     _check_documents(cfg, reader, docs)
+    _check_layout(cfg, reader, alignment.teacher_tokenizer)
     spec = reader.spec
-    same = (
-        not alignment.differ
+    same = (  # conversations: one vocabulary with another template is aligned too
+        not alignment.aligned
         and cfg.data.block_size == spec.block_size
         and cfg.distillation.alignment.mode == "auto"
     )
@@ -156,8 +177,12 @@ def _aligned(
 ) -> Any:
     """The per-block alignment of the run's training blocks with the cached teacher positions."""
     key = f"{reader.manifest['shards'][0]['sha256']}:{tokenizer_sha256(student_tok)}"
+    rows = None
     with acc.main_process_first():
-        index = aligned_index(docs, student_tok, cfg.data.block_size, reader, key)
+        if cfg.data.format == "chat":  # the student's own renderings, aligned on the message contents
+            rows = tokenize_conversation_ends(docs, student_tok, loss_on=cfg.data.loss_on, role="student")
+            key += f":{getattr(student_tok, 'chat_template', None)}"
+        index = aligned_index(docs, student_tok, cfg.data.block_size, reader, key, rows)
     n = len(train_blocks)
     same_tokens = len(index) >= n and all(
         torch.equal(index[i : min(i + 256, n)]["input_ids"], train_blocks[i : min(i + 256, n)]["input_ids"])

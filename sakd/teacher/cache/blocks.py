@@ -12,7 +12,13 @@ character ends without re-reading the text.
 
 Per block: ``input_ids`` and ``char_end`` (``[block_size]``, non-decreasing), ``char_base`` (where the
 block's text starts), ``follows_previous`` (whether the block continues the previous block's token
-stream: every block but the first) and ``next_id`` (the token after the block, -1 at the stream's end).
+stream: every block but the first), ``next_id`` (the token after the block, -1 at the stream's end) and
+``position`` (each token's index inside its document: ``data.packing=within_document`` turns it into the
+document mask the live path gives the teacher, :mod:`sakd.data.documents`).
+
+Conversations (``rows`` from :func:`sakd.data.chat_pair.tokenize_conversation_ends`): the documents are the
+teacher's renderings, the character ends are content coordinates (:mod:`sakd.data.chat_pair`), and each
+block also carries the rows' ``target``, ``content_kd`` and ``anchorable`` flags.
 """
 
 from __future__ import annotations
@@ -31,8 +37,11 @@ BLOCKS_PER_MAP_BATCH = 256
 class BlockStream:
     """The documents' tokens as one stream with global character ends, and its full blocks."""
 
-    def __init__(self, docs: datasets.Dataset, tokenizer: Any, block_size: int) -> None:
-        self.rows = tokenize_documents(docs, tokenizer, with_ends=True)
+    def __init__(
+        self, docs: datasets.Dataset, tokenizer: Any, block_size: int, rows: datasets.Dataset | None = None
+    ) -> None:
+        self.rows = tokenize_documents(docs, tokenizer, with_ends=True) if rows is None else rows
+        self.flags = [c for c in ("target", "content_kd", "anchorable") if c in self.rows.column_names]
         self.stream = DocumentStream(self.rows)
         n_chars = self.stream.table["n_chars"].to_numpy(zero_copy_only=False).astype(np.int64)
         self.char_base = np.concatenate([[0], np.cumsum(n_chars + 1)])  # where each document starts
@@ -51,6 +60,9 @@ class BlockStream:
     def blocks(self, k0: int, k1: int) -> list[dict[str, Any]]:
         """Blocks ``[k0, k1)``: the columns of the module docstring, one dict per block."""
         ids, ends, lo = self.window(k0, k1)
+        hi = lo + len(ids)
+        positions = self.stream.positions(lo, hi)
+        flags = {c: self.stream.span(lo, hi, c) for c in self.flags}
         bs, out = self.block_size, []
         for k in range(k0, k1):
             a = k * bs - lo
@@ -61,6 +73,8 @@ class BlockStream:
                     "char_base": int(ends[a - 1]) if k > 0 else 0,
                     "follows_previous": k > 0,
                     "next_id": int(ids[a + bs]) if a + bs < len(ids) else -1,
+                    "position": positions[a : a + bs],
+                    **{c: v[a : a + bs] for c, v in flags.items()},
                 }
             )
         return out
@@ -79,12 +93,12 @@ class BlockStream:
 
 
 def _columns(blocks: list[dict[str, Any]]) -> dict[str, list]:
-    return {
-        k: [b[k] for b in blocks]
-        for k in ("input_ids", "char_end", "char_base", "follows_previous", "next_id")
-    }
+    return {k: [b[k] for b in blocks] for k in blocks[0]}
 
 
-def token_blocks(docs: datasets.Dataset, tokenizer: Any, block_size: int) -> datasets.Dataset:
-    """The packed blocks of ``docs`` with their character ends (see the module docstring)."""
-    return BlockStream(docs, tokenizer, block_size).map_blocks(_columns)
+def token_blocks(
+    docs: datasets.Dataset, tokenizer: Any, block_size: int, rows: datasets.Dataset | None = None
+) -> datasets.Dataset:
+    """The packed blocks of ``docs`` (or of tokenized ``rows``) with their character ends (see the module
+    docstring)."""
+    return BlockStream(docs, tokenizer, block_size, rows).map_blocks(_columns)

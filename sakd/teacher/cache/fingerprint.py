@@ -74,12 +74,26 @@ def documents_fingerprint(docs: Any) -> dict[str, Any]:
     """Count and SHA-256 of the documents' text, in order (each document's UTF-8 bytes, then a NUL)."""
     h = hashlib.sha256()
     count = 0
+    column = "text" if "text" in docs.column_names else "messages"  # conversations: their messages as JSON
     for batch in docs.iter(batch_size=10_000):
-        for text in batch["text"]:
+        for doc in batch[column]:
+            text = doc if column == "text" else json.dumps(doc, sort_keys=True, ensure_ascii=False)
             h.update(text.encode())
             h.update(b"\0")
             count += 1
     return {"documents": count, "documents_sha256": h.hexdigest()}
+
+
+def layout_settings(dcfg: DataConfig, teacher_tokenizer: Any) -> dict[str, Any]:
+    """What the cached positions depend on besides the documents: the packing (``within_document``: the
+    teacher saw each document alone) and, for conversations, the teacher's chat template and ``loss_on``
+    (which positions carry KD, so which are stored). Text caches of older versions lack these keys: they
+    were made ``cross_document`` from text."""
+    out: dict[str, Any] = {"format": dcfg.format, "packing": dcfg.resolved_packing()}
+    if dcfg.format == "chat":
+        template = str(getattr(teacher_tokenizer, "chat_template", None))
+        out.update(loss_on=dcfg.loss_on, chat_template_sha256=_sha(template))
+    return out
 
 
 def data_settings(dcfg: DataConfig, split_seed: int) -> dict[str, Any]:
@@ -89,6 +103,7 @@ def data_settings(dcfg: DataConfig, split_seed: int) -> dict[str, Any]:
         "dataset_config": dcfg.dataset_config,
         "split": dcfg.split,
         "text_field": dcfg.text_field,
+        "messages_field": dcfg.messages_field if dcfg.format == "chat" else None,
         "eval": dcfg.eval,
         "eval_fraction": None if dcfg.eval else dcfg.eval_fraction,
         "split_seed": None if dcfg.eval else split_seed,

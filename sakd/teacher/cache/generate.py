@@ -15,6 +15,7 @@ signal, sharded, resumable, on any number of ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,6 +31,8 @@ import torch
 
 from sakd.config import RunConfig
 from sakd.data import split_documents
+from sakd.data.chat_pair import tokenize_conversation_ends
+from sakd.data.documents import document_mask
 from sakd.errors import ConfigError, DataError, RunDirError
 from sakd.models import load_tokenizer
 from sakd.progress import Progress
@@ -39,10 +42,12 @@ from sakd.teacher.cache.extract import block_signals
 from sakd.teacher.cache.fingerprint import (
     data_settings,
     documents_fingerprint,
+    layout_settings,
     teacher_identity,
     teacher_tokenizer_spec,
     tokenizer_sha256,
 )
+from sakd.teacher.cache.kept import kd_positions, saved_line
 from sakd.teacher.cache.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -101,6 +106,7 @@ def signal_spec(cfg: RunConfig, vocab_size: int, router_shape: list[int] | None)
         block_size=cfg.data.block_size,
         router_shape=router_shape,
         seed=(cfg.training.seed if c.seed is None else c.seed) if c.mode == "sampled" else None,
+        positions="kd" if cfg.data.format == "chat" else "all",
     )
 
 
@@ -132,10 +138,13 @@ def build_job(cfg: RunConfig, accelerator: Any) -> CacheJob:
     seed = cfg.training.seed
     with accelerator.main_process_first():
         docs, _ = split_documents(cfg.data, seed)
-        blocks = token_blocks(docs, tokenizer, cfg.data.block_size)
+        rows = None
+        if cfg.data.format == "chat":  # the teacher's renderings, content coordinates, KD flags
+            rows = tokenize_conversation_ends(docs, tokenizer, loss_on=cfg.data.loss_on)
+        blocks = token_blocks(docs, tokenizer, cfg.data.block_size, rows)
     if len(blocks) == 0:
         raise DataError(
-            f"the training text is shorter than one block of {cfg.data.block_size} teacher tokens"
+            f"the training data is shorter than one block of {cfg.data.block_size} teacher tokens"
         )
     if cfg.data.max_train_blocks:
         blocks = blocks.select(range(min(cfg.data.max_train_blocks, len(blocks))))
@@ -153,6 +162,7 @@ def build_job(cfg: RunConfig, accelerator: Any) -> CacheJob:
         "data": {
             **documents_fingerprint(docs),
             **data_settings(cfg.data, seed),
+            **layout_settings(cfg.data, tokenizer),
             "max_train_blocks": cfg.data.max_train_blocks,
         },
         "signal": spec.to_dict(),
@@ -225,10 +235,16 @@ def write_shard(root: Path, shard: int, blocks: range, signals: list, spec: Sign
         "file": shard_file(shard),
         "blocks": [blocks.start, blocks.stop],
         "positions": len(blocks) * spec.block_size,
+        "stored_positions": sum(
+            int(b.kept.sum()) if b.kept is not None else len(b.token_ids) for b in signals
+        ),
         "entries": int(tensors["values"].shape[0]) * (1 if spec.mode == "sampled" else int(spec.top_k)),
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
+    if spec.positions == "kd":  # what storing every position would have taken (the bytes saved)
+        every = dataclasses.replace(spec, positions="all")
+        record["bytes_all_positions"] = len(safetensors.torch.save(*encode_shard(signals, every)))
     write_json_atomic(root / shard_record_file(shard), record)
     return record
 
@@ -244,7 +260,13 @@ def _batches(job: CacheJob, shards: list[int]) -> list[tuple[int, list[int]]]:
 
 
 def _forward_batch(teacher: OnlineTeacher, job: CacheJob, ids: list[int], device: torch.device) -> list:
+    """The teacher's signal of blocks ``ids``, as the live path runs it: with ``within_document`` packing
+    the document mask (positions restarting per document, attention inside each); for conversations the
+    positions that carry KD marked (:func:`kd_positions`)."""
     rows = job.blocks[ids]
+    mask = torch.ones_like(rows["input_ids"])
+    if job.cfg.data.resolved_packing() == "within_document":
+        mask = document_mask(rows["position"])
     blocks = {
         "input_ids": rows["input_ids"].to(device),
         "char_end": rows["char_end"],
@@ -253,8 +275,12 @@ def _forward_batch(teacher: OnlineTeacher, job: CacheJob, ids: list[int], device
         "next_id": rows["next_id"],
         "block_index": torch.tensor(ids),
     }
-    out = teacher({"input_ids": blocks["input_ids"], "attention_mask": torch.ones_like(blocks["input_ids"])})
-    return block_signals(out, blocks, job.spec)
+    out = teacher({"input_ids": blocks["input_ids"], "attention_mask": mask.to(device)})
+    signals = block_signals(out, blocks, job.spec)
+    if job.spec.positions == "kd":
+        for signal, kept in zip(signals, kd_positions(rows, job.cfg.data.resolved_packing()), strict=True):
+            signal.kept = kept
+    return signals
 
 
 def _run_shards(job: CacheJob, root: Path, teacher: OnlineTeacher, accelerator: Any, lockstep: bool) -> int:
@@ -302,11 +328,15 @@ def finish_manifest(job: CacheJob, root: Path) -> dict[str, Any]:
         shards.append(json.loads(record.read_text()))
     total = sum(r["bytes"] for r in shards)
     positions = job.header["layout"]["positions"]
-    manifest = {
-        **job.header,
-        "shards": shards,
-        "totals": {"bytes": total, "bytes_per_token": round(total / max(positions, 1), 3)},
-    }
+    totals = {"bytes": total, "bytes_per_token": round(total / max(positions, 1), 3)}
+    if job.spec.positions == "kd":
+        every = sum(r["bytes_all_positions"] for r in shards)
+        totals.update(
+            stored_positions=sum(r["stored_positions"] for r in shards),
+            bytes_all_positions=every,
+            bytes_saved=every - total,
+        )
+    manifest = {**job.header, "shards": shards, "totals": totals}
     write_json_atomic(root / MANIFEST_FILE, manifest)
     for s in range(job.num_shards):
         (root / shard_record_file(s)).unlink(missing_ok=True)
@@ -340,6 +370,7 @@ def generate_cache(cfg: RunConfig, output: str | Path, accelerator: Any, *, over
     manifest = finish_manifest(job, root) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     manifest = manifest or read_manifest(root)
+    accelerator.print(saved_line(manifest))
     return {
         **manifest,
         "seconds": round(seconds, 3),

@@ -72,6 +72,7 @@ def same_block_fields(reader: CacheReader, sample_ids: Tensor, input_ids: Tensor
         values = [getattr(b, attr) for b in blocks]
         fields[k] = None if values[0] is None else torch.stack(values)
     fields["router"] = None if blocks[0].router is None else torch.stack([b.router for b in blocks])
+    fields["kept"] = None if blocks[0].kept is None else torch.stack([b.kept for b in blocks])
     return fields
 
 
@@ -114,6 +115,9 @@ class BlockAligner:
             anchor, span_end = al.anchor, al.span_end
             for k in breaks:  # the teacher tokens of a span must be one unbroken stretch of its stream
                 span_end = torch.where((anchor <= k) & (span_end > k), -1, span_end)
+            if "anchorable" in blk:  # conversations: only content positions (sakd.data.chat_pair)
+                keep = torch.as_tensor(blk["anchorable"]) > 0
+                anchor, span_end = torch.where(keep, anchor, -1), torch.where(keep, span_end, -1)
             out["input_ids"].append(blk["input_ids"])
             out["cache_lo"].append(start)
             out["cache_hi"].append(start + len(t_ends))
@@ -123,14 +127,19 @@ class BlockAligner:
 
 
 def aligned_index(
-    docs: datasets.Dataset, tokenizer: Any, block_size: int, reader: CacheReader, key: str
+    docs: datasets.Dataset,
+    tokenizer: Any,
+    block_size: int,
+    reader: CacheReader,
+    key: str,
+    rows: datasets.Dataset | None = None,
 ) -> Any:
     """The aligned layout's per-block index over ``docs`` (torch format); ``key`` names the pairing for
-    ``datasets``' cache (the cache's manifest and the student tokenizer)."""
-    fingerprint = hashlib.sha256(
-        f"sakd-cache-align:{key}:{block_size}:{docs._fingerprint}".encode()
-    ).hexdigest()
-    index = BlockStream(docs, tokenizer, block_size).map_blocks(BlockAligner(reader), fingerprint[:32])
+    ``datasets``' cache (the cache's manifest and the student tokenizer); ``rows``: the student's
+    conversations (:func:`sakd.data.chat_pair.tokenize_conversation_ends`), aligned on the contents."""
+    what = docs._fingerprint if rows is None else rows._fingerprint
+    fingerprint = hashlib.sha256(f"sakd-cache-align:{key}:{block_size}:{what}".encode()).hexdigest()
+    index = BlockStream(docs, tokenizer, block_size, rows).map_blocks(BlockAligner(reader), fingerprint[:32])
     return index.with_format("torch")
 
 
@@ -159,6 +168,8 @@ def aligned_fields(
         chain.append(lp[0].float())
     stacked = {k: None if per_row[0][k] is None else torch.stack([r[k] for r in per_row]) for k in per_row[0]}
     kd_mask = torch.stack([a >= 0 for a in rows["anchor"]])
+    if stacked.get("kept") is not None:  # positions=kd: an anchor whose teacher position was not stored
+        kd_mask &= stacked["kept"]
     return stacked, kd_mask, torch.stack(chain) if chain_rule else None
 
 
@@ -173,4 +184,5 @@ def _empty(length: int, slots: int, reader: CacheReader) -> dict[str, Tensor | N
         "next_logprob": torch.zeros(length),
         "router": None if spec.router_shape is None else torch.zeros(length, *spec.router_shape),
         "token_ids": torch.zeros(length, dtype=torch.int64),
+        "kept": None if spec.positions == "all" else torch.zeros(length, dtype=torch.bool),
     }

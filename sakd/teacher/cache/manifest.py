@@ -44,6 +44,9 @@ class SignalSpec:
         block_size: teacher tokens per block (the teacher saw each block as one sequence).
         router_shape: ``[layers, experts]`` of the stored router probabilities, or None.
         seed: the sampled mode's seed, else None.
+        positions: ``all`` -- every position holds the signal; ``kd`` (conversations) -- only the positions
+            that carry KD for some student (assistant content, :mod:`sakd.data.chat_pair`), marked per
+            position in the shard (``kept``); the others hold a placeholder a run never reads.
     """
 
     mode: str
@@ -56,6 +59,7 @@ class SignalSpec:
     block_size: int
     router_shape: list[int] | None = None
     seed: int | None = None
+    positions: str = "all"
 
     @property
     def slots(self) -> int:

@@ -98,7 +98,7 @@ class CacheReader:
     def positions(self, lo: int, hi: int) -> dict[str, Tensor | None]:
         """The per-position fields of cache positions ``[lo, hi)`` (global, ``block * L + offset``)."""
         n = self.spec.block_size
-        names = ("indices", "logprobs", "counts", "tail", "next_logprob", "router", "token_ids")
+        names = ("indices", "logprobs", "counts", "tail", "next_logprob", "router", "token_ids", "kept")
         parts: dict[str, list[Tensor]] = {k: [] for k in names}
         for b in range(lo // n, -(-hi // n)):
             blk = self.block(b)

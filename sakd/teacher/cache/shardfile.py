@@ -27,7 +27,14 @@ indices            uint8                 sampled: the ids, b bits each, packed p
 entry_offsets      [W+1] int64           sampled: first entry of each block
 index_offsets      [W+1] int64           sampled: first byte of each block's ids
 router             [W*L, layers, E] vd   optional: the MoE router's probabilities per layer
+kept               [W*L] uint8           positions=kd: 1 where the position's signal is stored
+row_offsets        [W+1] int64           positions=kd: first stored row of each block
 =================  ====================  ==========================================================
+
+With ``positions=kd`` (conversations: only the positions that carry KD) the per-row fields (``values``,
+top-k ``indices`` -- then with ``index_offsets`` --, ``tail``, ``slots``, ``router``) hold the kept rows
+only; ``token_ids``, ``char_end`` and ``next_logprob`` still hold every position. A decoded block fills the
+other rows with a placeholder (uniform over the first ids) that no run reads: ``kept`` masks them out.
 
 Log-probs are ``log_softmax(z / T)`` of the full teacher logits z at the cache temperature T.
 """
@@ -35,6 +42,7 @@ Log-probs are ``log_softmax(z / T)`` of the full teacher logits z at the cache t
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +71,7 @@ class BlockSignal:
     counts: Tensor | None = None  # [L, S] int64 (sampled; 0 = padding)
     tail: Tensor | None = None  # [L] float32 (topk_tail)
     router: Tensor | None = None  # [L, layers, experts] float32
+    kept: Tensor | None = None  # [L] bool: the positions whose signal is stored (positions=kd), else None
 
 
 def _cat(blocks: list[BlockSignal], name: str) -> Tensor:
@@ -82,26 +91,43 @@ def encode_shard(blocks: list[BlockSignal], spec: SignalSpec) -> tuple[dict[str,
         "token_ids": torch.cat([pack_bits(b.token_ids, bits) for b in blocks]),
         "next_logprob": _cat(blocks, "next_logprob").to(vd),
     }
+    kd = spec.positions == "kd"
+    kept = [
+        b.kept if kd and b.kept is not None else torch.ones(len(b.token_ids), dtype=torch.bool)
+        for b in blocks
+    ]
+
+    def rows(name: str) -> Tensor:
+        return torch.cat([getattr(b, name)[k] for b, k in zip(blocks, kept, strict=True)])
+
+    if kd:
+        out["kept"] = torch.cat(kept).to(torch.uint8)
+        out["row_offsets"] = torch.tensor([0, *torch.stack([k.sum() for k in kept]).cumsum(0).tolist()])
     if spec.mode == "sampled":
-        out.update(_encode_sampled(blocks, spec))
+        out.update(_encode_sampled(blocks, spec, kept))
     else:
-        out["values"] = _cat(blocks, "logprobs").to(vd)
-        out["indices"] = torch.cat([pack_bits(b.indices, bits) for b in blocks])
+        out["values"] = rows("logprobs").to(vd)
+        packed = [pack_bits(b.indices[k], bits) for b, k in zip(blocks, kept, strict=True)]
+        out["indices"] = torch.cat(packed)
+        if kd:
+            out["index_offsets"] = torch.tensor(
+                [0, *torch.tensor([p.numel() for p in packed]).cumsum(0).tolist()]
+            )
         if spec.mode == "topk_tail":
-            out["tail"] = _cat(blocks, "tail").to(torch.float32)
+            out["tail"] = rows("tail").to(torch.float32)
     if spec.router_shape is not None:
-        out["router"] = _cat(blocks, "router").to(vd)
+        out["router"] = rows("router").to(vd)
     # one metadata key: safetensors writes its metadata map in no fixed order, which would change the bytes
     meta = {"sakd": json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "mode": spec.mode})}
     return {k: v.contiguous() for k, v in out.items()}, meta
 
 
-def _encode_sampled(blocks: list[BlockSignal], spec: SignalSpec) -> dict[str, Tensor]:
+def _encode_sampled(blocks: list[BlockSignal], spec: SignalSpec, kept: list[Tensor]) -> dict[str, Tensor]:
     cd = INT_DTYPES[spec.count_dtype]
     slots, values, counts, packed, entries, offsets = [], [], [], [], [0], [0]
-    for b in blocks:
-        drawn = b.counts > 0
-        slots.append(drawn.sum(-1))
+    for b, k in zip(blocks, kept, strict=True):
+        drawn = (b.counts > 0) & k[:, None]
+        slots.append(drawn.sum(-1)[k])
         values.append(b.logprobs[drawn])
         counts.append(b.counts[drawn])
         packed.append(pack_bits(b.indices[drawn], spec.index_bits))
@@ -146,6 +172,9 @@ def decode_block(handle: Any, j: int, spec: SignalSpec) -> BlockSignal:
         indices=torch.empty(0),
         logprobs=torch.empty(0),
     )
+    if spec.positions == "kd":
+        _decode_kept(handle, j, spec, block)
+        return block
     if spec.mode == "sampled":
         _decode_sampled(handle, j, spec, block)
     else:
@@ -161,11 +190,46 @@ def decode_block(handle: Any, j: int, spec: SignalSpec) -> BlockSignal:
     return block
 
 
-def _decode_sampled(handle: Any, j: int, spec: SignalSpec, block: BlockSignal) -> None:
+def _decode_kept(handle: Any, j: int, spec: SignalSpec, block: BlockSignal) -> None:
+    """The per-row fields of a ``positions=kd`` block: its kept rows, the placeholder elsewhere."""
     n, s = spec.block_size, spec.slots
+    kept = _range(handle, "kept", j * n, (j + 1) * n).bool()
+    r0, r1 = (int(x) for x in _range(handle, "row_offsets", j, j + 2))
+    block.kept = kept
+    block.indices = (torch.arange(s) % spec.vocab_size).expand(n, s).clone()
+    block.logprobs = torch.full((n, s), -math.log(s))
+    if spec.mode == "sampled":
+        stored = BlockSignal(**{**block.__dict__})
+        _decode_sampled(handle, j, spec, stored, rows=(r0, r1))
+        block.counts = torch.ones(n, s, dtype=torch.int64)
+        block.indices[kept], block.logprobs[kept], block.counts[kept] = (
+            stored.indices,
+            stored.logprobs,
+            stored.counts,
+        )
+    else:
+        b0, b1 = (int(x) for x in _range(handle, "index_offsets", j, j + 2))
+        ids = unpack_bits(_range(handle, "indices", b0, b1), spec.index_bits, (r1 - r0) * s)
+        block.indices[kept] = ids.reshape(r1 - r0, s)
+        block.logprobs[kept] = _range(handle, "values", r0, r1).float()
+        if spec.mode == "topk_tail":
+            block.tail = torch.full((n,), float("-inf"))
+            block.tail[kept] = _range(handle, "tail", r0, r1).float()
+    if spec.router_shape is not None:
+        block.router = torch.zeros(n, *spec.router_shape)
+        block.router[kept] = _range(handle, "router", r0, r1).float()
+
+
+def _decode_sampled(
+    handle: Any, j: int, spec: SignalSpec, block: BlockSignal, rows: tuple[int, int] | None = None
+) -> None:
+    """Block ``j``'s drawn ids, log-probs and counts; ``rows``: its stored rows (``positions=kd``)."""
+    s = spec.slots
+    r0, r1 = rows or (j * spec.block_size, (j + 1) * spec.block_size)
+    n = r1 - r0
     e0, e1 = (int(x) for x in _range(handle, "entry_offsets", j, j + 2))
     b0, b1 = (int(x) for x in _range(handle, "index_offsets", j, j + 2))
-    slots = _range(handle, "slots", j * n, (j + 1) * n).to(torch.int64)
+    slots = _range(handle, "slots", r0, r1).to(torch.int64)
     row = torch.repeat_interleave(torch.arange(n), slots)
     col = torch.arange(e1 - e0) - torch.repeat_interleave(torch.cumsum(slots, 0) - slots, slots)
     ids = unpack_bits(_range(handle, "indices", b0, b1), spec.index_bits, e1 - e0)
