@@ -341,22 +341,45 @@ def test_sampled_draws_follow_the_trainers_seed(tokenizer_dir, corpus, tmp_path)
     assert losses[0] == losses[2] and losses[0] != losses[1]
 
 
-def test_a_policy_is_refused_by_the_trainer_in_one_line(tokenizer_dir, tmp_path):
-    """The Trainer's loop does not generate text: distillation.policy is refused, not silently ignored."""
-    from sakd.errors import ConfigError
-
+@pytest.mark.parametrize("policy", ["on", "mixed", "sequence"])
+def test_each_policy_under_the_trainer_repeats_sakd_distill(
+    policy, tiny_run_config, make_distiller, tokenizer_dir, tmp_path
+):
+    """distillation.policy under DistillationTrainer: the student (the teacher for sequence) writes from the
+    step's prompts as in sakd distill -- the same seeds (TrainingArguments.seed, step, block ids), the same
+    objective at T = 1 on the student's samples -- so the losses, the generated tokens and the weights are
+    sakd distill's; and the Trainer splits each step into 2 micro-batches of 2 where sakd distill reads 1 of
+    4, so the step's update does not depend on the split. mixed's seed-0 draws: steps 0, 1 on-policy, 2 off."""
+    raw = copy.deepcopy(tiny_run_config)
+    raw["distillation"]["feature"] = {"weight": 0.5}
+    generation = {"prompt_tokens": 8, "max_new_tokens": 6, "eval_prompts": 0, "fraction": 0.5}
+    if policy == "sequence":
+        generation["sequence_loss"] = "kd"
+    raw["distillation"].update(policy=policy, generation=generation)
+    ref = _reference(make_distiller, raw)
     tok = load_tokenizer(str(tokenizer_dir))
-    with pytest.raises(
-        ConfigError, match="distillation.policy=on is not run by DistillationTrainer yet"
-    ) as info:
-        DistillationTrainer(
-            load_model("tiny-dense", tokenizer=tok, seed=0),
-            _args(tmp_path / "hf"),
-            teacher=load_model("tiny-moe", tokenizer=tok, seed=1),
-            distillation={"policy": "on"},
-            processing_class=tok,
-        )
-    assert "\n" not in str(info.value)
+    trainer = DistillationTrainer(
+        load_model("tiny-dense", tokenizer=tok, seed=0),
+        _args(tmp_path / "hf", seed=0, per_device_train_batch_size=2, gradient_accumulation_steps=2),
+        teacher=load_model("tiny-moe", tokenizer=tok, seed=1),
+        distillation=raw["distillation"],
+        train_dataset=ref["rows"],
+        data_collator=DistillationCollator(ref["data"]),
+        processing_class=tok,
+    )
+    trainer.model.aux.load_state_dict(ref["aux0"])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["policy_step"] for h in logs] == [m["policy_step"] for m in ref["metrics"]]
+    if policy == "mixed":
+        assert [h["policy_step"] for h in logs] == [1, 1, 0]
+    assert logs[0]["gen_tokens"] > 0  # the first step of each policy generates
+    for name in ("loss", "kd", "ce", "feature"):
+        assert [h[name] for h in logs] == pytest.approx([m[name] for m in ref["metrics"]], rel=1e-5), name
+    for name in ("tokens", "gen_tokens"):
+        assert [h.get(name) for h in logs] == [m.get(name) for m in ref["metrics"]], name
+    for k, v in trainer.student.state_dict().items():
+        torch.testing.assert_close(v, ref["student"][k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_the_per_step_parts_resume_exactly_from_a_trainer_checkpoint(tokenizer_dir, corpus, tmp_path):

@@ -32,7 +32,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import Trainer
 
@@ -46,10 +45,11 @@ from sakd.integrations.teacher_signals import (
     trainer_signal,
 )
 from sakd.integrations.trainer_parts import (
-    AUX_FILE,
+    AUX_FILE,  # noqa: F401  (where users and tests import it from)
     load_aux,
     per_token,
     place_teacher,
+    save_student,
     student_as_model,
     student_loss,
     trainer_alignment,
@@ -57,11 +57,10 @@ from sakd.integrations.trainer_parts import (
     trainer_policy,
 )
 from sakd.models import freeze
-from sakd.models.student import TrainableStudent, student_state
+from sakd.models.student import TrainableStudent
 from sakd.models.zero import register_external_parameters
 from sakd.objective.aux_terms import build_aux_terms
 from sakd.objective.composite import Objective
-from sakd.objective.curriculum import StepSchedule
 from sakd.teacher.capabilities import LIVE
 from sakd.training.builders import build_objective
 from sakd.training.student_aware import StudentAware
@@ -155,9 +154,7 @@ class DistillationTrainer(Trainer):
         # the curriculum, the token router and the Student-Aware Router: sakd distill's per-step hooks; the
         # step's text under distillation.policy
         aware = StudentAware(run, self.objective, self.accelerator, signal, sar, vocab)
-        policy = trainer_policy(
-            run, self.objective, self, teacher if self.teacher is None else self.teacher, self.alignment
-        )
+        policy = trainer_policy(run, self.objective, self, self.teacher, self.alignment)
         self.hooks = StepHooksCallback(aware, self.objective, policy)
         self.add_callback(self.hooks)
         if self._zero_stage() == 3:
@@ -170,8 +167,6 @@ class DistillationTrainer(Trainer):
     def student(self) -> nn.Module:
         """The Hugging Face student inside ``trainer.model``."""
         return self.model.module
-
-    # ------------------------------------------------------------------------------ placement
 
     def _zero_stage(self) -> int:
         plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
@@ -220,15 +215,13 @@ class DistillationTrainer(Trainer):
         self.hooks.grad_norm(norm)  # a step with a non-finite gradient is not taken for the hooks
         return norm
 
-    def _schedule(self) -> StepSchedule:
-        """The curriculum's schedule of the optimizer step about to run (the Trainer's global step)."""
-        return self.hooks.aware.schedule(self.state.global_step, self.state.max_steps or 1)
-
     def _objective(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
         """The objective's sums for one micro-batch, computed inside the prepared module's forward: in
         training the step's (:class:`~sakd.integrations.step_hooks.StepPlan`) with this micro-batch's part of
         the hooks' extras."""
-        objective, temperature, use_teacher = self.objective, self._schedule().temperature, True
+        # outside training: the run's objective at the curriculum's temperature of the next step
+        schedule = self.hooks.aware.schedule(self.state.global_step, self.state.max_steps or 1)
+        objective, temperature, use_teacher = self.objective, schedule.temperature, True
         teacher_out, kwargs = None, {}
         if self.model.training:
             plan = self.hooks.plan
@@ -292,17 +285,7 @@ class DistillationTrainer(Trainer):
         """The student as the Trainer saves a model (``from_pretrained`` loads it), and the projections in
         :data:`AUX_FILE`."""
         output_dir = output_dir or self.args.output_dir
-        aux_state = None
-        if state_dict is not None:  # DeepSpeed gathered the wrapper's state: split it
-            aux_state = {k[len("aux.") :]: v for k, v in state_dict.items() if k.startswith("aux.")}
-            state_dict = student_state(state_dict)
-        with student_as_model(self) as wrapper:
-            super()._save(output_dir, state_dict=state_dict)
-        if wrapper.aux is not None and self.args.should_save and aux_state != {}:  # {}: in DeepSpeed's files
-            aux_state = aux_state if aux_state is not None else wrapper.aux.state_dict()
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in aux_state.items()}, f"{output_dir}/{AUX_FILE}"
-            )
+        save_student(self, partial(Trainer._save, self, output_dir), output_dir, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         with student_as_model(self) as wrapper:

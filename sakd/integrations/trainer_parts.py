@@ -6,18 +6,18 @@ values, saving and loading through the Hugging Face student, the teacher's place
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from sakd.align.setup import Alignment, setup_alignment
 from sakd.config import ConfigError, DistillationConfig, RunConfig
 from sakd.data import BatchPlan
-from sakd.models.student import TrainableStudent
+from sakd.models.student import TrainableStudent, student_state
 from sakd.objective.composite import Objective
 from sakd.policy import Models, PolicyRunner, build_policy
 from sakd.teacher.placement import teacher_engine
@@ -83,12 +83,30 @@ def per_token(
 def student_as_model(trainer: Trainer) -> Iterator[TrainableStudent]:
     """The Trainer's own saving/loading code, run on the Hugging Face student (a ``PreTrainedModel`` or
     ``peft`` model it knows how to save and load) instead of the wrapper."""
-    wrapper = trainer.model
+    wrapper = cast(TrainableStudent, trainer.model)
     trainer.model = wrapper.module
     try:
         yield wrapper
     finally:
         trainer.model = wrapper
+
+
+def save_student(
+    trainer: Trainer, save: Callable[..., None], output_dir: str, state_dict: dict | None
+) -> None:
+    """The student as the Trainer saves a model (``save(state_dict=...)``: ``Trainer._save``, which
+    ``from_pretrained`` loads), and the projections in :data:`AUX_FILE`."""
+    aux_state = None
+    if state_dict is not None:  # DeepSpeed gathered the wrapper's state: split it
+        aux_state = {k[len("aux.") :]: v for k, v in state_dict.items() if k.startswith("aux.")}
+        state_dict = student_state(state_dict)
+    with student_as_model(trainer) as wrapper:
+        save(state_dict=state_dict)
+    if wrapper.aux is not None and trainer.args.should_save and aux_state != {}:  # {}: in DeepSpeed's files
+        aux_state = aux_state if aux_state is not None else wrapper.aux.state_dict()
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in aux_state.items()}, f"{output_dir}/{AUX_FILE}"
+        )
 
 
 def load_aux(directory: str, wrapper: TrainableStudent) -> None:
@@ -127,7 +145,7 @@ def trainer_policy(
         raise ConfigError(
             f"distillation.policy={run.distillation.policy} needs processing_class: the tokenizer"
         )
-    if run.distillation.policy == "sequence" and not isinstance(teacher, nn.Module):
+    if run.distillation.policy == "sequence" and teacher is None:
         raise ConfigError(
             "distillation.policy=sequence needs the teacher model (teacher=...) to write the text"
         )
