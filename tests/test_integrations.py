@@ -406,3 +406,46 @@ def test_the_per_step_parts_resume_exactly_from_a_trainer_checkpoint(tokenizer_d
             assert h[key] == pytest.approx(logs[h["step"]][key], rel=1e-6), (h["step"], key)
     for k, v in resumed.student.state_dict().items():
         torch.testing.assert_close(v, full.student.state_dict()[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_the_hooks_learn_only_from_a_taken_step(tokenizer_dir, corpus, tmp_path):
+    """A step whose loss is finite but whose gradient is not (a NaN put into one parameter's gradient at
+    step 1) is not a taken step: the balancer does not learn from it, as in sakd distill (review of issue
+    22: under the Trainer the hooks learned from every step whose loss was finite)."""
+    import math
+
+    from transformers import TrainerCallback
+
+    parts = {"feature": {"weight": 0.5}, "curriculum": {"balance": True}}
+    trainer = _tiny_trainer(tokenizer_dir, corpus, tmp_path, parts, args={"max_steps": 2})
+    curriculum, seen = trainer.hooks.aware.curriculum, []
+
+    class Record(TrainerCallback):  # after the hooks' own on_step_end
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(curriculum.state_dict())
+
+    trainer.add_callback(Record())
+    weight = next(trainer.student.parameters())
+    weight.register_hook(lambda g: g * math.nan if trainer.state.global_step == 1 else g)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert math.isfinite(logs[1]["kd"]) and not math.isfinite(logs[1]["grad_norm"])
+    assert len(seen) == 2 and seen[0] and seen[1] == seen[0]
+
+
+@pytest.mark.multiprocess
+def test_the_per_step_parts_resume_exactly_under_deepspeed(tokenizer_dir, corpus, tmp_path):
+    """Under DeepSpeed (ZeRO-2, one process) the Trainer resumes from the engine's checkpoint without calling
+    _load_from_checkpoint: the hooks' state (the balancer's magnitudes, the token router's statistics) is
+    restored all the same (review of issue 22: it was not, so mult_kd restarted at 1.0 after a resume)."""
+    worker = ROOT / "tests" / "workers" / "hf_trainer_resume_worker.py"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    _run([*launcher, str(worker), str(tokenizer_dir), str(corpus), str(tmp_path)])
+    result = json.loads((tmp_path / "result.json").read_text())
+    full, resumed = result["full"], result["resumed"]
+    assert {"3", "4"} <= set(resumed)
+    for step in ("3", "4"):
+        for key, value in resumed[step].items():
+            assert value == pytest.approx(full[step][key], rel=1e-6), (step, key)
+    for k, v in result["weights"]["resumed"].items():
+        assert v == pytest.approx(result["weights"]["full"][k], abs=1e-6), k
