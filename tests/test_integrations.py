@@ -408,6 +408,50 @@ def test_the_per_step_parts_resume_exactly_from_a_trainer_checkpoint(tokenizer_d
         torch.testing.assert_close(v, full.student.state_dict()[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_stages_under_the_trainer_repeat_sakd_distill(
+    tiny_run_config, make_distiller, tokenizer_dir, tmp_path
+):
+    """optimization.stages under DistillationTrainer (TrainerStages: each stage's optimizer and schedule from
+    its first step on, built as sakd distill builds them): stage 0 trains with the embeddings frozen, stage
+    1 everything at another peak LR -- the same losses and weights as sakd distill with those stages."""
+    from sakd.integrations import TrainerStages
+
+    raw = copy.deepcopy(tiny_run_config)
+    raw["distillation"]["feature"] = {"weight": 0.5}
+    raw["distillation"]["curriculum"] = {"balance": True}
+    stages = [{"steps": 2, "lr_multipliers": {"embed_tokens": 0.0}}, {"steps": 2, "learning_rate": 5e-4}]
+    raw["optimization"]["stages"] = stages
+    d = make_distiller(raw, batch_size=BATCH)
+    order = [i for s in range(4) for mb in d.plan.micro_batches(0, s, 0) for i in mb]
+    aux0 = {k: v.clone() for k, v in d.aux_terms.state_dict().items()}
+    embed0 = d.hf_student.get_input_embeddings().weight.detach().clone()
+    d.train()
+    metrics = [json.loads(x) for x in (d.run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in metrics if "loss" in m]
+    tok = load_tokenizer(str(tokenizer_dir))
+    trainer = DistillationTrainer(
+        load_model("tiny-dense", tokenizer=tok, seed=0),
+        _args(tmp_path / "hf", seed=0, max_steps=4),
+        teacher=load_model("tiny-moe", tokenizer=tok, seed=1),
+        distillation=raw["distillation"],
+        train_dataset=d.data.train.select(order).add_column("sample_id", order),
+        data_collator=DistillationCollator(d.data),
+        processing_class=tok,
+    )
+    trainer.model.aux.load_state_dict(aux0)
+    trainer.add_callback(TrainerStages(trainer, raw["optimization"]))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for name in ("loss", "kd", "ce", "feature", "mult_kd"):
+        assert [h[name] for h in logs] == pytest.approx([m[name] for m in metrics], rel=1e-5), name
+    # the rate each step used: each stage warms up for 1 step to its own peak
+    assert [h["learning_rate"] for h in logs] == pytest.approx([0.0, 1e-3, 0.0, 5e-4])
+    state = trainer.student.state_dict()
+    for k, v in d.hf_student.state_dict().items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=1e-6, msg=k)
+    assert not torch.equal(trainer.student.get_input_embeddings().weight, embed0)  # stage 1 trained them
+
+
 def test_the_hooks_learn_only_from_a_taken_step(tokenizer_dir, corpus, tmp_path):
     """A step whose loss is finite but whose gradient is not (a NaN put into one parameter's gradient at
     step 1) is not a taken step: the balancer does not learn from it, as in sakd distill (review of issue

@@ -112,10 +112,7 @@ PARTS: tuple[Part, ...] = (
         metrics=("kd",),
     ),
     Part("LoRA", recipe={"model": {"peft": {"method": "lora"}}}, metrics=("kd",)),
-    Part(
-        "DistillationTrainer",
-        not_with={"stages": ("not yet", "the Trainer has no stages: run one Trainer per stage")},
-    ),
+    Part("DistillationTrainer"),
     Part("ZeRO-2"),
     Part("ZeRO-3"),
     Part(
@@ -170,6 +167,7 @@ TESTS: dict[frozenset[str], str] = {
         _I + "test_each_policy_under_the_trainer_repeats_sakd_distill": [
             ("DistillationTrainer", f"policy {p}") for p in ("on", "mixed", "sequence")
         ],
+        _I + "test_stages_under_the_trainer_repeat_sakd_distill": [("DistillationTrainer", "stages")],
         "tests/test_integrations_block_ids.py::test_trainer_from_a_teacher_cache_repeats_sakd_distill": [
             ("DistillationTrainer", "teacher cache")
         ],
