@@ -341,22 +341,45 @@ def test_sampled_draws_follow_the_trainers_seed(tokenizer_dir, corpus, tmp_path)
     assert losses[0] == losses[2] and losses[0] != losses[1]
 
 
-def test_a_policy_is_refused_by_the_trainer_in_one_line(tokenizer_dir, tmp_path):
-    """The Trainer's loop does not generate text: distillation.policy is refused, not silently ignored."""
-    from sakd.errors import ConfigError
-
+@pytest.mark.parametrize("policy", ["on", "mixed", "sequence"])
+def test_each_policy_under_the_trainer_repeats_sakd_distill(
+    policy, tiny_run_config, make_distiller, tokenizer_dir, tmp_path
+):
+    """distillation.policy under DistillationTrainer: the student (the teacher for sequence) writes from the
+    step's prompts as in sakd distill -- the same seeds (TrainingArguments.seed, step, block ids), the same
+    objective at T = 1 on the student's samples -- so the losses, the generated tokens and the weights are
+    sakd distill's; and the Trainer splits each step into 2 micro-batches of 2 where sakd distill reads 1 of
+    4, so the step's update does not depend on the split. mixed's seed-0 draws: steps 0, 1 on-policy, 2 off."""
+    raw = copy.deepcopy(tiny_run_config)
+    raw["distillation"]["feature"] = {"weight": 0.5}
+    generation = {"prompt_tokens": 8, "max_new_tokens": 6, "eval_prompts": 0, "fraction": 0.5}
+    if policy == "sequence":
+        generation["sequence_loss"] = "kd"
+    raw["distillation"].update(policy=policy, generation=generation)
+    ref = _reference(make_distiller, raw)
     tok = load_tokenizer(str(tokenizer_dir))
-    with pytest.raises(
-        ConfigError, match="distillation.policy=on is not run by DistillationTrainer yet"
-    ) as info:
-        DistillationTrainer(
-            load_model("tiny-dense", tokenizer=tok, seed=0),
-            _args(tmp_path / "hf"),
-            teacher=load_model("tiny-moe", tokenizer=tok, seed=1),
-            distillation={"policy": "on"},
-            processing_class=tok,
-        )
-    assert "\n" not in str(info.value)
+    trainer = DistillationTrainer(
+        load_model("tiny-dense", tokenizer=tok, seed=0),
+        _args(tmp_path / "hf", seed=0, per_device_train_batch_size=2, gradient_accumulation_steps=2),
+        teacher=load_model("tiny-moe", tokenizer=tok, seed=1),
+        distillation=raw["distillation"],
+        train_dataset=ref["rows"],
+        data_collator=DistillationCollator(ref["data"]),
+        processing_class=tok,
+    )
+    trainer.model.aux.load_state_dict(ref["aux0"])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["policy_step"] for h in logs] == [m["policy_step"] for m in ref["metrics"]]
+    if policy == "mixed":
+        assert [h["policy_step"] for h in logs] == [1, 1, 0]
+    assert logs[0]["gen_tokens"] > 0  # the first step of each policy generates
+    for name in ("loss", "kd", "ce", "feature"):
+        assert [h[name] for h in logs] == pytest.approx([m[name] for m in ref["metrics"]], rel=1e-5), name
+    for name in ("tokens", "gen_tokens"):
+        assert [h.get(name) for h in logs] == [m.get(name) for m in ref["metrics"]], name
+    for k, v in trainer.student.state_dict().items():
+        torch.testing.assert_close(v, ref["student"][k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_the_per_step_parts_resume_exactly_from_a_trainer_checkpoint(tokenizer_dir, corpus, tmp_path):
@@ -383,3 +406,90 @@ def test_the_per_step_parts_resume_exactly_from_a_trainer_checkpoint(tokenizer_d
             assert h[key] == pytest.approx(logs[h["step"]][key], rel=1e-6), (h["step"], key)
     for k, v in resumed.student.state_dict().items():
         torch.testing.assert_close(v, full.student.state_dict()[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_stages_under_the_trainer_repeat_sakd_distill(
+    tiny_run_config, make_distiller, tokenizer_dir, tmp_path
+):
+    """optimization.stages under DistillationTrainer (TrainerStages: each stage's optimizer and schedule from
+    its first step on, built as sakd distill builds them): stage 0 trains with the embeddings frozen, stage
+    1 everything at another peak LR -- the same losses and weights as sakd distill with those stages."""
+    from sakd.integrations import TrainerStages
+
+    raw = copy.deepcopy(tiny_run_config)
+    raw["distillation"]["feature"] = {"weight": 0.5}
+    raw["distillation"]["curriculum"] = {"balance": True}
+    stages = [{"steps": 2, "lr_multipliers": {"embed_tokens": 0.0}}, {"steps": 2, "learning_rate": 5e-4}]
+    raw["optimization"]["stages"] = stages
+    d = make_distiller(raw, batch_size=BATCH)
+    order = [i for s in range(4) for mb in d.plan.micro_batches(0, s, 0) for i in mb]
+    aux0 = {k: v.clone() for k, v in d.aux_terms.state_dict().items()}
+    embed0 = d.hf_student.get_input_embeddings().weight.detach().clone()
+    d.train()
+    metrics = [json.loads(x) for x in (d.run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in metrics if "loss" in m]
+    tok = load_tokenizer(str(tokenizer_dir))
+    trainer = DistillationTrainer(
+        load_model("tiny-dense", tokenizer=tok, seed=0),
+        _args(tmp_path / "hf", seed=0, max_steps=4),
+        teacher=load_model("tiny-moe", tokenizer=tok, seed=1),
+        distillation=raw["distillation"],
+        train_dataset=d.data.train.select(order).add_column("sample_id", order),
+        data_collator=DistillationCollator(d.data),
+        processing_class=tok,
+    )
+    trainer.model.aux.load_state_dict(aux0)
+    trainer.add_callback(TrainerStages(trainer, raw["optimization"]))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for name in ("loss", "kd", "ce", "feature", "mult_kd"):
+        assert [h[name] for h in logs] == pytest.approx([m[name] for m in metrics], rel=1e-5), name
+    # the rate each step used: each stage warms up for 1 step to its own peak
+    assert [h["learning_rate"] for h in logs] == pytest.approx([0.0, 1e-3, 0.0, 5e-4])
+    state = trainer.student.state_dict()
+    for k, v in d.hf_student.state_dict().items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=1e-6, msg=k)
+    assert not torch.equal(trainer.student.get_input_embeddings().weight, embed0)  # stage 1 trained them
+
+
+def test_the_hooks_learn_only_from_a_taken_step(tokenizer_dir, corpus, tmp_path):
+    """A step whose loss is finite but whose gradient is not (a NaN put into one parameter's gradient at
+    step 1) is not a taken step: the balancer does not learn from it, as in sakd distill (review of issue
+    22: under the Trainer the hooks learned from every step whose loss was finite)."""
+    import math
+
+    from transformers import TrainerCallback
+
+    parts = {"feature": {"weight": 0.5}, "curriculum": {"balance": True}}
+    trainer = _tiny_trainer(tokenizer_dir, corpus, tmp_path, parts, args={"max_steps": 2})
+    curriculum, seen = trainer.hooks.aware.curriculum, []
+
+    class Record(TrainerCallback):  # after the hooks' own on_step_end
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(curriculum.state_dict())
+
+    trainer.add_callback(Record())
+    weight = next(trainer.student.parameters())
+    weight.register_hook(lambda g: g * math.nan if trainer.state.global_step == 1 else g)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert math.isfinite(logs[1]["kd"]) and not math.isfinite(logs[1]["grad_norm"])
+    assert len(seen) == 2 and seen[0] and seen[1] == seen[0]
+
+
+@pytest.mark.multiprocess
+def test_the_per_step_parts_resume_exactly_under_deepspeed(tokenizer_dir, corpus, tmp_path):
+    """Under DeepSpeed (ZeRO-2, one process) the Trainer resumes from the engine's checkpoint without calling
+    _load_from_checkpoint: the hooks' state (the balancer's magnitudes, the token router's statistics) is
+    restored all the same (review of issue 22: it was not, so mult_kd restarted at 1.0 after a resume)."""
+    worker = ROOT / "tests" / "workers" / "hf_trainer_resume_worker.py"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    _run([*launcher, str(worker), str(tokenizer_dir), str(corpus), str(tmp_path)])
+    result = json.loads((tmp_path / "result.json").read_text())
+    full, resumed = result["full"], result["resumed"]
+    assert {"3", "4"} <= set(resumed)
+    for step in ("3", "4"):
+        for key, value in resumed[step].items():
+            assert value == pytest.approx(full[step][key], rel=1e-6), (step, key)
+    for k, v in result["weights"]["resumed"].items():
+        assert v == pytest.approx(result["weights"]["full"][k], abs=1e-6), k

@@ -112,16 +112,7 @@ PARTS: tuple[Part, ...] = (
         metrics=("kd",),
     ),
     Part("LoRA", recipe={"model": {"peft": {"method": "lora"}}}, metrics=("kd",)),
-    Part(
-        "DistillationTrainer",
-        not_with={
-            **{
-                f"policy {p}": ("not yet", "the Trainer's loop does not generate text")
-                for p in ("on", "mixed", "sequence")
-            },
-            "stages": ("not yet", "the Trainer has no stages: run one Trainer per stage"),
-        },
-    ),
+    Part("DistillationTrainer"),
     Part("ZeRO-2"),
     Part("ZeRO-3"),
     Part(
@@ -173,9 +164,10 @@ TESTS: dict[frozenset[str], str] = {
             ("DistillationTrainer", "sparse modes"),
         ],
         _I + "test_example_script_on_two_processes": [("DistillationTrainer", "ZeRO-3")],
-        _I + "test_a_policy_is_refused_by_the_trainer_in_one_line": [
+        _I + "test_each_policy_under_the_trainer_repeats_sakd_distill": [
             ("DistillationTrainer", f"policy {p}") for p in ("on", "mixed", "sequence")
         ],
+        _I + "test_stages_under_the_trainer_repeat_sakd_distill": [("DistillationTrainer", "stages")],
         "tests/test_integrations_block_ids.py::test_trainer_from_a_teacher_cache_repeats_sakd_distill": [
             ("DistillationTrainer", "teacher cache")
         ],

@@ -26,19 +26,16 @@ Swap ``Trainer`` for it, pass a teacher and (optionally) a sakd ``distillation``
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
-from sakd.align.setup import Alignment, setup_alignment
-from sakd.config import ConfigError, DistillationConfig, RunConfig, TrainingConfig
+from sakd.config import DistillationConfig, RunConfig, TrainingConfig
 from sakd.integrations.data import SAMPLE_ID
 from sakd.integrations.step_hooks import StepHooksCallback
 from sakd.integrations.teacher_signals import (
@@ -47,22 +44,28 @@ from sakd.integrations.teacher_signals import (
     teacher_output,
     trainer_signal,
 )
+from sakd.integrations.trainer_parts import (
+    AUX_FILE,  # noqa: F401  (where users and tests import it from)
+    load_aux,
+    per_token,
+    place_teacher,
+    save_student,
+    student_as_model,
+    student_loss,
+    trainer_alignment,
+    trainer_param_groups,
+    trainer_policy,
+)
 from sakd.models import freeze
-from sakd.models.student import TrainableStudent, student_state
+from sakd.models.student import TrainableStudent
 from sakd.models.zero import register_external_parameters
 from sakd.objective.aux_terms import build_aux_terms
 from sakd.objective.composite import Objective
-from sakd.objective.curriculum import StepSchedule
 from sakd.teacher.capabilities import LIVE
-from sakd.teacher.placement import teacher_engine
 from sakd.training.builders import build_objective
-from sakd.training.optim import param_groups
-from sakd.training.student_aware import StudentAware, detached_student
+from sakd.training.student_aware import StudentAware
 
 log = logging.getLogger(__name__)
-
-AUX_FILE = "sakd_aux.safetensors"
-"""The auxiliary projections, saved next to the student by :meth:`DistillationTrainer.save_model`."""
 
 BATCH_COLUMNS = [
     "input_ids",
@@ -121,7 +124,7 @@ class DistillationTrainer(Trainer):
         self.distillation, reader = open_section(distillation, teacher)
         self.lr_multipliers = dict(lr_multipliers or {})
         tokenizer = kwargs.get("processing_class")
-        self.alignment = _alignment(self.distillation, tokenizer, teacher_tokenizer)
+        self.alignment = trainer_alignment(self.distillation, tokenizer, teacher_tokenizer)
         teacher_model = teacher if isinstance(teacher, nn.Module) else None
         if teacher_model is not None:
             freeze(teacher_model)
@@ -136,7 +139,9 @@ class DistillationTrainer(Trainer):
         super().__init__(model=wrapper, args=args, **kwargs)
         if self.args.label_names is None:
             self.label_names = ["labels"]
-        self.teacher = None if teacher_model is None else _place(teacher_model, self._zero_stage(), self.args)
+        self.teacher = (
+            None if teacher_model is None else place_teacher(teacher_model, self._zero_stage(), self.args)
+        )
         cached = None
         if reader is not None:
             cached = cache_signal(reader, self.distillation, self.train_dataset, tokenizer, self.args.device)
@@ -146,10 +151,11 @@ class DistillationTrainer(Trainer):
         self.teacher_signal = signal
         caps = LIVE if signal is None else signal.capabilities
         self.objective: Objective = build_objective(run, vocab, self.alignment, self.aux_terms, caps)
-        # the curriculum, the token router and the Student-Aware Router: sakd distill's per-step hooks
-        self.hooks = StepHooksCallback(
-            StudentAware(run, self.objective, self.accelerator, signal, sar, vocab)
-        )
+        # the curriculum, the token router and the Student-Aware Router: sakd distill's per-step hooks; the
+        # step's text under distillation.policy
+        aware = StudentAware(run, self.objective, self.accelerator, signal, sar, vocab)
+        policy = trainer_policy(run, self.objective, self, self.teacher, self.alignment)
+        self.hooks = StepHooksCallback(aware, self.objective, policy)
         self.add_callback(self.hooks)
         if self._zero_stage() == 3:
             # the fused loss multiplies by the head itself (see sakd.models.zero)
@@ -162,8 +168,6 @@ class DistillationTrainer(Trainer):
         """The Hugging Face student inside ``trainer.model``."""
         return self.model.module
 
-    # ------------------------------------------------------------------------------ placement
-
     def _zero_stage(self) -> int:
         plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
         return -1 if plugin is None else int(plugin.zero_stage)
@@ -175,7 +179,9 @@ class DistillationTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         wrapper = self.model if model is None else model
-        groups = _param_groups(wrapper, self.args.weight_decay, self.args.learning_rate, self.lr_multipliers)
+        groups = trainer_param_groups(
+            wrapper, self.args.weight_decay, self.args.learning_rate, self.lr_multipliers
+        )
         optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, wrapper)
         self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
@@ -187,51 +193,50 @@ class DistillationTrainer(Trainer):
             self._signature_columns = list(BATCH_COLUMNS)
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple:
-        """The step's micro-batches and the number of valid (predicted) tokens in all of them on all ranks:
-        the loss of each micro-batch is a sum divided by it, so the step's gradient is that of the mean
-        over every valid token of the step, however it is split."""
+        """The step's micro-batches -- under ``distillation.policy`` the text written from their prompts --
+        and the number of valid (predicted) tokens in all of them on all ranks: the loss of each micro-batch
+        is a sum divided by it, so the step's gradient is that of the mean over every valid token of the
+        step, however it is split. The per-step hooks see the step's micro-batches first."""
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        local = sum(int(Objective.valid_mask(b["labels"]).sum()) for b in batches)
-        total = int(
-            self.accelerator.reduce(torch.tensor(local, device=self.args.device), reduction="sum").item()
+        if not batches:
+            return batches, 0
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        batches, total = self.hooks.begin_step(
+            self.state.global_step,
+            self.state.max_steps or 1,
+            [self._prepare_inputs(b) for b in batches],
+            model,
         )
         self._tokens += total
-        if self.hooks.active and batches:  # the per-step hooks see the step's micro-batches first
-            step = self.state.global_step
-            model = self.model_wrapped if self.model_wrapped is not None else self.model
-            self.hooks.begin_step(
-                step,
-                [self._prepare_inputs(b) for b in batches],
-                self._schedule(),
-                total,
-                partial(detached_student, model),
-            )
         return batches, total
 
-    def _schedule(self) -> StepSchedule:
-        """The curriculum's schedule of the optimizer step about to run (the Trainer's global step)."""
-        return self.hooks.aware.schedule(self.state.global_step, self.state.max_steps or 1)
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        norm = super()._get_grad_norm(model, grad_norm)
+        self.hooks.grad_norm(norm)  # a step with a non-finite gradient is not taken for the hooks
+        return norm
 
     def _objective(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
-        """The objective's sums for one micro-batch, computed inside the prepared module's forward."""
-        temperature = self._schedule().temperature
+        """The objective's sums for one micro-batch, computed inside the prepared module's forward: in
+        training the step's (:class:`~sakd.integrations.step_hooks.StepPlan`) with this micro-batch's part of
+        the hooks' extras."""
+        # outside training: the run's objective at the curriculum's temperature of the next step
+        schedule = self.hooks.aware.schedule(self.state.global_step, self.state.max_steps or 1)
+        objective, temperature, use_teacher = self.objective, schedule.temperature, True
         teacher_out, kwargs = None, {}
-        if self.model.training and self.hooks.active:  # this micro-batch's part of the step's extras
+        if self.model.training:
+            plan = self.hooks.plan
+            objective, temperature, use_teacher = plan.objective, plan.schedule.temperature, plan.use_teacher
             index, extras = self.hooks.next_micro_batch()
             kwargs = extras.objective_kwargs(index)
             if extras.teacher_outs is not None:
                 teacher_out = extras.teacher_outs[index]
         # a cache holds the training blocks only: held-out batches are scored by the CE alone
-        live = self.teacher_signal is not None and self.teacher_signal.capabilities.scores_new_text
-        if teacher_out is None and self.teacher_signal is not None and (self.model.training or live):
-            teacher_out = teacher_output(self.teacher_signal, inputs, self.state.global_step)
+        signal = self.teacher_signal if use_teacher else None
+        live = signal is not None and signal.capabilities.scores_new_text
+        if teacher_out is None and signal is not None and (self.model.training or live):
+            teacher_out = teacher_output(signal, inputs, self.state.global_step)
         loss_fn = partial(
-            _student_loss,
-            self.objective,
-            batch=inputs,
-            teacher_out=teacher_out,
-            temperature=temperature,
-            **kwargs,
+            student_loss, objective, batch=inputs, teacher_out=teacher_out, temperature=temperature, **kwargs
         )
         return model(loss_fn=loss_fn)
 
@@ -250,8 +255,7 @@ class DistillationTrainer(Trainer):
             loss = out.loss_sum * (self.accelerator.num_processes / num_items_in_batch)
             for k, v in out.component_sums.items():
                 self._sums[k] = self._sums.get(k, 0.0) + v.detach().double()
-            if self.hooks.active:
-                self.hooks.after_micro_batch(out.component_sums)
+            self.hooks.after_micro_batch(out.component_sums)
         else:
             loss = out.loss_sum / max(out.num_tokens, 1)
         return (loss, {}) if return_outputs else loss
@@ -269,9 +273,9 @@ class DistillationTrainer(Trainer):
         """Training logs gain the objective's components (kd, ce, the auxiliary terms), per token over the
         steps since the last log, as ``sakd distill`` writes them to metrics.jsonl."""
         if "loss" in logs and self._sums:
-            logs.update(_per_token(self._sums, self._tokens, self.accelerator, self.args.device))
+            logs.update(per_token(self._sums, self._tokens, self.accelerator, self.args.device))
             logs["tokens"] = self._tokens
-            logs.update(self.hooks.metrics)  # the last step's: mult_*, router_w_*, sar_*
+            logs.update(self.hooks.metrics)  # the last step's: mult_*, router_w_*, sar_*, policy_step, gen_*
             self._sums, self._tokens = {}, 0
         super().log(logs, start_time)
 
@@ -281,113 +285,22 @@ class DistillationTrainer(Trainer):
         """The student as the Trainer saves a model (``from_pretrained`` loads it), and the projections in
         :data:`AUX_FILE`."""
         output_dir = output_dir or self.args.output_dir
-        aux_state = None
-        if state_dict is not None:  # DeepSpeed gathered the wrapper's state: split it
-            aux_state = {k[len("aux.") :]: v for k, v in state_dict.items() if k.startswith("aux.")}
-            state_dict = student_state(state_dict)
-        with _student_as_model(self) as wrapper:
-            super()._save(output_dir, state_dict=state_dict)
-        if wrapper.aux is not None and self.args.should_save and aux_state != {}:  # {}: in DeepSpeed's files
-            aux_state = aux_state if aux_state is not None else wrapper.aux.state_dict()
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in aux_state.items()}, f"{output_dir}/{AUX_FILE}"
-            )
+        save_student(self, partial(Trainer._save, self, output_dir), output_dir, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        with _student_as_model(self) as wrapper:
+        with student_as_model(self) as wrapper:
             super()._load_from_checkpoint(resume_from_checkpoint, None if model is None else wrapper.module)
-        _load_aux(resume_from_checkpoint, wrapper)
-        self.hooks.load(resume_from_checkpoint)
+        load_aux(resume_from_checkpoint, wrapper)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Also the per-step hooks' state: every resume passes here (under DeepSpeed the Trainer restores the
+        engine's checkpoint instead of calling :meth:`_load_from_checkpoint`)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.hooks.load(checkpoint)
 
     def _load_best_model(self) -> None:
-        with _student_as_model(self) as wrapper:
+        with student_as_model(self) as wrapper:
             super()._load_best_model()
         if not self.is_deepspeed_enabled:  # DeepSpeed's engine checkpoint already held the projections
-            _load_aux(self.state.best_model_checkpoint, wrapper)
-
-
-def _alignment(distillation: DistillationConfig, tokenizer: Any, teacher_tokenizer: Any) -> Alignment:
-    """The alignment of the student's tokenizer with the teacher's (``teacher_tokenizer``; None: the same)."""
-    from accelerate import PartialState
-
-    if teacher_tokenizer is not None and tokenizer is None:
-        raise ConfigError(
-            "teacher_tokenizer needs processing_class: the student's tokenizer to align it with"
-        )
-    return setup_alignment(
-        distillation.alignment,
-        tokenizer,
-        teacher_tokenizer if teacher_tokenizer is not None else tokenizer,
-        PartialState(),
-    )
-
-
-def _param_groups(
-    wrapper: TrainableStudent, weight_decay: float, lr: float, lr_multipliers: dict[str, float]
-) -> list[dict[str, Any]]:
-    """sakd's parameter groups of the student inside ``wrapper`` (``lr_multipliers``, no decay on biases and
-    norms), and the auxiliary projections at the base rate."""
-    groups = param_groups(wrapper.module, weight_decay, lr, lr_multipliers)
-    if not groups:
-        raise ConfigError("lr_multipliers freeze every student parameter: nothing to train")
-    for group in groups:
-        group.pop("names")
-    if wrapper.aux is not None:
-        groups.append({"params": list(wrapper.aux.parameters()), "lr": lr, "weight_decay": 0.0})
-    return groups
-
-
-def _student_loss(
-    objective: Objective,
-    wrapper: TrainableStudent,
-    batch: dict,
-    teacher_out: Any,
-    temperature: float,
-    **kwargs: Any,
-) -> Any:
-    """Student forward + objective of one micro-batch, run inside the prepared module's forward."""
-    return objective.student_loss(wrapper.module, batch, teacher_out, temperature=temperature, **kwargs)
-
-
-def _per_token(
-    sums: dict[str, torch.Tensor], tokens: int, accelerator: Any, device: torch.device
-) -> dict[str, float]:
-    """The objective's component sums since the last log, summed over ranks, per token."""
-    keys = sorted(sums)
-    totals = accelerator.reduce(torch.stack([sums[k].to(device) for k in keys]), "sum")
-    return {k: float(v) / max(tokens, 1) for k, v in zip(keys, totals.tolist(), strict=True)}
-
-
-@contextlib.contextmanager
-def _student_as_model(trainer: Trainer) -> Iterator[TrainableStudent]:
-    """The Trainer's own saving/loading code, run on the Hugging Face student (a ``PreTrainedModel`` or
-    ``peft`` model it knows how to save and load) instead of the wrapper."""
-    wrapper = trainer.model
-    trainer.model = wrapper.module
-    try:
-        yield wrapper
-    finally:
-        trainer.model = wrapper
-
-
-def _load_aux(directory: str, wrapper: TrainableStudent) -> None:
-    """The projections saved next to the student in ``directory`` (:data:`AUX_FILE`)."""
-    path = f"{directory}/{AUX_FILE}"
-    if wrapper.aux is not None:
-        try:
-            state = load_file(path)
-        except FileNotFoundError:
-            raise ConfigError(f"{directory} has no {AUX_FILE}: the projections cannot be restored") from None
-        wrapper.aux.load_state_dict(state)
-
-
-def _place(teacher: nn.Module, zero_stage: int, args: TrainingArguments) -> nn.Module:
-    """Under ZeRO-3 an inference-only engine partitions the frozen teacher; otherwise it moves to the training
-    device."""
-    if zero_stage != 3:  # a bitsandbytes-quantized teacher is already placed (and cannot move)
-        return teacher if getattr(teacher, "is_quantized", False) else teacher.to(args.device)
-    batch = {
-        "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-    }
-    return teacher_engine(teacher, batch, offload=False)
+            load_aux(self.state.best_model_checkpoint, wrapper)

@@ -1,55 +1,94 @@
-"""The per-step parts of a run (:mod:`sakd.training.hooks`: the curriculum, the token router, the
-Student-Aware Router) under ``transformers.Trainer``, as ``sakd distill`` runs them.
+"""One optimizer step of a :class:`~sakd.integrations.DistillationTrainer` as ``sakd distill`` runs it
+(:meth:`sakd.training.trainer.Distiller.train_step`): the step's text under ``distillation.policy`` (the
+same :class:`sakd.policy.PolicyRunner`), its global token count, and the per-step parts
+(:mod:`sakd.training.hooks`: the curriculum, the token router, the Student-Aware Router).
 
 A ``TrainerCallback`` sees no batches, so the step's beginning runs where the Trainer hands its micro-batches
-over (:meth:`DistillationTrainer.get_batch_samples` calls :meth:`StepHooksCallback.begin_step`); each
-micro-batch's loss reads its part of the step's extras (:meth:`StepHooksCallback.next_micro_batch`); the
-callback's ``on_step_end`` lets the hooks learn from the step's per-token means, and ``on_save`` writes their
-state into the Trainer's checkpoint (read back by :meth:`StepHooksCallback.load` on resume).
+over (:meth:`DistillationTrainer.get_batch_samples` calls :meth:`StepHooksCallback.begin_step`, which may
+replace them by generated ones); each micro-batch's loss reads its part of the step
+(:meth:`StepHooksCallback.next_micro_batch`); the callback's ``on_step_end`` lets the hooks learn from the
+step's per-token means -- only after a step that was taken, as ``sakd distill``: finite loss and gradient
+norm, not skipped by the fp16 loss scaler -- and ``on_save`` writes their state into the Trainer's
+checkpoint (read back by :meth:`StepHooksCallback.load` on resume).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sakd.models.forward import HiddenAndHead
+from sakd.objective.composite import Objective
 from sakd.objective.curriculum import StepSchedule
+from sakd.policy import PolicyRunner
 from sakd.training.hooks import Batch, Metric, StepExtras
-from sakd.training.student_aware import StudentAware
+from sakd.training.student_aware import StudentAware, detached_student
+
+
+@dataclass
+class StepPlan:
+    """What the step about to run trains with: its objective (the run's, or an on-policy step's), schedule
+    (an on-policy step's at T = 1), whether the objective reads the teacher, and the rollout's metrics."""
+
+    objective: Objective
+    schedule: StepSchedule
+    use_teacher: bool = True
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class StepHooksCallback(TrainerCallback):
-    """Runs ``aware``'s hooks around each optimizer step of a Trainer (module docstring)."""
+    """Runs ``aware``'s hooks and ``policy``'s rollouts around each optimizer step of a Trainer (module
+    docstring)."""
 
-    def __init__(self, aware: StudentAware) -> None:
-        self.aware = aware
+    def __init__(self, aware: StudentAware, objective: Objective, policy: PolicyRunner | None = None) -> None:
+        self.aware, self.objective, self.policy = aware, objective, policy
+        self.plan = StepPlan(objective, aware.schedule(0, 1))
         self.extras, self.index = StepExtras(), 0
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens = 0
         self.metrics: dict[str, Metric] = {}
+        self.taken = True  # the last step's gradient norm was finite (see on_step_end)
 
     @property
     def active(self) -> bool:
         return bool(self.aware.hooks)
 
     def begin_step(
-        self,
-        step: int,
-        micro_batches: list[Batch],
-        schedule: StepSchedule,
-        global_tokens: int,
-        student_out: Callable[[Batch], HiddenAndHead],
-    ) -> None:
-        """Before the step's first micro-batch: every hook's ``before_step`` on the step's micro-batches."""
-        self.extras = self.aware.before_step(step, micro_batches, schedule, global_tokens, student_out)
-        self.metrics = dict(self.extras.metrics)
-        self.index, self.sums, self.tokens = 0, {}, global_tokens
+        self, step: int, total_steps: int, micro_batches: list[Batch], student: Any
+    ) -> tuple[list[Batch], int]:
+        """Before the step's first micro-batch: its text (generated on a policy step), its global count of
+        valid tokens, every hook's ``before_step``. ``student``: the prepared module. Returns the
+        micro-batches the step trains on and the count."""
+        schedule = self.aware.schedule(step, total_steps)
+        plan = StepPlan(self.objective, schedule)
+        if self.policy is not None:
+            self.policy.models.student = student  # the prepared module, once the Trainer made it
+            rollout = self.policy.rollout(micro_batches, step)
+            micro_batches = rollout.micro_batches
+            plan = StepPlan(
+                rollout.objective, rollout.schedule(schedule), rollout.teacher_needed, rollout.metrics
+            )
+        local = sum(int(plan.objective.valid_mask(b["labels"]).sum()) for b in micro_batches)
+        total = int(self.aware._reduce(torch.tensor(local), "sum").item())
+        self.extras = StepExtras()
+        if self.active and micro_batches:
+            self.extras = self.aware.before_step(
+                step,
+                micro_batches,
+                plan.schedule,
+                total,
+                partial(detached_student, student),
+                use_teacher=plan.use_teacher,
+            )
+        self.plan, self.metrics = plan, {**self.extras.metrics, **plan.metrics}
+        self.index, self.sums, self.tokens, self.taken = 0, {}, total, True
+        return micro_batches, total
 
     def next_micro_batch(self) -> tuple[int, StepExtras]:
         """The index of the micro-batch about to run in its step, and the step's extras."""
@@ -62,16 +101,23 @@ class StepHooksCallback(TrainerCallback):
             self.sums[k] = self.sums.get(k, 0.0) + v.detach().double()
         self.aware.after_micro_batch(self.index - 1, sums)
 
+    def grad_norm(self, norm: object) -> None:
+        """The step's pre-clip gradient norm (None: not measured): a non-finite one means the step is not
+        taken for the hooks (``sakd distill`` skips it)."""
+        self.taken = norm is None or math.isfinite(float(norm))  # type: ignore[arg-type]
+
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object
     ) -> None:
-        """The step's global per-token means (all ranks) to the hooks, when the step's loss was finite."""
-        if not self.sums or not self.tokens:
+        """The step's global per-token means (all ranks) to the hooks, when the step was taken: finite loss
+        and gradient norm, and no fp16 overflow skip (the Trainer leaves its schedule alone then, too)."""
+        if not self.active or not self.sums or not self.tokens:
             return
         keys = sorted(self.sums)
         totals = self.aware._reduce(torch.stack([self.sums[k] for k in keys]), "sum").tolist()
         means = {k: v / self.tokens for k, v in zip(keys, totals, strict=True)}
-        if all(math.isfinite(v) for v in means.values()):
+        skipped = self.aware.accelerator.optimizer_step_was_skipped
+        if self.taken and not skipped and all(math.isfinite(v) for v in means.values()):
             self.aware.after_step(means)
         self.sums = {}
 

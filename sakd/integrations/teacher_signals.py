@@ -144,11 +144,6 @@ def open_section(
         reader, cfg = open_cache(cfg)
     if reader is not None and teacher is not None:
         raise ConfigError("distillation.teacher_cache replaces the teacher: pass teacher=None")
-    if cfg.policy != "off":
-        raise ConfigError(
-            f"distillation.policy={cfg.policy} is not run by DistillationTrainer yet (its loop does not generate "
-            "text): use `sakd distill`"
-        )
     return cfg, reader
 
 
