@@ -48,6 +48,7 @@ def caches(base, tmp_path_factory) -> dict[str, str]:
         tmp = tmp_path_factory.mktemp(f"cache-{name}")
         raw = copy.deepcopy(base)
         raw["distillation"]["cache"] = {
+            "mode": "topk_tail",
             "blocks_per_shard": 16,
             "batch_size": 4,
             "top_k": 16,

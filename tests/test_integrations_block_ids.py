@@ -79,7 +79,7 @@ def cached(tiny_run_config_module, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("hf_cache")
     raw = copy.deepcopy(tiny_run_config_module)
     raw["data"]["max_train_blocks"] = BLOCKS
-    raw["distillation"]["cache"] = {"blocks_per_shard": 8, "batch_size": 4, "top_k": 16}
+    raw["distillation"]["cache"] = {"mode": "topk_tail", "blocks_per_shard": 8, "batch_size": 4, "top_k": 16}
     raw["training"]["output_dir"] = str(tmp / "run")
     (tmp / "recipe.json").write_text(json.dumps(raw))
     argv = ["cache-teacher", "--config", str(tmp / "recipe.json"), "--output", str(tmp / "cache")]

@@ -41,7 +41,7 @@ def _cache_cli(recipe: Path, out: Path, *overrides: str) -> int:
 def recipe(tiny_run_config_module, tmp_path_factory) -> dict:
     raw = copy.deepcopy(tiny_run_config_module)
     raw["data"]["max_train_blocks"] = BLOCKS
-    raw["distillation"]["cache"] = {"blocks_per_shard": 16, "batch_size": 4}
+    raw["distillation"]["cache"] = {"mode": "topk_tail", "blocks_per_shard": 16, "batch_size": 4}
     raw["training"]["output_dir"] = str(tmp_path_factory.mktemp("runs") / "run")
     return raw
 
@@ -215,7 +215,7 @@ def test_a_killed_generation_resumes_to_the_same_cache(recipe, tmp_path):
     import time
 
     raw = copy.deepcopy(recipe)
-    raw["distillation"]["cache"] = {"blocks_per_shard": 2, "batch_size": 1}
+    raw["distillation"]["cache"] = {"mode": "topk_tail", "blocks_per_shard": 2, "batch_size": 1}
     path = _write(raw, tmp_path / "recipe.json")
     assert _cache_cli(path, tmp_path / "whole") == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -166,3 +166,17 @@ def test_cache_teacher_argument_errors(capsys, tmp_path):
     assert main(["cache-teacher", "--verify", str(tmp_path), "--output", str(tmp_path)]) == 2
     assert main(["cache-teacher", "--verify", str(tmp_path / "none")]) == 2
     assert "teacher cache not found" in _last_err(capsys)
+
+
+def test_a_sampled_cache_for_a_loss_other_than_forward_kl_is_refused_in_one_line(setup, capsys, tmp_path):
+    """The default cache mode (sampled) trains forward KL only: a recipe with another kind is refused when
+    the cache is written, naming the mode that serves it, not after the teacher ran over the whole corpus."""
+    _, _, raw = setup
+    raw = copy.deepcopy(raw)
+    raw["distillation"]["cache"] = {"blocks_per_shard": 8, "batch_size": 8}
+    raw["distillation"]["loss"]["kind"] = "rkl"
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(raw))
+    assert main(["cache-teacher", "--config", str(recipe), "--output", str(tmp_path / "cache")]) == 2
+    assert "distillation.cache.mode=topk_tail" in _last_err(capsys)
+    assert not (tmp_path / "cache" / "manifest.json").exists()

@@ -48,7 +48,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 def base(tiny_run_config_module, tmp_path_factory) -> dict:
     raw = copy.deepcopy(tiny_run_config_module)
     raw["data"]["max_train_blocks"] = 48
-    raw["distillation"]["cache"] = {"blocks_per_shard": 16, "batch_size": 8}
+    raw["distillation"]["cache"] = {"mode": "topk_tail", "blocks_per_shard": 16, "batch_size": 8}
     raw["distillation"]["alignment"] = {"cache_dir": str(tmp_path_factory.mktemp("vocab_maps"))}
     raw["training"]["output_dir"] = str(tmp_path_factory.mktemp("runs") / "run")
     return raw

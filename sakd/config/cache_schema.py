@@ -11,15 +11,21 @@ from sakd.config.fields import documented as _f
 @dataclass
 class CacheConfig:
     mode: str = _f(
-        "topk_tail",
+        "sampled",
         "What `sakd cache-teacher` stores per teacher position: topk (the k most likely ids and their "
         "log-probs), topk_tail (plus the exact log-mass of the rest), sampled (ids drawn from the teacher at "
-        "the cache temperature, with counts: unbiased sampled KD, Anshumann et al. 2025).",
+        "the cache temperature, with counts: unbiased sampled KD, Anshumann et al. 2025; the default: with "
+        "128 draws it came within live KD's seed spread where top-64 + tail did not, BENCHMARKS.md 'Cache vs "
+        "live teacher'; trains forward KL only).",
         choices=["topk", "topk_tail", "sampled"],
     )
     top_k: int = _f(64, "k of the topk / topk_tail modes.", min=1)
     num_samples: int = _f(
-        16, "Draws per position, sampled mode (a repeated id is stored once).", min=1, max=65535
+        128,
+        "Draws per position, sampled mode (a repeated id is stored once: bytes grow with the teacher's "
+        "entropy, about 160-300 B/token at 128 draws in the measured cases).",
+        min=1,
+        max=65535,
     )
     temperature: float | None = _f(
         None,

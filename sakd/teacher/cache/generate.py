@@ -95,6 +95,12 @@ def signal_spec(cfg: RunConfig, vocab_size: int, router_shape: list[int] | None)
         raise ConfigError(
             f"distillation.cache.top_k={c.top_k} is larger than the teacher's vocabulary ({vocab_size}); lower it"
         )
+    kind = cfg.distillation.loss.kind
+    if c.mode == "sampled" and kind != "fkl":
+        raise ConfigError(
+            f"distillation.cache.mode=sampled (the default) trains forward KL only, but distillation.loss.kind="
+            f"{kind}: set distillation.cache.mode=topk_tail"
+        )
     return SignalSpec(
         mode=c.mode,
         top_k=None if c.mode == "sampled" else c.top_k,
