@@ -236,33 +236,50 @@ def test_student_aware_parts_on_two_ranks_equal_one_process(
 STAGES = [{"name": "a", "steps": 2}, {"name": "b", "steps": 2, "learning_rate": 1e-3, "warmup_steps": 0}]
 
 
-def test_stages_under_zero2_two_cpu_ranks_equal_one_process(tiny_run_config_module, tmp_path):
-    """optimization.stages under DeepSpeed ZeRO-2: each stage's optimizer comes with a new engine around the
-    same module; 2 ranks give the single-process run's losses and weights (it used to be refused)."""
+@pytest.fixture(scope="module")
+def stages_reference(tiny_run_config_module, tmp_path_factory):
+    """One process, accumulation 2, STAGES: what the 2-rank DeepSpeed runs of the stages must give."""
     from sakd.config import load_config
     from sakd.training.trainer import Distiller
 
-    single = _recipe(tiny_run_config_module, tmp_path / "single", gradient_accumulation_steps=2)
+    out = tmp_path_factory.mktemp("single_stages")
+    single = _recipe(tiny_run_config_module, out, gradient_accumulation_steps=2)
     single["optimization"]["stages"] = STAGES
     cfg, _ = load_config(single)
     d = Distiller(cfg, resume="none", overwrite=True)
     steps = [[sorted(i for mb in d.plan.micro_batches(0, s, 0) for i in mb)] for s in range(STEPS)]
     d.train()
-    run = tmp_path / "single" / "run"
-    reference = {
+    run = out / "run"
+    return {
         "steps": steps,
         "final": load_file(str(run / "final" / "model.safetensors")),
         "metrics": _metrics(run),
     }
-    raw = _recipe(tiny_run_config_module, tmp_path, deepspeed=str(ROOT / "ds_configs/zero2.json"))
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_stages_under_deepspeed_two_cpu_ranks_equal_one_process(
+    tiny_run_config_module, stages_reference, tmp_path, zero
+):
+    """optimization.stages under DeepSpeed ZeRO-2 and ZeRO-3: each stage's optimizer comes with a new engine
+    around the same module -- under ZeRO-3 the module the last engine partitioned, which the new engine
+    takes as it is -- and 2 ranks give the single-process run's losses and weights (both used to be
+    refused). Under ZeRO-3 the run also resumes across the stage boundary (one launch more, not two)."""
+    reference = stages_reference
+    raw = _recipe(tiny_run_config_module, tmp_path, deepspeed=str(ROOT / f"ds_configs/zero{zero}.json"))
     raw["optimization"]["stages"] = STAGES
     ranks = _launch(raw, tmp_path)
-    assert ranks[0]["zero_stage"] == 2
-    _check_common(ranks, reference, tmp_path / "run", atol=1e-5)
+    assert ranks[0]["zero_stage"] == zero
+    # ZeRO-3's reductions differ from one process in the last bits, and each stage's fresh AdamW turns that
+    # difference of a near-zero gradient into a larger one on a few elements (seen: 1.1e-5 at most, 7 of
+    # 117k elements above 1e-6; the losses agree to 1e-7)
+    _check_common(ranks, reference, tmp_path / "run", atol=1e-5, weight_atol=None if zero == 2 else 1e-4)
     assert [m["stage"] for m in _metrics(tmp_path / "run")] == [0, 0, 1, 1]
     assert [m["lr"] for m in _metrics(tmp_path / "run")] == pytest.approx(
         [m["lr"] for m in reference["metrics"]]
     )
+    if zero == 2:
+        return
     # resumed from the last checkpoint of stage 0: its engine restores, then the stage-1 engine takes over
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "run", resumed / "run")

@@ -41,17 +41,12 @@ def stage_settings(ocfg: OptimizationConfig, stage: int) -> tuple[float, dict[st
 
 
 def check_stages(ocfg: OptimizationConfig, student: torch.nn.Module, *, zero: int, world: int) -> None:
-    """Stages re-create the optimizer: under DeepSpeed ZeRO-1/2 with a new engine around the same module
-    (the engine owns its optimizer); ZeRO-3's partitioned parameters would need re-partitioning; and DDP
-    (like DeepSpeed) fixes the set of trainable parameters when it wraps the model. ``zero``: the ZeRO
-    stage, -1 without DeepSpeed."""
+    """Stages re-create the optimizer: under DeepSpeed with a new engine around the same module (the engine
+    owns its optimizer; under ZeRO-3 the new engine takes the parameters the last one partitioned as they
+    are); but DDP, like DeepSpeed, fixes the set of trainable parameters when it wraps the model. ``zero``:
+    the ZeRO stage, -1 without DeepSpeed."""
     if not ocfg.stages:
         return
-    if zero == 3:
-        raise ConfigError(
-            "optimization.stages is not supported under ZeRO-3 yet (a stage's new engine would re-partition "
-            "the parameters the last one partitioned); use ZeRO-1/2, or run the stages as separate runs"
-        )
     frozen = {frozenset(frozen_names(student, stage_settings(ocfg, i)[1])) for i in range(len(ocfg.stages))}
     if world > 1 and len(frozen) > 1:
         raise ConfigError(
