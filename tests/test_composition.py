@@ -8,7 +8,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -248,3 +251,104 @@ def test_every_pair_of_the_table_trains(pair, base, caches, tmp_path):
     assert [r["step"] for r in steps] == [1, 2]
     for record in steps:
         assert math.isfinite(record["loss"]) and keys <= set(record), (pair, sorted(record))
+
+
+# ---- many parts at once on 2 ranks (ZeRO-2 with stages, ZeRO-3): one launch trains several recipes ----
+
+ROOT = Path(__file__).parents[1]
+WORKER = ROOT / "tests" / "workers" / "recipes_worker.py"
+STAGES = [{"name": "a", "steps": 1}, {"name": "b", "steps": 1, "learning_rate": 5e-4, "warmup_steps": 0}]
+ON_POLICY_RECIPE = {"policy": "on", "generation": ON_POLICY}
+RECIPES = {
+    # name: (distillation section changes, cache or None, metric keys every step logs)
+    "aux": (
+        {
+            "moe": {"augment_samples": 2},
+            "router": ROUTER,
+            "curriculum": CURRICULUM,
+            "feature": {"weight": 0.5},
+            "attention": {"weight": 0.5},
+            "contrastive": {"weight": 0.5},
+            "loss": {"sparse": "subset", "kd_top_k": 16},
+        },
+        None,
+        {"kd", "ka_changed_share", "router_w_mean", "mult_kd", "feature", "attention", "contrastive"},
+    ),
+    "cache": (
+        {"router": ROUTER, "curriculum": CURRICULUM, "loss": {"sparse": "subset", "kd_top_k": 16}},
+        "router",
+        {"kd", "router_w_mean", "router_w_share", "mult_kd"},
+    ),
+    "mixed": (
+        {
+            "policy": "mixed",
+            "generation": {**ON_POLICY, "fraction": 0.5},
+            "moe": {"student_aware_router": True},
+        },
+        None,
+        {"kd", "policy_step", "sar_kd"},
+    ),
+    "sequence": (
+        {"policy": "sequence", "generation": {**ON_POLICY, "sequence_loss": "kd"}},
+        None,
+        {"kd", "policy_step"},
+    ),
+    "on": (ON_POLICY_RECIPE, None, {"kd", "policy_step"}),
+}
+ZERO = {"zero2": ("aux", "cache", "mixed", "sequence", "on"), "zero3": ("aux", "cache", "mixed")}
+
+
+def _recipe(base: dict, caches: dict, name: str, out: Path, zero: str | None) -> dict:
+    change, cache, _ = RECIPES[name]
+    raw = copy.deepcopy(base)
+    _merge(raw["distillation"], copy.deepcopy(change))
+    if cache is not None:
+        raw["distillation"]["teacher_cache"] = caches[cache]
+    if zero == "zero2":  # stages run with ZeRO-2 (a new engine per stage), not yet with ZeRO-3
+        raw["optimization"]["stages"] = STAGES
+    raw["training"].update(output_dir=str(out / name), batch_size=2)
+    if zero is not None:
+        raw["training"]["deepspeed"] = str(ROOT / "ds_configs" / f"{zero}.json")
+    return raw
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("zero", list(ZERO))
+def test_many_parts_at_once_on_two_ranks(zero, base, caches, tmp_path):
+    """Each recipe turns several parts on at once (every pair among them is a cell of the table), trained 2
+    steps on 2 ranks in one launch: finite losses and the metrics of every part; under ZeRO-2 each recipe
+    also runs as 2 stages of 1 step. The recipe with the most parts gives what one process gives when it
+    accumulates the same global batch."""
+    names = ZERO[zero]
+    for name in names:
+        (tmp_path / f"{name}.json").write_text(json.dumps(_recipe(base, caches, name, tmp_path, zero)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(WORKER), str(tmp_path), *names],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage = int(zero[-1])
+    for name in names:
+        ranks = [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
+        assert [(r["world"], r["zero_stage"]) for r in ranks] == [(2, stage)] * 2, name
+        steps = _steps([json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+        assert [r["step"] for r in steps] == [1, 2], name
+        keys = RECIPES[name][2] - ({"policy_step"} if name == "mixed" else set())
+        for record in steps:
+            assert math.isfinite(record["loss"]) and keys <= set(record), (name, sorted(record))
+        if zero == "zero2":
+            assert [r["stage"] for r in steps] == [0, 1], name
+        # one process accumulating the same global batch (2 micro-batches of 2): the same losses and metrics
+        single = _recipe(base, caches, name, tmp_path / "single", zero)
+        del single["training"]["deepspeed"]
+        single["training"]["gradient_accumulation_steps"] = 2
+        reference = _steps(_train(single, tmp_path / "single" / name))
+        for key in ("loss", *sorted(k for k in keys if isinstance(steps[0][k], float))):
+            got, ref = [r[key] for r in steps], [r[key] for r in reference]
+            assert got == pytest.approx(ref, rel=1e-4, abs=1e-5), (name, key)
