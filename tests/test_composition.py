@@ -1,7 +1,9 @@
 """Parts that compose: combinations that used to be refused (curriculum x cache, token router x cache with
 the cache's stored router probabilities, token router / curriculum x on-policy) and every pair of the
 compatibility table that a recipe turns on (:func:`sakd.commands.compat_table.compatibility`), each trained
-for 2 steps on tiny models: finite losses, the metrics its parts log, and exact resume for a few of them."""
+for 2 steps on tiny models: finite losses, the metrics its parts log, and exact resume for a few of them;
+recipes of many parts at once on 2 ranks (ZeRO-2 with stages, ZeRO-3) against one process; and what a term
+needs from the teacher signal refused in one line when the signal lacks it."""
 
 from __future__ import annotations
 
