@@ -1,14 +1,20 @@
 """Parts that compose: combinations that used to be refused (curriculum x cache, token router x cache with
 the cache's stored router probabilities, token router / curriculum x on-policy) and every pair of the
 compatibility table that a recipe turns on (:func:`sakd.commands.compat_table.compatibility`), each trained
-for 2 steps on tiny models: finite losses, the metrics its parts log, and exact resume for a few of them."""
+for 2 steps on tiny models: finite losses, the metrics its parts log, and exact resume for a few of them;
+recipes of many parts at once on 2 ranks (ZeRO-2 with stages, ZeRO-3) against one process; and what a term
+needs from the teacher signal refused in one line when the signal lacks it."""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +22,14 @@ import torch
 from safetensors.torch import load_file
 
 from sakd.cli import main
-from sakd.commands.compat_table import PARTS, compatibility
+from sakd.commands.compat_table import MANY_RECIPES, PARTS, compatibility
 from sakd.config import load_config
 from sakd.errors import ConfigError
 from sakd.objective.router import token_signals
+from sakd.objective.terms import Needs
+from sakd.teacher.cache.manifest import SignalSpec
+from sakd.teacher.capabilities import Capabilities, live_capabilities
+from sakd.teacher.signal import stored_capabilities
 from sakd.training.student_aware import detached_student
 from sakd.training.trainer import Distiller
 
@@ -249,3 +259,128 @@ def test_every_pair_of_the_table_trains(pair, base, caches, tmp_path):
     assert [r["step"] for r in steps] == [1, 2]
     for record in steps:
         assert math.isfinite(record["loss"]) and keys <= set(record), (pair, sorted(record))
+
+
+# ---- many parts at once on 2 ranks (ZeRO-2 with stages, ZeRO-3): one launch trains several recipes ----
+
+ROOT = Path(__file__).parents[1]
+WORKER = ROOT / "tests" / "workers" / "recipes_worker.py"
+STAGES = [{"name": "a", "steps": 1}, {"name": "b", "steps": 1, "learning_rate": 5e-4, "warmup_steps": 0}]
+ZERO = {"ZeRO-2": "zero2", "ZeRO-3": "zero3"}
+
+
+def _many(base: dict, caches: dict, parts: tuple[str, ...], out: Path, zero: str | None) -> dict:
+    """The recipe that turns ``parts`` on as they declare (:attr:`Part.recipe`); ZeRO-2's as 2 stages."""
+    raw = copy.deepcopy(base)
+    for name in parts:
+        _merge(raw, copy.deepcopy(PART[name].recipe))
+    if "teacher_cache" in raw["distillation"]:
+        raw["distillation"]["teacher_cache"] = caches["router"]
+    if zero == "ZeRO-2":  # stages run under ZeRO-2 (a new engine per stage), not yet under ZeRO-3
+        raw["optimization"]["stages"] = STAGES
+    raw["training"].update(output_dir=str(out), batch_size=2)
+    if zero is not None:
+        raw["training"]["deepspeed"] = str(ROOT / "ds_configs" / f"{ZERO[zero]}.json")
+    return raw
+
+
+@pytest.mark.multiprocess
+def test_many_parts_at_once_on_two_ranks(base, caches, tmp_path):
+    """Each recipe of :data:`~sakd.commands.compat_table.MANY_RECIPES` turns several parts on at once (every
+    pair among them, and each with the ZeRO stage, is a cell of the table), trained 2 steps on 2 ranks, all
+    recipes one after the other in one launch; under ZeRO-2 each runs as 2 stages of 1 step. Finite losses,
+    the metrics of every part, and what one process gives when it accumulates the same global batch (2
+    micro-batches of 2)."""
+    recipes = {
+        f"{ZERO[zero]}-{i}": (zero, parts)
+        for zero, all_parts in MANY_RECIPES.items()
+        for i, parts in enumerate(all_parts)
+    }
+    for name, (zero, parts) in recipes.items():
+        raw = _many(base, caches, parts, tmp_path / name, zero)
+        (tmp_path / f"{name}.json").write_text(json.dumps(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(WORKER), str(tmp_path), *recipes],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, (zero, parts) in recipes.items():
+        ranks = [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
+        assert [(r["world"], r["zero_stage"]) for r in ranks] == [(2, int(zero[-1]))] * 2, (zero, parts)
+        steps = _steps([json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+        assert [r["step"] for r in steps] == [1, 2], (zero, parts)
+        keys = {k for p in parts for k in PART[p].metrics} - (
+            {"policy_step"} if "policy mixed" in parts else set()
+        )
+        for record in steps:
+            assert math.isfinite(record["loss"]) and keys <= set(record), (zero, parts, sorted(record))
+        if zero == "ZeRO-2":
+            assert [r["stage"] for r in steps] == [0, 1], parts
+        single = _many(base, caches, parts, tmp_path / "single" / name, zero)
+        del single["training"]["deepspeed"]
+        single["training"]["gradient_accumulation_steps"] = 2
+        reference = _steps(_train(single, tmp_path / "single" / name))
+        for key in ("loss", "tokens", *sorted(k for k in keys if isinstance(steps[0][k], float))):
+            got, ref = [r[key] for r in steps], [r[key] for r in reference]
+            assert got == pytest.approx(ref, rel=1e-4, abs=1e-5), (zero, parts, key)
+
+
+def test_every_cell_that_works_names_its_test():
+    """The table has no cell left that is expected to work without a test that trains the pair."""
+    untested = [pair for pair, c in compatibility().items() if c.status == "works" and not c.test]
+    assert not untested
+
+
+class _NeedsRouter:
+    """A term that reads the teacher's router probabilities (none of the shipped terms does yet)."""
+
+    name = "router_term"
+    needs = Needs(router_probs=True)
+    phase = "output"
+
+    def weights(self, d):
+        return {"router_term": 1.0}
+
+    def build(self, d, ctx):
+        return None
+
+
+@pytest.mark.parametrize(
+    "caps, component, expected",
+    [
+        (
+            stored_capabilities(SignalSpec("topk", 16, None, 2.0, "float16", 384, 9, 32)),
+            _NeedsRouter(),
+            "distillation.router_term needs the teacher's router probabilities, which a teacher cache does not hold",
+        ),
+        (
+            live_capabilities(moe=False),
+            _NeedsRouter(),
+            "distillation.router_term needs the teacher's router probabilities, which the live teacher does not",
+        ),
+        (
+            Capabilities(False, False, False, None, False, False, sparse_modes=()),
+            None,
+            "distillation.kd needs the teacher's next-token distribution, which a teacher cache does not hold",
+        ),
+    ],
+    ids=["cache without router", "dense teacher", "no distribution"],
+)
+def test_what_a_term_needs_from_the_signal_is_refused_in_one_line(caps, component, expected, monkeypatch):
+    """check_composition reads every need a term declares (Needs.router_probs and Needs.distribution as
+    well as hidden_states): a signal that lacks one is refused in one line."""
+    from sakd.objective import terms
+    from sakd.objective.compose import check_composition
+
+    if component is not None:
+        monkeypatch.setattr(terms, "COMPONENTS", (*terms.COMPONENTS, component))
+    cfg, _ = load_config({"model": {"teacher": "tiny-moe", "student": "tiny-dense"}})
+    with pytest.raises(ConfigError, match=re.escape(expected)) as info:
+        check_composition(cfg, caps)
+    assert "\n" not in str(info.value)

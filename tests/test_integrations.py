@@ -19,9 +19,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainingArguments
 
+from sakd.config import PeftConfig
 from sakd.integrations import DistillationCollator, DistillationTrainer
 from sakd.integrations.hf_trainer import AUX_FILE
 from sakd.models import load_model, load_tokenizer
+from sakd.models.peft import wrap_student
 
 pytestmark = pytest.mark.integration
 
@@ -76,12 +78,14 @@ def _reference(make_distiller, raw: dict) -> dict:
     d = make_distiller(raw, max_steps=STEPS, batch_size=BATCH)
     order = [i for s in range(STEPS) for mb in d.plan.micro_batches(0, s, 0) for i in mb]
     aux0 = None if d.aux_terms is None else {k: v.clone() for k, v in d.aux_terms.state_dict().items()}
+    student0 = {k: v.clone() for k, v in d.hf_student.state_dict().items()}
     d.train()
     metrics = [json.loads(x) for x in (d.run_dir / "metrics.jsonl").read_text().splitlines()]
     return {
         "rows": d.data.train.select(order).add_column("sample_id", order),  # each row's block id
         "data": d.data,
         "aux0": aux0,
+        "student0": student0,
         "metrics": [m for m in metrics if "loss" in m],
         "student": {k: v.clone() for k, v in d.hf_student.state_dict().items()},
         "aux": None if d.aux_terms is None else d.aux_terms.state_dict(),
@@ -97,15 +101,19 @@ def test_trainer_repeats_sakd_distill(
     tiny_run_config, make_distiller, tokenizer_dir, teacher_tokenizer_dir, tmp_path, cross, sparse
 ):
     """ka: Knowledge Augmentation (every token's experts sampled) draws what sakd distill draws: the same
-    seed (TrainingArguments.seed = training.seed = 3), step and block ids (the rows' sample_id)."""
+    seed (TrainingArguments.seed = training.seed = 3), step and block ids (the rows' sample_id). sparse:
+    a stored-style sparse mode with every auxiliary term (feature, attention, contrastive) on a LoRA
+    student."""
     raw = copy.deepcopy(tiny_run_config)
     raw["distillation"]["feature"] = {"weight": 0.5}
     seed = 0
     if sparse == "ka":
         raw["distillation"]["moe"] = {"augment_samples": 2, "augment_sampling_prob": 1.0}
         raw["training"]["seed"] = seed = 3
-    elif sparse:
+    elif sparse:  # with the other auxiliary terms and a LoRA student (the base frozen, adapters trained)
         raw["distillation"]["loss"].update(sparse=sparse, kd_top_k=16)
+        raw["distillation"].update(attention={"weight": 0.5}, contrastive={"weight": 0.5})
+        raw["model"]["peft"] = {"method": "lora", "rank": 4, "alpha": 8.0}
     if cross:
         raw["model"]["teacher_tokenizer"] = str(teacher_tokenizer_dir)
         raw["distillation"]["alignment"] = {"cache_dir": str(tmp_path / "vocab_maps")}
@@ -113,6 +121,9 @@ def test_trainer_repeats_sakd_distill(
     tok = load_tokenizer(str(tokenizer_dir))
     teacher_tok = load_tokenizer(str(teacher_tokenizer_dir)) if cross else tok
     student = load_model("tiny-dense", tokenizer=tok, seed=seed)  # what build_student made (training.seed)
+    if "peft" in raw["model"]:  # a LoRA student; its adapters' random init: the run's
+        student = wrap_student(student, PeftConfig(**raw["model"]["peft"]), gradient_checkpointing=False)
+        student.load_state_dict(ref["student0"])
     teacher = load_model("tiny-moe", tokenizer=teacher_tok, seed=seed + 1)  # load_teacher's seed + 1
     trainer = DistillationTrainer(
         student,
@@ -127,7 +138,8 @@ def test_trainer_repeats_sakd_distill(
     trainer.model.aux.load_state_dict(ref["aux0"])  # the projections' random init: the run's
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    for key in ("loss", "kd", "ce", "feature"):
+    terms = [k for k in ("feature", "attention", "contrastive") if raw["distillation"].get(k)]
+    for key in ("loss", "kd", "ce", *terms):
         assert [h[key] for h in logs] == pytest.approx([m[key] for m in ref["metrics"]], rel=1e-5), key
     assert [h["tokens"] for h in logs] == [m["tokens"] for m in ref["metrics"]]
     if cross:
@@ -292,13 +304,15 @@ def test_example_script_trains_and_saves_a_plain_model(example_run):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3"])
 def test_example_script_on_two_processes(example_run, mode):
-    """2 ranks x 1 micro-batch: the single process's logged losses and weights; under ZeRO-3 the student
-    and the teacher (its own engine) are partitioned, half on each rank."""
+    """2 ranks x 1 micro-batch: the single process's logged losses and weights (DDP, ZeRO-2, ZeRO-3); under
+    ZeRO-3 the student and the teacher (its own engine) are partitioned, half on each rank."""
     out = example_run["tmp"] / mode
     if mode == "ddp":
         extra = ["--use_cpu", "true"]
+    elif mode == "zero2":
+        extra = ["--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]
     else:  # save_model gathers the ZeRO-3 shards into one file only when the config says so (HF's rule)
         ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
@@ -314,6 +328,8 @@ def test_example_script_on_two_processes(example_run, mode):
     for key in ("loss", "kd", "ce", "feature", "tokens"):
         assert [h[key] for h in _logged(out)] == pytest.approx([h[key] for h in ref], rel=10 * atol), key
     a, b = load_file(str(out / "model.safetensors")), load_file(str(example_run["out"] / "model.safetensors"))
+    if mode == "zero2":  # the Trainer saves ZeRO-2's state dict as it is: the tied head written twice
+        torch.testing.assert_close(a.pop("lm_head.weight"), a["model.embed_tokens.weight"], rtol=0, atol=0)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)

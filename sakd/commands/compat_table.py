@@ -46,6 +46,7 @@ class Part:
 
 GENERATION = {"prompt_tokens": 8, "max_new_tokens": 6, "eval_prompts": 0, "fraction": 0.5}
 ONE_POLICY = ("intrinsic", "a run has one distillation.policy")
+ONE_ZERO_STAGE = ("intrinsic", "a run has one ZeRO stage (training.deepspeed's zero_optimization.stage)")
 
 
 def _policy(name: str) -> Part:
@@ -113,7 +114,7 @@ PARTS: tuple[Part, ...] = (
     ),
     Part("LoRA", recipe={"model": {"peft": {"method": "lora"}}}, metrics=("kd",)),
     Part("DistillationTrainer"),
-    Part("ZeRO-2"),
+    Part("ZeRO-2", not_with={"ZeRO-3": ONE_ZERO_STAGE}),
     Part("ZeRO-3"),
     Part("stages"),
 )
@@ -124,9 +125,40 @@ WALK = _C + "test_every_pair_of_the_table_trains"
 """Every pair of parts that a recipe turns on (:attr:`Part.recipe`) that works, trained 2 steps."""
 RESUMES = _C + "test_a_combination_resumes_exactly"
 CACHE_REFUSALS = _C + "test_what_a_cache_cannot_give_is_refused_in_one_line"
+MANY = _C + "test_many_parts_at_once_on_two_ranks"
+"""Recipes that each turn several parts on, trained on 2 ranks under ZeRO-2 (as 2 stages) and ZeRO-3."""
+MANY_RECIPES = {
+    "ZeRO-2": [
+        ("KA", "token router", "curriculum", "feature", "attention", "contrastive", "sparse modes"),
+        ("teacher cache", "token router", "curriculum", "sparse modes"),
+        ("policy mixed", "SAR"),
+        ("policy sequence",),
+        ("policy on",),
+    ],
+    "ZeRO-3": [
+        ("KA", "token router", "curriculum", "feature", "attention", "contrastive", "sparse modes"),
+        ("teacher cache", "token router", "curriculum", "sparse modes"),
+        ("policy mixed", "SAR"),
+    ],
+}
+
+
+def _many_parts() -> list[tuple[str, str]]:
+    """The pairs :data:`MANY` trains: each ZeRO stage with every part of its recipes, and stages (ZeRO-2's
+    recipes run as 2 stages) with every part of ZeRO-2's."""
+    pairs = []
+    for zero, recipes in MANY_RECIPES.items():
+        parts = sorted({p for recipe in recipes for p in recipe})
+        pairs += [(zero, p) for p in parts]
+        if zero == "ZeRO-2":
+            pairs += [("stages", p) for p in parts]
+    return pairs
+
+
 TESTS: dict[frozenset[str], str] = {
     frozenset(pair): test
     for test, pairs in {
+        MANY: _many_parts(),  # first: a test of the pair alone, named below, wins
         TRAINS: [
             ("teacher cache", "curriculum"),
             ("teacher cache", "token router"),
@@ -155,12 +187,6 @@ TESTS: dict[frozenset[str], str] = {
             ("DistillationTrainer", "token router"),
             ("DistillationTrainer", "SAR"),
         ],
-        _I + "test_trainer_repeats_sakd_distill": [
-            ("DistillationTrainer", "KA"),
-            ("DistillationTrainer", "feature"),
-            ("DistillationTrainer", "sparse modes"),
-        ],
-        _I + "test_example_script_on_two_processes": [("DistillationTrainer", "ZeRO-3")],
         _I + "test_each_policy_under_the_trainer_repeats_sakd_distill": [
             ("DistillationTrainer", f"policy {p}") for p in ("on", "mixed", "sequence")
         ],
@@ -195,6 +221,18 @@ TESTS: dict[frozenset[str], str] = {
         _D + "test_stages_under_deepspeed_two_cpu_ranks_equal_one_process": [
             ("stages", "ZeRO-2"),
             ("stages", "ZeRO-3"),
+        ],
+        _I + "test_example_script_on_two_processes": [
+            ("DistillationTrainer", "ZeRO-3"),
+            ("DistillationTrainer", "ZeRO-2"),
+        ],
+        _I + "test_trainer_repeats_sakd_distill": [
+            ("DistillationTrainer", "KA"),
+            ("DistillationTrainer", "feature"),
+            ("DistillationTrainer", "sparse modes"),
+            ("DistillationTrainer", "attention"),
+            ("DistillationTrainer", "contrastive"),
+            ("DistillationTrainer", "LoRA"),
         ],
     }.items()
     for pair in pairs

@@ -98,16 +98,17 @@ def project_heads(teacher_attn: Tensor, head_proj: nn.Linear) -> Tensor:
 
     The linear map acts on the **head axis**: ``b h s t → b s t h``, apply ``head_proj``
     (``Ht → Hs``), permute back; i.e. ``out[b, j, s, t] = Σ_h W[j, h] · attn[b, h, s, t]``
-    (+ bias[j] if any). Computed in float32; the result keeps the graph to ``head_proj``.
+    (+ bias[j] if any), in the projection's dtype, returned in the compute dtype; the result keeps the graph
+    to ``head_proj``. ``head_proj`` is called as a module, not read as a weight: ZeRO-3 gathers a module's
+    partitioned weight for its forward and again for its backward (a weight read directly is released
+    after the forward and is empty in the backward).
     """
     if teacher_attn.dim() != 4 or teacher_attn.shape[1] != head_proj.in_features:
         raise ValueError(
             f"teacher attention must be [B, {head_proj.in_features}, L, L], got {tuple(teacher_attn.shape)}"
         )
-    attn = _as_compute(teacher_attn)
-    weight = head_proj.weight.to(attn.dtype)
-    bias = None if head_proj.bias is None else head_proj.bias.to(attn.dtype)
-    return F.linear(attn.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+    attn = teacher_attn.permute(0, 2, 3, 1).to(head_proj.weight.dtype)
+    return _as_compute(head_proj(attn).permute(0, 3, 1, 2))
 
 
 def attention_transfer_loss(

@@ -15,6 +15,17 @@ from sakd.objective.terms import active_components
 from sakd.teacher.capabilities import Capabilities
 
 
+def _signals(teacher: Capabilities) -> tuple[tuple[str, str, bool], ...]:
+    """(a :class:`~sakd.objective.terms.Needs` field, what it names, whether ``teacher`` gives it) for the
+    needs besides hidden states: a next-token distribution (live logits, or a stored one in some sparse
+    mode) and the MoE router's probabilities (an MoE teacher, or a cache made with them)."""
+    distribution = teacher.full_distribution or bool(teacher.sparse_modes)
+    return (
+        ("distribution", "next-token distribution", distribution),
+        ("router_probs", "router probabilities", teacher.router_probs),
+    )
+
+
 def check_composition(cfg: RunConfig, teacher: Capabilities) -> list[str]:
     """Refuse what ``teacher`` cannot give to ``cfg``'s parts (a one-line :class:`ConfigError` each); returns
     notes on what runs without a signal it would use when present."""
@@ -26,6 +37,12 @@ def check_composition(cfg: RunConfig, teacher: Capabilities) -> list[str]:
                 f"distillation.{c.name} needs the teacher's hidden states, which {source} does not hold; set "
                 f"distillation.{c.name}.weight=0 or train with the live teacher"
             )
+        for need, what, has in _signals(teacher):
+            if getattr(c.needs, need) and not has:
+                raise ConfigError(
+                    f"distillation.{c.name} needs the teacher's {what}, which {source} does not hold: turn "
+                    f"distillation.{c.name} off or use a teacher signal that gives it"
+                )
     if d.alignment.uld_weight > 0 and not teacher.full_distribution:
         raise ConfigError(
             f"distillation.alignment.uld_weight needs the full teacher distribution, which {source} does not "
