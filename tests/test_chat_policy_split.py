@@ -105,3 +105,29 @@ def test_chat_policy_resumes_exactly(
     summaries = [json.loads((r / "summary.json").read_text()) for r in (full, resumed)]
     assert summaries[0]["student_continuations"] == summaries[1]["student_continuations"]
     assert summaries[0]["generated_tokens"] == summaries[1]["generated_tokens"] > 0
+
+
+@pytest.mark.multiprocess
+def test_chat_on_policy_two_cpu_ranks_match_one_process(
+    tiny_run_config, make_distiller, student_tok, teacher_toks, tmp_path
+):
+    """DDP over 2 CPU ranks of 4 conversations each == 1 process accumulating 2 micro-batches of 4, across
+    tokenizers and templates: the same answers written (a prompt's sample depends on its seed, not on the
+    rank), the same token counts and losses step by step, the same weights."""
+    from test_distributed import _launch
+
+    raw = _chat_recipe(tiny_run_config, tmp_path, student_tok, teacher_toks["other"], "on")
+    raw["training"].update(batch_size=4, max_steps=2)
+    single, ranked = tmp_path / "single", tmp_path / "ranks"
+    m1, w1 = _run(make_distiller, raw, single, 4, 2)
+    raw["training"]["output_dir"] = str(ranked / "run")
+    ranks = _launch(raw, ranked)
+    assert [(r["world"], r["accelerate_world"]) for r in ranks] == [(2, 2), (2, 2)]
+    m2 = _steps(ranked / "run")
+    assert [m["policy_step"] for m in m2] == [1, 1]
+    for key in ("gen_tokens", "tokens"):
+        assert [m[key] for m in m1] == [m[key] for m in m2], key
+    assert [m["loss"] for m in m2] == pytest.approx([m["loss"] for m in m1], rel=1e-5)
+    w2 = load_file(str(ranked / "run" / "final" / "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6)
