@@ -356,3 +356,50 @@ def test_text_prompts_stay_inside_one_document_with_within_document_packing(toke
     assert len(b) - 1 >= 6 and rows == [b[:6], b[:6]]  # the first piece long enough: b in both rows
     short = Prompts(GenerationConfig(prompt_tokens=40), tok, tok, plan).for_step([batch], 0, 0)[0][0]
     assert short == [b[:-1], b[:-1]]  # none long enough: the longest piece, without its EOS
+
+
+# Llama 3's and Gemma's templates render ``message['content'] | trim``
+TRIM_CHATML = CHATML.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")
+TRIM_OTHER = OTHER.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")
+
+
+@pytest.mark.parametrize("writer", ["student", "teacher"])
+def test_answers_with_outer_whitespace_under_trimming_templates(tokenizer_dir, corpus, tmp_path, writer):
+    """Review defect (issue 24): a template that trims message contents (Llama 3, Gemma) renders a written
+    answer " Bob lives \\n" as "Bob lives", and building the step's rows failed mid-run ("the chat template
+    changes message 1's content") whenever a sampled answer began or ended with whitespace. Now the writer's
+    tokens stay as written, the reader reads the answer as its own template shows it (trimmed), and every
+    scored position's anchor has read the same answer characters as the student."""
+    from sakd.data import BatchPlan
+    from sakd.policy.chat_answers import ChatPrompts
+
+    s_tok = _with_template(tokenizer_dir, ["<|im_start|>", "<|im_end|>"], TRIM_CHATML, tmp_path / "s")
+    base = train_tokenizer(corpus, tmp_path / "tbase", 300)
+    markers = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    t_tok = _with_template(base, markers, TRIM_OTHER, tmp_path / "t")
+    w_tok, r_tok = (s_tok, t_tok) if writer == "student" else (t_tok, s_tok)
+    stop = w_tok.convert_tokens_to_ids("<|im_end|>" if writer == "student" else "<|end|>")
+    prompts = ChatPrompts(CONVERSATIONS, w_tok, BatchPlan(3, 1, 1, 1, 0), 1000)
+    answers = [" Bob lives in Stanford .", "they eat bread \n", " the river "]
+    completions = [
+        w_tok(a, add_special_tokens=False)["input_ids"] + [stop] * (i != 1) for i, a in enumerate(answers)
+    ]
+    rows = prompts.rows(torch.arange(3), completions, s_tok, t_tok, teacher_writes=writer == "teacher")
+    scored = 0
+    for i, (row, answer) in enumerate(zip(rows, answers, strict=True)):
+        prefix = prompts.prefixes[i]
+        s_head = s_tok.apply_chat_template(prefix, add_generation_prompt=True, tokenize=False)
+        t_head = t_tok.apply_chat_template(prefix, add_generation_prompt=True, tokenize=False)
+        teacher, anchor = row.paired.teacher.ids, row.paired.alignment.anchor.tolist()
+        written, read = (row.student_ids, teacher) if writer == "student" else (teacher, row.student_ids)
+        r_head = t_head if writer == "student" else s_head
+        assert written == prompts.ids[i] + completions[i]  # the writer's tokens as written
+        assert r_tok.decode(read).startswith(r_head + answer.strip())  # the reader: its template's view
+        for p in range(len(row.student_ids) - 1):
+            s_text, t_text = s_tok.decode(row.student_ids[: p + 1]), t_tok.decode(teacher[: anchor[p] + 1])
+            if anchor[p] < 0 or not s_text.startswith(s_head):
+                continue  # no KD, or a position of the prompt
+            assert t_text.startswith(t_head)
+            assert s_text[len(s_head) :].lstrip() == t_text[len(t_head) :].lstrip()
+            scored += 1
+    assert scored >= 6

@@ -9,7 +9,10 @@ own (as a prompt file's; advanced by the optimizer step), so a ``mixed`` run's o
 packed blocks -- the dataset's own assistant turns -- and its on-policy steps the student's answers.
 
 **The answer** is the text of the written tokens (a special token other than the final end-of-turn / EOS
-spells its literal string); the end-of-turn token closes it when the writer emitted one (``ended``).
+spells its literal string); the end-of-turn token closes it when the writer emitted one (``ended``). The
+writer's row keeps its tokens as written; the reader reads the answer as its own template shows it -- a
+template that trims message contents (Llama 3's, Gemma's) shows ``answer.strip()`` -- and the alignment
+counts the answer's characters as written, so a sampled answer with outer whitespace stays aligned.
 
 **Who reads what.**
 
@@ -44,7 +47,7 @@ import torch
 
 from sakd.align.positions import PositionAlignment, align_ends
 from sakd.data import BatchPlan, split_documents
-from sakd.data.chat import apply_template, ends_inside, render, require_template
+from sakd.data.chat import Rendered, apply_template, ends_inside, render, require_template
 from sakd.data.chat_pair import anchorable, content_coordinates
 from sakd.data.tokenize import monotone_ends
 from sakd.errors import DataError
@@ -121,29 +124,52 @@ class Side:
 def written_side(
     tokenizer: Any, prefix: list[dict], prompt: list[int], completion: list[int], stops: list[int]
 ) -> tuple[Side, str, bool]:
-    """The writer's own tokens (prompt + completion, kept), the answer text and whether it ended."""
+    """The writer's own tokens (prompt + completion, kept), the answer text and whether it ended. The answer
+    is not re-rendered: the writer read its generation prompt and then its own tokens, so the answer's
+    content starts where the prompt ends and holds exactly the written text (a template that trims message
+    contents, as Llama 3's and Gemma's, would show it otherwise)."""
     ended = bool(completion) and completion[-1] in stops
     body = completion[:-1] if ended else completion
     answer, answer_ends = spell_answer(body, tokenizer)
-    r = render(tokenizer, [*prefix, {"role": "assistant", "content": answer}], "a generated answer")
     head = apply_template(tokenizer, prefix, True, "a generated answer")
     enc = tokenizer(head, add_special_tokens=False, return_offsets_mapping=True)
     if list(enc["input_ids"]) != list(prompt):
         raise DataError("a chat prompt does not re-tokenize to the ids it was generated from")
-    a = r.contents[-1][0]
+    before = render(tokenizer, prefix, "a chat prompt") if prefix else None
+    if before is not None and not head.startswith(before.text):
+        raise DataError("the chat template's generation prompt changes the conversation before it")
+    a = len(head)
+    contents = [*(before.contents if before else []), (a, a + len(answer))]
     ends = np.concatenate(
-        [monotone_ends(enc["offset_mapping"], len(head)), a + answer_ends, [r.turns[-1][1]] * ended]
+        [monotone_ends(enc["offset_mapping"], a), a + answer_ends, [a + len(answer) + 1] * ended]
     ).astype(np.int64)
-    coord, message = content_coordinates(ends, r.contents)
+    coord, message = content_coordinates(ends, contents)
     ids = list(prompt) + list(completion)
     return Side(ids, coord, message, len(prompt), len(ids)), answer, ended
 
 
+def render_answer(tokenizer: Any, prefix: list[dict], answer: str, where: str) -> tuple[Rendered, int, int]:
+    """``tokenizer``'s rendering of ``prefix`` + ``answer`` as the assistant message, and how many of the
+    answer's characters it leaves out in front and behind: a template that trims message contents (Llama
+    3's, Gemma's ``| trim``) shows ``answer.strip()``, as that model saw every answer in training."""
+    try:
+        return render(tokenizer, [*prefix, {"role": "assistant", "content": answer}], where), 0, 0
+    except DataError:
+        shown = answer.strip()
+        if shown == answer:
+            raise
+    r = render(tokenizer, [*prefix, {"role": "assistant", "content": shown}], where)
+    lead = len(answer) - len(answer.lstrip())
+    return r, lead, len(answer) - len(shown) - lead
+
+
 def reading_side(tokenizer: Any, prefix: list[dict], answer: str, ended: bool, where: str) -> Side:
-    """``tokenizer``'s template rendering of ``prefix`` + the answer as the assistant message; its targets
-    are the tokens ending in the answer turn (content, and the end-of-turn when ``ended``). The ids stop at
-    the last target (the rest of the rendering predicts nothing that is scored)."""
-    r = render(tokenizer, [*prefix, {"role": "assistant", "content": answer}], where)
+    """``tokenizer``'s template rendering of ``prefix`` + the answer as the assistant message (as it shows
+    it: :func:`render_answer`); its targets are the tokens ending in the answer turn (content, and the
+    end-of-turn when ``ended``). The ids stop at the last target (the rest of the rendering predicts nothing
+    that is scored). Content coordinates count the answer's characters as written, so a trimmed rendering
+    aligns with the writer's."""
+    r, lead, trail = render_answer(tokenizer, prefix, answer, where)
     enc = tokenizer(r.text, add_special_tokens=False, return_offsets_mapping=True)
     ends = monotone_ends(enc["offset_mapping"], len(r.text))
     begin, end = r.turns[-1]
@@ -152,6 +178,8 @@ def reading_side(tokenizer: Any, prefix: list[dict], answer: str, ended: bool, w
     hits = np.flatnonzero(target)
     first, stop = (int(hits[0]), int(hits[-1]) + 1) if hits.size else (head, head)
     coord, message = content_coordinates(ends[:stop], r.contents)
+    after = ends[:stop] > r.contents[-1][1]  # past the answer: its left-out characters come first
+    coord = coord + np.where(message == len(r.contents) - 1, lead, np.where(after, lead + trail, 0))
     return Side(list(enc["input_ids"][:stop]), coord, message, first, stop)
 
 
