@@ -22,9 +22,9 @@ import torch
 
 from sakd.evaluation.heldout import rank_batches
 from sakd.policy.chat_answers import generation_prompt, prompt_messages, reading_side, spell_answer, stop_ids
-from sakd.policy.continuations import MODES, ROLE_EVAL, ContinuationSpec, _teacher_nll
 from sakd.policy.engines import student_for_generation
 from sakd.policy.sampling import generate, row_seed
+from sakd.policy.scoring import MODES, ROLE_EVAL, ContinuationSpec, teacher_nll
 
 
 def chat_spec(conversations: list[list[dict]], student_tokenizer: Any, **settings: Any) -> ContinuationSpec:
@@ -82,7 +82,7 @@ def score_chat_answers(
                 answer_view(prefixes[lo + i], c, student_tokenizer, teacher_tokenizer, stops)
                 for i, c in enumerate(completions)
             ]
-            nll = _teacher_nll(teacher, views, len(teacher_tokenizer), device)
+            nll = teacher_nll(teacher, views, len(teacher_tokenizer), device)
             if counted:
                 sums[k] += torch.tensor([nll, sum(map(len, completions)), sum(v[2] for v in views)])
     if accelerator is not None and world > 1:

@@ -16,7 +16,6 @@ probability of the continuation text; per student token it is divided by the stu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,32 +23,12 @@ import torch
 from sakd.config import RunConfig
 from sakd.config.generation import resolved_eval_prompts
 from sakd.evaluation.heldout import rank_batches
-from sakd.losses import Head, over_chunks
-from sakd.models.forward import hidden_and_head
+from sakd.policy.chat_eval import chat_spec, score_chat_answers
 from sakd.policy.engines import student_for_generation
 from sakd.policy.models import Models
 from sakd.policy.retokenize import pair_student_written, spell, text_bytes
-from sakd.policy.sampling import Sampling, generate, row_seed
-
-ROLE_EVAL = 3
-MODES = ("greedy", "sampled")
-
-
-@dataclass(frozen=True)
-class ContinuationSpec:
-    """Held-out prompts (student token ids) and how to continue them; ``prefixes``: for conversations, the
-    prompt messages of each (:mod:`sakd.policy.chat_eval`)."""
-
-    prompts: list[list[int]]
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 8
-    prefixes: list[list[dict]] | None = None
-
-    def sampling(self, mode: str) -> Sampling:
-        return Sampling(self.max_new_tokens, self.temperature, self.top_p, greedy=mode == "greedy")
+from sakd.policy.sampling import generate, row_seed
+from sakd.policy.scoring import MODES, ROLE_EVAL, ContinuationSpec, teacher_nll
 
 
 def heldout_prompts(input_ids: Any, count: int, length: int) -> list[list[int]]:
@@ -72,29 +51,6 @@ def _teacher_view(
     prompt_chars = spelled.spans[len(prompt) - 1][1] if prompt else 0
     first = sum(1 for _, end in paired.teacher.spans if end <= prompt_chars)
     return paired.teacher.ids, first, n_bytes
-
-
-def _teacher_nll(teacher: Any, views: list[tuple[list[int], int, int]], vocab: int, device: Any) -> float:
-    """Sum over rows of the teacher's NLL (T = 1) of its tokens from each row's ``first`` on."""
-    width = max(len(v[0]) for v in views)
-    ids = torch.zeros((len(views), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    scored = torch.zeros((len(views), width), dtype=torch.bool)  # position j scores token j + 1
-    for i, (t_ids, first, _) in enumerate(views):
-        ids[i, : len(t_ids)] = torch.as_tensor(t_ids)
-        mask[i, : len(t_ids)] = 1
-        scored[i, max(first, 1) - 1 : len(t_ids) - 1] = True
-    out = hidden_and_head(teacher, teacher, ids.to(device), mask.to(device))
-    head = Head(out.head_weight, out.head_bias, vocab)
-    hidden = out.hidden.reshape(-1, out.hidden.shape[-1])
-    nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1).reshape(-1).to(device)
-
-    def chunk(r: slice) -> torch.Tensor:
-        lp = torch.log_softmax(head.logits(hidden[r], upcast=True), dim=-1)
-        return lp.gather(1, nxt[r, None]).squeeze(1)
-
-    lp = over_chunks(chunk, hidden.shape[0], 256, combine="cat").reshape(ids.shape)
-    return float(-(lp.double() * scored.to(device)).sum())
 
 
 @torch.no_grad()
@@ -134,7 +90,7 @@ def score_continuations(
                 _teacher_view(p, c, student_tokenizer, teacher_tokenizer)
                 for p, c in zip(rows, completions, strict=True)
             ]
-            nll = _teacher_nll(teacher, views, vocab, device)
+            nll = teacher_nll(teacher, views, vocab, device)
             if counted:
                 sums[k] += torch.tensor([nll, sum(map(len, completions)), sum(v[2] for v in views)])
     if accelerator is not None and world > 1:
@@ -173,8 +129,6 @@ class RunContinuations:
         student = m.student if plain_student is None else plain_student
         zero = m.zero_stage if plain_student is None else -1
         if self.spec.prefixes is not None:  # conversations: the teacher reads its own template
-            from sakd.policy.chat_eval import score_chat_answers
-
             return score_chat_answers(
                 student,
                 m.teacher,
@@ -213,7 +167,6 @@ def build_continuations(
     }
     if cfg.data.format == "chat":  # the held-out conversations, cut at their last user turn
         from sakd.data import split_documents
-        from sakd.policy.chat_eval import chat_spec
 
         convs = split_documents(cfg.data, cfg.training.seed)[1]
         messages = list(convs.select(range(min(count, len(convs))))["messages"])
