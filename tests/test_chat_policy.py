@@ -403,3 +403,24 @@ def test_answers_with_outer_whitespace_under_trimming_templates(tokenizer_dir, c
             assert s_text[len(s_head) :].lstrip() == t_text[len(t_head) :].lstrip()
             scored += 1
     assert scored >= 6
+
+
+def test_teacher_bpb_counts_the_bytes_the_trimming_teacher_scored(tokenizer_dir, corpus, tmp_path):
+    """Review defect: under a trimming template the teacher scores ``answer.strip()``; the bytes per answer
+    of ``teacher_bpb`` are those of what it scored, not of the answer with its outer whitespace."""
+    from sakd.policy.chat_eval import answer_view
+
+    s_tok = _with_template(tokenizer_dir, ["<|im_start|>", "<|im_end|>"], CHATML, tmp_path / "s")
+    base = train_tokenizer(corpus, tmp_path / "tbase", 300)
+    t_tok = _with_template(
+        base, ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], TRIM_OTHER, tmp_path / "t"
+    )
+    stop = s_tok.convert_tokens_to_ids("<|im_end|>")
+    prefix = [{"role": "user", "content": "Where does Bob live?"}]
+    answer = "  Bob lives in Stanford . \n"
+    completion = s_tok(answer, add_special_tokens=False)["input_ids"] + [stop]
+    assert s_tok.decode(completion[:-1]) == answer
+    ids, first, n_bytes = answer_view(prefix, completion, s_tok, t_tok, [stop])
+    head = t_tok.apply_chat_template(prefix, add_generation_prompt=True, tokenize=False)
+    assert t_tok.decode(ids).startswith(head + answer.strip())  # what the teacher scored
+    assert n_bytes == len(answer.strip().encode("utf-8")) < len(answer.encode("utf-8"))

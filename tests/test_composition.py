@@ -52,13 +52,18 @@ def base(tiny_run_config_module, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def caches(base, tmp_path_factory) -> dict[str, str]:
-    """Two top-k caches of the tiny MoE teacher: without and with its router probabilities."""
+    """Three caches of the tiny MoE teacher: top-k without and with its router probabilities, and sampled
+    (the default mode, whose per-position KD estimate is signed) with them."""
     out = {}
-    for name, router in (("plain", False), ("router", True)):
+    for name, router, mode in (
+        ("plain", False, "topk_tail"),
+        ("router", True, "topk_tail"),
+        ("sampled", True, "sampled"),
+    ):
         tmp = tmp_path_factory.mktemp(f"cache-{name}")
         raw = copy.deepcopy(base)
         raw["distillation"]["cache"] = {
-            "mode": "topk_tail",
+            "mode": mode,
             "blocks_per_shard": 16,
             "batch_size": 4,
             "top_k": 16,
@@ -98,6 +103,11 @@ CASES = {
         {"kd", "router_w_mean", "router_w_share"},
     ),
     "cache x token router (no router probabilities)": ({"router": ROUTER}, "plain", {"kd", "router_w_mean"}),
+    "sampled cache x token router x curriculum": (
+        {"router": ROUTER, "curriculum": CURRICULUM},
+        "sampled",
+        {"kd", "router_w_mean", "router_w_share", "mult_kd"},
+    ),
     "on-policy x token router": (
         {"policy": "on", "generation": ON_POLICY, "router": ROUTER},
         None,

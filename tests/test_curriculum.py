@@ -191,3 +191,17 @@ def test_balancer_reads_the_plain_ce_across_tokenizers(
         running = ce if running is None else 0.5 * running + 0.5 * ce
         assert abs(d.aware.curriculum.balancer.magnitudes["ce"] - running) < 1e-5 * ce
     assert abs(metrics["mult_ce"] - 1.0) > 0.01  # the last step ran with a balancing multiplier on ce
+
+
+def test_balancer_running_magnitude_of_a_signed_unbiased_estimate_is_unbiased():
+    """``sampled`` KD's step mean is an unbiased, signed estimate of a KL near 0: the running magnitude of
+    step means 0.01 ± 0.05 settles near 0.01 (the skipped negative means made it ~E[x | x > 0] ≈ 0.045)."""
+    g = torch.Generator().manual_seed(0)
+    balancer = Balancer(decay=0.99)
+    for x in (0.01 + 0.05 * torch.randn(4000, generator=g, dtype=torch.float64)).tolist():
+        balancer.update({"kd": x, "ce": 2.0})
+    assert abs(balancer.magnitudes["kd"] - 0.01) < 0.01
+    balancer.magnitudes["kd"] = -0.001  # a running magnitude not above 0 scales by 1, as one unseen
+    assert balancer.scales({"kd": 0.5, "ce": 0.5}) == {"kd": 1.0, "ce": 1.0}
+    balancer.update({"kd": 0.0})  # a component absent from the step is skipped
+    assert balancer.magnitudes["kd"] == -0.001

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -200,13 +199,13 @@ def test_chat_cache_stores_kd_positions_and_equals_live_chat_kd(
         make_distiller(other, output_dir=str(tmp_path / "other2"))
 
 
-@pytest.mark.parametrize("mode", ["distillation.cache.top_k=8", "distillation.cache.mode=sampled"])
-def test_chat_cache_serves_a_student_with_another_tokenizer(chat_recipe, chat_tok, corpus, tmp_path, mode):
-    """A topk or a sampled (the default mode) conversations cache (the teacher's tokenizer and template)
-    trains a student with another tokenizer aligned on the message contents: KD on every step."""
+def test_chat_cache_serves_a_student_with_another_tokenizer(chat_recipe, chat_tok, corpus, tmp_path):
+    """A conversations cache (the teacher's tokenizer and template) trains a student with another tokenizer
+    aligned on the message contents. Every teacher id in float32 (topk_tail, k = V): each step's loss and
+    KD equal the live cross-tokenizer chat path's. Sampled (the default mode, 128 draws): each step's KD is
+    the live one's within the spread of a 128-draw estimate (see below)."""
     from sakd.commands.demo import train_tokenizer
 
-    assert _cache(chat_recipe, tmp_path / "cache", mode) == 0
     base = train_tokenizer(corpus, tmp_path / "sbase", 300)
     tok = AutoTokenizer.from_pretrained(str(base))
     tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
@@ -214,14 +213,37 @@ def test_chat_cache_serves_a_student_with_another_tokenizer(chat_recipe, chat_to
     tok.save_pretrained(tmp_path / "stok")
     raw = copy.deepcopy(chat_recipe)
     raw["model"].update(tokenizer=str(tmp_path / "stok"), teacher_tokenizer=str(chat_tok.name_or_path))
-    raw["distillation"].update(
-        teacher_cache=str(tmp_path / "cache"), alignment={"cache_dir": str(tmp_path / "maps")}
-    )
-    raw["training"].update(output_dir=str(tmp_path / "run"), max_steps=2)
-    recipe = tmp_path / "student.json"
-    recipe.write_text(json.dumps(raw))
-    assert main(["distill", "--config", str(recipe)]) == 0
-    steps = _metrics(tmp_path / "run")
-    # sampled: an unbiased Monte-Carlo estimate of KL, which a finite sample can put below 0
-    assert len(steps) == 2 and all(math.isfinite(r["loss"]) and r["kd"] != 0 for r in steps)
-    assert "sampled" in mode or all(r["kd"] > 0 for r in steps)
+    raw["distillation"].update(alignment={"cache_dir": str(tmp_path / "maps")})
+    runs = {}
+    for name, overrides in (
+        ("live", None),
+        (
+            "full",
+            [
+                "distillation.cache.mode=topk_tail",
+                f"distillation.cache.top_k={len(chat_tok)}",
+                "distillation.cache.values_dtype=float32",
+            ],
+        ),
+        ("sampled", ["distillation.cache.mode=sampled"]),
+    ):
+        run = copy.deepcopy(raw)
+        if overrides is not None:
+            assert _cache(chat_recipe, tmp_path / f"cache-{name}", *overrides) == 0
+            run["distillation"]["teacher_cache"] = str(tmp_path / f"cache-{name}")
+        run["training"].update(output_dir=str(tmp_path / name), max_steps=2)
+        recipe = tmp_path / f"{name}.json"
+        recipe.write_text(json.dumps(run))
+        assert main(["distill", "--config", str(recipe)]) == 0
+        runs[name] = _metrics(tmp_path / name)
+    live, full, sampled = runs["live"], runs["full"], runs["sampled"]
+    assert len(live) == len(full) == len(sampled) == 2 and all(r["kd"] > 0 for r in live)
+    for a, b, c in zip(live, full, sampled, strict=True):
+        # k = V, float32: measured within 0.53% of live (KD) and 0.07% (loss); not bitwise as the one-tokenizer
+        # cache above is -- where the cached rows differ from the live chat path's is not yet located
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
+        assert b["kd"] == pytest.approx(a["kd"], rel=1e-2)
+        # 128 draws: the value's per-position spread is sd(log P/Q)/sqrt(128), ~0.2 nats for this near-uniform
+        # tiny teacher, and the estimate of the drawn buckets' mass leaves a bias of at most ~0.1 nats at this
+        # teacher entropy (tests/test_losses_sparse.py); measured |sampled - live| = 0.009 and 0.059
+        assert abs(c["kd"] - a["kd"]) < 0.1, (c["kd"], a["kd"])

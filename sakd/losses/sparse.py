@@ -223,6 +223,31 @@ def _sampled_kl(student_logits: Tensor, teacher: SparseTeacher, temperature: flo
     return (counts * log_ratio).sum(-1) / counts.sum(-1).clamp_min(1.0)
 
 
+def sampled_support_kl(student_logits: Tensor, teacher: SparseTeacher, temperature: float) -> Tensor:
+    """A per-position *gap* from a sampled signal that is never negative (for the token router): forward
+    KL between teacher and student both coarsened to the drawn ids plus one bucket with all other mass.
+
+    The per-position value of ``sampled`` (:func:`_sampled_kl`) is unbiased but a single position's
+    estimate is below 0 at a real share of positions (a student close to the teacher), which a
+    log-scale statistic cannot take. Here both sides are exact at the drawn ids (the stored teacher
+    log-probs, the student's full distribution) and the rest bucket holds ``1 − Σ`` of each, so this is
+    the KL of a coarsening of p and q: ``0 ≤ gap ≤ KL(p ‖ q)`` (data processing), 0 when the student
+    equals the teacher, and it tends to KL(p ‖ q) as the draws cover the teacher. The teacher's rest is
+    derived from the stored values, so it is floored like ``topk_tail``'s (:func:`floored_tail`); a
+    position whose draws cover every id has no rest on either side. No gradient is meant to flow."""
+    if teacher.counts is None:
+        raise ValueError("a sampled gap needs a SparseTeacher with counts (see sample_teacher)")
+    logprobs = tempered_logprobs(student_logits, temperature)
+    drawn = teacher.counts > 0
+    s_top = torch.where(drawn, logprobs.gather(-1, teacher.indices), float("-inf"))
+    s_rest = logsumexp_or_neginf(logprobs.scatter(-1, teacher.indices, float("-inf")))
+    t_top, t_rest = floored_tail(torch.where(drawn, teacher.logprobs.to(logprobs.dtype), float("-inf")), None)
+    t_rest = torch.where(torch.isfinite(s_rest), t_rest, float("-inf"))  # every id drawn: no rest
+    t_buckets = torch.cat([t_top, t_rest.unsqueeze(-1)], -1)
+    t_buckets = t_buckets - logsumexp_or_neginf(t_buckets).unsqueeze(-1)
+    return divergence_from_logprobs(torch.cat([s_top, s_rest.unsqueeze(-1)], -1), t_buckets, "fkl")
+
+
 def sparse_per_position(
     student_logits: Tensor,
     teacher: Tensor | SparseTeacher,

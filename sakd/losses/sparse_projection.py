@@ -25,17 +25,28 @@ ids are known, so:
 With every teacher id stored (k = V) ``S`` is the set of student ids that receive a teacher token and the
 result equals the online projection (tested). With k < V the buckets are those of the top-k *teacher*
 ids, where the online path takes the top-k of the *projected* buckets. ``sampled`` keeps its gradient
-unbiased (each draw's bucket is a draw from the projected distribution); its value uses the stored
-probability of the drawn ids only, a lower bound on the bucket's probability.
+unbiased (each draw's bucket is a draw from the projected distribution); its value needs each drawn
+bucket's probability, of which the stored probabilities of the ids drawn into it are a lower bound (their
+sum alone put the value ~0.7 nats below the true KL on a many-to-one map): the teacher mass no draw hit,
+known exactly, is shared equally among the undrawn ids (:func:`_projected_draws`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from .divergences import divergence_from_logprobs, tempered_logprobs
-from .sparse import SparseTeacher, check_stored_temperature, floored_tail, logsumexp_or_neginf
+from .sparse import (
+    TAIL_FLOOR,
+    SparseTeacher,
+    check_stored_temperature,
+    floored_tail,
+    logsumexp_or_neginf,
+    sampled_support_kl,
+)
 from .spec import KDSpec
 
 NEG_INF = float("-inf")
@@ -142,12 +153,21 @@ def _normalize(x: Tensor) -> Tensor:
     return x - logsumexp_or_neginf(x).unsqueeze(-1)
 
 
-def _sampled_projected_kl(
+def _projected_draws(
     student_logprobs: Tensor, teacher: SparseTeacher, teacher_to_student: Tensor
-) -> Tensor:
-    """Σ_b (c_b / n)·(log P̂_b − log Q_b) over the buckets of the stored draws (module docstring)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The stored draws counted per student bucket: ``(c, log P̂, log Q)``, each ``[N, Vs + 1]`` (column
+    ``Vs`` the rest bucket): the draw counts, the teacher's estimated bucket log-masses and the student's
+    bucket log-probs, both normalized as the online projection normalizes them (module docstring).
+
+    ``P̂_b = S_b + u_b·U/u``: ``S_b`` the stored mass of the ids drawn into ``b`` (a lower bound), plus the
+    teacher mass of the ids no draw hit -- known exactly, ``U = 1 − Σ_drawn p_v`` -- shared equally among
+    them (``u_b`` of the ``u`` undrawn ids map to ``b``). ``S_b ≤ P̂_b ≤ S_b + U``, ``Σ_b P̂_b = 1``, exact
+    once the draws cover the teacher's mass, and deterministic given the draws (no log-of-noise bias)."""
     n, vs = student_logprobs.shape
     ids = _student_ids_of(teacher.indices, teacher_to_student)
+    if teacher.counts is None:
+        raise ValueError("sampled mode needs a SparseTeacher with counts (see sample_teacher)")
     counts = teacher.counts.to(student_logprobs.dtype)
     live = counts > 0
     receives = _receiving(teacher_to_student, vs)
@@ -160,17 +180,52 @@ def _sampled_projected_kl(
     q_rest = logsumexp_or_neginf(torch.where(receives, NEG_INF, student_logprobs))
     if not teacher_has_rest:
         q_rest = torch.full_like(q_rest, NEG_INF)
-    # draws of unmapped ids go to the rest bucket (column vs); without a student rest they are dropped
     col = torch.where(ids >= 0, ids, vs)
+    p_drawn = torch.where(live, teacher.logprobs.to(counts.dtype).exp(), 0.0)
+    size = torch.bincount(torch.where(teacher_to_student >= 0, teacher_to_student, vs), minlength=vs + 1)
+    hits = counts.new_zeros(n, vs + 1).scatter_add_(-1, col, live.to(counts.dtype))
+    undrawn = (size.to(counts.dtype) - hits).clamp_min(0.0)
+    unseen = (1.0 - p_drawn.sum(-1, keepdim=True)).clamp_min(0.0) / undrawn.sum(-1, keepdim=True).clamp_min(
+        1.0
+    )
+    mass = counts.new_zeros(n, vs + 1).scatter_add_(-1, col, p_drawn) + undrawn * unseen
+    # draws of unmapped ids go to the rest bucket (column vs); without a student rest they are dropped and
+    # (as online) the teacher is renormalized without its unmapped mass
+    if not torch.isfinite(q_rest).any():
+        mass = mass[:, :vs] / mass[:, :vs].sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
+        mass = torch.cat([mass, mass.new_zeros(n, 1)], -1)
     keep = live & ((ids >= 0) | torch.isfinite(q_rest).unsqueeze(-1))
     c = counts.new_zeros(n, vs + 1).scatter_add_(-1, col, torch.where(keep, counts, 0.0))
-    p = counts.new_zeros(n, vs + 1).scatter_add_(
-        -1, col, torch.where(keep, teacher.logprobs.to(counts.dtype).exp(), 0.0)
-    )
-    log_q = torch.cat([q, q_rest.unsqueeze(-1)], -1)
-    drawn = c > 0
-    log_ratio = torch.where(drawn, p.clamp_min(torch.finfo(p.dtype).tiny).log() - log_q, 0.0)
+    log_p = torch.where(c > 0, mass.clamp_min(torch.finfo(mass.dtype).tiny).log(), NEG_INF)
+    return c, log_p, torch.cat([q, q_rest.unsqueeze(-1)], -1)
+
+
+def _sampled_projected_kl(
+    student_logprobs: Tensor, teacher: SparseTeacher, teacher_to_student: Tensor
+) -> Tensor:
+    """Σ_b (c_b / n)·(log P̂_b − log Q_b) over the buckets of the stored draws (module docstring). The
+    gradient (through log Q_b only) is the unbiased one whatever P̂_b is; P̂_b only sets the value."""
+    c, log_p, log_q = _projected_draws(student_logprobs, teacher, teacher_to_student)
+    log_ratio = torch.where(c > 0, log_p - log_q, 0.0)
     return (c * log_ratio).sum(-1) / c.sum(-1).clamp_min(1.0)
+
+
+def sampled_projected_gap(
+    student_logprobs: Tensor, teacher: SparseTeacher, teacher_to_student: Tensor
+) -> Tensor:
+    """The token router's never-negative gap from a sampled signal across tokenizers, the counterpart of
+    :func:`sakd.losses.sparse.sampled_support_kl`: forward KL between teacher and student coarsened to the
+    buckets drawn into plus one bucket with all other mass (the teacher's estimated as ``1 − Σ P̂_b``,
+    floored at :data:`TAIL_FLOOR`, then renormalized). ``≥ 0`` always; with the drawn buckets' teacher mass
+    estimated, it is near (not exactly) 0 when the student equals the projected teacher."""
+    c, log_p, log_q = _projected_draws(student_logprobs, teacher, teacher_to_student)
+    drawn = c > 0
+    s_top = torch.where(drawn, log_q, NEG_INF)
+    s_rest = logsumexp_or_neginf(torch.where(drawn, NEG_INF, log_q))
+    t_rest = torch.log1p(-log_p.exp().sum(-1).clamp(max=1.0)).clamp_min(math.log(TAIL_FLOOR))
+    t_rest = torch.where(torch.isfinite(s_rest), t_rest, NEG_INF)  # every bucket drawn: no rest
+    teacher_b = _normalize(torch.cat([log_p, t_rest.unsqueeze(-1)], -1))
+    return divergence_from_logprobs(torch.cat([s_top, s_rest.unsqueeze(-1)], -1), teacher_b, "fkl")
 
 
 def stored_projected_kd(
@@ -211,3 +266,21 @@ def stored_projected_kd(
     )
     kd = divergence_from_logprobs(s_b, t_b, spec.kind, beta=spec.beta, skew=spec.skew)
     return kd.reshape(lead)
+
+
+def sampled_gap(
+    student_logits: Tensor,
+    teacher: SparseTeacher,
+    temperature: float,
+    teacher_to_student: Tensor | None = None,
+) -> Tensor:
+    """Per-position gap ``≥ 0`` from a stored ``sampled`` signal, for the token router (whose statistics are
+    on a log scale, where the signed per-position value of ``sampled`` cannot go):
+    :func:`sakd.losses.sparse.sampled_support_kl`, or across tokenizers :func:`sampled_projected_gap`.
+    ``student_logits``: ``[..., Vs]``; ``teacher``: ``[..., K]`` at ``temperature``. Returns ``[...]``."""
+    check_stored_temperature(teacher, "sampled", temperature)
+    if teacher_to_student is None:
+        return sampled_support_kl(student_logits.float(), teacher, temperature)
+    lead = student_logits.shape[:-1]
+    student = tempered_logprobs(student_logits.float(), temperature).reshape(-1, student_logits.shape[-1])
+    return sampled_projected_gap(student, teacher.reshape(-1), teacher_to_student).reshape(lead)

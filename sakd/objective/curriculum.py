@@ -12,7 +12,8 @@ component's per-token magnitude (decay ``balance_decay``, updated after every st
 multiplied by ``s_c = m / a_c`` with ``m = sum_c w_c a_c / sum_c w_c``. Then every component contributes
 ``w_c * m`` -- in proportion to its weight, whatever its natural scale -- and the total keeps its magnitude
 (``sum_c w_c s_c a_c = sum_c w_c a_c``): a weight of 0.1 means "a tenth of the share of a weight of 1".
-Scales are clamped to [1e-2, 1e2] and are 1 until a component has been seen once.
+Scales are clamped to [1e-2, 1e2] and are 1 until a component has been seen once (or while its running
+magnitude is not above 0: a signed ``sampled`` KD estimate near 0).
 """
 
 from __future__ import annotations
@@ -85,9 +86,14 @@ class Balancer:
         return {c: min(max(mean / self.magnitudes[c], lo), hi) if c in seen else 1.0 for c in weights}
 
     def update(self, means: dict[str, float]) -> None:
-        """Fold one step's per-token means (global over ranks) into the running magnitudes."""
+        """Fold one step's per-token means (global over ranks) into the running magnitudes.
+
+        A mean of exactly 0 is a component absent from the step and is skipped. A negative mean is folded
+        in: ``sampled`` KD's step mean is an unbiased but signed estimate of a KL that can sit near 0, and
+        keeping only its positive draws biased the running magnitude upwards (to ``E[x | x > 0]``); a
+        running magnitude that is not above 0 scales its component by 1, as one not yet seen."""
         for c, x in means.items():
-            if not (math.isfinite(x) and x > 0):
+            if not math.isfinite(x) or x == 0:
                 continue
             old = self.magnitudes.get(c)
             self.magnitudes[c] = x if old is None else self.decay * old + (1 - self.decay) * x

@@ -2,7 +2,9 @@
 
 For every position where KD applies (a valid target, and across tokenizers an anchor) the router reads
 
-* the **knowledge gap** ``g``: the per-token KD divergence between teacher and student, detached;
+* the **knowledge gap** ``g``: the per-token KD divergence between teacher and student, detached (from a
+  stored ``sampled`` signal, whose per-token estimate is signed, the never-negative KL of teacher and student
+  coarsened to the drawn ids and the rest: :func:`sakd.losses.sparse_projection.sampled_gap`);
 * the student's **uncertainty**: its next-token entropy ``H / log V``;
 * the **loss trend** of the target token ``v``: ``log(slow_v / fast_v)``, two running means of the gap at
   that vocabulary entry -- positive while the student is closing the gap there (it has capacity left),
@@ -34,8 +36,9 @@ from torch import Tensor
 
 from sakd.align.positions import gather_at_anchors
 from sakd.config import TokenRouterConfig
-from sakd.losses import KDSpec, SparseTeacher, kd_per_position, over_chunks, resolve_chunk_size
+from sakd.losses import KDSpec, SparseTeacher, VocabBridge, kd_per_position, over_chunks, resolve_chunk_size
 from sakd.losses.mixture import mixture_logits
+from sakd.losses.sparse_projection import one_to_one_as_many, sampled_gap
 from sakd.models.capture import RouterSignal
 from sakd.objective.kd_rows import KDRows
 
@@ -88,15 +91,18 @@ def token_signals(
             t_side = teacher.head.logits(teacher.hidden[r], upcast=True)  # [c, (M,) V]
             if rows.mixture:
                 t_side = mixture_logits(t_side, spec.temperature)
-        gap = kd_per_position(
-            s_logits,
-            t_side,
-            spec,
-            vocab_map=bridge.vocab_map if bridge.teacher_to_student is None else None,
-            teacher_to_student=bridge.teacher_to_student,
-            targets=rows.targets[r] if stored and rows.target_logprob is not None else None,
-            target_logprob=rows.target_logprob[r] if stored and rows.target_logprob is not None else None,
-        )
+        if isinstance(t_side, SparseTeacher) and spec.sparse == "sampled":  # the signed estimate: no log
+            gap = sampled_gap(s_logits, t_side, spec.temperature, _teacher_to_student(bridge, t_side))
+        else:
+            gap = kd_per_position(
+                s_logits,
+                t_side,
+                spec,
+                vocab_map=bridge.vocab_map if bridge.teacher_to_student is None else None,
+                teacher_to_student=bridge.teacher_to_student,
+                targets=rows.targets[r] if stored and rows.target_logprob is not None else None,
+                target_logprob=rows.target_logprob[r] if stored and rows.target_logprob is not None else None,
+            )
         logq = torch.log_softmax(s_logits, dim=-1)
         entropy = -(logq.exp() * logq).sum(-1) / math.log(vocab)
         return torch.stack([gap, entropy], -1)
@@ -116,6 +122,14 @@ def token_signals(
     else:
         experts = None if router is None else [_at_positions(p, rows, router) for p in router.probs]
     return TokenSignals(valid, both[:, 0].nan_to_num(0.0), both[:, 1], rows.targets, experts)
+
+
+def _teacher_to_student(bridge: VocabBridge, teacher: SparseTeacher) -> Tensor | None:
+    """The many-to-one map a stored signal of another vocabulary is projected with (as kd_per_position)."""
+    if bridge.teacher_to_student is not None or bridge.vocab_map is None:
+        return bridge.teacher_to_student
+    vt = max(int(bridge.vocab_map.max()), int(teacher.indices.max())) + 1
+    return one_to_one_as_many(bridge.vocab_map, vt)
 
 
 def _at_positions(probs: Tensor, rows: KDRows, router: RouterSignal) -> Tensor:

@@ -112,13 +112,15 @@ def spell_answer(ids: list[int], tokenizer: Any) -> tuple[str, np.ndarray]:
 @dataclass(frozen=True)
 class Side:
     """One model's tokens of a prompt and its answer: ids, content coordinates (:mod:`sakd.data.chat_pair`),
-    the message each token ends in (-1: template text), and the answer's target tokens ``[first, stop)``."""
+    the message each token ends in (-1: template text), the answer's target tokens ``[first, stop)``, and
+    the answer's text as these tokens hold it (a trimming template's reader: ``answer.strip()``)."""
 
     ids: list[int]
     coord: np.ndarray
     message: np.ndarray
     first: int
     stop: int
+    shown: str = ""
 
 
 def written_side(
@@ -145,7 +147,7 @@ def written_side(
     ).astype(np.int64)
     coord, message = content_coordinates(ends, contents)
     ids = list(prompt) + list(completion)
-    return Side(ids, coord, message, len(prompt), len(ids)), answer, ended
+    return Side(ids, coord, message, len(prompt), len(ids), answer), answer, ended
 
 
 def render_answer(tokenizer: Any, prefix: list[dict], answer: str, where: str) -> tuple[Rendered, int, int]:
@@ -180,7 +182,9 @@ def reading_side(tokenizer: Any, prefix: list[dict], answer: str, ended: bool, w
     coord, message = content_coordinates(ends[:stop], r.contents)
     after = ends[:stop] > r.contents[-1][1]  # past the answer: its left-out characters come first
     coord = coord + np.where(message == len(r.contents) - 1, lead, np.where(after, lead + trail, 0))
-    return Side(list(enc["input_ids"][:stop]), coord, message, first, stop)
+    return Side(
+        list(enc["input_ids"][:stop]), coord, message, first, stop, answer[lead : len(answer) - trail]
+    )
 
 
 def pair_rows(student: Side, teacher: Side) -> PositionAlignment:

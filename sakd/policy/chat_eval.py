@@ -40,11 +40,12 @@ def chat_spec(conversations: list[list[dict]], student_tokenizer: Any, **setting
 def answer_view(
     prefix: list[dict], completion: list[int], student_tok: Any, teacher_tok: Any, stops: list[int]
 ) -> tuple[list[int], int, int]:
-    """(the teacher's ids up to its last scored token, its first scored token, the answer's UTF-8 bytes)."""
+    """(the teacher's ids up to its last scored token, its first scored token, the UTF-8 bytes of the answer
+    the teacher scored: a trimming template's shows ``answer.strip()``)."""
     ended = bool(completion) and completion[-1] in stops
     answer, _ = spell_answer(completion[:-1] if ended else completion, student_tok)
     side = reading_side(teacher_tok, prefix, answer, ended, "a held-out answer (teacher template)")
-    return side.ids, side.first, len(answer.encode("utf-8"))
+    return side.ids, side.first, len(side.shown.encode("utf-8"))
 
 
 @torch.no_grad()
