@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from sakd.config import DistillationConfig, RunConfig, TrainingConfig
-from sakd.integrations.data import SAMPLE_ID
+from sakd.config import DistillationConfig
+from sakd.integrations.data import SAMPLE_ID, DistillationData
 from sakd.integrations.step_hooks import StepHooksCallback
 from sakd.integrations.teacher_signals import (
     cache_signal,
@@ -55,6 +55,7 @@ from sakd.integrations.trainer_parts import (
     trainer_alignment,
     trainer_param_groups,
     trainer_policy,
+    trainer_run,
 )
 from sakd.models import freeze
 from sakd.models.student import TrainableStudent
@@ -76,8 +77,11 @@ BATCH_COLUMNS = [
     "anchor",
     "span_end",
     SAMPLE_ID,
+    "position",  # within_document packing: where each document starts (its attention stays inside)
+    "teacher_position",
+    "target",  # conversations: which tokens carry loss (data.loss_on)
 ]
-"""Dataset columns the objective reads (the Trainer drops the others with ``remove_unused_columns``)."""
+"""Dataset columns the collator reads (the Trainer drops the others with ``remove_unused_columns``)."""
 
 
 class _Student(TrainableStudent):
@@ -105,6 +109,11 @@ class DistillationTrainer(Trainer):
             :func:`sakd.integrations.prepare_distillation_data`).
         lr_multipliers: regex -> learning-rate multiplier on the student's parameter names (first match
             wins; 0.0 freezes), as ``optimization.lr_multipliers``.
+        data: what :func:`~sakd.integrations.prepare_distillation_data` returned: the default
+            ``train_dataset``, ``eval_dataset`` and ``data_collator``, and the ``data`` section (read from
+            ``data_collator`` too when that function made it): over conversations (``format: chat``) the
+            policies prompt with the training conversations cut at their last user turn and the teacher
+            reads its own template, as in ``sakd distill``.
         **kwargs: everything else ``Trainer`` takes (train_dataset, data_collator, processing_class, ...).
     """
 
@@ -119,22 +128,27 @@ class DistillationTrainer(Trainer):
         distillation: DistillationConfig | dict | None = None,
         teacher_tokenizer: Any = None,
         lr_multipliers: dict[str, float] | None = None,
+        data: DistillationData | None = None,
         **kwargs: Any,
     ) -> None:
         self.distillation, reader = open_section(distillation, teacher)
         self.lr_multipliers = dict(lr_multipliers or {})
         tokenizer = kwargs.get("processing_class")
-        self.alignment = trainer_alignment(self.distillation, tokenizer, teacher_tokenizer)
+        seed = args.seed if args is not None else 42  # TrainingArguments' default
+        if data is not None:
+            for key, value in (("train_dataset", data.train), ("eval_dataset", data.eval)):
+                kwargs.setdefault(key, value)
+            kwargs.setdefault("data_collator", data.collator)
+        # the seed of on-the-fly sampled draws (sparse=sampled) is the Trainer's, as sakd distill's is its own
+        run = trainer_run(self.distillation, seed, data, kwargs.get("data_collator"))
+        self.alignment = trainer_alignment(run, tokenizer, teacher_tokenizer)
         teacher_model = teacher if isinstance(teacher, nn.Module) else None
         if teacher_model is not None:
             freeze(teacher_model)
-        seed = args.seed if args is not None else 42  # TrainingArguments' default
         with torch.random.fork_rng(devices=[]):  # the projections' init depends on the seed alone
             torch.manual_seed(seed)
             self.aux_terms = build_aux_terms(self.distillation, model, teacher_model, self.alignment.differ)
         vocab = len(tokenizer) if tokenizer is not None else model.config.vocab_size
-        # the seed of on-the-fly sampled draws (sparse=sampled) is the Trainer's, as sakd distill's is its own
-        run = RunConfig(distillation=self.distillation, training=TrainingConfig(seed=seed))
         wrapper = _Student(model, self.aux_terms)
         super().__init__(model=wrapper, args=args, **kwargs)
         if self.args.label_names is None:
