@@ -28,11 +28,16 @@ AUX_FILE = "sakd_aux.safetensors"
 """The auxiliary projections, saved next to the student by :meth:`DistillationTrainer.save_model`."""
 
 
-def trainer_run(distillation: DistillationConfig, seed: int, data: Any, collator: Any) -> RunConfig:
+def trainer_run(distillation: DistillationConfig, seed: int, data: Any, kwargs: dict[str, Any]) -> RunConfig:
     """The run's sections as ``sakd distill`` would hold them: ``distillation``, ``training.seed`` (the
-    Trainer's), and the ``data`` section of ``data`` (what :func:`~sakd.integrations.prepare_distillation_data`
-    returned), else of ``collator`` when that function made it (else the default: text)."""
-    source = data.collator if data is not None else collator
+    Trainer's: the seed of rollouts and of on-the-fly sampled draws), and the ``data`` section of ``data`` (what :func:`~sakd.integrations.prepare_distillation_data`
+    returned; its datasets and collator become the Trainer's ``kwargs``' defaults), else of the
+    ``data_collator`` in ``kwargs`` when that function made it (else the default: text)."""
+    if data is not None:
+        for key, value in (("train_dataset", data.train), ("eval_dataset", data.eval)):
+            kwargs.setdefault(key, value)
+        kwargs.setdefault("data_collator", data.collator)
+    source = data.collator if data is not None else kwargs.get("data_collator")
     dcfg = getattr(source, "data_config", None) or DataConfig()
     run = RunConfig(data=dcfg, distillation=distillation, training=TrainingConfig(seed=seed))
     check_chat(run)
