@@ -30,10 +30,14 @@ class DistillationCollator:
     """Rows of packed blocks -> a batch: ``input_ids``, ``attention_mask``, ``labels`` (the loss shifts
     them), ``sample_ids`` (the rows' :data:`SAMPLE_ID`, when they carry one), and, for aligned data,
     ``teacher_input_ids`` / ``teacher_attention_mask`` (right-padded to the bundle's longest teacher
-    block) with ``anchor`` / ``span_end``."""
+    block) with ``anchor`` / ``span_end``.
 
-    def __init__(self, bundle: DataBundle) -> None:
-        self.bundle = bundle
+    ``data_config`` and ``seed``: the ``data`` section and the seed the blocks were prepared with (set by
+    :func:`prepare_distillation_data`); a :class:`~sakd.integrations.DistillationTrainer` reads them to take
+    the conversations' path under ``distillation.policy`` and in the alignment, as ``sakd distill`` does."""
+
+    def __init__(self, bundle: DataBundle, data_config: DataConfig | None = None, seed: int = 0) -> None:
+        self.bundle, self.data_config, self.seed = bundle, data_config, seed
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = {k: [f[k] for f in features] for k in features[0]}
@@ -59,11 +63,16 @@ def prepare_distillation_data(
     data: DataConfig | dict, tokenizer: Any, teacher_tokenizer: Any = None, *, seed: int = 0
 ) -> DistillationData:
     """sakd's ``data`` section (a dict is validated like a recipe's) tokenized and packed for the student,
-    and -- when ``teacher_tokenizer`` has another vocabulary -- aligned with the teacher's tokens."""
+    and -- when ``teacher_tokenizer`` has another vocabulary, or (conversations) another chat template --
+    aligned with the teacher's tokens, as ``sakd distill`` pairs them. ``seed``: the held-out split's, which
+    ``sakd distill`` takes from ``training.seed``; under ``distillation.policy`` over conversations it must
+    be ``TrainingArguments.seed``."""
     if not isinstance(data, DataConfig):
         data = load_config({"data": data})[0].data
-    differ = teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab()
-    bundle = prepare_data(data, tokenizer, seed, teacher_tokenizer if differ else None)
+    paired = teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab()
+    if teacher_tokenizer is not None and data.format == "chat":  # each model reads its own template
+        paired = paired or getattr(teacher_tokenizer, "chat_template", None) != tokenizer.chat_template
+    bundle = prepare_data(data, tokenizer, seed, teacher_tokenizer if paired else None)
     return DistillationData(
-        with_sample_ids(bundle.train), with_sample_ids(bundle.eval), DistillationCollator(bundle)
+        with_sample_ids(bundle.train), with_sample_ids(bundle.eval), DistillationCollator(bundle, data, seed)
     )

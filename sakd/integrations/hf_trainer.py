@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from sakd.config import DistillationConfig, RunConfig, TrainingConfig
-from sakd.integrations.data import SAMPLE_ID
+from sakd.config import DistillationConfig
+from sakd.integrations.data import SAMPLE_ID, DistillationData
 from sakd.integrations.step_hooks import StepHooksCallback
 from sakd.integrations.teacher_signals import (
     cache_signal,
@@ -55,6 +55,7 @@ from sakd.integrations.trainer_parts import (
     trainer_alignment,
     trainer_param_groups,
     trainer_policy,
+    trainer_run,
 )
 from sakd.models import freeze
 from sakd.models.student import TrainableStudent
@@ -76,8 +77,11 @@ BATCH_COLUMNS = [
     "anchor",
     "span_end",
     SAMPLE_ID,
+    "position",  # within_document packing: where each document starts (its attention stays inside)
+    "teacher_position",
+    "target",  # conversations: which tokens carry loss (data.loss_on)
 ]
-"""Dataset columns the objective reads (the Trainer drops the others with ``remove_unused_columns``)."""
+"""Dataset columns the collator reads (the Trainer drops the others with ``remove_unused_columns``)."""
 
 
 class _Student(TrainableStudent):
@@ -105,6 +109,9 @@ class DistillationTrainer(Trainer):
             :func:`sakd.integrations.prepare_distillation_data`).
         lr_multipliers: regex -> learning-rate multiplier on the student's parameter names (first match
             wins; 0.0 freezes), as ``optimization.lr_multipliers``.
+        data: what :func:`~sakd.integrations.prepare_distillation_data` returned: the default datasets and
+            collator, and the ``data`` section (else read from its collator as ``data_collator``): over
+            conversations the policies and the teacher's template go as in ``sakd distill``.
         **kwargs: everything else ``Trainer`` takes (train_dataset, data_collator, processing_class, ...).
     """
 
@@ -119,40 +126,38 @@ class DistillationTrainer(Trainer):
         distillation: DistillationConfig | dict | None = None,
         teacher_tokenizer: Any = None,
         lr_multipliers: dict[str, float] | None = None,
+        data: DistillationData | None = None,
         **kwargs: Any,
     ) -> None:
         self.distillation, reader = open_section(distillation, teacher)
         self.lr_multipliers = dict(lr_multipliers or {})
         tokenizer = kwargs.get("processing_class")
-        self.alignment = trainer_alignment(self.distillation, tokenizer, teacher_tokenizer)
+        seed = args.seed if args is not None else 42  # TrainingArguments' default
+        run = trainer_run(self.distillation, seed, data, kwargs)
+        self.alignment = trainer_alignment(run, tokenizer, teacher_tokenizer)
         teacher_model = teacher if isinstance(teacher, nn.Module) else None
         if teacher_model is not None:
             freeze(teacher_model)
-        seed = args.seed if args is not None else 42  # TrainingArguments' default
         with torch.random.fork_rng(devices=[]):  # the projections' init depends on the seed alone
             torch.manual_seed(seed)
-            self.aux_terms = build_aux_terms(self.distillation, model, teacher_model, self.alignment.differ)
+            aux = build_aux_terms(self.distillation, model, teacher_model, self.alignment.differ)
         vocab = len(tokenizer) if tokenizer is not None else model.config.vocab_size
-        # the seed of on-the-fly sampled draws (sparse=sampled) is the Trainer's, as sakd distill's is its own
-        run = RunConfig(distillation=self.distillation, training=TrainingConfig(seed=seed))
-        wrapper = _Student(model, self.aux_terms)
+        self.aux_terms, wrapper = aux, _Student(model, aux)
         super().__init__(model=wrapper, args=args, **kwargs)
         if self.args.label_names is None:
             self.label_names = ["labels"]
         self.teacher = (
             None if teacher_model is None else place_teacher(teacher_model, self._zero_stage(), self.args)
         )
-        cached = None
-        if reader is not None:
-            cached = cache_signal(reader, self.distillation, self.train_dataset, tokenizer, self.args.device)
-        signal, sar = trainer_signal(
-            run, self.teacher, teacher, cached, self.alignment, self.aux_terms, self.args.device
+        dataset, device = self.train_dataset, self.args.device
+        cached = (
+            None if reader is None else cache_signal(reader, self.distillation, dataset, tokenizer, device)
         )
+        signal, sar = trainer_signal(run, self.teacher, teacher, cached, self.alignment, aux, device)
         self.teacher_signal = signal
         caps = LIVE if signal is None else signal.capabilities
         self.objective: Objective = build_objective(run, vocab, self.alignment, self.aux_terms, caps)
-        # the curriculum, the token router and the Student-Aware Router: sakd distill's per-step hooks; the
-        # step's text under distillation.policy
+        # sakd distill's per-step hooks (curriculum, token router, Student-Aware Router); the policy's text
         aware = StudentAware(run, self.objective, self.accelerator, signal, sar, vocab)
         policy = trainer_policy(run, self.objective, self, self.teacher, self.alignment)
         self.hooks = StepHooksCallback(aware, self.objective, policy)
@@ -212,7 +217,7 @@ class DistillationTrainer(Trainer):
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         norm = super()._get_grad_norm(model, grad_norm)
-        self.hooks.grad_norm(norm)  # a step with a non-finite gradient is not taken for the hooks
+        self.hooks.grad_norm(norm, None if self.is_deepspeed_enabled else self.optimizer)  # non-finite: skip
         return norm
 
     def _objective(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:

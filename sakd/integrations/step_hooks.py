@@ -31,6 +31,20 @@ from sakd.training.hooks import Batch, Metric, StepExtras
 from sakd.training.student_aware import StudentAware, detached_student
 
 
+def skip_update(optimizer: Any) -> None:
+    """Leave the coming ``optimizer.step()`` without effect, as ``sakd distill`` does after a non-finite
+    gradient: no gradients (torch's optimizers pass over a parameter without one: no update, no weight decay,
+    no moment or step count), and the step marked skipped so the Trainer leaves the LR schedule alone. Under
+    fp16 loss scaling the scaler skips the step (and lowers its scale) itself."""
+    if getattr(optimizer, "scaler", None) is not None:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+    if hasattr(optimizer, "_is_overflow"):  # Accelerate's AcceleratedOptimizer: step_was_skipped
+        optimizer._is_overflow = True
+
+
 @dataclass
 class StepPlan:
     """What the step about to run trains with: its objective (the run's, or an on-policy step's), schedule
@@ -101,16 +115,22 @@ class StepHooksCallback(TrainerCallback):
             self.sums[k] = self.sums.get(k, 0.0) + v.detach().double()
         self.aware.after_micro_batch(self.index - 1, sums)
 
-    def grad_norm(self, norm: object) -> None:
+    def grad_norm(self, norm: object, optimizer: Any = None) -> None:
         """The step's pre-clip gradient norm (None: not measured): a non-finite one means the step is not
-        taken for the hooks (``sakd distill`` skips it)."""
+        taken, as ``sakd distill`` skips it: not for the hooks, and -- ``optimizer``: the Trainer's prepared
+        one, None under DeepSpeed, whose engine skips such a step itself -- not for the weights either."""
         self.taken = norm is None or math.isfinite(float(norm))  # type: ignore[arg-type]
+        if not self.taken and optimizer is not None:
+            skip_update(optimizer)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object
     ) -> None:
         """The step's global per-token means (all ranks) to the hooks, when the step was taken: finite loss
         and gradient norm, and no fp16 overflow skip (the Trainer leaves its schedule alone then, too)."""
+        optimizer: Any = kwargs.get("optimizer")
+        if getattr(optimizer, "scaler", True) is None:  # skip_update's mark off: the next step steps again
+            optimizer._is_overflow = False
         if not self.active or not self.sums or not self.tokens:
             return
         keys = sorted(self.sums)

@@ -15,7 +15,8 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from sakd.align.setup import Alignment, setup_alignment
-from sakd.config import ConfigError, DistillationConfig, RunConfig
+from sakd.config import ConfigError, DataConfig, DistillationConfig, RunConfig, TrainingConfig
+from sakd.config.data_schema import check_chat
 from sakd.data import BatchPlan
 from sakd.models.student import TrainableStudent, student_state
 from sakd.objective.composite import Objective
@@ -27,8 +28,31 @@ AUX_FILE = "sakd_aux.safetensors"
 """The auxiliary projections, saved next to the student by :meth:`DistillationTrainer.save_model`."""
 
 
-def trainer_alignment(distillation: DistillationConfig, tokenizer: Any, teacher_tokenizer: Any) -> Alignment:
-    """The alignment of the student's tokenizer with the teacher's (``teacher_tokenizer``; None: the same)."""
+def trainer_run(distillation: DistillationConfig, seed: int, data: Any, kwargs: dict[str, Any]) -> RunConfig:
+    """The run's sections as ``sakd distill`` would hold them: ``distillation``, ``training.seed`` (the
+    Trainer's: the seed of rollouts and of on-the-fly sampled draws), and the ``data`` section of ``data`` (what :func:`~sakd.integrations.prepare_distillation_data`
+    returned; its datasets and collator become the Trainer's ``kwargs``' defaults), else of the
+    ``data_collator`` in ``kwargs`` when that function made it (else the default: text)."""
+    if data is not None:
+        for key, value in (("train_dataset", data.train), ("eval_dataset", data.eval)):
+            kwargs.setdefault(key, value)
+        kwargs.setdefault("data_collator", data.collator)
+    source = data.collator if data is not None else kwargs.get("data_collator")
+    dcfg = getattr(source, "data_config", None) or DataConfig()
+    run = RunConfig(data=dcfg, distillation=distillation, training=TrainingConfig(seed=seed))
+    check_chat(run)
+    split = getattr(source, "seed", seed)
+    if dcfg.format == "chat" and distillation.policy != "off" and not dcfg.eval and split != seed:
+        raise ConfigError(
+            f"distillation.policy={distillation.policy} prompts with the training conversations: prepare the "
+            f"data with seed=TrainingArguments.seed ({seed}), not {split}, so they are the training split"
+        )
+    return run
+
+
+def trainer_alignment(run: RunConfig, tokenizer: Any, teacher_tokenizer: Any) -> Alignment:
+    """The alignment of the student's tokenizer with the teacher's (``teacher_tokenizer``; None: the same);
+    over conversations also of two templates on one vocabulary, as in ``sakd distill``."""
     from accelerate import PartialState
 
     if teacher_tokenizer is not None and tokenizer is None:
@@ -36,10 +60,11 @@ def trainer_alignment(distillation: DistillationConfig, tokenizer: Any, teacher_
             "teacher_tokenizer needs processing_class: the student's tokenizer to align it with"
         )
     return setup_alignment(
-        distillation.alignment,
+        run.distillation.alignment,
         tokenizer,
         teacher_tokenizer if teacher_tokenizer is not None else tokenizer,
         PartialState(),
+        own_templates=run.data.format == "chat",
     )
 
 

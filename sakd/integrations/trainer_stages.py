@@ -2,8 +2,9 @@
 optimizer step a callback replaces the Trainer's optimizer and LR schedule with the stage's, built by the same
 :func:`sakd.training.stages.stage_optimizer` as ``sakd distill`` (the stage's peak LR, parameter rules --
 0.0 freezes -- and warm-up; the schedule spans the stage). The weights, the step counter, the data order and
-the per-step hooks' state carry on, as in ``sakd distill``. ``TrainingArguments.max_steps`` must be the
-stages' total; stages run in one process without DeepSpeed (``sakd distill`` runs them under ZeRO-1/2).
+the per-step hooks' state carry on, as in ``sakd distill``. Stages are given in steps (an epoch of ``sakd
+distill`` counts whole steps, the Trainer's its last partial one too) and ``TrainingArguments.max_steps`` must
+be their total; stages run in one process without DeepSpeed (``sakd distill`` runs them under ZeRO-1/2).
 
     trainer = DistillationTrainer(...)
     trainer.add_callback(TrainerStages(trainer, {"stages": [{"steps": 500, "lr_multipliers": {...}}, ...]}))
@@ -35,12 +36,11 @@ class TrainerStages(TrainerCallback):
                 "optimization.stages under DistillationTrainer run without DeepSpeed (the engine owns its "
                 "optimizer); under ZeRO-1/2 use `sakd distill`"
             )
-        args = trainer.args
-        world = trainer.accelerator.num_processes
-        per_epoch = len(trainer.train_dataset) // (
-            args.per_device_train_batch_size * args.gradient_accumulation_steps * world
-        )
-        self.ends = stage_ends(optimization, TrainingConfig(), max(per_epoch, 1))
+        for i, stage in enumerate(optimization.stages):
+            if stage.steps is None:  # sakd distill's epoch (whole steps) is not the Trainer's (ceil-based)
+                raise ConfigError(f"optimization.stages[{i}]: TrainerStages takes stages in steps: set steps")
+        args, world = trainer.args, trainer.accelerator.num_processes
+        self.ends = stage_ends(optimization, TrainingConfig(), 1)  # every stage in steps
         if args.max_steps != self.ends[-1]:
             raise ConfigError(
                 f"TrainingArguments.max_steps={args.max_steps} differs from the stages' total of {self.ends[-1]} "
