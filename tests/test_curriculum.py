@@ -201,7 +201,21 @@ def test_balancer_running_magnitude_of_a_signed_unbiased_estimate_is_unbiased():
     for x in (0.01 + 0.05 * torch.randn(4000, generator=g, dtype=torch.float64)).tolist():
         balancer.update({"kd": x, "ce": 2.0})
     assert abs(balancer.magnitudes["kd"] - 0.01) < 0.01
-    balancer.magnitudes["kd"] = -0.001  # a running magnitude not above 0 scales by 1, as one unseen
-    assert balancer.scales({"kd": 0.5, "ce": 0.5}) == {"kd": 1.0, "ce": 1.0}
+    balancer.magnitudes["kd"] = -0.001  # counts 0 in m = (0 + 2) / 2 and scales by the clamp, its limit at 0+
+    assert balancer.scales({"kd": 0.5, "ce": 0.5}) == {"kd": 100.0, "ce": 0.5}
     balancer.update({"kd": 0.0})  # a component absent from the step is skipped
     assert balancer.magnitudes["kd"] == -0.001
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.99])
+def test_balancer_scale_of_a_signed_estimate_near_0_moves_smoothly(decay):
+    """A running magnitude wandering across 0 (step means 0.003 ± 0.05, review of the signed balancer): the
+    KD scale moves step to step by less than 3x; before the floor it jumped between 1 and the clamp of 100
+    (442 / 80 such jumps over these 3,000 steps at decay 0.9 / 0.99)."""
+    g = torch.Generator().manual_seed(0)
+    balancer, scales = Balancer(decay=decay), []
+    for x in (0.003 + 0.05 * torch.randn(3000, generator=g, dtype=torch.float64)).tolist():
+        balancer.update({"kd": x, "ce": 2.0})
+        scales.append(balancer.scales({"kd": 0.5, "ce": 0.5})["kd"])
+    assert min(scales) > 1.0
+    assert max(max(a / b, b / a) for a, b in zip(scales, scales[1:], strict=False)) < 3.0

@@ -77,13 +77,21 @@ class Balancer:
     magnitudes: dict[str, float] = field(default_factory=dict)
 
     def scales(self, weights: dict[str, float]) -> dict[str, float]:
-        """``s_c = m / a_c`` for the weighted components already seen; 1 for the others."""
-        seen = {c: w for c, w in weights.items() if w > 0 and self.magnitudes.get(c, 0.0) > 0}
-        if not seen:
+        """``s_c = m / a_c`` for the weighted components already seen; 1 for the others.
+
+        A running magnitude at or below 0 (a signed estimate near 0) counts 0 in ``m`` and scales by the upper
+        clamp: the limit of ``m / a_c`` as ``a_c`` falls to 0, so the scale does not jump as it crosses 0."""
+        seen = {c: w for c, w in weights.items() if w > 0 and c in self.magnitudes}
+        if not any(self.magnitudes[c] > 0 for c in seen):
             return dict.fromkeys(weights, 1.0)
-        mean = sum(w * self.magnitudes[c] for c, w in seen.items()) / sum(seen.values())
+        mean = sum(w * max(self.magnitudes[c], 0.0) for c, w in seen.items()) / sum(seen.values())
         lo, hi = _SCALE_RANGE
-        return {c: min(max(mean / self.magnitudes[c], lo), hi) if c in seen else 1.0 for c in weights}
+        return {
+            c: (min(max(mean / self.magnitudes[c], lo), hi) if self.magnitudes[c] > 0 else hi)
+            if c in seen
+            else 1.0
+            for c in weights
+        }
 
     def update(self, means: dict[str, float]) -> None:
         """Fold one step's per-token means (global over ranks) into the running magnitudes.
@@ -91,7 +99,7 @@ class Balancer:
         A mean of exactly 0 is a component absent from the step and is skipped. A negative mean is folded
         in: ``sampled`` KD's step mean is an unbiased but signed estimate of a KL that can sit near 0, and
         keeping only its positive draws biased the running magnitude upwards (to ``E[x | x > 0]``); a
-        running magnitude that is not above 0 scales its component by 1, as one not yet seen."""
+        running magnitude near or below 0 is floored in :meth:`scales`."""
         for c, x in means.items():
             if not math.isfinite(x) or x == 0:
                 continue
