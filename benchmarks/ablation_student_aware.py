@@ -1,6 +1,11 @@
 """Ablation of sakd's student-aware parts: does each one help a small student learn from an MoE teacher?
 
     python benchmarks/ablation_student_aware.py --out runs/ablation --kjv kjv.txt [--seeds 3] [--steps 200]
+    python benchmarks/ablation_student_aware.py --regime data-limited --kjv kjv.txt --out OUT [...]
+
+``--regime data-limited`` runs the ablation where KD matters (issue 23, item 6): see
+``benchmarks/ablation_data_limited.py`` for its splits, budget and options. The rest of this docstring is
+the original regime (``--regime single-pass``, the default): every student far from trained.
 
 For each corpus -- the demo's generated corpus and real English text (the King James Bible; build it with
 ``sakd assets kjv DIR``, which needs Debian's ``bible-kjv``) -- the corpus is split by
@@ -278,6 +283,18 @@ def locked(path: Path | None):
 
 
 def main() -> None:
+    import sys
+
+    if "--regime" in sys.argv:
+        regime = sys.argv[sys.argv.index("--regime") + 1]
+        if regime == "data-limited":
+            from ablation_data_limited import main as data_limited
+
+            data_limited(sys.argv[1:])
+            return
+        if regime != "single-pass":
+            raise SystemExit(f"--regime must be single-pass or data-limited, not {regime!r}")
+        sys.argv[sys.argv.index("--regime") : sys.argv.index("--regime") + 2] = []
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--kjv", type=Path, default=None, help="King James Bible text (sakd assets kjv DIR)")
