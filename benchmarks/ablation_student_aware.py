@@ -165,7 +165,9 @@ def agreement_setup(corpus: dict[str, Any]) -> dict[str, Any]:
 def prepare_corpus(
     name: str, source: Path | None, out: Path, max_docs: int | None, teacher_steps: int
 ) -> dict:
-    from sakd.commands.demo import prepare_teacher, train_tokenizer
+    from bench_teacher import pretrained_teacher
+
+    from sakd.commands.demo import train_tokenizer
     from sakd.data.synthetic import write_corpus
 
     work = out / name
@@ -181,7 +183,7 @@ def prepare_corpus(
         train_tokenizer(train, teacher_tok, BUDGET["teacher_vocab_size"])
     budget = {**BUDGET, "teacher_steps": teacher_steps}
     t0 = time.perf_counter()
-    teacher = prepare_teacher(train, teacher_tok, f"ablation-{name}-s{teacher_steps}", budget, "line")
+    teacher = pretrained_teacher(train, teacher_tok, f"ablation-{name}", budget, "line")
     return {
         "train": train,
         "heldout": held,

@@ -9,7 +9,7 @@ bible-kjv``) when installed, else the demo's synthetic corpus); the train and he
 line, read with ``data.sample_by: line``. Every 20th
 chapter is held out. Two byte-level BPE tokenizers are trained on the training chapters (student 1,024 tokens,
 teacher 2,048: the cross-tokenizer path, as in the demo), the demo's ``tiny-moe`` teacher is pretrained by
-sakd on them (``sakd.commands.demo.prepare_teacher``, cached under ``$SAKD_CACHE_DIR``), and the ``tiny-dense``
+sakd on them (``benchmarks/bench_teacher.py``, cached under ``$SAKD_CACHE_DIR``), and the ``tiny-dense``
 student is distilled four ways with everything else equal (loss ``fkl``, T = 1, alpha = 0.5 on data steps;
 prompts are the first 32 tokens of the step's blocks; 64 new tokens at T = 1):
 
@@ -48,11 +48,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sakd.align.token_bytes import token_table  # noqa: E402
-from sakd.commands.demo import prepare_teacher, train_tokenizer  # noqa: E402
+from sakd.commands.demo import train_tokenizer  # noqa: E402
 from sakd.config import load_config  # noqa: E402
 from sakd.data import prepare_data  # noqa: E402
 from sakd.models import load_tokenizer  # noqa: E402
 from sakd.training.trainer import Distiller  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_teacher import pretrained_teacher  # noqa: E402
 
 METHODS: dict[str, dict[str, Any]] = {
     "off": {"policy": "off"},
@@ -102,9 +105,8 @@ def prepare(out: Path, corpus: str | None) -> dict[str, Any]:
     heldout.write_text("\n".join(d for i, d in enumerate(docs) if i % 20 == 0) + "\n")
     tok = train_tokenizer(train, out / "student_tokenizer", BUDGET["vocab"])
     teacher_tok = train_tokenizer(train, out / "teacher_tokenizer", BUDGET["teacher_vocab"])
-    key = f"bench-on-policy-{name.replace(' ', '_')}-{len(docs)}-s{BUDGET['teacher_steps']}"
     t0 = time.perf_counter()
-    teacher = prepare_teacher(train, teacher_tok, key, dict(BUDGET), "line")
+    teacher = pretrained_teacher(train, teacher_tok, "on-policy", dict(BUDGET), "line")
     return {
         "corpus": name,
         "documents": len(docs),
