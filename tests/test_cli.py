@@ -142,13 +142,18 @@ def test_eval_command(capsys, tmp_path, tiny_run_config, corpus):
     args = ["eval", str(final), "--data", str(corpus), "--block-size", "32", "--max-blocks", "4"]
     assert main([*args, "--stride", "8", "--sample-by", "line"]) == 0
     strided = json.loads(capsys.readouterr().out)
-    assert strided["method"] == "strided" and strided["stride"] == 8 and strided["documents"] == 400
+    assert strided["method"] == "strided" and strided["stride"] == 8
     tok = load_tokenizer(str(final))
     stream = []
     for line in corpus.read_text().splitlines()[:60]:
         stream += tok(line, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     # every token of the first 128 but the first, except the EOS after each line (never a target)
     assert strided["tokens"] == sum(1 for t in stream[1:128] if t != tok.eos_token_id) < 127
+    # documents: the lines with a scored token among those 128 (not the file's 400: --max-blocks cut it)
+    scored_lines = {
+        stream[:j].count(tok.eos_token_id) for j in range(1, 128) if stream[j] != tok.eos_token_id
+    }
+    assert 1 < strided["documents"] == len(scored_lines) < 400
     _fails(capsys, [*args, "--stride", "64"], "--stride 64 must be between 1 and --block-size 32")
     _fails(
         capsys,
