@@ -16,7 +16,7 @@ class CacheConfig:
         "log-probs), topk_tail (plus the exact log-mass of the rest), sampled (ids drawn from the teacher at "
         "the cache temperature, with counts: unbiased sampled KD, Anshumann et al. 2025; the default: with "
         "128 draws it came within live KD's seed spread on a tiny teacher where top-64 + tail did not, and "
-        "within 0.014 bpb of live KD with SmolLM2-135M-Instruct (one seed), BENCHMARKS.md 'Cache vs "
+        "within live KD's seed spread with SmolLM2-135M-Instruct on the KJV, BENCHMARKS.md 'Cache vs "
         "live teacher'; trains forward KL only).",
         choices=["topk", "topk_tail", "sampled"],
     )
