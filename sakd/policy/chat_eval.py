@@ -15,7 +15,6 @@ bytes of the answer text (template text covers no bytes, as the chat ``bpb`` of 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from sakd.evaluation.heldout import rank_batches
 from sakd.policy.chat_answers import generation_prompt, prompt_messages, reading_side, spell_answer, stop_ids
 from sakd.policy.engines import student_for_generation
 from sakd.policy.sampling import generate, row_seed
-from sakd.policy.scoring import MODES, ROLE_EVAL, ContinuationSpec, teacher_nll
+from sakd.policy.scoring import MODES, ROLE_EVAL, ContinuationSpec, summarise, teacher_nll
 
 
 def chat_spec(conversations: list[list[dict]], student_tokenizer: Any, **settings: Any) -> ContinuationSpec:
@@ -86,12 +85,4 @@ def score_chat_answers(
             nll = teacher_nll(teacher, views, len(teacher_tokenizer), device)
             if counted:
                 sums[k] += torch.tensor([nll, sum(map(len, completions)), sum(v[2] for v in views)])
-    if accelerator is not None and world > 1:
-        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
-    out: dict[str, float] = {"cont_prompts": float(n)}
-    for k, mode in enumerate(MODES):
-        nll, tokens, n_bytes = sums[k].tolist()
-        out[f"cont_{mode}_teacher_nll"] = nll / max(tokens, 1.0)
-        out[f"cont_{mode}_teacher_bpb"] = nll / math.log(2) / max(n_bytes, 1.0)
-        out[f"cont_{mode}_tokens"] = tokens / max(n, 1)
-    return out
+    return summarise(sums, n, accelerator, world)

@@ -15,7 +15,6 @@ probability of the continuation text; per student token it is divided by the stu
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from sakd.policy.engines import student_for_generation
 from sakd.policy.models import Models
 from sakd.policy.retokenize import pair_student_written, spell, text_bytes
 from sakd.policy.sampling import generate, row_seed
-from sakd.policy.scoring import MODES, ROLE_EVAL, ContinuationSpec, teacher_nll
+from sakd.policy.scoring import MODES, ROLE_EVAL, ContinuationSpec, summarise, teacher_nll
 
 
 def heldout_prompts(input_ids: Any, count: int, length: int) -> list[list[int]]:
@@ -93,15 +92,7 @@ def score_continuations(
             nll = teacher_nll(teacher, views, vocab, device)
             if counted:
                 sums[k] += torch.tensor([nll, sum(map(len, completions)), sum(v[2] for v in views)])
-    if accelerator is not None and world > 1:
-        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
-    out: dict[str, float] = {"cont_prompts": float(n)}
-    for k, mode in enumerate(MODES):
-        nll, tokens, n_bytes = sums[k].tolist()
-        out[f"cont_{mode}_teacher_nll"] = nll / max(tokens, 1.0)
-        out[f"cont_{mode}_teacher_bpb"] = nll / math.log(2) / max(n_bytes, 1.0)
-        out[f"cont_{mode}_tokens"] = tokens / max(n, 1)
-    return out
+    return summarise(sums, n, accelerator, world)
 
 
 def continuation_summary(final_eval: dict[str, float]) -> dict[str, Any]:

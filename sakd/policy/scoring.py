@@ -4,6 +4,7 @@ teacher's negative log-likelihood of what was written."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,3 +56,17 @@ def teacher_nll(teacher: Any, views: list[tuple[list[int], int, int]], vocab: in
 
     lp = over_chunks(chunk, hidden.shape[0], 256, combine="cat").reshape(ids.shape)
     return float(-(lp.double() * scored.to(device)).sum())
+
+
+def summarise(sums: torch.Tensor, n: int, accelerator: Any, world: int) -> dict[str, float]:
+    """``cont_*`` from per-mode sums ``[len(MODES), 3]`` (teacher NLL, answer tokens, answer bytes), summed over
+    ranks: nats per answer token, bits per answer byte, mean answer length over the ``n`` prompts."""
+    if accelerator is not None and world > 1:
+        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    out: dict[str, float] = {"cont_prompts": float(n)}
+    for k, mode in enumerate(MODES):
+        nll, tokens, n_bytes = sums[k].tolist()
+        out[f"cont_{mode}_teacher_nll"] = nll / max(tokens, 1.0)
+        out[f"cont_{mode}_teacher_bpb"] = nll / math.log(2) / max(n_bytes, 1.0)
+        out[f"cont_{mode}_tokens"] = tokens / max(n, 1)
+    return out
