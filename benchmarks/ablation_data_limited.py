@@ -50,6 +50,18 @@ BUDGET: dict[str, Any] = {
 MAX_STUDENT_TOKENS = 100_000
 
 
+def bytes_per_token(tokenizer: Any, blocks: Any) -> float:
+    """Bytes of text per predicted token of the held-out blocks (every position but each block's first)."""
+    import torch
+
+    from sakd.align.token_bytes import token_bytes
+
+    table = token_bytes(tokenizer)
+    lengths = torch.tensor([len(b) if b is not None else 0 for b in table], dtype=torch.float64)
+    ids = torch.as_tensor(blocks[0 : len(blocks)]["input_ids"])[:, 1:]
+    return float(lengths[ids].sum() / ids.numel())
+
+
 def _write(path: Path, docs: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     return path
@@ -154,7 +166,6 @@ def recipe(setup: dict[str, Any], out: Path, arm: str, seed: int, steps: int, sc
 
 
 def train_arm(raw: dict[str, Any]) -> dict[str, float]:
-    from ablation_student_aware import bytes_per_token
 
     from sakd.config import load_config
     from sakd.training.trainer import Distiller
@@ -173,7 +184,6 @@ def train_arm(raw: dict[str, Any]) -> dict[str, float]:
 
 def teacher_bpb(setup: dict[str, Any], score_on: str) -> float:
     """The teacher's bits per byte on the same split, with its own tokens (first max_eval_blocks blocks)."""
-    from ablation_student_aware import bytes_per_token
     from transformers import AutoModelForCausalLM
 
     from sakd.config import load_config

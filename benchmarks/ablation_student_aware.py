@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ablation_data_limited import bytes_per_token  # benchmarks/ is the script's folder
 
 ARMS: dict[str, dict[str, Any]] = {
     "ce": {"loss": {"alpha": 0.0}},
@@ -94,16 +95,6 @@ def recipe(corpus: dict[str, Path], out: Path, arm: str, seed: int, steps: int) 
     for section, values in ARMS.get(arm, {}).items():
         raw["distillation"].setdefault(section, {}).update(copy.deepcopy(values))
     return raw
-
-
-def bytes_per_token(tokenizer: Any, blocks: Any) -> float:
-    """Bytes of text per predicted token of the held-out blocks (every position but each block's first)."""
-    from sakd.align.token_bytes import token_bytes
-
-    table = token_bytes(tokenizer)
-    lengths = torch.tensor([len(b) if b is not None else 0 for b in table], dtype=torch.float64)
-    ids = torch.as_tensor(blocks[0 : len(blocks)]["input_ids"])[:, 1:]
-    return float(lengths[ids].sum() / ids.numel())
 
 
 def train_arm(raw: dict[str, Any], corpus: dict[str, Any]) -> dict[str, float]:

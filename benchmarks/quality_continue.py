@@ -5,6 +5,7 @@ usage: python benchmarks/quality_continue.py OUT TEACHER_DIR STUDENT DATA RUN [R
   RUN = ARM:SEED with ARM one of ce, live, topk_tail:K, sampled:N
 env: BUDGET (90112), EPOCHS (4.5), ALPHA (0.9), T (1), MAX_EVAL (8192); block 128, batch 8, lr 3e-3, warm-up 20
 (the bench's defaults). Needs OUT/data from a bench invocation (the split)."""
+
 import json
 import os
 import sys
@@ -16,8 +17,21 @@ out, teacher, student, data = Path(sys.argv[1]), str(Path(sys.argv[2]).resolve()
 budget, epochs = int(os.environ.get("BUDGET", 90112)), float(os.environ.get("EPOCHS", 4.5))
 alpha, temp = float(os.environ.get("ALPHA", 0.9)), float(os.environ.get("T", 1))
 files = {s: str(out / "data" / f"{s}.jsonl") for s in qr.SPLITS}
-setup = qr.Setup(teacher, student, teacher, teacher, files, 128, 8, 3e-3, 20, out, 64,
-                 int(os.environ.get("MAX_EVAL", 8192)), data)
+setup = qr.Setup(
+    teacher,
+    student,
+    teacher,
+    teacher,
+    files,
+    128,
+    8,
+    3e-3,
+    20,
+    out,
+    64,
+    int(os.environ.get("MAX_EVAL", 8192)),
+    data,
+)
 blocks = -(-budget // setup.block_size)  # one tokenizer for both: the student's blocks
 log = out / "runs.jsonl"
 done = {json.loads(x)["name"] for x in log.read_text().splitlines() if x.strip()} if log.is_file() else set()
@@ -28,7 +42,10 @@ for spec in sys.argv[5:]:
     if arm not in ("ce", "live"):
         mode, size = arm.split(":")
         row = qr.build_cache(setup, qr.CacheSpec(mode, int(size), temp), blocks)
-        print(f"[continue] cache {row['arm']}: {row['bytes_per_token']:.1f} B/token, {row['seconds']} s", flush=True)
+        print(
+            f"[continue] cache {row['arm']}: {row['bytes_per_token']:.1f} B/token, {row['seconds']} s",
+            flush=True,
+        )
         cache, name = row["dir"], row["arm"]
     else:
         name = "ce" if arm == "ce" else "kd_live"
@@ -38,7 +55,10 @@ for spec in sys.argv[5:]:
         continue
     print(f"[continue] {run.name}", flush=True)
     row = qr.train_and_score(setup, run, scorer)
-    print(f"[continue] {run.name}: test {row['test_bpb']:.4f} val {row['validation_bpb']:.4f} "
-          f"train {row['train_seconds']:.0f} s", flush=True)
+    print(
+        f"[continue] {run.name}: test {row['test_bpb']:.4f} val {row['validation_bpb']:.4f} "
+        f"train {row['train_seconds']:.0f} s",
+        flush=True,
+    )
     with log.open("a") as fh:
         fh.write(json.dumps(row) + "\n")
