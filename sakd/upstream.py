@@ -14,6 +14,7 @@ helper                     private API
 :func:`dataset_fingerprint` datasets ``Dataset._fingerprint`` (the content hash its cache files are named by)
 :func:`zero3_whole_for_generation` DeepSpeed ``deepspeed.runtime.zero.stage3.unwrap_model_for_generation``
                            (not exported at the top level; it removes and re-registers the engine's hooks)
+:func:`default_store`      torch ``distributed_c10d._get_default_store`` (the default group's key-value store)
 =========================  ===============================================================================
 """
 
@@ -100,3 +101,12 @@ def zero3_whole_for_generation(engine: Any) -> Iterator[Any]:
 
     with unwrap_model_for_generation(engine) as model:
         yield model
+
+
+def default_store() -> Any:
+    """The key-value store ``torch.distributed``'s default group was set up with (the launcher's rendezvous
+    store under torchrun / ``accelerate launch``). torch has no public getter for it; the exit handshake of
+    :func:`sakd.training.distributed.leave_process_group` needs a channel other than the group's sockets."""
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()

@@ -89,3 +89,15 @@ def test_zero3_whole_for_generation_uses_deepspeeds_hook_attributes():
         assert name in source, name
     assert callable(DeepSpeedZeRoOffload._register_deepspeed_module)
     assert "forward_hooks" in inspect.getsource(DeepSpeedZeRoOffload.__init__)
+
+
+def test_default_store_is_the_groups_store(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        store = upstream.default_store()
+        store.set("k", "v")
+        assert store.get("k") == b"v" and int(store.add("n", 2)) == 2
+    finally:
+        dist.destroy_process_group()

@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     console.setup(args.debug)
     func: Callable[[argparse.Namespace], int] = args.func
     if args.debug:
-        return func(args)
+        return _leaving(func(args))
     try:
-        return func(args)
+        return _leaving(func(args))
     except KeyboardInterrupt:
         print("sakd: interrupted", file=sys.stderr)
         return 130
@@ -237,6 +237,18 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
     return EXIT_FAILURE
+
+
+def _leaving(code: int) -> int:
+    """After a command that succeeded on every rank of a launch, the ranks leave the process group together
+    (a rank that exits with it alive can abort at exit and fail the launch; see leave_process_group)."""
+    if (
+        code == 0 and "torch.distributed" in sys.modules
+    ):  # only a command that trained or evaluated set one up
+        from sakd.training.distributed import leave_process_group
+
+        leave_process_group()
+    return code
 
 
 def _one_line(e: BaseException) -> str:

@@ -11,6 +11,8 @@ holds what Accelerate does not do for us, each piece small and tested:
 * :func:`stop_if_a_peer_dies` -- when another rank dies (SIGKILL, the OOM killer, a lost machine), the
   survivors' collectives fail (:func:`peer_lost` tells that apart); they stop with one line that says so
   and which checkpoint the same command resumes from, not the backend's traceback;
+* :func:`leave_process_group` -- at the end of a command every rank destroys the process group together,
+  so that no rank aborts at exit (gloo's threads outliving the interpreter);
 * :func:`check_cuda_arch` -- a GPU whose architecture the installed PyTorch has no kernels for (a P100
   under a CUDA 12.8+ wheel) stops the run at start with the fix, instead of failing in the first kernel.
 
@@ -20,6 +22,7 @@ The teacher's placement is :mod:`sakd.teacher.placement`; ZeRO-3 parameter handl
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import re
 from collections.abc import Iterator
@@ -32,7 +35,7 @@ from sakd.config import RunConfig
 from sakd.config.deepspeed import run_ds_config
 from sakd.errors import SetupError, TrainingError
 from sakd.training import checkpoint
-from sakd.upstream import set_process_world
+from sakd.upstream import default_store, set_process_world
 
 
 def world_from_env() -> int:
@@ -125,6 +128,35 @@ def stop_if_a_peer_dies(checkpoints: Path) -> Iterator[None]:
             f"another process of this run died or stopped answering ({why}); {resume} -- run the same "
             "command again to resume"
         ) from None
+
+
+def leave_process_group(timeout_s: float = 300.0) -> None:
+    """Destroy ``torch.distributed``'s default group at the end of a launched command, all ranks together.
+
+    A process that exits with the group alive can abort while the interpreter shuts down ("terminate called
+    without an active exception", SIGABRT: gloo's worker threads outlive it; pytorch/pytorch#190489), and the
+    launcher then reports a finished run as failed -- 2 of 10 plain 2-rank gloo launches here. Destroying right
+    after the last collective is not enough either: a rank that closes its sockets while a peer still reads
+    that collective's reply resets the peer's connection. So every rank first counts itself out through the
+    launcher's store (not the group's sockets), and destroys the group once all have. Does nothing outside
+    a launched multi-process run, so an in-process caller's group is left alone. Best effort: a peer that is
+    gone or a store that is closed leaves the exit as it was.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or world_from_env() < 2:
+        return
+    world = dist.get_world_size()
+    try:
+        dist.barrier()
+        store = default_store()
+        # the last rank to count itself out opens the gate; every rank waits for it
+        if int(store.add("sakd/leave/count", 1)) == world:
+            store.set("sakd/leave/open", "1")
+        store.wait(["sakd/leave/open"], datetime.timedelta(seconds=timeout_s))
+    except RuntimeError:
+        return
+    dist.destroy_process_group()
 
 
 def check_cuda_arch() -> None:

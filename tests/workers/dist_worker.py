@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from sakd.config import load_config
+from sakd.training.distributed import leave_process_group
 from sakd.training.trainer import Distiller
 
 
@@ -79,6 +80,7 @@ def main() -> None:
         "summary": summary,
     }
     (out / f"rank{record['rank']}.json").write_text(json.dumps(record))
+    leave_process_group()
 
 
 def _inject_faults(d: Distiller, rank: int) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from sakd.integrations import DistillationTrainer, prepare_distillation_data
+from sakd.integrations import DistillationTrainer, leave_process_group, prepare_distillation_data
 from sakd.models import load_model, load_tokenizer
 
 ROOT = Path(__file__).parents[2]
@@ -72,3 +72,4 @@ if __name__ == "__main__":
     }
     result = {"full": logged(full), "resumed": logged(resumed), "weights": weights}
     (out / "result.json").write_text(json.dumps(result))
+    leave_process_group()

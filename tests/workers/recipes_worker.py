@@ -18,6 +18,7 @@ import torch.distributed as dist
 from accelerate.state import AcceleratorState, GradientState
 
 from sakd.config import load_config
+from sakd.training.distributed import leave_process_group
 from sakd.training.trainer import Distiller
 
 
@@ -38,6 +39,7 @@ def main() -> None:
             "seconds": time.perf_counter() - t0,
         }
         (out / f"{name}.rank{rank}.json").write_text(json.dumps(record))
+    leave_process_group()
 
 
 if __name__ == "__main__":
