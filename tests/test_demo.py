@@ -97,6 +97,7 @@ sys.exit(main.main(["demo", "--output-dir", sys.argv[2]]))
 """
 
 
+@pytest.mark.slow  # 27 s; a stopped run resumes exactly is tested in the default tier (test_reliability.py)
 def test_demo_stopped_during_teacher_pretraining_resumes(tmp_path):
     """SIGTERM while the teacher pretrains: the one-line stop message of `sakd distill`, exit 143, and the
     next demo resumes the teacher from its checkpoint and finishes."""

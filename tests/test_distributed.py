@@ -155,6 +155,7 @@ def test_zero3_student_and_teacher_partitioned_and_export(tiny_run_config_module
         torch.testing.assert_close(again[k], final[k], rtol=0, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow  # 54 s; ZeRO-3 without offload stays in the default tier
 def test_zero3_offload_with_deepspeed_cpu_adam_and_offloaded_teacher(
     tiny_run_config_module, reference, tmp_path
 ):

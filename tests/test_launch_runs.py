@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # 20 s; the default tier runs multi_gpu.sh (below) and sakd distill itself
 def test_cpu_smoke_script(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
     out = subprocess.run(
@@ -31,7 +31,11 @@ def test_cpu_smoke_script(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "launcher,zero",
-    [("deepspeed", "3"), ("accelerate", "2"), ("deepspeed", "none")],
+    [  # ZeRO-2 and DDP through the script in the slow tier (11 s each); the default tier trains both directly
+        ("deepspeed", "3"),
+        pytest.param("accelerate", "2", marks=pytest.mark.slow),
+        pytest.param("deepspeed", "none", marks=pytest.mark.slow),
+    ],
     ids=["ds-zero3", "acc-zero2", "ddp"],
 )
 def test_multi_gpu_script_runs_two_cpu_ranks(corpus, tokenizer_dir, tmp_path, launcher, zero):

@@ -122,5 +122,8 @@ def write_cache(cfg: Any, output: str, *, overwrite: bool = False) -> dict[str, 
         ):  # conversations: KD positions only
             if key in result["totals"]:
                 summary[key] = result["totals"][key]
-    accelerator.end_training()
+    # Trackers only: end_training() would also destroy the process group right after the last barrier, which
+    # can reset a peer's connection (gloo); `sakd`'s main() leaves the group with every rank at exit.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     return summary

@@ -242,9 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 def _leaving(code: int) -> int:
     """After a command that succeeded on every rank of a launch, the ranks leave the process group together
     (a rank that exits with it alive can abort at exit and fail the launch; see leave_process_group)."""
-    if (
-        code == 0 and "torch.distributed" in sys.modules
-    ):  # only a command that trained or evaluated set one up
+    dist = sys.modules.get("torch.distributed")  # loaded only by a command that imported torch
+    if code == 0 and dist is not None and dist.is_available() and dist.is_initialized():
         from sakd.training.distributed import leave_process_group
 
         leave_process_group()

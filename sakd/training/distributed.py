@@ -146,16 +146,26 @@ def leave_process_group(timeout_s: float = 300.0) -> None:
 
     if not (dist.is_available() and dist.is_initialized()) or world_from_env() < 2:
         return
-    world = dist.get_world_size()
+    world, rank, timeout = dist.get_world_size(), dist.get_rank(), datetime.timedelta(seconds=timeout_s)
     try:
         dist.barrier()
+    except RuntimeError:  # a peer is gone: nothing to leave together
+        return
+    try:
         store = default_store()
-        # the last rank to count itself out opens the gate; every rank waits for it
+        # the last rank to count itself out opens the gate; the others wait for it
         if int(store.add("sakd/leave/count", 1)) == world:
             store.set("sakd/leave/open", "1")
-        store.wait(["sakd/leave/open"], datetime.timedelta(seconds=timeout_s))
-    except RuntimeError:
-        return
+        else:
+            store.wait(["sakd/leave/open"], timeout)
+        # rank 0 leaves last: without torchrun's agent (the deepspeed launcher, mpirun) it hosts the store
+        if rank != 0:
+            if int(store.add("sakd/leave/passed", 1)) == world - 1:
+                store.set("sakd/leave/all_passed", "1")
+        else:
+            store.wait(["sakd/leave/all_passed"], timeout)
+    except RuntimeError:  # the store is gone or a peer stopped answering; every rank did finish the barrier
+        pass
     dist.destroy_process_group()
 
 

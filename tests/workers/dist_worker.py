@@ -56,7 +56,7 @@ def main() -> None:
         return batches
 
     d._micro_batches = recording
-    rank = dist.get_rank() if dist.is_initialized() else 0  # before train(): it ends the process group
+    rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     _inject_faults(d, rank)
     try:
