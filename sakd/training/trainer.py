@@ -316,9 +316,16 @@ class Distiller(RunLoop):
             # DeepSpeed clips inside its engine; under ZeRO-0 it does not report the norm (None)
             grad_norm = None if norm is None else float(norm)
             finite = grad_norm is None or math.isfinite(grad_norm)
+            if not finite and self.accelerator.scaler is not None:
+                # fp16 loss scaling: an overflow of the scaled gradients is the scaler's to skip -- its step
+                # skips the update and lowers the scale (skipping its step instead would leave it unscaled
+                # and the next step's unscale_ raises)
+                finite, grad_norm = True, None
         if finite:
+            scaler = self.accelerator.scaler
+            scale = None if scaler is None else scaler.get_scale()
             self.optimizer.step()
-            scaler_skipped = self._scaler_skipped()
+            scaler_skipped = self._scaler_skipped(scale)
             if not scaler_skipped:  # an overflow step leaves the schedule and the EMA alone
                 self.scheduler.step()
                 if self.ema is not None:
@@ -337,12 +344,18 @@ class Distiller(RunLoop):
             metrics["skipped_sample_ids"] = acc.gather(ids).tolist() if len(ids) else []
         return metrics
 
-    def _scaler_skipped(self) -> bool:
+    def _scaler_skipped(self, scale_before: float | None = None) -> bool:
         """Whether fp16 loss scaling just skipped the optimizer step (an overflow; not counted as a
-        non-finite step: the scaler lowers its scale and training goes on)."""
+        non-finite step: the scaler lowers its scale and training goes on). ``scale_before``: the
+        GradScaler's scale before the step -- a lower one after it means an overflow. Accelerate's own
+        report (``optimizer_step_was_skipped``) misses it for a fused optimizer, whose step the scaler
+        always calls (the kernel skips the update itself)."""
         engine_skips = getattr(self.student, "skipped_steps", None)  # a DeepSpeed engine counts them
         if isinstance(engine_skips, int):
             skipped = engine_skips > self._engine_skips
             self._engine_skips = engine_skips
             return skipped
+        scaler = self.accelerator.scaler
+        if scaler is not None and scale_before is not None:
+            return bool(scaler.get_scale() < scale_before)
         return bool(self.accelerator.optimizer_step_was_skipped)
