@@ -17,6 +17,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from sakd.config import load_config
+from sakd.training.loop import NonFiniteError
 from sakd.training.trainer import Distiller
 
 
@@ -28,18 +29,23 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def test_an_overflowing_fp16_step_lowers_the_scale_and_training_goes_on(
-    tiny_run_config, tmp_path, fresh_accelerate_state
-):
+def _scaled_run(tiny_run_config: dict, tmp_path, init_scale: float, max_steps: int):
     raw = copy.deepcopy(tiny_run_config)
     raw["training"].update(
-        output_dir=str(tmp_path / "run"), max_steps=8, save_every=0, mixed_precision="fp16"
+        output_dir=str(tmp_path / "run"), max_steps=max_steps, save_every=0, mixed_precision="fp16"
     )
     cfg, _ = load_config(raw)
     d = Distiller(cfg, resume="none", overwrite=True)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1000)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
     d.accelerator.scaler, d.accelerator.native_amp = scaler, True
     d.optimizer.__init__(d.optimizer.optimizer, device_placement=False, scaler=scaler)  # Accelerate's wiring
+    return d, scaler
+
+
+def test_an_overflowing_fp16_step_lowers_the_scale_and_training_goes_on(
+    tiny_run_config, tmp_path, fresh_accelerate_state
+):
+    d, scaler = _scaled_run(tiny_run_config, tmp_path, 2.0**127, 8)
     before = {k: v.detach().clone() for k, v in d.hf_student.named_parameters()}
     d.train()
     s = d.state
@@ -50,3 +56,20 @@ def test_an_overflowing_fp16_step_lowers_the_scale_and_training_goes_on(
     after = dict(d.hf_student.named_parameters())
     assert all(torch.isfinite(p).all() for p in after.values())
     assert any(not torch.equal(before[k], p) for k, p in after.items())
+
+
+def test_a_non_finite_gradient_under_fp16_still_stops_the_run(
+    tiny_run_config, tmp_path, fresh_accelerate_state
+):
+    """A NaN gradient from a finite loss (a bug, not an overflow): the scaler skips and halves 4 -> 2 -> 1 ->
+    0.5; below a scale of 1 each such step is a non-finite skip, and the 5th in a row stops the run
+    (training.max_consecutive_skips) with the weights untouched -- not halving to 0 and on to NaN weights."""
+    d, scaler = _scaled_run(tiny_run_config, tmp_path, 4.0, 20)
+    before = {k: v.detach().clone() for k, v in d.hf_student.named_parameters()}
+    next(p for p in d.hf_student.parameters() if p.requires_grad).register_hook(lambda g: g * float("nan"))
+    with pytest.raises(NonFiniteError):
+        d.train()
+    assert (d.state.scaler_skipped_steps, d.state.skipped_steps, d.state.step) == (3, 5, 8)
+    assert scaler.get_scale() < 1.0
+    for k, p in d.hf_student.named_parameters():
+        assert torch.equal(before[k], p.detach()), k

@@ -70,6 +70,11 @@ from sakd.upstream import forget_prepared, release_engine
 
 log = logging.getLogger(__name__)
 
+# fp16 loss scaling: below this scale a non-finite gradient is no overflow but a bug (DeepSpeed's min_scale and
+# Megatron's min_loss_scale default to 1 too); torch's GradScaler would halve on to 0 and, below 2**-128, unscale
+# with an infinite factor that turns the gradients to NaN without flagging them
+MIN_LOSS_SCALE = 1.0
+
 
 def teacher_source(cfg: RunConfig, acc: Any, use_teacher: bool) -> tuple[Any, RunConfig, Capabilities]:
     """The offline cache that replaces the teacher (distillation.teacher_cache; None: a live teacher or none),
@@ -316,11 +321,15 @@ class Distiller(RunLoop):
             # DeepSpeed clips inside its engine; under ZeRO-0 it does not report the norm (None)
             grad_norm = None if norm is None else float(norm)
             finite = grad_norm is None or math.isfinite(grad_norm)
-            if not finite and self.accelerator.scaler is not None:
-                # fp16 loss scaling: an overflow of the scaled gradients is the scaler's to skip -- its step
-                # skips the update and lowers the scale (skipping its step instead would leave it unscaled
-                # and the next step's unscale_ raises)
-                finite, grad_norm = True, None
+            scaler = self.accelerator.scaler
+            if not finite and scaler is not None:
+                if scaler.get_scale() >= MIN_LOSS_SCALE:
+                    # fp16 loss scaling: an overflow of the scaled gradients is the scaler's to skip -- its
+                    # step skips the update and lowers the scale (skipping its step instead would leave it
+                    # unscaled, and the next step's unscale_ raises)
+                    finite, grad_norm = True, None
+                else:  # halved this far, it is no overflow: a non-finite step (counted; the run stops)
+                    scaler.update()
         if finite:
             scaler = self.accelerator.scaler
             scale = None if scaler is None else scaler.get_scale()
