@@ -23,7 +23,9 @@ from sakd.training.trainer import Distiller
 
 @pytest.fixture
 def fresh_accelerate_state():
-    """Accelerate keeps one state per process; this test's is fp16, the next test's is not."""
+    """Accelerate keeps one state per process: an earlier test's is not fp16, this test's is, the next's not."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

@@ -62,6 +62,7 @@ from sakd.training.builders import (
 from sakd.training.distributed import build_accelerator, check_cuda_arch
 from sakd.training.export import save_model_dir
 from sakd.training.loop import RunLoop, restore_state
+from sakd.training.loss_scaling import loss_scale, overflow_for_the_scaler, step_skipped
 from sakd.training.stages import check_stages, stage_ends, stage_optimizer
 from sakd.training.state import tracker_config, tracker_init_kwargs
 from sakd.training.stop_signals import StopSignals
@@ -69,11 +70,6 @@ from sakd.training.student_aware import StudentAware, detached_student
 from sakd.upstream import forget_prepared, release_engine
 
 log = logging.getLogger(__name__)
-
-# fp16 loss scaling: below this scale a non-finite gradient is no overflow but a bug (DeepSpeed's min_scale and
-# Megatron's min_loss_scale default to 1 too); torch's GradScaler would halve on to 0 and, below 2**-128, unscale
-# with an infinite factor that turns the gradients to NaN without flagging them
-MIN_LOSS_SCALE = 1.0
 
 
 def teacher_source(cfg: RunConfig, acc: Any, use_teacher: bool) -> tuple[Any, RunConfig, Capabilities]:
@@ -321,18 +317,10 @@ class Distiller(RunLoop):
             # DeepSpeed clips inside its engine; under ZeRO-0 it does not report the norm (None)
             grad_norm = None if norm is None else float(norm)
             finite = grad_norm is None or math.isfinite(grad_norm)
-            scaler = self.accelerator.scaler
-            if not finite and scaler is not None:
-                if scaler.get_scale() >= MIN_LOSS_SCALE:
-                    # fp16 loss scaling: an overflow of the scaled gradients is the scaler's to skip -- its
-                    # step skips the update and lowers the scale (skipping its step instead would leave it
-                    # unscaled, and the next step's unscale_ raises)
-                    finite, grad_norm = True, None
-                else:  # halved this far, it is no overflow: a non-finite step (counted; the run stops)
-                    scaler.update()
+            if not finite and overflow_for_the_scaler(acc):  # fp16: the scaler's step skips it
+                finite, grad_norm = True, None
         if finite:
-            scaler = self.accelerator.scaler
-            scale = None if scaler is None else scaler.get_scale()
+            scale = loss_scale(acc)
             self.optimizer.step()
             scaler_skipped = self._scaler_skipped(scale)
             if not scaler_skipped:  # an overflow step leaves the schedule and the EMA alone
@@ -354,17 +342,8 @@ class Distiller(RunLoop):
         return metrics
 
     def _scaler_skipped(self, scale_before: float | None = None) -> bool:
-        """Whether fp16 loss scaling just skipped the optimizer step (an overflow; not counted as a
-        non-finite step: the scaler lowers its scale and training goes on). ``scale_before``: the
-        GradScaler's scale before the step -- a lower one after it means an overflow. Accelerate's own
-        report (``optimizer_step_was_skipped``) misses it for a fused optimizer, whose step the scaler
-        always calls (the kernel skips the update itself)."""
-        engine_skips = getattr(self.student, "skipped_steps", None)  # a DeepSpeed engine counts them
-        if isinstance(engine_skips, int):
-            skipped = engine_skips > self._engine_skips
-            self._engine_skips = engine_skips
-            return skipped
-        scaler = self.accelerator.scaler
-        if scaler is not None and scale_before is not None:
-            return bool(scaler.get_scale() < scale_before)
-        return bool(self.accelerator.optimizer_step_was_skipped)
+        """Whether fp16 loss scaling just skipped the optimizer step (:func:`~sakd.training.loss_scaling.step_skipped`)."""
+        skipped, self._engine_skips = step_skipped(
+            self.accelerator, self.student, self._engine_skips, scale_before
+        )
+        return skipped
