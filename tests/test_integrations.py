@@ -390,12 +390,7 @@ def test_each_policy_under_the_trainer_repeats_sakd_distill(
     if policy == "mixed":
         assert [h["policy_step"] for h in logs] == [1, 1, 0]
     assert logs[0]["gen_tokens"] > 0  # the first step of each policy generates
-    for name in ("loss", "kd", "ce", "feature"):
-        assert [h[name] for h in logs] == pytest.approx([m[name] for m in ref["metrics"]], rel=1e-5), name
-    for name in ("tokens", "gen_tokens"):
-        assert [h.get(name) for h in logs] == [m.get(name) for m in ref["metrics"]], name
-    for k, v in trainer.student.state_dict().items():
-        torch.testing.assert_close(v, ref["student"][k], rtol=0, atol=1e-6, msg=k)
+    _assert_repeats(trainer, logs, ref)
 
 
 def test_the_per_step_parts_resume_exactly_from_a_trainer_checkpoint(tokenizer_dir, corpus, tmp_path):
@@ -509,3 +504,13 @@ def test_the_per_step_parts_resume_exactly_under_deepspeed(tokenizer_dir, corpus
             assert value == pytest.approx(full[step][key], rel=1e-6), (step, key)
     for k, v in result["weights"]["resumed"].items():
         assert v == pytest.approx(result["weights"]["full"][k], abs=1e-6), k
+
+
+def _assert_repeats(trainer, logs: list[dict], ref: dict) -> None:
+    """The Trainer's logged losses, token counts and final student weights equal sakd distill's ``ref``."""
+    for name in ("loss", "kd", "ce", "feature"):
+        assert [h[name] for h in logs] == pytest.approx([m[name] for m in ref["metrics"]], rel=1e-5), name
+    for name in ("tokens", "gen_tokens"):
+        assert [h.get(name) for h in logs] == [m.get(name) for m in ref["metrics"]], name
+    for k, v in trainer.student.state_dict().items():
+        torch.testing.assert_close(v, ref["student"][k], rtol=0, atol=1e-6, msg=k)

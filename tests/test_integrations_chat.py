@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_integrations import (  # tests/ is on sys.path (pytest rootdir-less import)
     _args,
+    _assert_repeats,
     _reference,
     _tiny_trainer,
 )
@@ -77,12 +78,7 @@ def test_chat_policies_under_the_trainer_repeat_sakd_distill(
     if policy != "off":
         assert [h["policy_step"] for h in logs] == [m["policy_step"] for m in ref["metrics"]]
         assert logs[0]["gen_tokens"] > 0
-    for name in ("loss", "kd", "ce", "feature"):
-        assert [h[name] for h in logs] == pytest.approx([m[name] for m in ref["metrics"]], rel=1e-5), name
-    for name in ("tokens", "gen_tokens"):
-        assert [h.get(name) for h in logs] == [m.get(name) for m in ref["metrics"]], name
-    for k, v in trainer.student.state_dict().items():
-        torch.testing.assert_close(v, ref["student"][k], rtol=0, atol=1e-6, msg=k)
+    _assert_repeats(trainer, logs, ref)
 
 
 def test_a_step_with_a_non_finite_gradient_leaves_the_weights_alone(tokenizer_dir, corpus, tmp_path):
