@@ -110,6 +110,33 @@ def test_a_step_with_a_non_finite_gradient_leaves_the_weights_alone(tokenizer_di
     assert logs[2]["learning_rate"] == logs[1]["learning_rate"]  # the schedule waited a step
 
 
+@pytest.mark.parametrize(("bad", "stops_at"), [({1, 2, 4, 5}, None), ({1, 2, 3, 4}, 3)])
+def test_too_many_non_finite_steps_in_a_row_stop_the_trainer(bad, stops_at, tokenizer_dir, corpus, tmp_path):
+    """max_consecutive_skips=3, as sakd distill's training.max_consecutive_skips: NaN gradients at steps 1, 2,
+    4, 5 (never 3 in a row) train to the end; at steps 1-4 the third skip in a row (step 3) raises
+    NonFiniteError and the weights are still step 0's (a diverged run stopped instead of skipping to the end
+    with nothing learned)."""
+    import math
+
+    from sakd.training.loop import NonFiniteError
+
+    trainer = _tiny_trainer(tokenizer_dir, corpus, tmp_path, args={"max_steps": 6}, max_consecutive_skips=3)
+    first = next(trainer.student.parameters())
+    first.register_hook(lambda g: g * math.nan if trainer.state.global_step in bad else g)
+    after_first: dict[str, torch.Tensor] = {}
+    first.register_hook(
+        lambda g: after_first.update(w=first.detach().clone()) or g if trainer.state.global_step == 1 else g
+    )
+    if stops_at is None:
+        trainer.train()
+        assert trainer.state.global_step == 6 and trainer.hooks.consecutive_skips == 2
+        return
+    with pytest.raises(NonFiniteError, match="3 optimizer steps in a row"):
+        trainer.train()
+    assert trainer.state.global_step == stops_at
+    torch.testing.assert_close(first.detach(), after_first["w"], rtol=0, atol=0)
+
+
 def test_trainer_stages_refuse_stages_in_epochs(tokenizer_dir, corpus, tmp_path):
     """A stage given in epochs would end where sakd distill's plan counts an epoch (whole steps of
     batch x accumulation x ranks), not where the Trainer's dataloader does (its last partial batch

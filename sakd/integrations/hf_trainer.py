@@ -112,6 +112,7 @@ class DistillationTrainer(Trainer):
         data: what :func:`~sakd.integrations.prepare_distillation_data` returned: the default datasets and
             collator, and the ``data`` section (else read from its collator as ``data_collator``): over
             conversations the policies and the teacher's template go as in ``sakd distill``.
+        max_consecutive_skips: non-finite-gradient steps in a row that stop training (``NonFiniteError``).
         **kwargs: everything else ``Trainer`` takes (train_dataset, data_collator, processing_class, ...).
     """
 
@@ -127,6 +128,7 @@ class DistillationTrainer(Trainer):
         teacher_tokenizer: Any = None,
         lr_multipliers: dict[str, float] | None = None,
         data: DistillationData | None = None,
+        max_consecutive_skips: int = 5,
         **kwargs: Any,
     ) -> None:
         self.distillation, reader = open_section(distillation, teacher)
@@ -160,7 +162,7 @@ class DistillationTrainer(Trainer):
         # sakd distill's per-step hooks (curriculum, token router, Student-Aware Router); the policy's text
         aware = StudentAware(run, self.objective, self.accelerator, signal, sar, vocab)
         policy = trainer_policy(run, self.objective, self, self.teacher, self.alignment)
-        self.hooks = StepHooksCallback(aware, self.objective, policy)
+        self.hooks = StepHooksCallback(aware, self.objective, policy, max_consecutive_skips)
         self.add_callback(self.hooks)
         if self._zero_stage() == 3:
             # the fused loss multiplies by the head itself (see sakd.models.zero)
@@ -217,7 +219,7 @@ class DistillationTrainer(Trainer):
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         norm = super()._get_grad_norm(model, grad_norm)
-        self.hooks.grad_norm(norm, None if self.is_deepspeed_enabled else self.optimizer)  # non-finite: skip
+        self.hooks.grad_norm(norm, self)  # non-finite: skipped
         return norm
 
     def _objective(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:

@@ -28,6 +28,8 @@ from sakd.objective.composite import Objective
 from sakd.objective.curriculum import StepSchedule
 from sakd.policy import PolicyRunner
 from sakd.training.hooks import Batch, Metric, StepExtras
+from sakd.training.loop import NonFiniteError
+from sakd.training.loss_scaling import MIN_LOSS_SCALE
 from sakd.training.student_aware import StudentAware, detached_student
 
 
@@ -60,8 +62,15 @@ class StepHooksCallback(TrainerCallback):
     """Runs ``aware``'s hooks and ``policy``'s rollouts around each optimizer step of a Trainer (module
     docstring)."""
 
-    def __init__(self, aware: StudentAware, objective: Objective, policy: PolicyRunner | None = None) -> None:
+    def __init__(
+        self,
+        aware: StudentAware,
+        objective: Objective,
+        policy: PolicyRunner | None = None,
+        max_consecutive_skips: int = 5,
+    ) -> None:
         self.aware, self.objective, self.policy = aware, objective, policy
+        self.max_consecutive_skips, self.consecutive_skips = max_consecutive_skips, 0
         self.plan = StepPlan(objective, aware.schedule(0, 1))
         self.extras, self.index = StepExtras(), 0
         self.sums: dict[str, torch.Tensor] = {}
@@ -115,13 +124,32 @@ class StepHooksCallback(TrainerCallback):
             self.sums[k] = self.sums.get(k, 0.0) + v.detach().double()
         self.aware.after_micro_batch(self.index - 1, sums)
 
-    def grad_norm(self, norm: object, optimizer: Any = None) -> None:
+    def grad_norm(self, norm: object, trainer: Any = None) -> None:
         """The step's pre-clip gradient norm (None: not measured): a non-finite one means the step is not
-        taken, as ``sakd distill`` skips it: not for the hooks, and -- ``optimizer``: the Trainer's prepared
-        one, None under DeepSpeed, whose engine skips such a step itself -- not for the weights either."""
+        taken, as ``sakd distill`` skips it: not for the hooks, and not for the weights either (the
+        ``trainer``'s optimizer; under DeepSpeed the engine skips such a step itself).
+        ``max_consecutive_skips`` such steps in a row raise :class:`~sakd.training.loop.NonFiniteError`, as in
+        ``sakd distill``; an fp16 overflow is not one (the loss scaler skips it and lowers its scale:
+        DeepSpeed's fp16 engine, or a GradScaler whose scale is not below
+        :data:`~sakd.training.loss_scaling.MIN_LOSS_SCALE`)."""
         self.taken = norm is None or math.isfinite(float(norm))  # type: ignore[arg-type]
-        if not self.taken and optimizer is not None:
+        if self.taken:
+            self.consecutive_skips = 0
+            return
+        deepspeed = trainer is not None and trainer.is_deepspeed_enabled
+        optimizer = None if trainer is None or deepspeed else trainer.optimizer
+        if optimizer is not None:
             skip_update(optimizer)
+        scaler = getattr(optimizer, "scaler", None)
+        if (deepspeed and trainer.args.fp16) or (scaler is not None and scaler.get_scale() >= MIN_LOSS_SCALE):
+            return
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            raise NonFiniteError(
+                f"{self.consecutive_skips} optimizer steps in a row had a non-finite gradient norm; stopped -- "
+                "the newest checkpoint holds the last good weights (lower the learning rate or check the data; "
+                "DistillationTrainer(max_consecutive_skips=...) sets how many)"
+            )
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object
