@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
 
-from sakd.integrations import DistillationTrainer, leave_process_group, prepare_distillation_data
+from sakd.integrations import DistillationTrainer, prepare_distillation_data
 
 
 @dataclass
@@ -63,7 +63,7 @@ def main() -> None:
     trainer.train()
     trainer.save_model()
     trainer.save_state()
-    leave_process_group()  # under torchrun / accelerate launch: all ranks close the group together
+    trainer.end()  # under torchrun / accelerate launch: the ranks leave the process group together
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from sakd.integrations.teacher_signals import (
 )
 from sakd.integrations.trainer_parts import (
     AUX_FILE,  # noqa: F401  (where users and tests import it from)
+    end_run,
     load_aux,
     per_token,
     place_teacher,
@@ -56,6 +57,7 @@ from sakd.integrations.trainer_parts import (
     trainer_param_groups,
     trainer_policy,
     trainer_run,
+    zero_stage,
 )
 from sakd.models import freeze
 from sakd.models.student import TrainableStudent
@@ -149,7 +151,7 @@ class DistillationTrainer(Trainer):
         if self.args.label_names is None:
             self.label_names = ["labels"]
         self.teacher = (
-            None if teacher_model is None else place_teacher(teacher_model, self._zero_stage(), self.args)
+            None if teacher_model is None else place_teacher(teacher_model, zero_stage(self), self.args)
         )
         dataset, device = self.train_dataset, self.args.device
         cached = (
@@ -164,7 +166,7 @@ class DistillationTrainer(Trainer):
         policy = trainer_policy(run, self.objective, self, self.teacher, self.alignment)
         self.hooks = StepHooksCallback(aware, self.objective, policy, max_consecutive_skips)
         self.add_callback(self.hooks)
-        if self._zero_stage() == 3:
+        if zero_stage(self) == 3:
             # the fused loss multiplies by the head itself (see sakd.models.zero)
             register_external_parameters(wrapper, model.get_output_embeddings(), wrapper.aux)
         self._sums: dict[str, torch.Tensor] = {}
@@ -174,10 +176,6 @@ class DistillationTrainer(Trainer):
     def student(self) -> nn.Module:
         """The Hugging Face student inside ``trainer.model``."""
         return self.model.module
-
-    def _zero_stage(self) -> int:
-        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
-        return -1 if plugin is None else int(plugin.zero_stage)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """``TrainingArguments.optim``'s optimizer over sakd's parameter groups: ``lr_multipliers`` (0.0
@@ -285,6 +283,10 @@ class DistillationTrainer(Trainer):
             logs.update(self.hooks.metrics)  # the last step's: mult_*, router_w_*, sar_*, policy_step, gen_*
             self._sums, self._tokens = {}, 0
         super().log(logs, start_time)
+
+    def end(self) -> None:
+        """``Trainer.end``, the ranks leaving the process group together (:func:`trainer_parts.end_run`)."""
+        end_run(self)
 
     # ------------------------------------------------------------------------------ saving and loading
 

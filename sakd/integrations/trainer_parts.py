@@ -22,6 +22,7 @@ from sakd.models.student import TrainableStudent, student_state
 from sakd.objective.composite import Objective
 from sakd.policy import Models, PolicyRunner, build_policy
 from sakd.teacher.placement import teacher_engine
+from sakd.training.distributed import leave_process_group
 from sakd.training.optim import param_groups
 
 AUX_FILE = "sakd_aux.safetensors"
@@ -174,7 +175,7 @@ def trainer_policy(
         raise ConfigError(
             "distillation.policy=sequence needs the teacher model (teacher=...) to write the text"
         )
-    zero = trainer._zero_stage()
+    zero = zero_stage(trainer)
     models = Models(
         trainer.model,
         zero,
@@ -192,3 +193,18 @@ def trainer_policy(
         seed=args.seed,
     )
     return build_policy(run, objective, models, plan, trainer.accelerator)
+
+
+def zero_stage(trainer: Any) -> int:
+    """The Trainer's ZeRO stage (-1 without DeepSpeed)."""
+    plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
+    return -1 if plugin is None else int(plugin.zero_stage)
+
+
+def end_run(trainer: Any) -> None:
+    """``Trainer.end``: the trackers finished, then the ranks leave the process group together
+    (:func:`~sakd.training.distributed.leave_process_group`). ``Trainer.end`` destroys the group right after
+    the last collective, which can reset a peer still reading that collective's reply."""
+    for tracker in trainer.accelerator.trackers:
+        tracker.finish()
+    leave_process_group()
