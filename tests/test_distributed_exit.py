@@ -30,20 +30,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(launcher: str, out: Path) -> list[tuple[int, str]]:
+def _launch(launcher: str, out: Path, *mode: str) -> list[tuple[int, str]]:
     """Exit codes and stderr of one launch of RANKS ranks: under torchrun (its agent hosts the store) or
     started directly, rank 0 hosting the store (as the deepspeed launcher and mpirun do)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS)]
         proc = subprocess.run(
-            [*cmd, str(WORKER), str(out)], capture_output=True, text=True, env=env, timeout=300
+            [*cmd, str(WORKER), str(out), *mode], capture_output=True, text=True, env=env, timeout=300
         )
         return [(proc.returncode, proc.stderr[-2000:])]
     world = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(RANKS)}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(out)],
+            [sys.executable, str(WORKER), str(out), *mode],
             env={**env, **world, "RANK": str(r), "LOCAL_RANK": str(r)},
             stderr=subprocess.PIPE,
             text=True,
@@ -64,6 +64,17 @@ def test_every_rank_exits_cleanly_after_leaving(tmp_path, launcher):
     for rank in range(RANKS):
         record = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert record == {"gathered": [float(r) for r in range(RANKS)], "initialized_after": False}
+
+
+@pytest.mark.multiprocess
+def test_a_run_stopped_by_a_signal_leaves_the_group_too(tmp_path):
+    """sakd's main() ending a command that stopped on SIGTERM (every rank agreed on the stop step and
+    checkpointed it): the ranks leave the group together too and each exits 143, the resumable stop's code
+    (before, only exit 0 left the group, so a stop could end in the abort at exit instead)."""
+    for code, err in _launch("direct", tmp_path, "stopped"):
+        assert code == 143, err
+    for rank in range(RANKS):
+        assert not json.loads((tmp_path / f"rank{rank}.json").read_text())["initialized_after"]
 
 
 def test_leaving_outside_a_launch_keeps_an_in_process_group(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable
 
@@ -240,10 +241,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _leaving(code: int) -> int:
-    """After a command that succeeded on every rank of a launch, the ranks leave the process group together
-    (a rank that exits with it alive can abort at exit and fail the launch; see leave_process_group)."""
+    """After a command that succeeded, or stopped on a signal (143, 130: every rank agrees on the stop step and
+    checkpoints it together), on every rank of a launch, the ranks leave the process group together (a rank
+    that exits with it alive can abort at exit and fail the launch, or turn a stop's 143 into SIGABRT; see
+    leave_process_group)."""
     dist = sys.modules.get("torch.distributed")  # loaded only by a command that imported torch
-    if code == 0 and dist is not None and dist.is_available() and dist.is_initialized():
+    together = code in (0, 128 + signal.SIGTERM, 128 + signal.SIGINT)
+    if together and dist is not None and dist.is_available() and dist.is_initialized():
         from sakd.training.distributed import leave_process_group
 
         leave_process_group()
