@@ -137,6 +137,14 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_trainer(bad, stops_at, toke
     torch.testing.assert_close(first.detach(), after_first["w"], rtol=0, atol=0)
 
 
+def test_max_consecutive_skips_below_one_is_refused(tokenizer_dir, corpus, tmp_path):
+    """0 would stop a run at its first skipped step: refused in one line, as training.max_consecutive_skips."""
+    from sakd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="max_consecutive_skips must be at least 1, not 0"):
+        _tiny_trainer(tokenizer_dir, corpus, tmp_path, max_consecutive_skips=0)
+
+
 def test_trainer_stages_refuse_stages_in_epochs(tokenizer_dir, corpus, tmp_path):
     """A stage given in epochs would end where sakd distill's plan counts an epoch (whole steps of
     batch x accumulation x ranks), not where the Trainer's dataloader does (its last partial batch

@@ -24,6 +24,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from sakd.config import ConfigError
 from sakd.objective.composite import Objective
 from sakd.objective.curriculum import StepSchedule
 from sakd.policy import PolicyRunner
@@ -70,6 +71,8 @@ class StepHooksCallback(TrainerCallback):
         max_consecutive_skips: int = 5,
     ) -> None:
         self.aware, self.objective, self.policy = aware, objective, policy
+        if max_consecutive_skips < 1:
+            raise ConfigError(f"max_consecutive_skips must be at least 1, not {max_consecutive_skips}")
         self.max_consecutive_skips, self.consecutive_skips = max_consecutive_skips, 0
         self.plan = StepPlan(objective, aware.schedule(0, 1))
         self.extras, self.index = StepExtras(), 0
@@ -141,10 +144,16 @@ class StepHooksCallback(TrainerCallback):
         if optimizer is not None:
             skip_update(optimizer)
         scaler = getattr(optimizer, "scaler", None)
-        if (deepspeed and trainer.args.fp16) or (scaler is not None and scaler.get_scale() >= MIN_LOSS_SCALE):
+        # DeepSpeed's fp16 engine: Accelerate's mixed_precision is read from the engine's own config
+        ds_fp16 = deepspeed and trainer.accelerator.mixed_precision == "fp16"
+        if ds_fp16 or (scaler is not None and scaler.get_scale() >= MIN_LOSS_SCALE):
             return
         self.consecutive_skips += 1
         if self.consecutive_skips >= self.max_consecutive_skips:
+            if (
+                scaler is not None
+            ):  # close the unscale_ clip_grad_norm_ did: a later train() can unscale again
+                scaler.update()
             raise NonFiniteError(
                 f"{self.consecutive_skips} optimizer steps in a row had a non-finite gradient norm; stopped -- "
                 "the newest checkpoint holds the last good weights (lower the learning rate or check the data; "

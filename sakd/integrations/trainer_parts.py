@@ -207,4 +207,5 @@ def end_run(trainer: Any) -> None:
     the last collective, which can reset a peer still reading that collective's reply."""
     for tracker in trainer.accelerator.trackers:
         tracker.finish()
-    leave_process_group()
+    if not trainer.accelerator.state.fork_launched:  # notebook_launcher's group: Accelerate keeps it too
+        leave_process_group()
