@@ -96,9 +96,10 @@ class LossConfig:
         max=1,
     )
     temperature: float = _f(
-        2.0,
+        1.0,
         "Softmax temperature applied to both teacher and student logits (off-policy steps; on-policy steps "
-        "score at T = 1).",
+        "score at T = 1). 1 by measurement: T = 2 did worse in every seed on the quality benchmark (BENCHMARKS.md, "
+        "'alpha and T on the real teacher') and makes a sampled cache about 3x larger.",
         gt=0,
     )
     min_temperature: float | None = _f(
