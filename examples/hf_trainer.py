@@ -28,7 +28,7 @@ class DistillArguments:
     teacher_tokenizer: str | None = field(default=None, metadata={"help": "default: the teacher's directory"})
     block_size: int = field(default=256, metadata={"help": "tokens per packed block"})
     alpha: float = field(default=0.5, metadata={"help": "alpha * T^2 * KL + (1 - alpha) * CE"})
-    temperature: float = field(default=2.0, metadata={"help": "softmax temperature on both sides"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature on both sides"})
     feature_weight: float = field(default=0.0, metadata={"help": "hidden-state feature loss (0: off)"})
     lora_rank: int = field(default=0, metadata={"help": "train LoRA adapters of this rank (0: every weight)"})
 

@@ -98,8 +98,9 @@ class LossConfig:
     temperature: float = _f(
         1.0,
         "Softmax temperature applied to both teacher and student logits (off-policy steps; on-policy steps "
-        "score at T = 1). 1 by measurement: T = 2 did worse in every seed on the quality benchmark (BENCHMARKS.md, "
-        "'alpha and T on the real teacher') and makes a sampled cache about 3x larger.",
+        "score at T = 1). 1 by measurement: T = 2 did worse in every seed on the real-teacher quality benchmark "
+        "(at alpha 0.9, from a sampled cache; BENCHMARKS.md, 'alpha and T on the real teacher') and made its "
+        "sampled cache about 3x larger.",
         gt=0,
     )
     min_temperature: float | None = _f(

@@ -102,7 +102,7 @@ class DistillationTrainer(Trainer):
         teacher: the teacher model (frozen here), or a teacher-signal object ``signal(batch)``; None with
             ``distillation.teacher_cache``.
         distillation: sakd's ``distillation`` section (dataclass or dict, e.g.
-            ``{"loss": {"alpha": 0.5, "temperature": 2.0}, "feature": {"weight": 0.5}}``); default: its defaults.
+            ``{"loss": {"alpha": 0.5, "temperature": 1.0}, "feature": {"weight": 0.5}}``); default: its defaults.
             ``teacher_cache`` (a ``sakd cache-teacher`` directory) replaces the teacher; the training rows
             must then be the cache's blocks with their ``sample_id`` (``prepare_distillation_data`` on the
             cache's documents, tokenizer and block size).
