@@ -150,9 +150,8 @@ class StepHooksCallback(TrainerCallback):
             return
         self.consecutive_skips += 1
         if self.consecutive_skips >= self.max_consecutive_skips:
-            if (
-                scaler is not None
-            ):  # close the unscale_ clip_grad_norm_ did: a later train() can unscale again
+            # close the unscale_ that clip_grad_norm_ did, so that a later train() can unscale again
+            if scaler is not None:
                 scaler.update()
             raise NonFiniteError(
                 f"{self.consecutive_skips} optimizer steps in a row had a non-finite gradient norm; stopped -- "
