@@ -1,6 +1,6 @@
 """The memory planner with a PEFT student: the trained-parameter count is exact, gradients and optimizer
 states are those of the adapters, the frozen head gets no gradient -- and the estimate follows the peak
-of a real CPU LoRA step, measured like tests/test_plan.py does (a fresh subprocess, glibc's mmap threshold
+of a real CPU LoRA step, measured like tests/test_plan_measured.py does (a fresh subprocess, glibc's mmap threshold
 pinned low, VmHWM reset before the measured micro-batches)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_plan import BATCH, CHUNK, SEQ, STUDENT, TEACHER, _step, _vm
+from test_plan_measured import BATCH, CHUNK, SEQ, STUDENT, TEACHER, _step, _vm
 from transformers import LlamaConfig, Qwen3MoeConfig
 
 from sakd.config import PeftConfig
@@ -62,7 +62,7 @@ def test_adapters_change_gradients_and_optimizer_states_only() -> None:
 
 
 def _measure(lora: bool) -> dict[str, int]:
-    """tests/test_plan.py's measured step (teacher no-grad forward, student forward, fused KD+CE loss,
+    """tests/test_plan_measured.py's measured step (teacher no-grad forward, student forward, fused KD+CE loss,
     backward; one optimizer step first), with the student wrapped in LoRA adapters or trained in full."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
