@@ -5,7 +5,7 @@
 - :func:`sparse_divergence`, :class:`SparseTeacher` — subset / top-k+tail / sampled KD.
 - :func:`fused_distill` — the blended objective from hidden states and heads, chunked, described by an
   :class:`ObjectiveSpec` (+ :class:`Targets`, :class:`VocabBridge`); :func:`fused_linear_divergence` is
-  the same with every option as a keyword.
+  the same with every option as a keyword; :func:`fused_linear_cross_entropy` the CE alone, the same way.
 - :func:`over_chunks`, :class:`Head` — any per-chunk work on ``hidden @ head.T`` logits.
 - :func:`auto_chunk_size`, :func:`resolve_chunk_size` — rows per chunk for ``chunk_size="auto"``.
 """
@@ -17,6 +17,7 @@ from .cross_entropy import cross_entropy, cross_entropy_per_position
 from .divergences import KINDS, divergence, divergence_from_logprobs
 from .draws import BlockDraws
 from .fused import HeadInput, fused_distill, fused_linear_divergence
+from .fused_ce import fused_linear_cross_entropy
 from .reduction import reduce_positions
 from .sparse import SPARSE_MODES, SparseTeacher, sample_teacher, sparse_divergence, topk_teacher
 from .spec import KDSpec, ObjectiveSpec, Targets, VocabBridge
@@ -42,6 +43,7 @@ __all__ = [
     "divergence",
     "divergence_from_logprobs",
     "fused_distill",
+    "fused_linear_cross_entropy",
     "fused_linear_divergence",
     "kd_per_position",
     "over_chunks",

@@ -32,6 +32,7 @@ from sakd.losses import (
     cross_entropy,
     distill_loss,
     fused_distill,
+    fused_linear_cross_entropy,
     over_chunks,
     resolve_chunk_size,
 )
@@ -187,26 +188,36 @@ class Objective:
         return ObjectiveOutput(loss, sums, n)
 
     def _ce_only(self, student: HiddenAndHead, targets: torch.Tensor, n: torch.Tensor) -> ObjectiveOutput:
-        """Summed CE, one chunk of logits at a time (recomputed in backward: O(chunk x V) extra memory)."""
+        """Summed CE, one chunk of logits at a time. Training: the fused loss with its gradient in closed form
+        (:func:`sakd.losses.fused_ce.fused_linear_cross_entropy`); evaluation, and a ZeRO-3 head (released
+        after the forward, so no gradient may be taken inside it), autograd over the chunks."""
         rows = student_rows(student, self.vocab_size)
-
-        def chunk_ce(r: slice) -> torch.Tensor:
-            return cross_entropy(
-                rows.head.logits(rows.hidden[r]),
-                targets[r],
-                ignore_index=IGNORE_INDEX,
-                label_smoothing=self.cfg.label_smoothing,
-                reduction="sum",
-            )
-
-        # a ZeRO-3 head is released after the forward and not gathered again for a recomputation in backward
-        # (the prepared module returns no tensors DeepSpeed could hook): keep the chunks' logits instead
-        recompute = (
-            torch.is_grad_enabled() and rows.hidden.requires_grad and not is_partitioned(rows.head.weight)
-        )
         n_rows, width = rows.hidden.shape
         chunk = resolve_chunk_size(self.cfg.chunk_size, n_rows, (self.vocab_size, 0), (width, 0))
-        ce = over_chunks(chunk_ce, n_rows, chunk, recompute=recompute)
+        partitioned = is_partitioned(rows.head.weight)
+        trains = torch.is_grad_enabled() and (rows.hidden.requires_grad or rows.head.weight.requires_grad)
+        if trains and not partitioned:
+            ce = fused_linear_cross_entropy(
+                rows.hidden,
+                rows.head,
+                targets,
+                ignore_index=IGNORE_INDEX,
+                label_smoothing=self.cfg.label_smoothing,
+                chunk_size=chunk,
+            )
+        else:
+
+            def chunk_ce(r: slice) -> torch.Tensor:
+                return cross_entropy(
+                    rows.head.logits(rows.hidden[r]),
+                    targets[r],
+                    ignore_index=IGNORE_INDEX,
+                    label_smoothing=self.cfg.label_smoothing,
+                    reduction="sum",
+                )
+
+            # a ZeRO-3 head is not gathered again for a recomputation in backward: the chunks' logits are kept
+            ce = over_chunks(chunk_ce, n_rows, chunk)
         ce = ce.float() if ce.dtype != torch.float64 else ce
         d = ce.detach()
         return ObjectiveOutput(ce, {"loss": d, "ce": d}, n)
