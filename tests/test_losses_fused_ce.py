@@ -50,13 +50,45 @@ def test_padded_head_rows_and_ignored_positions_get_no_gradient():
     assert gh[ignored].abs().max() == 0 and gh[~ignored].abs().min() > 0
 
 
-def test_an_upstream_gradient_scales_the_stored_one_and_frozen_inputs_get_none():
+@pytest.mark.parametrize("frozen", ["hidden", "head"])
+def test_a_frozen_input_gets_no_gradient_and_the_other_the_reference_one(frozen):
     hidden, weight, _, labels = _case(bias=False)
-    frozen = hidden.detach()  # the body frozen, only the head trains (a head-only adapter)
-    (g1,) = torch.autograd.grad(fused_linear_cross_entropy(frozen, Head(weight), labels, chunk_size=5), [weight])
-    loss = fused_linear_cross_entropy(frozen, Head(weight), labels, chunk_size=5)
-    (g3,) = torch.autograd.grad(3.0 * loss / 7.0, [weight])
-    torch.testing.assert_close(g3, g1 * 3.0 / 7.0, rtol=1e-12, atol=1e-14)
+    if frozen == "hidden":  # the body frozen, only the head trains
+        hidden = hidden.detach()
+    else:  # a frozen head (PEFT adapters on the body)
+        weight = weight.detach()
+    trained = weight if frozen == "hidden" else hidden
+    loss = fused_linear_cross_entropy(hidden, Head(weight), labels, chunk_size=5)
+    ref = _reference(hidden, weight, None, labels, 17, 0.0)
+    (got,) = torch.autograd.grad(2.5 * loss, [trained])
+    (want,) = torch.autograd.grad(2.5 * ref, [trained])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    frozen_tensor = hidden if frozen == "hidden" else weight
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad(fused_linear_cross_entropy(hidden, Head(weight), labels), [frozen_tensor])
+
+
+def test_the_objective_trains_ce_through_the_fused_loss_and_evaluates_without_it():
+    """Which path the CE-only objective takes: the fused one while training, autograd over chunks when asked for
+    (``loss.fused: false``) and no backward graph at all under ``no_grad`` (evaluation)."""
+    from sakd.config import LossConfig
+    from sakd.models.forward import HiddenAndHead
+    from sakd.objective.composite import Objective
+
+    hidden, weight, _, labels = _case(N=24, bias=False)
+    student = HiddenAndHead(hidden.reshape(3, 8, -1), weight, None)
+    labels = labels.reshape(3, 8)
+    fused = Objective(LossConfig(alpha=0.0), vocab_size=17)(student, None, labels, temperature=1.0)
+    plain = Objective(LossConfig(alpha=0.0, fused=False), vocab_size=17)(
+        student, None, labels, temperature=1.0
+    )
+    assert type(fused.loss_sum.grad_fn).__name__ == "_FusedLinearCEBackward"
+    assert type(plain.loss_sum.grad_fn).__name__ != "_FusedLinearCEBackward"
+    torch.testing.assert_close(fused.loss_sum, plain.loss_sum, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        evaluated = Objective(LossConfig(alpha=0.0), vocab_size=17)(student, None, labels, temperature=1.0)
+    assert evaluated.loss_sum.grad_fn is None
+    torch.testing.assert_close(evaluated.loss_sum, fused.loss_sum.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_all_positions_ignored_gives_zero_loss_and_zero_gradient():

@@ -126,7 +126,10 @@ class LossConfig:
     kd_top_k: int | None = _f(None, "k for the subset / topk_tail sparse modes.", min=1)
     num_samples: int = _f(64, "Teacher samples per token for sparse=sampled.", min=1)
     fused: bool = _f(
-        True, "Compute the loss from hidden states chunk by chunk, never building [batch, seq, vocab] logits."
+        True,
+        "Compute the loss from hidden states chunk by chunk, never building [batch, seq, vocab] logits, with "
+        "gradients in closed form where there is one. false: a reference path on full logits (CE alone: "
+        "autograd on chunks rebuilt in backward).",
     )
     chunk_size: int | str = _f(
         "auto",

@@ -33,6 +33,7 @@ from .reduction import compute_dtype
 from .sparse import SparseTeacher, sample_teacher
 from .sparse_grads import kd_block_for
 from .spec import KDSpec, VocabBridge
+from .stored_grads import kept_dtype, upstream_scaled, zero_grads
 
 
 @dataclass(frozen=True)
@@ -251,11 +252,14 @@ def _process_chunk(
         kd, ce, grad_logits = _chunk_autograd(logits, chunk_teacher, labels, valid, coefs, plan, chunk_target)
     grad_hidden, grad_weight, grad_bias = grads
     if grad_logits is not None:
-        grad_logits = grad_logits.to(s_hidden.dtype)
+        keep = kept_dtype(
+            s_hidden.dtype
+        )  # fp16: float32 until backward has scaled it (sakd.losses.stored_grads)
+        grad_logits = grad_logits.to(keep)
         if grad_hidden is not None:
-            grad_hidden[rows] = grad_logits @ s_weight
+            grad_hidden[rows] = grad_logits @ s_weight.to(keep)
         if grad_weight is not None:
-            grad_weight.addmm_(grad_logits.T, hidden)
+            grad_weight.addmm_(grad_logits.T, hidden.to(keep))
         if grad_bias is not None:
             grad_bias += grad_logits.sum(0)
     kd_sum = (kd_weights * torch.where(valid, kd, 0.0)).sum()
@@ -267,10 +271,7 @@ def _process_chunk(
 class FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, plan: ChunkPlan):
-        grads = tuple(
-            torch.zeros_like(t) if needed else None
-            for t, needed in zip((s_hidden, s_weight, s_bias), plan.needs_grad, strict=True)
-        )
+        grads = tuple(zero_grads((s_hidden, s_weight, s_bias), plan.needs_grad))
         n_tokens = s_hidden.shape[0]
         workspace = _Workspace.create(plan, n_tokens, s_weight, t_weight) if plan.closed_form else None
         kd_total = ce_total = blended_total = torch.zeros(
@@ -292,6 +293,9 @@ class FusedLinearKD(torch.autograd.Function):
                 kd_total, ce_total = kd_total + kd_sum, ce_total + ce_sum
                 blended_total = blended_total + blended_sum
         ctx.save_for_backward(*grads)
+        ctx.dtypes = tuple(
+            None if g is None else t.dtype for g, t in zip(grads, (s_hidden, s_weight, s_bias), strict=True)
+        )
         kd = kd_total * (plan.kd_scale / plan.denominator)
         ce = ce_total / plan.denominator
         if plan.kd_valid is None:
@@ -304,7 +308,4 @@ class FusedLinearKD(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        grads = ctx.saved_tensors
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-            grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads)
-        return (*grads, None, None, None, None)
+        return (*upstream_scaled(ctx.saved_tensors, grad_loss, ctx.dtypes), None, None, None, None)

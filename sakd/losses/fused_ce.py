@@ -15,38 +15,40 @@ float rounding (checked, with the gradients, against ``torch.nn.functional.cross
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .chunked import Head
 from .logit_grads import block_rows, ce_rows_and_grad
 from .reduction import compute_dtype
+from .stored_grads import kept_dtype, upstream_scaled, zero_grads
 
 
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, chunk_size):
-        needs = ctx.needs_input_grad[:3]
         dtype = compute_dtype(hidden.dtype)
-        grads = [
-            torch.zeros_like(t) if t is not None and need else None
-            for t, need in zip((hidden, weight, bias), needs, strict=True)
-        ]
+        grads = zero_grads((hidden, weight, bias), ctx.needs_input_grad[:3])
+        keep = kept_dtype(hidden.dtype)
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         rows_per_chunk = min(chunk_size, max(1, n_rows))
         block = block_rows(rows_per_chunk, vocab)
         scratch = torch.empty(block, vocab, dtype=dtype, device=hidden.device)
         valid = labels != ignore_index
         total = torch.zeros((), dtype=dtype, device=hidden.device)
-        for start in range(0, n_rows, rows_per_chunk):
-            rows = slice(start, start + rows_per_chunk)
-            chunk_valid = valid[rows]
-            if not bool(chunk_valid.any()):
+        starts = range(0, n_rows, rows_per_chunk)
+        # chunks without a valid position are skipped; decided for all chunks with one host sync
+        nonempty = (
+            torch.stack([valid[s : s + rows_per_chunk].any() for s in starts]).tolist() if n_rows else []
+        )
+        head = weight.to(keep) if grads[0] is not None else weight  # fp16: the hidden gradient in fp32
+        for start, has_valid in zip(starts, nonempty, strict=True):
+            if not has_valid:
                 continue
+            rows = slice(start, start + rows_per_chunk)
             h = hidden[rows]
-            logits = torch.nn.functional.linear(h, weight, bias).to(
-                dtype
-            )  # as the unfused path: upcast after
+            logits = F.linear(h, weight, bias).to(dtype)  # as the unfused path: upcast after the matmul
             for lo in range(0, logits.shape[0], block):
                 part = slice(lo, lo + block)
                 grad = scratch[: logits[part].shape[0]]
@@ -58,26 +60,26 @@ class _FusedLinearCE(torch.autograd.Function):
                     out=grad,
                 )
                 total = total + ce.sum()
-                logits[part].copy_(grad).mul_(chunk_valid[part].unsqueeze(-1))  # ignored rows: no gradient
-            g = logits.to(hidden.dtype)
+                logits[part].copy_(grad).mul_(valid[rows][part].unsqueeze(-1))  # ignored rows: no gradient
+            g = logits.to(keep)
             if grads[0] is not None:
-                grads[0][rows] = g @ weight
+                grads[0][rows] = g @ head
             if grads[1] is not None:
-                grads[1].addmm_(g.T, h)
+                grads[1].addmm_(g.T, h.to(keep))
             if grads[2] is not None:
                 grads[2] += g.sum(0)
         ctx.save_for_backward(*(g for g in grads if g is not None))
-        ctx.present = tuple(g is not None for g in grads)
+        ctx.dtypes = tuple(
+            None if g is None else t.dtype for g, t in zip(grads, (hidden, weight, bias), strict=True)
+        )
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total):
         saved = iter(ctx.saved_tensors)
-        grads = [next(saved) if present else None for present in ctx.present]
-        if not torch.equal(grad_total, torch.ones_like(grad_total)):
-            grads = [None if g is None else g * grad_total.to(g.dtype) for g in grads]
-        return (*grads, None, None, None, None)
+        grads = [None if dtype is None else next(saved) for dtype in ctx.dtypes]
+        return (*upstream_scaled(grads, grad_total, ctx.dtypes), None, None, None, None)
 
 
 def fused_linear_cross_entropy(

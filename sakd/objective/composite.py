@@ -25,6 +25,7 @@ import torch
 from sakd.config import DistillationConfig, LossConfig
 from sakd.losses import (
     BlockDraws,
+    HeadInput,
     KDSpec,
     ObjectiveSpec,
     Targets,
@@ -188,36 +189,8 @@ class Objective:
         return ObjectiveOutput(loss, sums, n)
 
     def _ce_only(self, student: HiddenAndHead, targets: torch.Tensor, n: torch.Tensor) -> ObjectiveOutput:
-        """Summed CE, one chunk of logits at a time. Training: the fused loss with its gradient in closed form
-        (:func:`sakd.losses.fused_ce.fused_linear_cross_entropy`); evaluation, and a ZeRO-3 head (released
-        after the forward, so no gradient may be taken inside it), autograd over the chunks."""
-        rows = student_rows(student, self.vocab_size)
-        n_rows, width = rows.hidden.shape
-        chunk = resolve_chunk_size(self.cfg.chunk_size, n_rows, (self.vocab_size, 0), (width, 0))
-        partitioned = is_partitioned(rows.head.weight)
-        trains = torch.is_grad_enabled() and (rows.hidden.requires_grad or rows.head.weight.requires_grad)
-        if trains and not partitioned:
-            ce = fused_linear_cross_entropy(
-                rows.hidden,
-                rows.head,
-                targets,
-                ignore_index=IGNORE_INDEX,
-                label_smoothing=self.cfg.label_smoothing,
-                chunk_size=chunk,
-            )
-        else:
-
-            def chunk_ce(r: slice) -> torch.Tensor:
-                return cross_entropy(
-                    rows.head.logits(rows.hidden[r]),
-                    targets[r],
-                    ignore_index=IGNORE_INDEX,
-                    label_smoothing=self.cfg.label_smoothing,
-                    reduction="sum",
-                )
-
-            # a ZeRO-3 head is not gathered again for a recomputation in backward: the chunks' logits are kept
-            ce = over_chunks(chunk_ce, n_rows, chunk)
+        """Summed CE, one chunk of logits at a time (:func:`_summed_ce`)."""
+        ce = _summed_ce(student_rows(student, self.vocab_size), targets, self.cfg)
         ce = ce.float() if ce.dtype != torch.float64 else ce
         d = ce.detach()
         return ObjectiveOutput(ce, {"loss": d, "ce": d}, n)
@@ -306,6 +279,39 @@ class Objective:
         if kd_mask is not None:
             sums["kd_positions"] = (kd_mask & (targets != IGNORE_INDEX)).sum().double()
         return ObjectiveOutput(loss, sums, n)
+
+
+def _summed_ce(rows: HeadInput, targets: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Σ CE over ``rows``. Training: the fused loss with its gradient in closed form
+    (:func:`sakd.losses.fused_ce.fused_linear_cross_entropy`); evaluation, ``loss.fused: false`` and a ZeRO-3
+    head (released after the forward, so no gradient may be taken inside it): autograd over the chunks."""
+    n_rows, width = rows.hidden.shape
+    vocab = rows.head.vocab or rows.head.weight.shape[0]
+    chunk = resolve_chunk_size(cfg.chunk_size, n_rows, (vocab, 0), (width, 0))
+    partitioned = is_partitioned(rows.head.weight)
+    trains = torch.is_grad_enabled() and (rows.hidden.requires_grad or rows.head.weight.requires_grad)
+    if trains and not partitioned and cfg.fused:
+        return fused_linear_cross_entropy(
+            rows.hidden,
+            rows.head,
+            targets,
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=cfg.label_smoothing,
+            chunk_size=chunk,
+        )
+
+    def chunk_ce(r: slice) -> torch.Tensor:
+        return cross_entropy(
+            rows.head.logits(rows.hidden[r]),
+            targets[r],
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=cfg.label_smoothing,
+            reduction="sum",
+        )
+
+    # logits rebuilt in backward (``loss.fused: false``), except for a ZeRO-3 head: it is not gathered again for
+    # a recomputation in backward, so the chunks' logits are kept
+    return over_chunks(chunk_ce, n_rows, chunk, recompute=trains and not partitioned)
 
 
 def _sampled_draws(spec: ObjectiveSpec, batch: dict[str, torch.Tensor], seed: int) -> BlockDraws | None:

@@ -195,7 +195,8 @@ def loss_bytes(
     closed forms (:func:`sakd.losses.logit_grads.block_rows` rows each): one ``[block, max(Vs, Vt)]``, one
     ``[block, Vs]`` for the CE gradient with labels, and :data:`BRIDGE_BLOCK_ROWS` ``[block, buckets]``
     across vocabularies. The gradients are computed in the forward pass and kept until backward: ``[tokens, Hs]``
-    for the hidden states and ``[Vs, Hs]`` for the head, in the head's dtype."""
+    for the hidden states and ``[Vs, Hs]`` for the head, in the head's dtype (float32 for fp16:
+    :mod:`sakd.losses.stored_grads`)."""
     vs, vt = student.vocab, teacher.vocab if teacher else 0
     ht = teacher.hidden if teacher else 0
     rows = min(resolve_chunk_size(w.chunk_size, tokens, (vs, vt), (student.hidden, ht)), tokens)

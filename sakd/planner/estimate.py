@@ -130,7 +130,8 @@ def estimate(student: ModelNumbers, teacher: ModelNumbers | None, setup: Setup, 
         if mixed and not setup.offload_optimizer:
             grads += 4 * t // n  # the fp32 gradient partition of the step
         optimizer = 0 if setup.offload_optimizer else t * (2 if setup.optimizer == "adamw_8bit" else 8) // n
-        head_bytes = model_bytes
+        # the fused losses keep an fp16 model's gradients in float32 (sakd.losses.stored_grads)
+        head_bytes = 4 if w.mixed_precision == "fp16" else model_bytes
     act_bytes = 2 if mixed else master
     stream_bytes = master if s == 0 else act_bytes  # autocast keeps the residual stream in fp32
     tokens = setup.micro_batch * w.seq_len
