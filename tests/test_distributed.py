@@ -292,3 +292,30 @@ def test_stages_under_deepspeed_two_cpu_ranks_equal_one_process(
     a, b = (load_file(str(r / "run" / "final" / "model.safetensors")) for r in (tmp_path, resumed))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_zero3_cross_entropy_alone_two_ranks_equal_one_process(tiny_run_config_module, tmp_path):
+    """``alpha: 0`` under ZeRO-3: the CE-only objective's fused loss takes the partitioned head's gradient in the
+    forward, while the head is gathered (it never needs it again in backward), and gives the single-process
+    update (the feature term keeps the teacher in the step)."""
+    from sakd.config import load_config
+    from sakd.training.trainer import Distiller
+
+    def ce_only(out: Path, **training) -> dict:
+        raw = _recipe(tiny_run_config_module, out, **training)
+        raw["distillation"]["loss"]["alpha"] = 0.0
+        return raw
+
+    single = tmp_path / "single"
+    cfg, _ = load_config(ce_only(single, gradient_accumulation_steps=2))
+    d = Distiller(cfg, resume="none", overwrite=True)
+    steps = [[sorted(i for mb in d.plan.micro_batches(0, s, 0) for i in mb)] for s in range(STEPS)]
+    d.train()
+    reference = {
+        "steps": steps,
+        "final": load_file(str(single / "run" / "final" / "model.safetensors")),
+        "metrics": _metrics(single / "run"),
+    }
+    ranks = _launch(ce_only(tmp_path, deepspeed=str(ROOT / "ds_configs/zero3.json")), tmp_path)
+    assert ranks[0]["zero_stage"] == 3
+    _check_common(ranks, reference, tmp_path / "run", atol=1e-5, weight_atol=1e-4)

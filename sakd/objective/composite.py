@@ -283,14 +283,13 @@ class Objective:
 
 def _summed_ce(rows: HeadInput, targets: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """Σ CE over ``rows``. Training: the fused loss with its gradient in closed form
-    (:func:`sakd.losses.fused_ce.fused_linear_cross_entropy`); evaluation, ``loss.fused: false`` and a ZeRO-3
-    head (released after the forward, so no gradient may be taken inside it): autograd over the chunks."""
+    (:func:`sakd.losses.fused_ce.fused_linear_cross_entropy`; computed in the forward, so a ZeRO-3 head is needed
+    only while it is gathered); evaluation and ``loss.fused: false``: autograd over the chunks."""
     n_rows, width = rows.hidden.shape
     vocab = rows.head.vocab or rows.head.weight.shape[0]
     chunk = resolve_chunk_size(cfg.chunk_size, n_rows, (vocab, 0), (width, 0))
-    partitioned = is_partitioned(rows.head.weight)
     trains = torch.is_grad_enabled() and (rows.hidden.requires_grad or rows.head.weight.requires_grad)
-    if trains and not partitioned and cfg.fused:
+    if trains and cfg.fused:
         return fused_linear_cross_entropy(
             rows.hidden,
             rows.head,
@@ -311,7 +310,7 @@ def _summed_ce(rows: HeadInput, targets: torch.Tensor, cfg: LossConfig) -> torch
 
     # logits rebuilt in backward (``loss.fused: false``), except for a ZeRO-3 head: it is not gathered again for
     # a recomputation in backward, so the chunks' logits are kept
-    return over_chunks(chunk_ce, n_rows, chunk, recompute=trains and not partitioned)
+    return over_chunks(chunk_ce, n_rows, chunk, recompute=trains and not is_partitioned(rows.head.weight))
 
 
 def _sampled_draws(spec: ObjectiveSpec, batch: dict[str, torch.Tensor], seed: int) -> BlockDraws | None:
