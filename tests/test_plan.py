@@ -221,3 +221,21 @@ def test_cli_fails_with_one_line_when_nothing_fits(capsys: pytest.CaptureFixture
     assert _run_plan(["--gpu-memory", "2GB"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no setup fits") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("stage", "work"),
+    [
+        (0, {"student_dtype": "float16"}),  # a half-precision model without autocast
+        (2, {"mixed_precision": "fp16"}),  # DeepSpeed's fp16 engine
+        (2, {"student_dtype": "float16"}),  # ZeRO with the model itself in fp16
+    ],
+)
+def test_an_fp16_heads_loss_gradients_are_counted_in_float32(stage: int, work: dict[str, Any]) -> None:
+    """The fused losses keep an fp16 head's gradients ([tokens, H] + [V, H]) in float32 until backward
+    (sakd.losses.stored_grads); bf16 keeps its own 2 bytes."""
+    student = model_numbers("smollm-135m")
+    bf16_work = {k: ("bfloat16" if v == "float16" else "bf16") for k, v in work.items()}
+    fp16 = _pair_estimate(Setup(stage=stage), **work).components["loss"]
+    bf16 = _pair_estimate(Setup(stage=stage), **bf16_work).components["loss"]
+    assert fp16 - bf16 == (384 + student.vocab) * student.hidden * 2  # Setup.micro_batch 1 × 384 tokens

@@ -129,7 +129,7 @@ class LossConfig:
         True,
         "Compute the loss from hidden states chunk by chunk, never building [batch, seq, vocab] logits, with "
         "gradients in closed form where there is one. false: a reference path on full logits (CE alone: "
-        "autograd on chunks rebuilt in backward).",
+        "autograd on chunks, rebuilt in backward; under ZeRO-3 kept).",
     )
     chunk_size: int | str = _f(
         "auto",

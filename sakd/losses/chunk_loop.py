@@ -257,7 +257,7 @@ def _process_chunk(
         )  # fp16: float32 until backward has scaled it (sakd.losses.stored_grads)
         grad_logits = grad_logits.to(keep)
         if grad_hidden is not None:
-            grad_hidden[rows] = grad_logits @ s_weight.to(keep)
+            grad_hidden[rows] = grad_logits.to(s_weight.dtype) @ s_weight  # per position: cannot overflow
         if grad_weight is not None:
             grad_weight.addmm_(grad_logits.T, hidden.to(keep))
         if grad_bias is not None:

@@ -42,7 +42,6 @@ class _FusedLinearCE(torch.autograd.Function):
         nonempty = (
             torch.stack([valid[s : s + rows_per_chunk].any() for s in starts]).tolist() if n_rows else []
         )
-        head = weight.to(keep) if grads[0] is not None else weight  # fp16: the hidden gradient in fp32
         for start, has_valid in zip(starts, nonempty, strict=True):
             if not has_valid:
                 continue
@@ -63,7 +62,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 logits[part].copy_(grad).mul_(valid[rows][part].unsqueeze(-1))  # ignored rows: no gradient
             g = logits.to(keep)
             if grads[0] is not None:
-                grads[0][rows] = g @ head
+                grads[0][rows] = g.to(weight.dtype) @ weight  # per position: cannot overflow
             if grads[1] is not None:
                 grads[1].addmm_(g.T, h.to(keep))
             if grads[2] is not None:

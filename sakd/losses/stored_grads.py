@@ -10,6 +10,9 @@ consequences, both handled here:
   range and keeps its own dtype (half the memory).
 - the upstream gradient (``1 / tokens``, times a loss scale) is applied as a Python float, in float32 arithmetic,
   then rounded once: multiplying by it rounded to bf16 first biased every gradient by up to 0.2 %.
+
+The hidden states' gradient is per position (``|∂/∂z|₁ ≤ 2`` per row, so ``|g·W| ≤ 2·max|W|``): it is computed in
+the head's own dtype, without a float32 copy of the head, and only stored in float32.
 """
 
 from __future__ import annotations
@@ -36,9 +39,12 @@ def zero_grads(tensors: Sequence[Tensor | None], needed: Sequence[bool]) -> list
 def upstream_scaled(
     grads: Sequence[Tensor | None], grad_out: Tensor, dtypes: Sequence[torch.dtype | None]
 ) -> list[Tensor | None]:
-    """The kept gradients times the upstream scalar gradient ``grad_out``, each cast to its tensor's dtype."""
+    """The kept gradients times the upstream scalar gradient ``grad_out``, each cast to its tensor's dtype.
+
+    Scales in place: the kept buffers are dead after a ``once_differentiable`` backward (a second backward
+    through a retained graph fails on autograd's version check instead of reading them scaled)."""
     scale = float(grad_out)  # one host sync; a Python float multiplies in float32 arithmetic
     return [
-        None if g is None or dtype is None else (g if scale == 1.0 else g * scale).to(dtype)
+        None if g is None or dtype is None else (g if scale == 1.0 else g.mul_(scale)).to(dtype)
         for g, dtype in zip(grads, dtypes, strict=True)
     ]

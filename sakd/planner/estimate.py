@@ -117,7 +117,9 @@ def estimate(student: ModelNumbers, teacher: ModelNumbers | None, setup: Setup, 
             weights = int(linear * QUANT_BYTES[w.student_quantization]) + (p - linear) * master
         grads = t * master * (2 if n > 1 else 1)
         optimizer = t * state_bytes
-        head_bytes = master
+        head_bytes = (
+            4 if w.student_dtype == "float16" else master
+        )  # sakd.losses.stored_grads: fp16 kept in fp32
     else:
         model_bytes = 2 if mixed else master
         gathered = 2 * student.layer_params * model_bytes  # ZeRO-3: the layer in use and the prefetched one
@@ -130,8 +132,9 @@ def estimate(student: ModelNumbers, teacher: ModelNumbers | None, setup: Setup, 
         if mixed and not setup.offload_optimizer:
             grads += 4 * t // n  # the fp32 gradient partition of the step
         optimizer = 0 if setup.offload_optimizer else t * (2 if setup.optimizer == "adamw_8bit" else 8) // n
-        # the fused losses keep an fp16 model's gradients in float32 (sakd.losses.stored_grads)
-        head_bytes = 4 if w.mixed_precision == "fp16" else model_bytes
+        # the fused losses keep an fp16 head's gradients in float32 (sakd.losses.stored_grads)
+        fp16 = w.mixed_precision == "fp16" or (not mixed and w.student_dtype == "float16")
+        head_bytes = 4 if fp16 else model_bytes
     act_bytes = 2 if mixed else master
     stream_bytes = master if s == 0 else act_bytes  # autocast keeps the residual stream in fp32
     tokens = setup.micro_batch * w.seq_len
