@@ -167,7 +167,8 @@ def _measure_aligned() -> dict[str, int]:
     return peaks
 
 
-def _measured(mode: str) -> dict[str, Any]:
+def _measured(mode: str, script: str = __file__) -> dict[str, Any]:
+    """``python script mode`` in a fresh process (glibc's mmap threshold pinned, one thread): its last JSON line."""
     env = {
         **os.environ,
         "MALLOC_MMAP_THRESHOLD_": "65536",
@@ -175,7 +176,7 @@ def _measured(mode: str) -> dict[str, Any]:
         "OMP_NUM_THREADS": "1",
     }
     out = subprocess.run(
-        [sys.executable, __file__, mode], capture_output=True, text=True, env=env, check=True, timeout=120
+        [sys.executable, script, mode], capture_output=True, text=True, env=env, check=True, timeout=120
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from test_plan_measured import BATCH, CHUNK, SEQ, STUDENT, TEACHER, _step, _vm
+from test_plan_measured import _measured as measured_in_fresh_process
 from transformers import LlamaConfig, Qwen3MoeConfig
 
 from sakd.config import PeftConfig
@@ -89,16 +88,7 @@ def _measure(lora: bool) -> dict[str, int]:
 
 
 def _measured(mode: str) -> dict[str, Any]:
-    env = {
-        **os.environ,
-        "MALLOC_MMAP_THRESHOLD_": "65536",
-        "MALLOC_TRIM_THRESHOLD_": "0",
-        "OMP_NUM_THREADS": "1",
-    }
-    out = subprocess.run(
-        [sys.executable, __file__, mode], capture_output=True, text=True, env=env, check=True, timeout=120
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return measured_in_fresh_process(mode, __file__)
 
 
 @pytest.fixture(scope="module")
