@@ -11,8 +11,14 @@ import os
 import sys
 from pathlib import Path
 
-from sakd.commands import quality_runs as qr
+from sakd.commands import console
 
+console.setup(debug=False)  # the libraries' import-time warnings, filtered as `sakd` filters them
+console.runtime()
+from sakd.commands import quality_runs as qr  # noqa: E402
+
+if len(sys.argv) < 6:
+    sys.exit(__doc__)
 out, teacher, student, data = Path(sys.argv[1]), str(Path(sys.argv[2]).resolve()), sys.argv[3], sys.argv[4]
 budget, epochs = int(os.environ.get("BUDGET", 90112)), float(os.environ.get("EPOCHS", 4.5))
 alpha, temp = float(os.environ.get("ALPHA", 0.9)), float(os.environ.get("T", 1))
