@@ -3,8 +3,8 @@ the setting (alpha, T) chosen on the validation split, its held-out (test) bits 
 the share of the CE -> teacher gap it closes; a Markdown table and a PNG.
 
 Selection reads only ``validation_bpb``; ``test_bpb`` is only reported. The gap is measured against the
-best CE-only student over seeds of the same cell (the lowest test bpb: a CE baseline that varies between
-seeds is taken at its best, which can only make KD look worse):
+CE-only seed of the same cell with the best validation bpb (chosen on validation like every setting, then
+its test bpb):
 ``gap_closed = (bpb_CE - bpb_KD) / (bpb_CE - bpb_teacher)`` per KD seed, then mean and spread.
 """
 
@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    """Mean, sample standard deviation (0 for one value), min and max."""
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (None for one value: no spread was measured), min, max and count."""
     return {
         "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
         "min": min(values),
         "max": max(values),
     }
@@ -59,7 +60,8 @@ def summarize(
             (r for r in rows if (r["alpha"], r["temperature"]) == (alpha, temp)), key=lambda r: r["seed"]
         )
         ce_rows = cells.get((budget, epochs, "ce"), [])
-        ce_ref = min((r["test_bpb"] for r in ce_rows), default=None)
+        ce_best = min(ce_rows, key=lambda r: r["validation_bpb"], default=None)  # chosen on validation
+        ce_ref = None if ce_best is None else ce_best["test_bpb"]
         result: dict[str, Any] = {
             "budget": budget,
             "epochs": epochs,
@@ -72,6 +74,7 @@ def summarize(
             "test_bpb": [r["test_bpb"] for r in chosen],
             "test_bpb_stats": spread([r["test_bpb"] for r in chosen]),
             "ce_reference_test_bpb": ce_ref,
+            "ce_reference_seed": None if ce_best is None else ce_best["seed"],
             "train_seconds": spread([r["train_seconds"] for r in chosen]),
             "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in chosen),
             "cache_bytes_per_token": cache_bpt.get(f"{arm}_T{temp:g}"),
@@ -101,15 +104,18 @@ def wall_times(runs: list[dict[str, Any]], caches: list[dict[str, Any]]) -> dict
     }
 
 
-def _fmt(stats: dict[str, float] | None, pct: bool = False) -> str:
+def _fmt(stats: dict[str, Any] | None, pct: bool = False) -> str:
     if stats is None:
         return "—"
-    k = 100 if pct else 1
-    return f"{k * stats['mean']:.{1 if pct else 3}f} ± {k * stats['std']:.{1 if pct else 3}f}"
+    k, digits = (100, 1) if pct else (1, 3)
+    if stats["std"] is None:  # one seed: no spread to show
+        return f"{k * stats['mean']:.{digits}f} (1 seed)"
+    return f"{k * stats['mean']:.{digits}f} ± {k * stats['std']:.{digits}f}"
 
 
 def to_markdown(results: list[dict[str, Any]], teacher: dict[str, Any]) -> str:
-    """The results as a Markdown table (test bpb and gap closed: mean ± std over seeds)."""
+    """The results as a Markdown table (test bpb and gap closed: mean ± std over seeds, or the value and
+    "(1 seed)")."""
     lines = [
         f"teacher: validation bpb {teacher['validation']['bpb']:.3f}, test bpb {teacher['test']['bpb']:.3f}",
         "",
