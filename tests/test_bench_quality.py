@@ -47,7 +47,7 @@ def test_gap_closed_is_computed_from_the_reported_bits_per_byte(bench):
     teacher = report["teacher"]["test"]["bpb"]
     for r in report["results"]:
         cell = [x for x in report["runs"] if (x["budget"], x["epochs"]) == (r["budget"], r["epochs"])]
-        best_ce = min(x["test_bpb"] for x in cell if x["arm"] == "ce")
+        best_ce = min((x for x in cell if x["arm"] == "ce"), key=lambda x: x["validation_bpb"])["test_bpb"]
         assert r["ce_reference_test_bpb"] == best_ce
         if r["arm"] == "ce":
             assert r["gap_closed"] is None
@@ -85,7 +85,6 @@ def test_settings_are_chosen_on_validation_and_the_test_split_is_unseen(bench, c
     runs = report["runs"]
     teacher = report["teacher"]["test"]["bpb"]
     bpt = {f"{c['arm']}_T{c['temperature']:g}": c["bytes_per_token"] for c in report["caches"]}
-    assert summarize(runs, teacher, bpt) == report["results"]
     # reversing the test numbers changes no choice; reversing the validation numbers changes some
     flipped = copy.deepcopy(runs)
     for r, src in zip(flipped, reversed(runs), strict=True):
@@ -137,6 +136,71 @@ def test_a_rerun_reuses_the_finished_runs_and_caches(bench, corpus):
     assert (out / "runs.jsonl").read_text().splitlines() == lines  # nothing trained again
     assert again["runs"] == report["runs"] and again["results"] == report["results"]
     assert all(c["computed_positions"] == 0 for c in again["caches"])  # every cache found complete
+    # the reused caches and teacher report the seconds they took when made, not this rerun's ~0
+    assert [c["seconds"] for c in again["caches"]] == [c["seconds"] for c in report["caches"]]
+    assert all(c["seconds"] > 0.05 and c["reused"] for c in again["caches"])
+    assert not any(c["reused"] for c in report["caches"])
+    assert again["teacher"]["pretrain_seconds"] == report["teacher"]["pretrain_seconds"] > 0.05
+    assert (again["teacher"]["pretrain_reused"], report["teacher"]["pretrain_reused"]) == (True, False)
+
+
+@pytest.mark.parametrize(
+    ("option", "field"),
+    [(["--sample-by", "paragraph"], "sample_by"), (["--teacher-steps", "31"], "teacher_steps")],
+)
+def test_a_rerun_with_other_shared_settings_stops_in_one_line(bench, corpus, capsys, option, field):
+    """The split and the pretrained teacher were made with --sample-by line and 30 teacher steps: a rerun
+    asking for others stops before touching anything, naming the field."""
+    out, _ = bench
+    before = {
+        p: p.read_bytes() for p in (out / "bench.json", out / "quality.json", out / "data" / "test.jsonl")
+    }
+    argv = ["bench", "quality", "--reduced", "--teacher", "tiny-moe", "--student", "tiny-dense", *option]
+    assert main([*argv, "--data", str(corpus), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"sakd: error: {out} was made with {field} = ") and "\n" not in err
+    assert "choose a new --output-dir" in err
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_short_runs_warm_up_for_at_most_a_tenth_of_their_steps(bench):
+    """--reduced asks for 2 warm-up steps; its 8-step runs (1024 tokens / 32 per block / 4 per step) get 1."""
+    import yaml
+
+    out, report = bench
+    for row in report["runs"]:
+        config = yaml.safe_load((out / "runs" / row["name"] / "config.yaml").read_text())
+        assert config["optimization"]["warmup_steps"] == max(1, min(2, row["steps"] // 10))
+    assert min(r["steps"] for r in report["runs"]) == 8
+
+
+def test_every_run_keeps_the_text_it_was_scored_on(bench):
+    """One tokenizer for student and teacher here: every student is scored on the teacher's tokens."""
+    _, report = bench
+    for split in ("validation", "test"):
+        scored = {(r[f"{split}_tokens"], r[f"{split}_bytes"]) for r in report["runs"]}
+        assert scored == {(report["teacher"][split]["tokens"], report["teacher"][split]["bytes"])}
+
+
+def test_the_test_split_reaches_no_validation_number(bench, corpus, tmp_path):
+    """Another text file that differs only in the test split's lines: the tokenizer, the teacher and every
+    student are made from the training split and chosen on the validation split, so every validation bpb
+    -- students' and teacher's -- comes out bit-identical, and only the test numbers move."""
+    out, report = bench
+    docs = corpus.read_text().splitlines()
+    edited = [d[::-1] if segment_role(i, len(docs)) == "test" else d for i, d in enumerate(docs)]
+    (tmp_path / "edited.txt").write_text("\n".join(edited) + "\n")
+    argv = ["bench", "quality", "--reduced", "--teacher", "tiny-moe", "--student", "tiny-dense"]
+    argv += ["--arms", "ce", "live", "--epochs", "1", "--data", str(tmp_path / "edited.txt")]
+    assert main([*argv, "--output-dir", str(tmp_path / "q")]) == 0
+    again = json.loads((tmp_path / "q" / "quality.json").read_text())
+    first = {r["name"]: r for r in report["runs"]}
+    assert len(again["runs"]) == 3
+    for row in again["runs"]:
+        assert row["validation_bpb"] == first[row["name"]]["validation_bpb"]
+        assert row["test_bpb"] != first[row["name"]]["test_bpb"]
+    assert again["teacher"]["validation"] == report["teacher"]["validation"]
+    assert again["teacher"]["test"]["bpb"] != report["teacher"]["test"]["bpb"]
 
 
 def test_summary_chooses_on_validation_and_measures_against_the_best_ce_seed():
@@ -157,3 +221,32 @@ def test_summary_chooses_on_validation_and_measures_against_the_best_ce_seed():
     assert kd["gap_closed"] == pytest.approx([0.5, 0.25])
     assert kd["gap_closed_stats"]["mean"] == pytest.approx(0.375)
     assert kd["gap_closed_stats"]["std"] == pytest.approx(math.sqrt(2 * 0.125**2))  # sample std of 2
+
+
+def _row(arm, alpha, seed, val, test):
+    return {"budget": 100, "epochs": 1.0, "arm": arm, "alpha": alpha, "temperature": 1.0, "seed": seed} | {
+        "validation_bpb": val, "test_bpb": test, "train_seconds": 1.0, "seconds_per_step": 0.1
+    }  # fmt: skip
+
+
+def test_the_ce_reference_is_the_seed_best_on_validation_not_on_test():
+    """CE seed 0 is the better one on validation (2.9 < 3.1) and the worse on test (3.0 > 2.8): the gap's
+    reference is seed 0's test bpb, 3.0, chosen without looking at the test split."""
+    runs = [_row("ce", 0.0, 0, 2.9, 3.0), _row("ce", 0.0, 1, 3.1, 2.8), _row("kd", 0.5, 0, 2.5, 2.5)]
+    ce, kd = summarize(runs, teacher_test_bpb=2.0, cache_bpt={})
+    assert ce["ce_reference_test_bpb"] == kd["ce_reference_test_bpb"] == 3.0
+    assert kd["gap_closed"] == pytest.approx([0.5])
+
+
+def test_one_seed_shows_no_spread():
+    """With one seed there is no spread to report: JSON std null, the table says "(1 seed)", not "± 0"."""
+    from sakd.commands.quality_summary import to_markdown
+
+    runs = [_row("ce", 0.0, 0, 2.9, 3.0), _row("kd", 0.5, 0, 2.5, 2.5)]
+    results = summarize(runs, teacher_test_bpb=2.0, cache_bpt={})
+    assert results[1]["test_bpb_stats"]["std"] is None and results[1]["gap_closed_stats"]["std"] is None
+    teacher = {"validation": {"bpb": 2.1}, "test": {"bpb": 2.0}}
+    table = to_markdown(results, teacher)
+    assert "| 2.500 (1 seed) | 50.0 (1 seed) |" in table and "±" not in table
+    two = summarize([*runs, _row("kd", 0.5, 1, 2.5, 2.7)], teacher_test_bpb=2.0, cache_bpt={})
+    assert "| 2.600 ± 0.141 |" in to_markdown(two, teacher)

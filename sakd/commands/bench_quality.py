@@ -8,7 +8,9 @@ for every unique-token budget x epochs, alpha, T and seed. Per budget x epochs a
 the best mean validation bits per byte is chosen; its test bits per byte (`sakd eval`'s scorer) and the
 share of the CE -> teacher gap it closes are reported, with the spread over seeds, wall time per arm and
 cache bytes per token. Writes OUT/quality.json, OUT/quality.png and OUT/quality.md; a rerun skips the
-runs already in OUT/runs.jsonl.
+runs already in OUT/runs.jsonl. OUT/bench.json records what the split, tokenizer, teacher and caches were
+made from (data, --sample-by, --text-field, teacher, --teacher-steps, tokenizers, --vocab-size): a rerun
+with another of these stops, asking for a new --output-dir.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sakd.commands import quality_runs as qr
+from sakd.commands import quality_setup as qset
 from sakd.commands import quality_summary as qs
 from sakd.errors import ConfigError
 
@@ -131,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help=f"student peak learning rate, cosine {_d('learning_rate')}",
     )
-    a("--warmup-steps", type=int, help=f"learning-rate warm-up steps {_d('warmup_steps')}")
+    a(
+        "--warmup-steps",
+        type=int,
+        help="learning-rate warm-up steps, at most a tenth of each run's steps (at least 1) "
+        f"{_d('warmup_steps')}",
+    )
     a(
         "--teacher-steps",
         type=int,
@@ -181,7 +189,10 @@ def _tokenizers(args: argparse.Namespace, teacher: str, opts: dict[str, Any], sp
         out = Path(split["files"]["train"]).parent
         text = out / "train_text.txt"
         text.write_text("\n".join(json.loads(line)["text"] for line in open(split["files"]["train"])))
-        student_tok = str(train_tokenizer(text, out / f"tokenizer-v{opts['vocab_size']}", opts["vocab_size"]))
+        tok_dir = out / f"tokenizer-v{opts['vocab_size']}"  # made once: OUT/bench.json fixes its inputs
+        if not (tok_dir / "tokenizer.json").is_file():
+            train_tokenizer(text, tok_dir, opts["vocab_size"])
+        student_tok = str(tok_dir)
     teacher_tok = args.teacher_tokenizer or (student_tok if is_preset(teacher) else teacher)
     return student_tok, teacher_tok
 
@@ -210,10 +221,7 @@ def _grid(opts: dict[str, Any], arms: list[str], caches: dict[str, str]) -> list
 
 def _done_runs(path: Path, key: str) -> dict[str, dict[str, Any]]:
     """The runs a previous invocation finished with the same setup (OUT/runs.jsonl)."""
-    if not path.is_file():
-        return {}
-    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {r["name"]: r for r in rows if r.get("setup_key") == key}
+    return {r["name"]: r for r in qset.read_rows(path) if r.get("setup_key") == key}
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -222,11 +230,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     opts = resolve(args)
     teacher, student = qr.check_model(args.teacher, "teacher"), qr.check_model(args.student, "student")
     out = Path(args.output_dir)
+    from sakd.models.presets import is_preset
+
+    qset.check_bench(out, qset.bench_fields(args, teacher, opts, is_preset(teacher)))
     split = qr.split_data(args.data, args.sample_by, args.text_field, out / "data")
     student_tok, teacher_tok = _tokenizers(args, teacher, opts, split)
     setup = qr.Setup(
         teacher, student, student_tok, teacher_tok, split["files"], opts["block_size"], opts["batch_size"],
         opts["learning_rate"], opts["warmup_steps"], out, opts["block_size"] // 2, opts["max_eval_tokens"], args.data,
+        args.sample_by, args.text_field, opts["teacher_steps"] if is_preset(teacher) else None,
     )  # fmt: skip
     tokens = {"student": qr.token_count(setup, student_tok), "teacher": qr.token_count(setup, teacher_tok)}
     whole = tokens["student"] // setup.block_size * setup.block_size  # the split's full blocks
@@ -236,12 +248,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             f"--budgets {max(opts['budgets'])} exceeds the training split's {whole} tokens in whole blocks "
             f"of {setup.block_size} (use a smaller budget, or `all`)"
         )
-    from sakd.models.presets import is_preset
-
-    t_teacher = time.perf_counter()
+    pretrain: dict[str, Any] = {"pretrain_seconds": None}
     if is_preset(teacher):
-        setup.teacher = qr.pretrain_teacher(setup, opts["teacher_steps"])
-    teacher_seconds = time.perf_counter() - t_teacher
+        setup.teacher, pretrain = qr.pretrain_teacher(setup, opts["teacher_steps"])
     scorer = qr.Scorer(setup)
     teacher_scores = scorer.score(setup.teacher, teacher_tok)
     t_blocks = qr.teacher_blocks_for(setup, max(opts["budgets"]), tokens["student"], tokens["teacher"])
@@ -272,7 +281,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "sample_by": args.sample_by, "eval_stride": setup.eval_stride,
         },
         "split": {**split, "train_tokens": tokens},
-        "teacher": {**teacher_scores, "pretrain_seconds": round(teacher_seconds, 3) if is_preset(teacher) else None},
+        "teacher": {**teacher_scores, **pretrain},
         "caches": caches,
         "runs": rows,
         "results": results,

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sakd.commands.quality_setup import Setup, run_steps, setup_key, warmup_for
 from sakd.errors import ConfigError, DataError
+
+__all__ = ["Setup", "setup_key"]  # re-exported: the bench and benchmarks/ build them through this module
 
 SPLITS = ("train", "validation", "test")
 SEGMENTS = 20
@@ -61,27 +64,10 @@ def split_data(data: str, sample_by: str, text_field: str, out: Path) -> dict[st
     }
 
 
-@dataclass
-class Setup:
-    """What every run of one benchmark shares."""
-
-    teacher: str
-    student: str
-    tokenizer: str
-    teacher_tokenizer: str | None
-    files: dict[str, str]
-    block_size: int
-    batch_size: int
-    learning_rate: float
-    warmup_steps: int
-    out: Path
-    eval_stride: int
-    max_eval_tokens: int | None = None
-    data: str = ""  # the user's file the splits come from
-
-
 def recipe(s: Setup, run_dir: Path, *, train_blocks: int | None, seed: int, epochs: float = 1.0) -> dict:
-    """A `sakd distill` recipe of this benchmark (CE only until the caller sets the loss)."""
+    """A `sakd distill` recipe of this benchmark (CE only until the caller sets the loss); its warm-up is
+    --warmup-steps but at most a tenth of the run (:func:`~sakd.commands.quality_setup.warmup_for`)."""
+    steps = run_steps(train_blocks, s.batch_size, epochs) if train_blocks else None
     return {
         "model": {
             "teacher": s.teacher,
@@ -99,7 +85,7 @@ def recipe(s: Setup, run_dir: Path, *, train_blocks: int | None, seed: int, epoc
         "distillation": {"loss": {"kind": "fkl", "alpha": 0.0, "temperature": 1.0}},
         "optimization": {
             "learning_rate": s.learning_rate,
-            "warmup_steps": s.warmup_steps,
+            "warmup_steps": s.warmup_steps if steps is None else warmup_for(s.warmup_steps, steps),
             "lr_scheduler": "cosine",
             "weight_decay": 0.0,
         },
@@ -127,18 +113,24 @@ def _train(raw: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def pretrain_teacher(s: Setup, steps: int) -> str:
-    """A preset teacher, pretrained on the training split for ``steps`` steps (CE only) once: its directory."""
-    final = s.out / "teacher" / "final"
+def pretrain_teacher(s: Setup, steps: int) -> tuple[str, dict[str, Any]]:
+    """A preset teacher, pretrained on the training split for ``steps`` steps (CE only) once: its directory
+    and its pretraining seconds (``pretrain_reused``: measured when it was made, OUT/teacher/pretrain.json; the
+    output directory's bench.json guarantees a rerun asks for the same teacher)."""
+    final, record = s.out / "teacher" / "final", s.out / "teacher" / "pretrain.json"
     if (final / "model.safetensors").is_file():
-        return str(final)
+        made = json.loads(record.read_text()) if record.is_file() else {}
+        return str(final), {"pretrain_seconds": made.get("seconds"), "pretrain_reused": True}
+    started = time.perf_counter()
     raw = recipe(s, s.out / "teacher", train_blocks=None, seed=0)
     raw["model"].update(student=s.teacher, teacher=s.teacher, tokenizer=s.teacher_tokenizer or s.tokenizer)
     raw["training"].update(max_steps=steps)
-    raw["optimization"]["learning_rate"] = 2e-3
+    raw["optimization"].update(learning_rate=2e-3, warmup_steps=warmup_for(s.warmup_steps, steps))
     _train(raw)
     shutil.rmtree(s.out / "teacher" / "checkpoints", ignore_errors=True)
-    return str(final)
+    seconds = round(time.perf_counter() - started, 3)
+    record.write_text(json.dumps({"seconds": seconds, "steps": steps}) + "\n")
+    return str(final), {"pretrain_seconds": seconds, "pretrain_reused": False}
 
 
 class Scorer:
@@ -148,16 +140,21 @@ class Scorer:
         self.setup, self.streams = s, {}
 
     def stream(self, tokenizer_spec: str, split: str) -> Any:
+        """The split's stream under a tokenizer; with --max-eval-tokens N the student tokenizer's first N
+        tokens, and under any other tokenizer the same text (cut where the student's N tokens end)."""
         from sakd.data import load_text_dataset, text_stream
         from sakd.models import load_tokenizer
 
         key = (tokenizer_spec, split)
         if key not in self.streams:
             docs = load_text_dataset(self.setup.files[split])
+            n = self.setup.max_eval_tokens
+            if n and tokenizer_spec != self.setup.tokenizer:
+                docs = docs.from_dict(
+                    {"text": cut_text(docs["text"], self.stream(self.setup.tokenizer, split))}
+                )
             stream = text_stream(docs, load_tokenizer(tokenizer_spec))
-            if self.setup.max_eval_tokens:
-                stream = stream.prefix(self.setup.max_eval_tokens)
-            self.streams[key] = stream
+            self.streams[key] = stream.prefix(n) if n and tokenizer_spec == self.setup.tokenizer else stream
         return self.streams[key]
 
     def score(self, model_dir: str, tokenizer_spec: str) -> dict[str, dict[str, Any]]:
@@ -176,6 +173,25 @@ class Scorer:
             )
             out[split] = {k: r[k] for k in ("bpb", "loss", "tokens", "bytes", "method")}
         return out
+
+
+def cut_text(texts: list[str], stream: Any) -> list[str]:
+    """The text behind ``stream`` (a prefix of the stream of ``texts``): the documents whose EOS it holds,
+    then the next one cut at the UTF-8 byte its last token ends at (a character split there is dropped)."""
+    ids, nbytes = stream.ids, stream.nbytes
+    if stream.eos_id is not None:
+        ends = (ids == stream.eos_id).nonzero().flatten()
+        whole = len(ends)
+        partial = int(nbytes[int(ends[-1]) + 1 :].sum()) if whole else int(nbytes.sum())
+    else:  # no separators: walk the documents by their bytes
+        whole, partial = 0, int(nbytes.sum())
+        while whole < len(texts) and len(texts[whole].encode()) <= partial:
+            partial -= len(texts[whole].encode())
+            whole += 1
+    out = list(texts[:whole])
+    if partial and whole < len(texts):
+        out.append(texts[whole].encode()[:partial].decode("utf-8", errors="ignore"))
+    return out
 
 
 def token_count(s: Setup, tokenizer_spec: str) -> int:
@@ -216,6 +232,14 @@ def build_cache(s: Setup, spec: CacheSpec, teacher_blocks: int | None) -> dict[s
     cfg, _ = load_config(raw)
     started = time.perf_counter()
     summary = write_cache(cfg, str(root), overwrite=False) or {}
+    seconds, computed = round(time.perf_counter() - started, 3), summary.get("computed_positions", 0)
+    record = root.with_name(root.name + ".seconds.json")  # the writing time, kept for a rerun's report
+    if computed:
+        record.write_text(json.dumps({"seconds": seconds}) + "\n")
+    elif record.is_file():
+        seconds = json.loads(record.read_text())["seconds"]
+    else:  # complete, made by an older version that kept no time
+        seconds = None
     manifest = json.loads((root / "manifest.json").read_text())
     positions = manifest["layout"]["positions"]
     return {
@@ -228,8 +252,9 @@ def build_cache(s: Setup, spec: CacheSpec, teacher_blocks: int | None) -> dict[s
         "positions": positions,
         "bytes": manifest["totals"]["bytes"],
         "bytes_per_token": manifest["totals"]["bytes"] / positions,
-        "seconds": round(time.perf_counter() - started, 3),
-        "computed_positions": summary.get("computed_positions", 0),
+        "seconds": seconds,  # the writing time when it was made (also on a rerun that found it complete)
+        "reused": not computed,
+        "computed_positions": computed,
     }
 
 
@@ -261,18 +286,6 @@ class Run:
         )
 
 
-def setup_key(s: Setup) -> str:
-    """What a run's numbers depend on besides its :class:`Run` fields: a finished run is reused on a rerun
-    only with the same key (same models, tokenizers, data, batch and schedule, scoring)."""
-    import hashlib
-
-    fields = [s.teacher, s.student, s.tokenizer, s.teacher_tokenizer, s.block_size, s.batch_size]
-    fields += [s.learning_rate, s.warmup_steps, s.eval_stride, s.max_eval_tokens]
-    h = hashlib.sha256(json.dumps(fields).encode())
-    h.update(Path(s.data).expanduser().read_bytes())
-    return h.hexdigest()[:16]
-
-
 def train_and_score(s: Setup, run: Run, scorer: Scorer) -> dict[str, Any]:
     """Train one run by `sakd distill`'s path, score its final student, keep only its metrics."""
     started = time.perf_counter()
@@ -288,6 +301,7 @@ def train_and_score(s: Setup, run: Run, scorer: Scorer) -> dict[str, Any]:
     return {
         **{k: getattr(run, k) for k in ("arm", "budget", "epochs", "alpha", "temperature", "seed")},
         "name": run.name,
+        "student": s.student,
         "setup_key": setup_key(s),
         "steps": summary["steps"],
         "tokens_seen": summary["tokens_seen"],
@@ -296,6 +310,8 @@ def train_and_score(s: Setup, run: Run, scorer: Scorer) -> dict[str, Any]:
         "wall_seconds": round(time.perf_counter() - started, 3),  # with setup, final evaluation, scoring
         "validation_bpb": scores["validation"]["bpb"],
         "test_bpb": scores["test"]["bpb"],
+        # the scored text, so that students and teacher can be checked to be scored on the same bytes
+        **{f"{split}_{k}": scores[split][k] for split in SPLITS[1:] for k in ("tokens", "bytes")},
     }
 
 
