@@ -4,7 +4,9 @@ carry its setup_key and `benchmarks/quality_merge.py` / a later bench invocation
 usage: python benchmarks/quality_continue.py OUT TEACHER_DIR STUDENT DATA RUN [RUN...]
   RUN = ARM:SEED with ARM one of ce, live, topk_tail:K, sampled:N
 env: BUDGET (90112), EPOCHS (4.5), ALPHA (0.9), T (1), MAX_EVAL (8192); block 128, batch 8, lr 3e-3, warm-up 20
-(the bench's defaults). Needs OUT/data from a bench invocation (the split)."""
+(the bench's defaults). Needs OUT/data from a bench invocation (the split; its --sample-by and --text-field
+are read from OUT/bench.json). Runs already in OUT/runs.jsonl with this setup (same setup_key, same student) are
+skipped; an OUT/runs.jsonl holding rows of another setup is refused (one line)."""
 
 import json
 import os
@@ -16,6 +18,8 @@ from sakd.commands import console
 console.setup(debug=False)  # the libraries' import-time warnings, filtered as `sakd` filters them
 console.runtime()
 from sakd.commands import quality_runs as qr  # noqa: E402
+from sakd.commands import quality_setup as qset  # noqa: E402
+from sakd.errors import ConfigError  # noqa: E402
 
 if len(sys.argv) < 6:
     sys.exit(__doc__)
@@ -23,6 +27,7 @@ out, teacher, student, data = Path(sys.argv[1]), str(Path(sys.argv[2]).resolve()
 budget, epochs = int(os.environ.get("BUDGET", 90112)), float(os.environ.get("EPOCHS", 4.5))
 alpha, temp = float(os.environ.get("ALPHA", 0.9)), float(os.environ.get("T", 1))
 files = {s: str(out / "data" / f"{s}.jsonl") for s in qr.SPLITS}
+made = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else {}
 setup = qr.Setup(
     teacher,
     student,
@@ -37,10 +42,15 @@ setup = qr.Setup(
     64,
     int(os.environ.get("MAX_EVAL", 8192)),
     data,
+    made.get("sample_by", "line"),
+    made.get("text_field", "text"),
 )
 blocks = -(-budget // setup.block_size)  # one tokenizer for both: the student's blocks
 log = out / "runs.jsonl"
-done = {json.loads(x)["name"] for x in log.read_text().splitlines() if x.strip()} if log.is_file() else set()
+try:
+    done = qset.rows_to_continue(log, qr.setup_key(setup), student)
+except ConfigError as err:
+    sys.exit(f"quality_continue: {err}")
 scorer = qr.Scorer(setup)
 for spec in sys.argv[5:]:
     arm, seed = spec.rsplit(":", 1)
