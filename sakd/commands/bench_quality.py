@@ -134,12 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help=f"student peak learning rate, cosine {_d('learning_rate')}",
     )
-    a(
-        "--warmup-steps",
-        type=int,
-        help="learning-rate warm-up steps, at most a tenth of each run's steps (at least 1) "
-        f"{_d('warmup_steps')}",
-    )
+    a("--warmup-steps", type=int, help=f"warm-up steps (at most 1/10 of a run) {_d('warmup_steps')}")
     a(
         "--teacher-steps",
         type=int,
