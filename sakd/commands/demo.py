@@ -3,8 +3,8 @@
 corpus (generated: one document per line, read with ``sample_by=line``; or --data FILE, read as
 ``data.sample_by`` says -- the whole file is one document unless --sample-by says otherwise) -> four splits
 (:mod:`sakd.commands.demo_data`: the teacher's training text, a small subset of it for the student,
-validation, held-out) -> two byte-level BPE tokenizers (the student's, and a larger one for the teacher, so
-the default path exercises cross-tokenizer alignment) -> a ``tiny-moe`` teacher pretrained on the teacher's
+validation, held-out) -> two byte-level BPE tokenizers trained on the teacher's text only (the student's, and
+a larger one for the teacher, so the default path exercises cross-tokenizer alignment) -> a ``tiny-moe`` teacher pretrained on the teacher's
 text with its own tokenizer (cached: it stands in for "the teacher you already have") -> per student seed,
 the ``tiny-dense`` student distilled from it (KD) on the student's few documents for several epochs and, as a
 baseline, the same student trained on CE only with the same initialisation, data order and steps ->
@@ -242,7 +242,7 @@ def run_demo(
     sample_by = sample_by or ("line" if data is None else "document")
     print(f"[demo] documents: data.sample_by={sample_by} ({SAMPLE_BY_WORDS[sample_by]} of {corpus.name})")
     splits = write_splits(corpus, out, budget, sample_by)
-    tokenizers = tokenizers_for(corpus, budget)
+    tokenizers = tokenizers_for(splits, budget)
     t_teacher = time.perf_counter()
     teacher_dir = prepare_teacher(splits, tokenizers, budget)
     teacher_seconds = time.perf_counter() - t_teacher
