@@ -1,9 +1,9 @@
-"""The demo's text: the corpus, its four splits, and the two tokenizers trained on it.
+"""The demo's text: the corpus, its four splits, and the two tokenizers trained on the teacher's split.
 
 The splits make the demo's regime: the teacher learns from the whole training part, the student only from a
 small subset of it (``student_docs``, repeated for several epochs) -- less data than the teacher's
 knowledge, which is what distillation is for. Settings are chosen on the validation documents; the summary
-reports on the held-out ones. Neither is ever trained on.
+reports on the held-out ones. Neither is ever trained on, the tokenizers included.
 """
 
 from __future__ import annotations
@@ -72,15 +72,23 @@ def corpus_file(out: Path, data: str | Path | None, budget: dict[str, Any]) -> P
     return corpus
 
 
-def tokenizers_for(corpus: Path, budget: dict[str, Any]) -> tuple[Path, Path]:
-    """The student's and the teacher's tokenizer directories, trained on the corpus once (cached)."""
+def tokenizers_for(splits: DemoSplits, budget: dict[str, Any]) -> tuple[Path, Path]:
+    """The student's and the teacher's tokenizer directories, trained (once: cached by the text's hash) on the
+    teacher's training documents only -- never on the validation or held-out ones, so the text the demo
+    reports on shapes nothing it is scored with. The text is ``data/teacher.txt`` (one document after another,
+    beside ``teacher.jsonl``)."""
+    docs = [json.loads(line)["text"] for line in splits["teacher"].read_text(encoding="utf-8").splitlines()]
+    text = splits["teacher"].with_suffix(".txt")
+    text.write_text("\n".join(docs) + "\n", encoding="utf-8")
     toks = {}
     for role, size in (("student", budget["vocab_size"]), ("teacher", budget["teacher_vocab_size"])):
-        key = f"{file_hash(corpus)}-v{size}"
-        toks[role] = cache_root() / "demo-tokenizer" / key
+        toks[role] = cache_root() / "demo-tokenizer" / f"{file_hash(text)}-v{size}"
         if not (toks[role] / "tokenizer.json").is_file():
-            print(f"[demo] training the {role}'s byte-level BPE tokenizer ({size} tokens) on the corpus")
-            train_tokenizer(corpus, toks[role], size)
+            print(
+                f"[demo] training the {role}'s byte-level BPE tokenizer ({size} tokens) on the teacher's "
+                f"{len(docs)} training documents"
+            )
+            train_tokenizer(text, toks[role], size)
     return toks["student"], toks["teacher"]
 
 
