@@ -28,6 +28,10 @@ budget, epochs = int(os.environ.get("BUDGET", 90112)), float(os.environ.get("EPO
 alpha, temp = float(os.environ.get("ALPHA", 0.9)), float(os.environ.get("T", 1))
 files = {s: str(out / "data" / f"{s}.jsonl") for s in qr.SPLITS}
 made = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else {}
+if made.get("data_sha256") not in (None, qset.file_sha256(data)):
+    sys.exit(f"quality_continue: {out} was split from another file than {data} (bench.json's data_sha256)")
+if Path(str(made.get("teacher"))).is_dir() and made["teacher"] != teacher:
+    sys.exit(f"quality_continue: {out} was made with the teacher {made['teacher']}, not {teacher}")
 setup = qr.Setup(
     teacher,
     student,
@@ -44,6 +48,7 @@ setup = qr.Setup(
     data,
     made.get("sample_by", "line"),
     made.get("text_field", "text"),
+    made.get("teacher_steps"),
 )
 blocks = -(-budget // setup.block_size)  # one tokenizer for both: the student's blocks
 log = out / "runs.jsonl"

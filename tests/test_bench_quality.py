@@ -146,11 +146,18 @@ def test_a_rerun_reuses_the_finished_runs_and_caches(bench, corpus):
 
 @pytest.mark.parametrize(
     ("option", "field"),
-    [(["--sample-by", "paragraph"], "sample_by"), (["--teacher-steps", "31"], "teacher_steps")],
+    [
+        (["--sample-by", "paragraph"], "sample_by"),
+        (["--teacher-steps", "31"], "teacher_steps"),
+        (["--block-size", "64"], "teacher_pretraining"),  # the preset teacher's blocks, batches, warm-up
+        (["--batch-size", "2"], "teacher_pretraining"),
+        (["--warmup-steps", "1"], "teacher_pretraining"),
+    ],
 )
 def test_a_rerun_with_other_shared_settings_stops_in_one_line(bench, corpus, capsys, option, field):
-    """The split and the pretrained teacher were made with --sample-by line and 30 teacher steps: a rerun
-    asking for others stops before touching anything, naming the field."""
+    """The split and the pretrained teacher were made with --sample-by line, 30 teacher steps on blocks of 32
+    in batches of 4 with 2 warm-up steps: a rerun asking for others stops before touching anything, naming
+    the field."""
     out, _ = bench
     before = {
         p: p.read_bytes() for p in (out / "bench.json", out / "quality.json", out / "data" / "test.jsonl")

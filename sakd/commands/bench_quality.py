@@ -269,6 +269,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     results = qs.summarize(rows, teacher_scores["test"]["bpb"], bpt)
     report = {
         "mode": "reduced" if args.reduced else "full",
+        "setup_key": qr.setup_key(setup),  # the runs (and teacher scores) of this invocation's setup
         "options": {**opts, "arms": args.arms},
         "setup": {
             "teacher": setup.teacher, "teacher_source": args.teacher, "student": student,

@@ -36,6 +36,7 @@ from sakd.commands.demo_data import (
     write_splits,
 )
 from sakd.commands.demo_report import demo_line, evaluate_all, gap_closed, plot_curves, quality, score_bpb
+from sakd.commands.quality_setup import warmup_for
 from sakd.config import load_config
 from sakd.data.tokenize import DATA_FORMAT_VERSION
 from sakd.training import checkpoint
@@ -50,8 +51,8 @@ DEMO: dict[str, Any] = {
     "heldout_docs": 300,  # reported on
     "validation_docs": 300,  # settings chosen on
     "student_docs": 20,  # the student's unique training text (~1k tokens): a subset of the teacher's
-    # the student's tokenizer, and the teacher's own, larger one (as in the real pairs; the generated
-    # corpus supports at most ~1,870 BPE tokens, so larger requests stop there)
+    # the student's tokenizer, and the teacher's own, larger one (as in the real pairs; the teacher's
+    # generated documents support at most ~1,871 BPE tokens, so larger requests stop there)
     "vocab_size": 1024,
     "teacher_vocab_size": 2048,
     "block_size": 128,
@@ -105,7 +106,7 @@ def _run_config(
         },
         "optimization": {
             "learning_rate": budget["student_lr" if is_student else "teacher_lr"],
-            "warmup_steps": max(1, min(20, steps // 10)),
+            "warmup_steps": warmup_for(20, steps),
             "lr_scheduler": "cosine",
             "weight_decay": 0.0,
         },

@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser(
         "demo",
         help="offline end-to-end demo on tiny models (about 2 minutes on 2 CPU cores, after the install)",
-        description="Generate a corpus, train a tokenizer, pretrain a tiny MoE teacher (cached), "
+        description="Generate a corpus, train the student's and the teacher's tokenizers on the teacher's "
+        "training documents, pretrain a tiny MoE teacher (cached), "
         "distill a tiny dense student from a few of its documents and train a CE-only baseline (3 seeds), "
         "report bits per byte and the share of the gap KD closed.",
     )

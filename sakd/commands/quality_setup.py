@@ -6,6 +6,7 @@ rerun with other settings stops instead of silently reusing them."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -52,17 +53,25 @@ class Setup:
     teacher_steps: int | None = None  # a preset teacher's pretraining steps (None: a given teacher)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+"""Files a tokenizer digest skips: when the tokenizer is a model's directory, hashing its weights (gigabytes,
+once per run) would say nothing about the tokenizer."""
+
+
+@functools.lru_cache(maxsize=32)
 def spec_digest(spec: str | None) -> str | None:
-    """A tokenizer (or other small directory) by its contents: the sha256 of its files' names and bytes;
-    a hub id or preset stands for itself."""
+    """A tokenizer directory by its contents: the sha256 of its files' names and bytes, weights and hidden
+    files (a hub download's ``.cache/``) left out; a hub id or preset stands for itself."""
     if spec is None:
         return None
     path = Path(spec).expanduser()
     if not path.is_dir():
         return spec
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f.relative_to(path).as_posix().encode() + b"\0" + f.read_bytes())
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path)
+        if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and not any(x.startswith(".") for x in rel.parts):
+            h.update(rel.as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 
@@ -109,6 +118,10 @@ def bench_fields(args: Any, teacher: str, opts: dict[str, Any], preset_teacher: 
         "teacher_tokenizer": _local(args.teacher_tokenizer),
         "teacher_tokenizer_sha256": spec_digest(_local(args.teacher_tokenizer)),
         "vocab_size": opts["vocab_size"] if trained_tokenizer else None,
+        # a preset teacher is pretrained on blocks and batches of these sizes, with this warm-up
+        "teacher_pretraining": (
+            {k: opts[k] for k in ("block_size", "batch_size", "warmup_steps")} if preset_teacher else None
+        ),
     }
 
 
