@@ -40,6 +40,12 @@ def grads(loss, tensors):
     return torch.autograd.grad(loss, tensors)
 
 
+def assert_same_grads(loss, reference, tensors, *, rtol=1e-10, atol=1e-14):
+    """The two losses' gradients with respect to ``tensors`` agree, tensor by tensor."""
+    for a, b in zip(grads(loss, tensors), grads(reference, tensors), strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_fused_equals_unfused_with_blend_mask_weights_bias(kind):
     st, te, labels, mask, weights = setup()
@@ -58,8 +64,7 @@ def test_fused_equals_unfused_with_blend_mask_weights_bias(kind):
     torch.testing.assert_close(fused.ce, plain.ce, rtol=1e-12, atol=0)
     assert fused.num_tokens == plain.num_tokens == (mask & (labels != -100)).sum()
     tensors = list(st.values())
-    for g_fused, g_plain in zip(grads(fused.loss, tensors), grads(plain.loss, tensors), strict=True):
-        torch.testing.assert_close(g_fused, g_plain, rtol=1e-10, atol=1e-14)
+    assert_same_grads(fused.loss, plain.loss, tensors)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 8, 36, 37, 1000])
@@ -78,8 +83,7 @@ def test_chunk_size_does_not_change_the_result_float32(chunk_size):
     plain = distill_loss(st["hidden"] @ st["weight"].T, te["hidden"] @ te["weight"].T, labels, alpha=0.5)
     torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-5, atol=0)
     tensors = [st["hidden"], st["weight"]]
-    for g_fused, g_plain in zip(grads(fused.loss, tensors), grads(plain.loss, tensors), strict=True):
-        torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)
+    assert_same_grads(fused.loss, plain.loss, tensors, rtol=1e-4, atol=1e-6)
 
 
 def test_batched_input_and_sum_reduction():

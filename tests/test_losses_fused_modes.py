@@ -3,7 +3,7 @@ chunk is split into row blocks. Split from tests/test_losses_fused.py (its helpe
 
 import pytest
 import torch
-from test_losses_fused import N, V, grads, setup
+from test_losses_fused import N, V, assert_same_grads, setup
 
 from sakd.losses import (
     KDSpec,
@@ -81,8 +81,7 @@ def test_sparse_modes_through_the_fused_path(mode):
     plain = distill_loss(plain_logits, teacher, labels, spec=spec, alpha=0.5, mask=mask)
     torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-12, atol=0)
     tensors = [st["hidden"], st["weight"]]
-    for a, b in zip(grads(fused.loss, tensors), grads(plain.loss, tensors), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    assert_same_grads(fused.loss, plain.loss, tensors)
 
 
 def test_stored_sparse_teacher_through_the_fused_path():
@@ -126,8 +125,7 @@ def test_endpoints_through_the_fused_path(kind, beta, skew):
     )  # fmt: skip
     torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-12, atol=0)
     tensors = [st["hidden"], st["weight"]]
-    for a, b in zip(grads(fused.loss, tensors), grads(plain.loss, tensors), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    assert_same_grads(fused.loss, plain.loss, tensors)
 
 
 @pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd", "tvd"])
@@ -144,8 +142,7 @@ def test_row_blocks_inside_a_chunk(kind, monkeypatch):
     )  # fmt: skip
     torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-12, atol=0)
     tensors = [st["hidden"], st["weight"]]
-    for a, b in zip(grads(fused.loss, tensors), grads(plain.loss, tensors), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    assert_same_grads(fused.loss, plain.loss, tensors)
 
 
 def test_block_rows_split_evenly_under_the_element_budget():
