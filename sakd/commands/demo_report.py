@@ -22,6 +22,12 @@ from sakd.models import load_tokenizer
 EVAL_STRIDE_FRACTION = 2
 
 
+def _scoring(cfg: Any) -> dict[str, int]:
+    """How the demo scores held-out text: strided windows of one block, batches of 16."""
+    window = cfg.data.block_size
+    return {"batch_size": 16, "window": window, "stride": window // EVAL_STRIDE_FRACTION}
+
+
 def evaluate_all(
     raw: dict[str, Any],
     students: dict[str, str],
@@ -34,8 +40,7 @@ def evaluate_all(
     cfg, _ = load_config(raw)
     tokenizer, teacher_tok = load_tokenizer(cfg.model.tokenizer), load_tokenizer(cfg.model.teacher_tokenizer)
     docs = load_text_dataset(cfg.data.eval)
-    window = cfg.data.block_size
-    scoring = {"batch_size": 16, "window": window, "stride": window // EVAL_STRIDE_FRACTION}
+    scoring = _scoring(cfg)
     aligned = prepare_data(cfg.data, tokenizer, cfg.training.seed, teacher_tok)
     vmap, _ = load_or_build_vocab_map(tokenizer, teacher_tok, vocab_maps)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
@@ -84,10 +89,8 @@ def score_bpb(raw: dict[str, Any], students: dict[str, str]) -> dict[str, float]
     cfg, _ = load_config(raw)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     stream = text_stream(load_text_dataset(cfg.data.eval), tokenizer)
-    window = cfg.data.block_size
-    scoring = {"batch_size": 16, "window": window, "stride": window // EVAL_STRIDE_FRACTION}
     return {
-        name: evaluate(AutoModelForCausalLM.from_pretrained(model_dir).eval(), stream, **scoring)["bpb"]
+        name: evaluate(AutoModelForCausalLM.from_pretrained(model_dir).eval(), stream, **_scoring(cfg))["bpb"]
         for name, model_dir in students.items()
     }
 
